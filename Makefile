@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make run` and `make test`. Both build .venv from pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+
+.PHONY: run test lint unit scenarios bench clean debian-packages
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# `ip` brings up loopback in the tests' private network namespaces.
+debian-packages:
+	@command -v ip >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iproute2; }
+
+run: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/supervisord -c config/example.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check supervisor tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) debian-packages lint
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest tests $(PYTEST_ARGS)
+
+bench: $(STAMP) debian-packages
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

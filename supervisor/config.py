@@ -1,0 +1,330 @@
+"""The YAML configuration file, validated into frozen dataclasses. Pure: no sockets, no processes.
+
+Every error is one ConfigError naming the file, the line and the dotted key:
+`config/prod.yaml:14: programs.web.workers: expected an integer, got "two"`. The file is walked as
+pyyaml nodes (not loaded into dicts) so that every value keeps its line, and duplicate keys, which
+pyyaml would silently merge, are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import re
+import shlex
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from supervisor.errors import ConfigError
+
+DEFAULT_SOCKET = "./supervisor.sock"
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class MigrateMode(enum.Enum):
+    REQUIRE = "require"
+    PREFER = "prefer"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str  # an IP literal; IPv6 without brackets
+    port: int
+    family: socket.AddressFamily
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: tuple[str, ...]
+    workers: int = 1
+    listen: tuple[Listen, ...] = ()
+    ready_timeout: float = 10.0
+    graceful_timeout: float = 30.0
+    backlog: int = 1024
+    stop_signal: signal.Signals = signal.SIGTERM
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class Control:
+    socket: str
+    mode: int = 0o600
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    control: Control
+    migrate: MigrateMode = MigrateMode.REQUIRE
+    programs: tuple[Program, ...] = ()
+
+    def program(self, name: str) -> Program:
+        for program in self.programs:
+            if program.name == name:
+                return program
+        raise KeyError(name)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file."""
+    return parse(_read(path), os.fspath(path))
+
+
+def parse(text: str, path: str) -> Config:
+    """Validate config text; `path` names it in errors and anchors relative paths."""
+    return _Reader(path).config(_compose(text, path))
+
+
+def control_socket(path: str | os.PathLike[str]) -> str:
+    """Only the control socket's path: the client must find the daemon even if the rest is wrong."""
+    reader = _Reader(os.fspath(path))
+    root = _compose(_read(path), reader.path)
+    fields = reader.mapping(root, "", optional=True)
+    control = reader.mapping(fields["control"][1], "control", optional=True) if "control" in fields else {}
+    node = control["socket"][1] if "socket" in control else None
+    return reader.path_value(node, "control.socket") if node is not None else reader.resolve(DEFAULT_SOCKET)
+
+
+def _read(path: str | os.PathLike[str]) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(os.fspath(path), 0, "", f"cannot read: {reason}") from None
+
+
+def _compose(text: str, path: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError(path, mark.line + 1 if mark else 0, "", f"broken YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, 0, "", f"broken YAML: {exc}") from None
+
+
+Fields = dict[str, tuple[yaml.Node, yaml.Node]]  # key -> (key node, value node)
+
+
+class _Reader:
+    """Turns nodes into values; every method raises ConfigError at the node that is wrong."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+
+    def fail(self, node: yaml.Node | None, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, node.start_mark.line + 1 if node is not None else 0, key, problem)
+
+    def config(self, root: yaml.Node | None) -> Config:
+        fields = self.mapping(root, "", allowed=("control", "migrate", "programs"), optional=True)
+        control = Control(socket=self.resolve(DEFAULT_SOCKET))
+        if "control" in fields:
+            control = self.control(fields["control"][1])
+        migrate = MigrateMode.REQUIRE
+        if "migrate" in fields:
+            migrate = self.choice(fields["migrate"][1], "migrate", MigrateMode)
+        if "programs" not in fields:
+            raise self.fail(root, "programs", "required (a mapping of program name to settings)")
+        programs_node = fields["programs"][1]
+        programs = tuple(self.program(name, key_node, node)
+                         for name, (key_node, node) in self.mapping(programs_node, "programs").items())
+        if not programs:
+            raise self.fail(programs_node, "programs", "at least one program is required")
+        self.check_shared_addresses(programs, programs_node)
+        return Config(path=os.path.abspath(self.path), control=control, migrate=migrate, programs=programs)
+
+    def control(self, node: yaml.Node) -> Control:
+        fields = self.mapping(node, "control", allowed=("socket", "mode"), optional=True)
+        sock = self.path_value(fields["socket"][1], "control.socket") if "socket" in fields else \
+            self.resolve(DEFAULT_SOCKET)
+        mode = self.mode(fields["mode"][1]) if "mode" in fields else 0o600
+        return Control(socket=sock, mode=mode)
+
+    def program(self, name: str, key_node: yaml.Node, node: yaml.Node) -> Program:
+        key = f"programs.{name}"
+        if not _NAME.fullmatch(name):
+            raise self.fail(key_node, key, "program names use letters, digits, '_', '.', '-'")
+        readers: dict[str, Callable[[yaml.Node, str], Any]] = {
+            "command": self.command, "workers": lambda n, k: self.integer(n, k, 1, 4096),
+            "listen": self.listen, "ready_timeout": lambda n, k: self.number(n, k, positive=True),
+            "graceful_timeout": lambda n, k: self.number(n, k, positive=False),
+            "backlog": lambda n, k: self.integer(n, k, 1, 65535), "stop_signal": self.signal,
+            "env": self.env, "cwd": self.path_value,
+        }
+        fields = self.mapping(node, key, allowed=tuple(sorted(readers)))
+        for required in ("command", "listen"):
+            if required not in fields:
+                raise self.fail(node, f"{key}.{required}", "required")
+        values = {name: readers[name](value, f"{key}.{name}") for name, (_k, value) in fields.items()}
+        return Program(name=name, **values)
+
+    # -- value readers ------------------------------------------------------------------------
+
+    def mapping(self, node: yaml.Node | None, key: str, allowed: tuple[str, ...] | None = None,
+                optional: bool = False) -> Fields:
+        if node is None or (optional and node.tag == "tag:yaml.org,2002:null"):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key or "(top level)", f"expected a mapping, got {_show(node)}")
+        fields: Fields = {}
+        for key_node, value in node.value:
+            sub = f"{key}.{key_node.value}" if key else str(key_node.value)
+            if key_node.tag != _STR:
+                raise self.fail(key_node, sub, "keys must be strings")
+            if key_node.value in fields:
+                raise self.fail(key_node, sub, "duplicate key")
+            if allowed is not None and key_node.value not in allowed:
+                raise self.fail(key_node, sub, f"unknown key; expected one of: {', '.join(allowed)}")
+            fields[key_node.value] = (key_node, value)
+        return fields
+
+    def string(self, node: yaml.Node, key: str) -> str:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR or not node.value:
+            raise self.fail(node, key, f"expected a non-empty string, got {_show(node)}")
+        return str(node.value)
+
+    def integer(self, node: yaml.Node, key: str, low: int, high: int) -> int:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _INT:
+            raise self.fail(node, key, f"expected an integer, got {_show(node)}")
+        value = int(yaml.SafeLoader.construct_yaml_int(yaml.SafeLoader(""), node))
+        if not low <= value <= high:
+            raise self.fail(node, key, f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    def number(self, node: yaml.Node, key: str, positive: bool) -> float:
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in (_INT, _FLOAT):
+            raise self.fail(node, key, f"expected a number of seconds, got {_show(node)}")
+        value = float(node.value)
+        if not (value > 0 if positive else value >= 0) or value != value or value > 86400:
+            raise self.fail(node, key, f"expected {'more than' if positive else 'at least'} 0 seconds "
+                                       f"(and at most a day), got {node.value}")
+        return value
+
+    def choice(self, node: yaml.Node, key: str, kind: type[MigrateMode]) -> MigrateMode:
+        values = [m.value for m in kind]
+        if not isinstance(node, yaml.ScalarNode) or node.value not in values:
+            raise self.fail(node, key, f"expected one of {' | '.join(values)}, got {_show(node)}")
+        return kind(node.value)
+
+    def mode(self, node: yaml.Node) -> int:
+        text = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
+        try:
+            # YAML 1.1 reads 0600 as the integer 384 already; a string "0600" or "0o600" is octal.
+            value = int(text) if node.tag == _INT and not text.startswith("0") else int(text, 8)
+        except ValueError:
+            value = -1
+        if node.tag not in (_INT, _STR) or not 0 <= value <= 0o777:
+            raise self.fail(node, "control.mode", f'expected permission bits such as "0600", got {_show(node)}')
+        return value
+
+    def command(self, node: yaml.Node, key: str) -> tuple[str, ...]:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            try:
+                argv = shlex.split(node.value)
+            except ValueError as exc:
+                raise self.fail(node, key, f"cannot split the command: {exc}") from None
+        else:
+            argv = [self.string(item, f"{key}[{i}]") for i, item in enumerate(self.sequence(node, key))]
+        if not argv:
+            raise self.fail(node, key, "expected a non-empty command")
+        return tuple(argv)
+
+    def sequence(self, node: yaml.Node, key: str) -> list[yaml.Node]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, key, f"expected a list, got {_show(node)}")
+        return list(node.value)
+
+    def listen(self, node: yaml.Node, key: str) -> tuple[Listen, ...]:
+        items = [node] if isinstance(node, yaml.ScalarNode) else self.sequence(node, key)
+        if not items:
+            raise self.fail(node, key, "expected at least one address")
+        seen: dict[Listen, int] = {}
+        for i, item in enumerate(items):
+            sub = f"{key}[{i}]"
+            address = self.address(item, sub)
+            if address in seen:
+                raise self.fail(item, sub, f"{address} is listed twice")
+            seen[address] = i
+        return tuple(seen)
+
+    def address(self, node: yaml.Node, key: str) -> Listen:
+        text = self.string(node, key)
+        host, sep, port = text.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        except ValueError:
+            ip = None
+        if not sep or ip is None or (ip.version == 6) != bracketed:
+            raise self.fail(node, key, f'expected "HOST:PORT" or "[IPV6]:PORT" with an IP address, got "{text}"')
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise self.fail(node, key, f"port must be 1..65535 (every worker binds the same port), got {port!r}")
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return Listen(str(ip), int(port), family)
+
+    def signal(self, node: yaml.Node, key: str) -> signal.Signals:
+        text = str(node.value).upper() if isinstance(node, yaml.ScalarNode) else ""
+        try:
+            return signal.Signals(int(text)) if text.isdigit() else signal.Signals["SIG" + text.removeprefix("SIG")]
+        except (KeyError, ValueError):
+            raise self.fail(node, key, f"expected a signal name such as TERM or QUIT, got {_show(node)}") from None
+
+    def env(self, node: yaml.Node, key: str) -> tuple[tuple[str, str], ...]:
+        pairs = []
+        for name, (key_node, value) in self.mapping(node, key).items():
+            if not _ENV_NAME.fullmatch(name):
+                raise self.fail(key_node, f"{key}.{name}", "not a valid environment variable name")
+            if not isinstance(value, yaml.ScalarNode) or value.tag not in (_STR, _INT, _FLOAT):
+                raise self.fail(value, f"{key}.{name}", f"expected a string or number, got {_show(value)}")
+            pairs.append((name, str(value.value)))
+        return tuple(sorted(pairs))
+
+    def path_value(self, node: yaml.Node, key: str) -> str:
+        return self.resolve(self.string(node, key))
+
+    def resolve(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.folder, os.path.expanduser(path)))
+
+    def check_shared_addresses(self, programs: tuple[Program, ...], node: yaml.Node) -> None:
+        owner: dict[Listen, str] = {}
+        for program in programs:
+            for address in program.listen:
+                if address in owner:
+                    # One reuseport group would spread one program's connections over the other's workers.
+                    raise self.fail(node, f"programs.{program.name}.listen",
+                                    f"{address} is already used by program {owner[address]}")
+                owner[address] = program.name
+
+
+def _show(node: yaml.Node | None) -> str:
+    """How a wrong value reads in an error: the text for scalars, the kind for the rest."""
+    if isinstance(node, yaml.ScalarNode):
+        if node.tag == _STR:
+            return f'"{node.value}"'
+        return {"tag:yaml.org,2002:null": "nothing", "tag:yaml.org,2002:bool": f"a boolean ({node.value})"}.get(
+            node.tag, str(node.value))
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    return "a list" if isinstance(node, yaml.SequenceNode) else "nothing"

@@ -1,0 +1,118 @@
+"""The control server in the master: a unix socket that turns requests into events.
+
+The connection handler validates one request, puts a ControlRequest on the master's queue and
+returns; the master answers through the request's Reply, which streams progress lines back. A
+malformed request is answered here and never reaches the master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from supervisor import wire
+from supervisor.errors import ControlError
+from supervisor.events import ControlRequest, Event
+
+log = structlog.get_logger()
+
+
+class Reply:
+    """Where the master sends progress and the final answer of one request."""
+
+    def __init__(self, writer: asyncio.StreamWriter | None = None, origin: str = "control") -> None:
+        self.writer = writer
+        self.origin = origin  # "control", "SIGHUP", "startup": for the logs
+        self.done = False
+
+    def progress(self, text: str) -> None:
+        log.info("progress", origin=self.origin, text=text)
+        self._send({"progress": text})
+
+    def finish(self, ok: bool, text: str, data: dict[str, Any] | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if ok:
+            self._send({"ok": True, "message": text, "data": data or {}})
+        else:
+            log.warning("request_failed", origin=self.origin, error=text)
+            self._send({"ok": False, "error": text})
+        if self.writer is not None:
+            self.writer.close()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(wire.encode(message))
+
+
+class ControlServer:
+    """Listens on the control socket; only root and the daemon's own user may talk to it."""
+
+    def __init__(self, path: str, mode: int, post: Callable[[Event], None]) -> None:
+        self.path = path
+        self.mode = mode
+        self.post = post
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        _refuse_if_in_use(self.path)
+        old_umask = os.umask(0o177)  # no window where the socket exists with looser permissions
+        try:
+            self.server = await asyncio.start_unix_server(self._handle, path=self.path, limit=wire.MAX_LINE)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, self.mode)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reply = Reply(writer)
+        try:
+            _check_peer(writer.get_extra_info("socket"))
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            command, args = wire.parse_request(line)
+        except (TimeoutError, ControlError, ValueError, asyncio.LimitOverrunError) as exc:
+            reply.finish(False, str(exc) or "timed out waiting for a request")
+            return
+        except ConnectionError:
+            writer.close()
+            return
+        self.post(ControlRequest(command, args, reply))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _check_peer(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (0, os.geteuid()):
+        raise ControlError(f"permission denied for uid {uid}")
+
+
+def _refuse_if_in_use(path: str) -> None:
+    """Remove a stale socket file, but never take over the socket of a running daemon."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over from a daemon that was killed
+    else:
+        raise ControlError(f"{path}: another supervisord is already running on this control socket")
+    finally:
+        probe.close()

@@ -1,0 +1,100 @@
+"""`supervisorctl`: talk to a running supervisord through its control socket.
+
+Exit status (a contract): 0 done; 1 the daemon refused or rolled back the request (the reason is
+printed); 2 bad command line or unreadable config; 3 no daemon answers on the control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from supervisor import config, status, wire
+from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
+
+EPILOG = """commands:
+  status [--json]     programs, generations, workers (pid, state, uptime, RSS, CPU), migration mode
+  reload              start new generations, wait until ready, close the old listeners
+  start PROGRAM       start a stopped program
+  stop PROGRAM        stop a program (its workers finish what they accepted)
+  shutdown            stop every program and the daemon
+
+exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
+3 no supervisord answers on the control socket"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="supervisorctl", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="the daemon's YAML file (to find its control socket)")
+    where.add_argument("-s", "--socket", help="the control socket itself")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status").add_argument("--json", action="store_true")
+    sub.add_parser("reload")
+    sub.add_parser("start").add_argument("program")
+    sub.add_parser("stop").add_argument("program")
+    sub.add_parser("shutdown")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        path = args.socket or config.control_socket(args.config)
+    except ConfigError as exc:
+        print(f"supervisorctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    request: dict[str, Any] = {"command": args.command}
+    if args.command in ("start", "stop"):
+        request["program"] = args.program
+    try:
+        final = None
+        for message in exchange(path, request, args.timeout):
+            if "progress" in message:
+                print(message["progress"], flush=True)
+            else:
+                final = message
+    except OSError as exc:
+        print(f"supervisorctl: cannot reach supervisord at {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ControlError as exc:
+        print(f"supervisorctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if final is None:
+        print("supervisorctl: the daemon closed the connection without an answer", file=sys.stderr)
+        return EXIT_FAILED
+    if not final.get("ok"):
+        print(f"supervisorctl: {args.command} failed: {final.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.command == "status":
+        print(json.dumps(final["data"], indent=2) if args.json else status.render(final["data"]))
+    else:
+        print(final.get("message", "ok"))
+    return EXIT_OK
+
+
+def exchange(path: str, request: dict[str, Any], timeout: float) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every message of the answer until the daemon closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(wire.encode(request))
+        with sock.makefile("rb") as stream:
+            for line in stream:
+                message = wire.decode(line)
+                yield message
+                if "ok" in message:
+                    return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

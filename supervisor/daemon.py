@@ -1,0 +1,44 @@
+"""`supervisord -c FILE`: run the master in the foreground until SIGTERM/SIGINT (or `shutdown`).
+
+Exit status: 0 after a clean shutdown, 1 when the first generation or the migration setup failed,
+2 for a bad command line or config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvloop
+
+from supervisor import __version__, config, logs
+from supervisor.errors import EXIT_USAGE, ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="supervisord", description="Run web workers on SO_REUSEPORT listeners; reload with zero loss.",
+        epilog="Signals: HUP reload, TERM/INT graceful stop, QUIT fast stop. "
+               "Exit status: 0 clean stop, 1 start failed, 2 bad usage or config.")
+    parser.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["console", "json"], help="default: console on a TTY, else json")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, None if args.log_format is None else args.log_format == "json")
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as exc:
+        print(f"supervisord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return uvloop.run(_serve(cfg))
+
+
+async def _serve(cfg: config.Config) -> int:
+    from supervisor.master import Master  # imports the event loop machinery only once running
+
+    return await Master(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The vocabulary of the master loop: everything that happens arrives as one of these on one queue.
+
+Signal handlers, pidfd readers, the notify socket, the control server and timers only build an
+event and put it on the queue; the master loop alone acts on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from supervisor.control import Reply
+    from supervisor.generation import Generation
+    from supervisor.worker import Worker
+
+
+@dataclass(frozen=True)
+class SignalReceived:
+    signum: int
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class WorkerOutput:
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class NotifyReceived:
+    pid: int
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    command: str
+    args: dict[str, Any]
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class ReadyTimeout:
+    """The reload whose id is `reload_id` waited `ready_timeout` for its new generations."""
+
+    reload_id: int
+
+
+@dataclass(frozen=True)
+class GracefulTimeout:
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class RespawnDue:
+    generation: Generation
+    index: int
+    restarts: int
+
+
+Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
+         | GracefulTimeout | RespawnDue)

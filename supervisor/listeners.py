@@ -1,0 +1,87 @@
+"""Listening sockets: one per worker and listen address, all members of one SO_REUSEPORT group.
+
+The master creates every listener (so they all share its uid, which the kernel requires of a group,
+and a worker that dropped privileges cannot add a socket of its own), hands it to the worker as an
+inherited fd, and keeps its own copy. That copy is what makes `shut()` work at once: shutdown()
+acts on the socket, not on one descriptor, so the master ends a listener whatever its worker is
+doing (busy, stopped, ignoring signals). See shared/KERNEL.md §7.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass, field
+
+from supervisor.config import Listen
+
+
+@dataclass(eq=False)
+class Listener:
+    """The master's copy of one worker's listening socket."""
+
+    listen: Listen
+    name: str  # LISTEN_FDNAMES entry: no ':' allowed there, so not the address itself
+    sock: socket.socket = field(repr=False)
+    shut: bool = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def queued(self) -> int:
+        """Connections waiting in the accept queue (tcpi_unacked of a listener)."""
+        return tcp_queue(self.sock)[0]
+
+
+def open_listener(listen: Listen, name: str, backlog: int) -> Listener:
+    """Create, bind and listen a SO_REUSEPORT socket; raises OSError with the address in the message."""
+    sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if listen.family == socket.AF_INET6:
+            # Keep IPv6 groups IPv6-only so "[::]:80" and "0.0.0.0:80" are separate, predictable groups.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(listen.sockaddr)
+        # Every member gets the same backlog: migration ignores the target's backlog (KERNEL.md §3),
+        # so a smaller new listener would take the old queue and then drop new connections.
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
+    return Listener(listen=listen, name=name, sock=sock)
+
+
+def shut(listener: Listener) -> None:
+    """Take the listener out of its group now; the kernel migrates its queue (tcp_migrate_req=1).
+
+    SHUT_RDWR on the master's copy stops the socket even while the worker still holds its fd;
+    closing the copy alone would do nothing (KERNEL.md §7). SHUT_WR would be a no-op on a listener.
+    """
+    if listener.shut:
+        return
+    listener.shut = True
+    try:
+        listener.sock.shutdown(socket.SHUT_RDWR)
+    except OSError as exc:
+        # ENOTCONN: already out of LISTEN (e.g. the worker called shutdown itself); nothing to migrate.
+        if exc.errno != errno.ENOTCONN:
+            raise
+
+
+def close(listener: Listener) -> None:
+    """Shut the listener, then drop the master's copy."""
+    try:
+        shut(listener)
+    finally:
+        listener.sock.close()
+
+
+def tcp_queue(sock: socket.socket) -> tuple[int, int]:
+    """(queued, backlog) of a listening socket, from TCP_INFO.
+
+    For a listener the kernel reports the accept-queue length in tcpi_unacked and the backlog in
+    tcpi_sacked (tcp_get_info() in net/ipv4/tcp.c).
+    """
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[24:28], "little"), int.from_bytes(info[28:32], "little")

@@ -1,0 +1,534 @@
+"""The master: one loop, one queue, and the only mutable state of the daemon.
+
+`run()` is the table of contents: enable migration, open the sockets, start the first generations,
+then take events one at a time and dispatch them to an `on_*` method. Reloads are serialized: while
+one waits for its new generations to become ready, other reload/start/stop requests wait in line.
+
+A reload (see shared/DESIGN.md, "Reload, step by step"):
+1. load and check the new config; any error is the reply and nothing changes;
+2. start a new generation of every program: new listeners join the same reuseport groups;
+3. wait until every new worker said READY=1, or one exits, or `ready_timeout` passes;
+4. ready: shut every old listener at once (the kernel moves their queues to the new ones), send the
+   old workers their stop signal, kill those still running after `graceful_timeout`;
+5. not ready: shut the new listeners (their queues move back) and kill the new workers; the old
+   generation never stopped serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import structlog
+
+from supervisor import config as config_module
+from supervisor import migrate, preflight, status
+from supervisor.config import Config, Program
+from supervisor.control import ControlServer, Reply
+from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
+from supervisor.events import (
+    ControlRequest,
+    Event,
+    GracefulTimeout,
+    NotifyReceived,
+    ReadyTimeout,
+    RespawnDue,
+    SignalReceived,
+    WorkerExited,
+    WorkerOutput,
+)
+from supervisor.generation import Generation, GenerationState
+from supervisor.plan import ReloadPlan, plan_reload, plan_start
+from supervisor.readiness import NotifySocket
+from supervisor.worker import Worker, WorkerState
+
+log = structlog.get_logger()
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+RESPAWN_BACKOFF = (0.1, 30.0)  # first delay, cap (seconds); doubles per consecutive crash
+STABLE_AFTER = 10.0  # a worker that ran this long before crashing restarts its backoff
+
+
+@dataclass(eq=False)
+class Reload:
+    """A reload (or `start`) in progress: new generations waiting to become ready."""
+
+    id: int
+    label: str  # "reload" or "start web", for replies and logs
+    config: Config
+    plan: ReloadPlan
+    reply: Reply
+    generations: list[Generation] = field(default_factory=list)
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+class Master:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
+        self.serving: dict[str, Generation] = {}  # program -> its serving generation
+        self.retiring: list[Generation] = []  # old and rolled-back generations until their workers exit
+        self.stopped: set[str] = set()  # programs stopped by hand; a reload leaves them stopped
+        self.numbers: collections.Counter[str] = collections.Counter()  # last generation number
+        self.workers: dict[int, tuple[Worker, Generation]] = {}  # live workers by pid
+        self.last_exit: dict[str, str] = {}
+        self.reload: Reload | None = None
+        self.waiting: collections.deque[ControlRequest] = collections.deque()
+        self.stop_waiters: list[tuple[Generation, Reply]] = []
+        self.graceful_timers: dict[Generation, asyncio.TimerHandle] = {}
+        self.shutdown_replies: list[Reply] = []
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self.started = time.monotonic()
+        self.reload_ids = itertools.count(1)
+        self.runtime_dir = ""
+        self.notify: NotifySocket | None = None
+        self.control: ControlServer | None = None
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until shut down; returns the daemon's exit status."""
+        problems = preflight.check(self.config)
+        if problems:
+            for problem in problems:
+                log.error("preflight_failed", problem=problem)
+            return EXIT_USAGE
+        try:
+            self.migration = migrate.enable(self.config.migrate)
+        except SupervisorError as exc:
+            log.error("migrate_unavailable", error=str(exc))
+            return EXIT_FAILED
+        log.info("migration", mode=self.config.migrate.value, enabled=self.migration.enabled,
+                 detail=self.migration.reason)
+        try:
+            self.open_sockets()
+            await self.control_server().start()
+        except (OSError, SupervisorError) as exc:
+            log.error("startup_failed", error=str(exc))
+            self.close_sockets()
+            return EXIT_FAILED
+        for signum in HANDLED_SIGNALS:
+            self.loop.add_signal_handler(signum, self.post, SignalReceived(signum))
+        log.info("supervisord_started", pid=os.getpid(), config=self.config.path,
+                 control=self.config.control.socket)
+        self.on_control_request(ControlRequest("reload", {}, Reply(origin="startup")))
+        try:
+            while not (self.stopping and not self.workers):
+                self.dispatch(await self.queue.get())
+        finally:
+            for signum in HANDLED_SIGNALS:
+                self.loop.remove_signal_handler(signum)
+            for reply in self.shutdown_replies:
+                reply.finish(True, "supervisord stopped")
+            self.close_sockets()
+        log.info("supervisord_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def post(self, event: Event) -> None:
+        self.queue.put_nowait(event)
+
+    def dispatch(self, event: Event) -> None:
+        match event:
+            case SignalReceived():
+                self.on_signal(event)
+            case WorkerExited():
+                self.on_worker_exited(event.worker)
+            case WorkerOutput():
+                self.on_worker_output(event.worker)
+            case NotifyReceived():
+                self.on_notify(event)
+            case ControlRequest():
+                self.on_control_request(event)
+            case ReadyTimeout():
+                self.on_ready_timeout(event)
+            case GracefulTimeout():
+                self.on_graceful_timeout(event.generation)
+            case RespawnDue():
+                self.on_respawn_due(event)
+
+    # -- sockets of the master itself -----------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        self.runtime_dir = tempfile.mkdtemp(prefix="supervisord.")
+        os.chmod(self.runtime_dir, 0o711)  # workers that dropped privileges still reach the notify socket
+        self.notify = NotifySocket(os.path.join(self.runtime_dir, "notify.sock"))
+        self.loop.add_reader(self.notify.fileno(), self.on_notify_readable)
+
+    def control_server(self) -> ControlServer:
+        self.control = ControlServer(self.config.control.socket, self.config.control.mode, self.post)
+        return self.control
+
+    def close_sockets(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.notify is not None:
+            self.loop.remove_reader(self.notify.fileno())
+            self.notify.close()
+            self.notify = None
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def on_notify_readable(self) -> None:
+        assert self.notify is not None
+        for pid, fields in self.notify.receive():
+            self.post(NotifyReceived(pid, fields))
+
+    # -- signals and requests ----------------------------------------------------------------------
+
+    def on_signal(self, event: SignalReceived) -> None:
+        name = signal.Signals(event.signum).name
+        log.info("signal", signal=name)
+        if event.signum == signal.SIGHUP:
+            self.on_control_request(ControlRequest("reload", {}, Reply(origin="SIGHUP")))
+        elif event.signum == signal.SIGQUIT or self.stopping:
+            self.shutdown(Reply(origin=name), fast=True)  # QUIT, or a second TERM/INT: no more waiting
+        else:
+            self.shutdown(Reply(origin=name))
+
+    def on_control_request(self, request: ControlRequest) -> None:
+        if request.command == "status":
+            request.reply.finish(True, "status", self.snapshot())
+        elif request.command == "shutdown":
+            self.shutdown(request.reply)
+        elif self.stopping:
+            request.reply.finish(False, "supervisord is shutting down")
+        elif self.reload is not None:
+            request.reply.progress(f"waiting for the {self.reload.label} in progress")
+            self.waiting.append(request)
+        else:
+            try:
+                self.begin(request)
+            except (ConfigError, ControlError, migrate.MigrateError) as exc:
+                request.reply.finish(False, str(exc))
+                self.after_reload()
+
+    def begin(self, request: ControlRequest) -> None:
+        """Start a reload, a `start` or a `stop`; raises the user's error before anything changes."""
+        if request.command == "stop":
+            self.stop_program(request.args["program"], request.reply)
+            return
+        if request.command == "start":
+            config = self.config
+            plan = plan_start(config, request.args["program"], self.serving)
+        else:
+            config = config_module.load(self.config.path)
+            problems = preflight.check(config)
+            if problems:
+                raise ControlError("; ".join(problems))
+            if config.control != self.config.control:
+                request.reply.progress("control socket settings changed: they apply after a restart")
+            if config.migrate != self.config.migrate:
+                self.migration = migrate.enable(config.migrate)
+            plan = plan_reload(config, self.serving, self.stopped)
+        label = "reload" if request.command == "reload" else f"start {request.args['program']}"
+        reload = Reload(next(self.reload_ids), label, config, plan, request.reply)
+        self.reload = reload
+        self.stopped.difference_update(p.name for p in plan.start)
+        for program in plan.start:
+            gen = self.new_generation(config, program)
+            reload.generations.append(gen)
+            request.reply.progress(f"{program.name}: generation {gen.number} starting "
+                                   f"{program.workers} worker{'s' if program.workers != 1 else ''}")
+            try:
+                gen.start()
+            except (OSError, SupervisorError) as exc:
+                self.watch_all(gen)
+                self.fail(f"{program.name}: generation {gen.number}: {exc}")
+                return
+            self.watch_all(gen)
+            reload.timers.append(self.loop.call_later(program.ready_timeout, self.post, ReadyTimeout(reload.id)))
+        self.maybe_commit()
+
+    def new_generation(self, config: Config, program: Program) -> Generation:
+        self.numbers[program.name] += 1
+        assert self.notify is not None
+        return Generation(program, self.numbers[program.name], preflight.program_cwd(config, program),
+                          self.notify.path)
+
+    def watch_all(self, gen: Generation) -> None:
+        for w in gen.workers:
+            self.watch(w, gen)
+
+    def watch(self, w: Worker, gen: Generation) -> None:
+        """Turn the worker's exit (pidfd readable) and its stderr output into events."""
+        self.workers[w.pid] = (w, gen)
+        self.watch_once(w.pidfd, WorkerExited(w))
+        self.watch_once(w.stderr, WorkerOutput(w))
+
+    def watch_once(self, fd: int, event: Event) -> None:
+        # Level-triggered readers fire until the condition is handled; post once, re-arm after.
+        def fire() -> None:
+            self.loop.remove_reader(fd)
+            self.post(event)
+        self.loop.add_reader(fd, fire)
+
+    # -- readiness and the switch -------------------------------------------------------------------
+
+    def on_notify(self, event: NotifyReceived) -> None:
+        found = self.find_worker(event.pid)
+        if found is None:
+            log.debug("notify_ignored", pid=event.pid, fields=event.fields)
+            return
+        w, gen = found
+        if event.fields.get("READY") == "1" and w.state is WorkerState.STARTING:
+            w.mark_ready()
+            if gen.state is GenerationState.SERVING:
+                log.info("worker_restarted", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
+            self.maybe_commit()
+
+    def find_worker(self, pid: int) -> tuple[Worker, Generation] | None:
+        """The worker that sent a message: the pid itself, or a process started by it (NotifyAccess=all)."""
+        if pid in self.workers:
+            return self.workers[pid]
+        try:
+            ancestors = psutil.Process(pid).parents()
+        except psutil.Error:
+            return None
+        return next((self.workers[p.pid] for p in ancestors if p.pid in self.workers), None)
+
+    def maybe_commit(self) -> None:
+        reload = self.reload
+        if reload is None or not all(g.all_ready() for g in reload.generations):
+            return
+        before = migrate.counters()
+        queued = 0
+        for gen in reload.generations:
+            gen.mark_serving()
+            reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
+                                  f"{_ms(gen.ready_at, gen.started)} ms")
+        shut = 0
+        old_gens = [self.serving.pop(name) for name in reload.plan.retire if name in self.serving]
+        for old in old_gens:
+            queued += old.queued()
+            shut += self.retire(old)
+        migrated = (migrate.counters() - before).success
+        for old in old_gens:
+            reload.reply.progress(
+                f"{old.program.name}: generation {old.number}: listeners closed, "
+                f"{len(old.live_workers)} old workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
+        for gen in reload.generations:
+            self.serving[gen.program.name] = gen
+        self.config = reload.config
+        self.cancel(reload.timers)
+        self.reload = None
+        elapsed = _ms(time.monotonic(), reload.started)
+        summary = (f"{reload.label} done in {elapsed} ms: {shut} old listeners closed, "
+                   f"{migrated} connections migrated")
+        log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
+                 generations={g.program.name: g.number for g in reload.generations})
+        reload.reply.finish(True, summary, {
+            "generations": {g.program.name: g.number for g in reload.generations},
+            "retired": {g.program.name: g.number for g in old_gens},
+            "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
+        })
+        self.after_reload()
+
+    def on_ready_timeout(self, event: ReadyTimeout) -> None:
+        reload = self.reload
+        if reload is None or reload.id != event.reload_id:
+            return
+        late = [g for g in reload.generations
+                if not g.all_ready() and time.monotonic() - g.started >= g.program.ready_timeout - 0.001]
+        if late:
+            gen = late[0]
+            ready = sum(w.state is WorkerState.READY for w in gen.workers)
+            self.fail(f"{gen.program.name}: generation {gen.number} not ready within "
+                      f"{gen.program.ready_timeout:g} s ({ready} of {len(gen.workers)} workers ready)")
+
+    def fail(self, reason: str) -> None:
+        """Roll back the reload in progress: the serving generations were never touched."""
+        reload = self.reload
+        assert reload is not None
+        self.reload = None
+        self.cancel(reload.timers)
+        for gen in reload.generations:
+            gen.rollback()
+            self.retiring.append(gen)
+            if gen.program.name not in self.serving and reload.reply.origin != "startup":
+                self.stopped.add(gen.program.name)  # a failed `start` leaves the program stopped
+        still = ", ".join(f"{name}#{g.number}" for name, g in self.serving.items())
+        message = f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
+        log.error("reload_failed", reason=reason)
+        reload.reply.finish(False, message)
+        if reload.reply.origin == "startup":
+            self.exit_code = EXIT_FAILED
+            self.shutdown(Reply(origin="startup failure"))
+        self.after_reload()
+
+    def after_reload(self) -> None:
+        """Start the next waiting request, if any."""
+        while self.reload is None and self.waiting and not self.stopping:
+            self.on_control_request(self.waiting.popleft())
+
+    # -- retiring, stopping, exits -------------------------------------------------------------------
+
+    def retire(self, gen: Generation) -> int:
+        closed = gen.retire()
+        self.retiring.append(gen)
+        self.graceful_timers[gen] = self.loop.call_later(
+            gen.program.graceful_timeout, self.post, GracefulTimeout(gen))
+        log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
+                 workers=len(gen.live_workers))
+        return closed
+
+    def stop_program(self, name: str, reply: Reply) -> None:
+        gen = self.serving.pop(name, None)
+        if gen is None:
+            raise ControlError(f"{name} is not running" if name in self.config_names() else
+                               f"no program named {name!r}")
+        self.stopped.add(name)
+        reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
+        self.retire(gen)
+        self.stop_waiters.append((gen, reply))
+        self.check_stopped()
+
+    def config_names(self) -> set[str]:
+        return {p.name for p in self.config.programs}
+
+    def check_stopped(self) -> None:
+        for gen, reply in [(g, r) for g, r in self.stop_waiters if g.finished()]:
+            self.stop_waiters.remove((gen, reply))
+            reply.finish(True, f"{gen.program.name} stopped")
+
+    def shutdown(self, reply: Reply, fast: bool = False) -> None:
+        """Stop everything: listeners shut, stop signals sent; the loop ends when no worker is left."""
+        self.shutdown_replies.append(reply)
+        if not self.stopping:
+            log.info("shutting_down", origin=reply.origin, fast=fast)
+            self.stopping = True
+            if self.reload is not None:
+                self.fail("supervisord is shutting down")
+            for request in self.waiting:
+                request.reply.finish(False, "supervisord is shutting down")
+            self.waiting.clear()
+            for name in list(self.serving):
+                self.retire(self.serving.pop(name))
+        if fast:
+            for gen in self.retiring:
+                gen.kill()
+
+    def on_graceful_timeout(self, gen: Generation) -> None:
+        self.graceful_timers.pop(gen, None)
+        if gen.live_workers:
+            log.warning("graceful_timeout", program=gen.program.name, gen=gen.number,
+                        killing=[w.pid for w in gen.live_workers], timeout=gen.program.graceful_timeout)
+            gen.kill()
+
+    def on_worker_output(self, w: Worker) -> None:
+        for line in w.read_stderr():
+            log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
+        if w.stderr >= 0:
+            self.watch_once(w.stderr, WorkerOutput(w))
+
+    def on_worker_exited(self, w: Worker) -> None:
+        if w.stderr >= 0:
+            self.loop.remove_reader(w.stderr)
+        was = w.state
+        if not w.reap():
+            self.watch_once(w.pidfd, WorkerExited(w))  # spurious wake-up
+            return
+        self.on_worker_output(w)
+        _, gen = self.workers.pop(w.pid)
+        fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
+                  "status": w.describe_exit()}
+        if self.reload is not None and gen in self.reload.generations:
+            log.error("worker_failed_to_start", **fields)
+            tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
+            self.fail(f"{w.program}: generation {gen.number} worker {w.index} (pid {w.pid}) "
+                      f"{w.describe_exit()} before it was ready" + (f"; last stderr lines:{tail}" if tail else ""))
+        elif gen.state is GenerationState.SERVING and not self.stopping:
+            # Its listeners were shut when reaped: their queues moved to its siblings.
+            self.last_exit[w.program] = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
+            log.error("worker_crashed", **fields, was=was.value)
+            self.schedule_respawn(gen, w)
+        else:
+            log.info("worker_exited", **fields)
+        if gen.state in (GenerationState.RETIRING, GenerationState.ROLLED_BACK) and gen.finished():
+            self.forget(gen)
+        self.check_stopped()
+
+    def forget(self, gen: Generation) -> None:
+        if gen in self.retiring:
+            self.retiring.remove(gen)
+        timer = self.graceful_timers.pop(gen, None)
+        if timer is not None:
+            timer.cancel()
+        if gen.state is GenerationState.RETIRING:
+            gen.state = GenerationState.RETIRED
+        log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
+
+    def schedule_respawn(self, gen: Generation, w: Worker) -> None:
+        ran = time.monotonic() - w.started
+        restarts = 0 if ran >= STABLE_AFTER else w.restarts + 1
+        first, cap = RESPAWN_BACKOFF
+        delay = 0.0 if restarts == 0 else min(first * 2 ** (restarts - 1), cap)
+        log.info("worker_respawn_scheduled", program=w.program, worker=w.index, delay=delay, restarts=restarts)
+        self.loop.call_later(delay, self.post, RespawnDue(gen, w.index, restarts))
+
+    def on_respawn_due(self, event: RespawnDue) -> None:
+        gen = event.generation
+        if gen.state is not GenerationState.SERVING or self.stopping:
+            return
+        try:
+            w = gen.spawn(event.index, event.restarts)
+        except (OSError, SupervisorError) as exc:
+            log.error("respawn_failed", program=gen.program.name, worker=event.index, error=str(exc))
+            delay = min(RESPAWN_BACKOFF[0] * 2 ** event.restarts, RESPAWN_BACKOFF[1])
+            self.loop.call_later(delay, self.post, RespawnDue(gen, event.index, event.restarts + 1))
+            return
+        gen.workers = [x for x in gen.workers if x.index != event.index or x.alive] + [w]
+        gen.workers.sort(key=lambda x: x.index)
+        self.watch(w, gen)
+
+    # -- status -----------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        gens: dict[str, list[Generation]] = collections.defaultdict(list)
+        for gen in [*self.serving.values(), *(self.reload.generations if self.reload else []), *self.retiring]:
+            gens[gen.program.name].append(gen)
+        names = list(dict.fromkeys([*(p.name for p in self.config.programs), *gens]))
+        programs = []
+        for name in names:
+            if name in self.serving:
+                state = "serving"
+            elif name in self.stopped:
+                state = "stopped"
+            elif self.reload and any(g.program.name == name for g in self.reload.generations):
+                state = "starting"
+            else:
+                state = "stopping" if gens[name] else "stopped"
+            programs.append(status.program_facts(name, state, sorted(gens[name], key=lambda g: g.number),
+                                                 self.last_exit.get(name)))
+        me = psutil.Process()
+        with me.oneshot():
+            cpu = me.cpu_times()
+            return {
+                "pid": os.getpid(), "config": self.config.path, "uptime": time.monotonic() - self.started,
+                "rss": me.memory_info().rss, "cpu": round(cpu.user + cpu.system, 2), "fds": me.num_fds(),
+                "migrate": {"mode": self.migration.mode.value, "enabled": self.migration.enabled,
+                            "reason": self.migration.reason},
+                "reloading": self.reload is not None, "programs": programs,
+            }
+
+    @staticmethod
+    def cancel(timers: list[asyncio.TimerHandle]) -> None:
+        for timer in timers:
+            timer.cancel()
+        timers.clear()
+
+
+def _ms(end: float | None, start: float) -> int:
+    return round(((end or start) - start) * 1000)

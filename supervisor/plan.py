@@ -1,0 +1,45 @@
+"""What a reload or a start will do, computed as plain data before anything is touched."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from supervisor.config import Config, Program
+from supervisor.errors import ControlError
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """New generations to start, and the programs whose serving generations retire once they serve."""
+
+    start: tuple[Program, ...]
+    retire: tuple[str, ...]
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        """Programs that retire without a successor (gone from the config)."""
+        started = {p.name for p in self.start}
+        return tuple(name for name in self.retire if name not in started)
+
+
+def plan_reload(config: Config, running: Collection[str], stopped: Collection[str]) -> ReloadPlan:
+    """Reload: a new generation of every program in the config except those stopped by hand.
+
+    Every running program is replaced, even when its settings did not change: a reload is how new
+    code and new certificates are picked up. Programs gone from the config retire.
+    """
+    start = tuple(p for p in config.programs if p.name not in stopped)
+    # A running program is either replaced (still configured) or removed (gone): it retires either way.
+    return ReloadPlan(start=start, retire=tuple(running))
+
+
+def plan_start(config: Config, name: str, running: Collection[str]) -> ReloadPlan:
+    """`start NAME`: one new generation of a program that is not running."""
+    try:
+        program = config.program(name)
+    except KeyError:
+        raise ControlError(f"no program named {name!r}") from None
+    if name in running:
+        raise ControlError(f"{name} is already running")
+    return ReloadPlan(start=(program,), retire=())

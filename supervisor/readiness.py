@@ -1,0 +1,67 @@
+"""The master's end of the sd_notify protocol: a datagram socket whose messages name their sender.
+
+Workers find it in NOTIFY_SOCKET and send `READY=1` (newline-separated KEY=VALUE fields, as
+systemd reads them). SO_PASSCRED makes the kernel attach the sender's pid to every datagram, so a
+worker cannot speak for another, and a message from a process we did not start is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_MAX_DATAGRAM = 4096
+
+
+class NotifySocket:
+    """A bound SOCK_DGRAM unix socket; `receive()` drains it without blocking."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            if os.path.exists(path):
+                os.unlink(path)
+            self.sock.bind(path)
+            # Workers may run as another user (issue: privileges); datagrams carry their own pid.
+            os.chmod(path, 0o666)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[tuple[int, dict[str, str]]]:
+        """Every pending (sender pid, fields) pair; datagrams without credentials are dropped."""
+        out: list[tuple[int, dict[str, str]]] = []
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return out
+            pid = next((_UCRED.unpack_from(d)[0] for level, kind, d in ancdata
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            if pid is not None:
+                out.append((pid, parse(data)))
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def parse(data: bytes) -> dict[str, str]:
+    """`READY=1\\nSTATUS=x` -> {"READY": "1", "STATUS": "x"}; lines without '=' are ignored."""
+    fields = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key:
+            fields[key] = value
+    return fields

@@ -1,0 +1,57 @@
+"""The control protocol, shared by the daemon and `supervisorctl`: JSON, one object per line.
+
+The client sends one request, `{"command": "reload"}` (plus arguments such as "program" or
+"workers"). The daemon answers with any number of `{"progress": "text"}` lines and then exactly one
+final line, `{"ok": true, "message": "...", "data": {...}}` or `{"ok": false, "error": "..."}`,
+and closes the connection.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from supervisor.errors import ControlError
+
+MAX_LINE = 64 * 1024
+
+# command -> the arguments it takes (name -> type)
+COMMANDS: dict[str, dict[str, type]] = {
+    "status": {},
+    "reload": {},
+    "start": {"program": str},
+    "stop": {"program": str},
+    "shutdown": {},
+}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ControlError(f"malformed message: {exc}") from None
+    if not isinstance(message, dict):
+        raise ControlError("malformed message: expected a JSON object")
+    return message
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """Validate a request line; ControlError names what is wrong."""
+    message = decode(line)
+    command = message.pop("command", None)
+    if not isinstance(command, str) or command not in COMMANDS:
+        raise ControlError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
+    expected = COMMANDS[command]
+    for name, value in message.items():
+        if name not in expected:
+            raise ControlError(f"{command}: unknown argument {name!r}")
+        if not isinstance(value, expected[name]):
+            raise ControlError(f"{command}: {name} must be a {expected[name].__name__}")
+    missing = [name for name in expected if name not in message]
+    if missing:
+        raise ControlError(f"{command}: missing argument {missing[0]!r}")
+    return command, message

@@ -1,0 +1,229 @@
+"""One worker process: spawn it with its listeners as fds 3.., watch it through a pidfd, signal it.
+
+A worker is `STARTING -> READY -> RETIRING -> EXITED`; a worker that ends while STARTING or READY
+(unasked) ends FAILED. Transitions are methods here; the master decides when to call them.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from supervisor import listeners
+from supervisor.config import Program
+from supervisor.errors import SpawnError
+from supervisor.listeners import Listener
+
+log = structlog.get_logger()
+
+STDERR_TAIL = 20  # lines kept for the rollback report
+
+# LISTEN_PID must be the worker's own pid, which posix_spawn cannot know in advance: a one-line
+# shell sets it and execs, so the pid is the shell's and stays the worker's (as systemd does in
+# its child after fork). "$1" is the working directory.
+_TRAMPOLINE = 'cd -- "$1" || exit 126; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+_SHELL = "/bin/sh"
+
+# The master handles or ignores these; a worker starts with every one of them at its default.
+_RESET_SIGNALS = (
+    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+)
+# Variables that belong to the master's own supervisor (systemd), never to a worker.
+_MASTER_ONLY_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                    "WATCHDOG_PID", "MAINPID")
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Worker:
+    """A running (or finished) worker process and the master's copies of its listeners."""
+
+    program: str
+    generation: int
+    index: int
+    pid: int
+    pidfd: int
+    stderr: int  # read end of the worker's stderr pipe, -1 once closed
+    listeners: list[Listener]
+    started: float = field(default_factory=time.monotonic)
+    state: WorkerState = WorkerState.STARTING
+    ready_at: float | None = None
+    status: int | None = None  # raw wait status once reaped
+    restarts: int = 0
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
+    _partial: bytes = b""
+
+    @property
+    def alive(self) -> bool:
+        return self.status is None
+
+    def mark_ready(self) -> None:
+        if self.state is WorkerState.STARTING:
+            self.state = WorkerState.READY
+            self.ready_at = time.monotonic()
+            log.debug("worker_ready", program=self.program, gen=self.generation, worker=self.index,
+                      pid=self.pid, ms=round((self.ready_at - self.started) * 1000))
+
+    def retire(self, stop_signal: signal.Signals) -> None:
+        """Shut this worker's listeners (their queues migrate), then ask it to stop."""
+        for listener in self.listeners:
+            listeners.shut(listener)
+        if self.alive:
+            self.state = WorkerState.RETIRING
+            self.signal(stop_signal)
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the worker; a worker that is already gone is not an error."""
+        if not self.alive:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything in its session (it was started with setsid)."""
+        if not self.alive:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.signal(signal.SIGKILL)
+
+    def reap(self) -> bool:
+        """Collect the exit status if the process has ended; True once it has."""
+        if not self.alive:
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return False
+        self.status = status
+        self.state = WorkerState.EXITED if self.state is WorkerState.RETIRING else WorkerState.FAILED
+        self.read_stderr()
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Close the master's listener copies and process handles (the worker is gone)."""
+        for listener in self.listeners:
+            listeners.close(listener)
+        self.listeners = []
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.stderr >= 0:
+            os.close(self.stderr)
+            self.stderr = -1
+
+    def read_stderr(self) -> list[str]:
+        """Drain the stderr pipe without blocking; return complete lines and keep the last ones."""
+        chunks = []
+        while self.stderr >= 0:
+            try:
+                data = os.read(self.stderr, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                break
+            if not data:  # EOF: the worker and every child of it closed their stderr
+                os.close(self.stderr)
+                self.stderr = -1
+                break
+            chunks.append(data)
+        data = self._partial + b"".join(chunks)
+        *lines, self._partial = data.split(b"\n")
+        if self.stderr < 0 and self._partial:  # the last line of a dead worker has no newline to wait for
+            lines.append(self._partial)
+            self._partial = b""
+        text = [line.decode(errors="replace").rstrip("\r") for line in lines]
+        self.tail.extend(text)
+        return text
+
+    def describe_exit(self) -> str:
+        return describe_status(self.status)
+
+
+def describe_status(status: int | None) -> str:
+    """'exit status 3', 'killed by SIGKILL' or 'running'."""
+    if status is None:
+        return "running"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def spawn(program: Program, generation: int, index: int, socks: list[Listener], notify_socket: str,
+          cwd: str, base_env: Mapping[str, str] | None = None) -> Worker:
+    """Start one worker: its listeners become fds 3.., with the socket-activation variables.
+
+    posix_spawn (vfork+exec in glibc) instead of fork: the master runs an event loop, and nothing
+    but exec may happen in its child (STYLE.md traps).
+    """
+    env = {k: v for k, v in (os.environ if base_env is None else base_env).items()
+           if k not in _MASTER_ONLY_ENV}
+    env.update(program.env)
+    env.update(
+        LISTEN_FDS=str(len(socks)),
+        LISTEN_FDNAMES=":".join(s.name for s in socks),
+        NOTIFY_SOCKET=notify_socket,
+        SUPERVISOR_PROGRAM=program.name,
+        SUPERVISOR_GENERATION=str(generation),
+        SUPERVISOR_WORKER=str(index),
+        SUPERVISOR_BACKLOG=str(program.backlog),
+    )
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    os.set_blocking(write_end, True)
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        actions = _fd_actions([s.fileno() for s in socks], devnull, write_end)
+        argv = [_SHELL, "-c", _TRAMPOLINE, program.name, cwd, *program.command]
+        try:
+            pid = os.posix_spawn(_SHELL, argv, env, file_actions=actions, setsid=True,
+                                 setsigdef=_RESET_SIGNALS, setsigmask=())
+        except OSError as exc:
+            raise SpawnError(f"{program.name}: cannot start worker {index}: {exc}") from None
+        pidfd = os.pidfd_open(pid)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+        os.close(devnull)
+    return Worker(program=program.name, generation=generation, index=index, pid=pid, pidfd=pidfd,
+                  stderr=read_end, listeners=socks)
+
+
+def _fd_actions(fds: Iterable[int], stdin: int, stderr: int) -> list[tuple[int, ...]]:
+    """posix_spawn file actions that place `fds` at 3, 4, ... in the child.
+
+    A source fd may itself sit in 3..3+n, so every source is first copied above all of them, then
+    moved down; dup2 clears FD_CLOEXEC on the copies, so the parked ones are closed again.
+    """
+    fds = list(fds)
+    park = max([*fds, stdin, stderr, 2 + len(fds)]) + 1
+    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, park + i) for i, fd in enumerate(fds)]
+    actions += [(os.POSIX_SPAWN_DUP2, park + i, 3 + i) for i in range(len(fds))]
+    actions += [(os.POSIX_SPAWN_CLOSE, park + i) for i in range(len(fds))]
+    return actions

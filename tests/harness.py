@@ -1,0 +1,244 @@
+"""Scenario helpers: a supervisord under test, HTTP clients and a bounded load.
+
+Tests read as: write a config, start, load, reload, assert. Every wait has a deadline and says
+what it waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+DEMO = [PYTHON, "-m", "supervisor.demo"]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def program(command: list[str] | None = None, **settings: Any) -> dict[str, Any]:
+    return {"command": command or DEMO, "workers": 2, "listen": ["127.0.0.1:8000"], "ready_timeout": 10,
+            "graceful_timeout": 5, **settings}
+
+
+class Supervisor:
+    """A supervisord process started from a config written in `folder`."""
+
+    def __init__(self, folder: Path, programs: dict[str, dict[str, Any]], migrate: str = "require") -> None:
+        self.folder = folder
+        self.config = folder / "supervisor.yaml"
+        self.socket = folder / "supervisor.sock"
+        self.log = folder / "supervisord.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write(programs, migrate)
+
+    def write(self, programs: dict[str, dict[str, Any]], migrate: str = "require") -> None:
+        doc = {"control": {"socket": str(self.socket)}, "migrate": migrate, "programs": programs}
+        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def start(self, wait: bool = True) -> Supervisor:
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(self.config), "--log-format", "json"],
+                                         stdout=log, stderr=log, env=env)
+        if wait:
+            wait_for("every program serving", self.serving, timeout=20)
+        return self
+
+    def serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"supervisord exited {self.proc.returncode}:\n{self.log_text()}")
+        try:
+            data = self.status()
+        except (OSError, ValueError):
+            return False
+        return not data["reloading"] and all(p["state"] == "serving" and p["workers"] and
+                                             all(w["state"] == "ready" for w in p["workers"])
+                                             for p in data["programs"])
+
+    def status(self) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.socket))
+            sock.sendall(b'{"command":"status"}\n')
+            data = sock.makefile("rb").readline()
+        return json.loads(data)["data"]
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def reload(self) -> subprocess.CompletedProcess[str]:
+        result = self.ctl("reload")
+        assert result.returncode == 0, f"reload failed ({result.returncode}): {result.stdout}{result.stderr}"
+        return result
+
+    def workers(self, name: str = "web") -> list[dict[str, Any]]:
+        return next(p for p in self.status()["programs"] if p["name"] == name)["workers"]
+
+    def generation(self, name: str = "web") -> int:
+        return max(w["generation"] for w in self.workers(name))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def supervisor(folder: Path, programs: dict[str, dict[str, Any]], migrate: str = "require") -> Iterator[Supervisor]:
+    sup = Supervisor(folder, programs, migrate)
+    try:
+        yield sup.start()
+    finally:
+        sup.kill()
+
+
+def request(address: tuple[str, int] = ("127.0.0.1", 8000), path: str = "/",
+            timeout: float = 10) -> tuple[int, dict[str, Any]]:
+    """One GET on a new connection; returns (status, JSON body)."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        return parse_response(read_all(sock))
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1."):
+        raise ValueError(f"not an HTTP response: {raw[:80]!r}")
+    code = int(head.split(b" ", 2)[1])
+    try:
+        return code, json.loads(body) if body.startswith(b"{") else {}
+    except ValueError:
+        return code, {}
+
+
+def classify(exc: BaseException) -> str:
+    """Failure kinds a load client counts: refused, reset, timeout, bad answer."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout"
+    return f"bad:{type(exc).__name__}"
+
+
+@dataclass
+class Load:
+    """New connections, one GET each, from `threads` threads until stopped or `seconds` pass."""
+
+    address: tuple[str, int] = ("127.0.0.1", 8000)
+    threads: int = 4
+    seconds: float = 30.0
+    max_requests: int = 200_000
+    outcomes: Counter[str] = field(default_factory=Counter)
+    generations: Counter[int] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Load:
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.threads)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for kind, n in self.outcomes.items() if kind != "ok")
+
+    @property
+    def total(self) -> int:
+        return sum(self.outcomes.values())
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline and self.total < self.max_requests:
+            try:
+                code, body = request(self.address, timeout=10)
+                kind = "ok" if code == 200 else f"http:{code}"
+                gen = body.get("generation", -1)
+            except (OSError, ValueError) as exc:
+                kind, gen = classify(exc), -1
+                with self._lock:
+                    if len(self.errors) < 20:
+                        self.errors.append(f"{time.monotonic():.3f} {exc!r}")
+            with self._lock:
+                self.outcomes[kind] += 1
+                if kind == "ok":
+                    self.generations[gen] += 1
+
+
+def open_requests(n: int, address: tuple[str, int] = ("127.0.0.1", 8000)) -> list[socket.socket]:
+    """n connections, each with a complete GET sent: they wait in an accept queue if nobody accepts."""
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(address, timeout=10)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        socks.append(sock)
+    return socks
+
+
+def collect(socks: list[socket.socket], timeout: float = 15) -> tuple[Counter[str], Counter[int]]:
+    """Read every answer: outcome kinds and the generations that served them."""
+    outcomes: Counter[str] = Counter()
+    generations: Counter[int] = Counter()
+    for sock in socks:
+        sock.settimeout(timeout)
+        try:
+            code, body = parse_response(read_all(sock))
+            outcomes["ok" if code == 200 else f"http:{code}"] += 1
+            generations[body.get("generation", -1)] += 1
+        except (OSError, ValueError) as exc:
+            outcomes[classify(exc)] += 1
+        finally:
+            sock.close()
+    return outcomes, generations

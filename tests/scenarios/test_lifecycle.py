@@ -1,0 +1,159 @@
+"""Start, status, stop, start, shutdown, stubborn workers, and what the master leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import (
+    BIN,
+    PYTHON,
+    Supervisor,
+    parse_response,
+    program,
+    read_all,
+    request,
+    supervisor,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("netns")
+
+# A worker that is ready at once and ignores SIGTERM: only SIGKILL ends it. Stdlib only, -S -I: fast.
+STUBBORN = [PYTHON, "-S", "-I", "-c", (
+    "import os, signal, socket\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+    "s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+    "signal.pause()\n"
+)]
+
+
+def test_workers_get_the_socket_activation_contract(tmp_path: Path) -> None:
+    """Each worker has its listeners at fds 3.., LISTEN_PID = its pid, and its generation and index."""
+    dump = [PYTHON, "-S", "-I", "-c", (
+        "import json, os, socket, sys, signal\n"
+        "keys = ['LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'SUPERVISOR_GENERATION', 'SUPERVISOR_WORKER']\n"
+        "facts = {k: os.environ.get(k) for k in keys}\n"
+        "facts['pid'] = os.getpid()\n"
+        "facts['fds'] = [socket.socket(fileno=os.dup(fd)).getsockname()[1] for fd in (3, 4)]\n"
+        "open(os.path.join(sys.argv[1], f\"{os.getpid()}.json\"), 'w').write(json.dumps(facts))\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "signal.pause()\n"
+    ), str(tmp_path)]
+    with supervisor(tmp_path, {"web": program(dump, listen=["127.0.0.1:8000", "[::1]:8001"])}) as sup:
+        facts = [json.loads((tmp_path / f"{w['pid']}.json").read_text()) for w in sup.workers()]
+    assert sorted(f["SUPERVISOR_WORKER"] for f in facts) == ["0", "1"]
+    for f in facts:
+        assert f["LISTEN_FDS"] == "2" and f["LISTEN_PID"] == str(f["pid"])
+        assert f["LISTEN_FDNAMES"] == "web.0:web.1" and f["SUPERVISOR_GENERATION"] == "1"
+        assert f["fds"] == [8000, 8001]
+
+
+def test_status_shows_programs_workers_and_migration(tmp_path: Path) -> None:
+    """`status` prints a table, `status --json` the same facts as JSON."""
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        table = sup.ctl("status")
+        data = json.loads(sup.ctl("status", "--json").stdout)
+    assert table.returncode == 0
+    assert "migration: require (on" in table.stdout and "web" in table.stdout and "ready" in table.stdout
+    assert data["migrate"]["enabled"] is True
+    web = data["programs"][0]
+    assert web["state"] == "serving" and len(web["workers"]) == 2
+    assert all(w["rss"] > 0 and w["state"] == "ready" for w in web["workers"])
+
+
+def test_sigterm_stops_gracefully_and_leaves_no_process(tmp_path: Path) -> None:
+    """SIGTERM: a request in progress is answered, the daemon exits 0, no worker survives."""
+    sup = Supervisor(tmp_path, {"web": program()}).start()
+    pids = [w["pid"] for w in sup.workers()]
+    sock = socket.create_connection(("127.0.0.1", 8000), timeout=10)
+    sock.sendall(b"GET /?delay=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    wait_for("a worker to accept the request", lambda: any(
+        c.status == psutil.CONN_ESTABLISHED for pid in pids for c in psutil.Process(pid).net_connections()))
+    assert sup.stop() == 0
+    assert parse_response(read_all(sock))[0] == 200
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    assert not (tmp_path / "supervisor.sock").exists()
+
+
+def test_stop_and_start_a_program(tmp_path: Path) -> None:
+    """`stop web` waits for its workers to exit; `start web` brings up a new generation."""
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        stop = sup.ctl("stop", "web")
+        assert stop.returncode == 0 and "web stopped" in stop.stdout
+        assert next(p for p in sup.status()["programs"])["state"] == "stopped"
+        with pytest.raises(OSError):
+            request(timeout=2)
+        start = sup.ctl("start", "web")
+        assert start.returncode == 0, start.stderr
+        assert request()[1]["generation"] == 2
+        again = sup.ctl("start", "web")
+        assert again.returncode == 1 and "already running" in again.stderr
+        unknown = sup.ctl("stop", "nope")
+        assert unknown.returncode == 1 and "no program named 'nope'" in unknown.stderr
+
+
+def test_supervisorctl_exit_codes(tmp_path: Path) -> None:
+    """2 for usage and config errors, 3 when no daemon answers."""
+    sup = Supervisor(tmp_path, {"web": program()})
+    assert sup.ctl("status").returncode == 3
+    assert sup.ctl("frobnicate").returncode == 2
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("control: [unclosed\n")
+    result = subprocess.run([str(BIN / "supervisorctl"), "-c", str(broken), "status"], capture_output=True, text=True)
+    assert result.returncode == 2 and f"{broken}:" in result.stderr
+
+
+def test_stubborn_workers_are_killed_and_200_reloads_leak_nothing(tmp_path: Path) -> None:
+    """Workers ignoring SIGTERM die after graceful_timeout; 200 reloads leave no fd, thread or zombie."""
+    with supervisor(tmp_path, {"web": program(STUBBORN, workers=1, graceful_timeout=0.2)}) as sup:
+        master = psutil.Process(sup.proc.pid)  # type: ignore[union-attr]
+        for _ in range(5):
+            sup.reload()
+        fds, threads = master.num_fds(), master.num_threads()
+        for _ in range(200):
+            sup.reload()
+        wait_for("old workers killed", lambda: len(master.children()) == 1, timeout=10)
+        assert master.num_fds() == fds, sorted(os.listdir(f"/proc/{master.pid}/fd"))
+        assert master.num_threads() == threads
+        assert not [c for c in master.children() if c.status() == psutil.STATUS_ZOMBIE]
+        assert '"graceful_timeout"' in sup.log_text()
+        assert sup.generation() == 206
+
+
+def test_migrate_require_refuses_to_start_without_the_sysctl(tmp_path: Path) -> None:
+    """A read-only /proc/sys (as under systemd's ProtectKernelTunables): one clear line, exit 1."""
+    sup = Supervisor(tmp_path, {"web": program()})
+    cmd = f"mount -o bind,ro /proc/sys /proc/sys && exec {BIN}/supervisord -c {sup.config}"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "migrate: require, but cannot set net.ipv4.tcp_migrate_req=1" in result.stderr
+
+
+def test_migrate_prefer_runs_without_the_sysctl(tmp_path: Path) -> None:
+    """`prefer` warns in one line and serves."""
+    sup = Supervisor(tmp_path, {"web": program()}, migrate="prefer")
+    cmd = f"mount -o bind,ro /proc/sys /proc/sys && exec {BIN}/supervisord -c {sup.config}"
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the demo to answer", lambda: _answers())
+        assert json.loads(sup.ctl("status", "--json").stdout)["migrate"]["enabled"] is False
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert "running without migration" in err
+
+
+def _answers() -> bool:
+    try:
+        return request(timeout=1)[0] == 200
+    except OSError:
+        return False

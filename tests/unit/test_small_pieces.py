@@ -1,0 +1,73 @@
+"""Pure helpers of the kernel-facing modules: notify parsing, fd placement, netstat counters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from supervisor import migrate, readiness, status, worker
+from supervisor.config import MigrateMode
+from supervisor.errors import MigrateError
+
+
+class TestNotifyParse:
+    def test_fields(self) -> None:
+        """sd_notify datagrams are newline-separated KEY=VALUE; other lines are ignored."""
+        assert readiness.parse(b"READY=1\nSTATUS=serving: 2 listeners\ngarbage\n=x\n") == {
+            "READY": "1", "STATUS": "serving: 2 listeners"}
+
+
+class TestFdActions:
+    def test_sources_inside_the_target_range_are_parked_first(self) -> None:
+        """Listener fds that already sit at 3.. are copied away before being moved into place."""
+        actions = worker._fd_actions([4, 3], stdin=9, stderr=10)
+        dup2 = [(a[1], a[2]) for a in actions if a[0] == os.POSIX_SPAWN_DUP2]
+        closes = [a[1] for a in actions if a[0] == os.POSIX_SPAWN_CLOSE]
+        assert dup2[:2] == [(9, 0), (10, 2)]
+        assert dup2[2:] == [(4, 11), (3, 12), (11, 3), (12, 4)]
+        assert closes == [11, 12]
+
+
+class TestStatusDescription:
+    def test_exit_and_signal(self) -> None:
+        """Wait statuses read as a person would say them."""
+        assert worker.describe_status(3 << 8) == "exit status 3"
+        assert worker.describe_status(9) == "killed by SIGKILL"
+        assert worker.describe_status(None) == "running"
+
+    def test_render_table(self) -> None:
+        """The status table lists the migration mode and one line per worker."""
+        data = {"pid": 1, "uptime": 75, "config": "/c.yaml", "migrate": {"mode": "require", "enabled": True,
+                "reason": "ipv4.tcp_migrate_req = 1"}, "programs": [{"name": "web", "state": "serving",
+                "generations": [{"generation": 4, "state": "serving"}], "last_exit": None, "workers": [
+                    {"worker": 0, "pid": 42, "state": "ready", "generation": 4, "uptime": 3.2,
+                     "rss": 20 * 2**20, "cpu": 0.25, "restarts": 0}]}]}
+        text = status.render(data)
+        assert "up 1m15s" in text and "migration: require (on" in text
+        assert "web             serving  (#4 serving)" in text
+        assert "42  ready" in text and "20.0M" in text and "0.25s" in text
+
+
+class TestMigrate:
+    def test_counters_from_netstat(self, tmp_path: Path) -> None:
+        """TcpExt migration counters are read by name, wherever they sit in the table."""
+        netstat = tmp_path / "netstat"
+        netstat.write_text("TcpExt: SyncookiesSent TCPMigrateReqSuccess TCPMigrateReqFailure\n"
+                           "TcpExt: 1 37 2\nIpExt: InNoRoutes\nIpExt: 0\n")
+        assert migrate.counters(str(netstat)) == migrate.Counters(37, 2)
+        assert migrate.counters(str(tmp_path / "missing")) == migrate.Counters(0, 0)
+
+    def test_modes(self, tmp_path: Path) -> None:
+        """require raises when the sysctl is missing, prefer runs without it, off leaves it alone."""
+        missing = str(tmp_path / "tcp_migrate_req")
+        with pytest.raises(MigrateError, match=r"Linux 5\.14 or newer"):
+            migrate.enable(MigrateMode.REQUIRE, missing)
+        assert migrate.enable(MigrateMode.PREFER, missing).enabled is False
+        present = tmp_path / "present"
+        present.write_text("0\n")
+        assert migrate.enable(MigrateMode.OFF, str(present)).enabled is False
+        assert present.read_text() == "0\n"
+        assert migrate.enable(MigrateMode.REQUIRE, str(present)).enabled is True
+        assert present.read_text().strip() == "1"

@@ -1,0 +1,30 @@
+"""The control protocol refuses anything malformed with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor import wire
+from supervisor.errors import ControlError
+
+
+class TestParseRequest:
+    def test_valid_requests(self) -> None:
+        """A command and its arguments come back separated."""
+        assert wire.parse_request(b'{"command":"reload"}\n') == ("reload", {})
+        assert wire.parse_request(wire.encode({"command": "stop", "program": "web"})) == ("stop", {"program": "web"})
+
+    @pytest.mark.parametrize(("line", "message"), [
+        (b"not json\n", "malformed message"),
+        (b"[1, 2]\n", "expected a JSON object"),
+        (b"\xff\xfe\n", "malformed message"),
+        (b'{"command":"explode"}\n', "unknown command 'explode'"),
+        (b'{}\n', "unknown command None"),
+        (b'{"command":"stop"}\n', "missing argument 'program'"),
+        (b'{"command":"stop","program":3}\n', "program must be a str"),
+        (b'{"command":"reload","force":true}\n', "unknown argument 'force'"),
+    ])
+    def test_malformed_requests(self, line: bytes, message: str) -> None:
+        """Each kind of bad request has its own one-line error."""
+        with pytest.raises(ControlError, match=message.replace("(", r"\(")):
+            wire.parse_request(line)
