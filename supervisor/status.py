@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from supervisor.generation import Generation
-from supervisor.worker import Worker
+if TYPE_CHECKING:  # supervisorctl imports this module for render(): keep its start fast
+    from supervisor.generation import Generation
+    from supervisor.worker import Worker
 
 
 def worker_facts(w: Worker, now: float) -> dict[str, Any]:

@@ -118,6 +118,7 @@ def test_stubborn_workers_are_killed_and_200_reloads_leak_nothing(tmp_path: Path
         master = psutil.Process(sup.proc.pid)  # type: ignore[union-attr]
         for _ in range(5):
             sup.reload()
+        wait_for("old workers killed", lambda: len(master.children()) == 1, timeout=10)
         fds, threads = master.num_fds(), master.num_threads()
         for _ in range(200):
             sup.reload()

@@ -65,6 +65,31 @@ def test_reload_under_load_fails_no_connection(tmp_path: Path) -> None:
     assert reloads + 1 in served
 
 
+def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Load:
+    """Before each reload one old worker freezes (a long GC, a CPU-bound request): its queue fills."""
+    with supervisor(tmp_path, {"web": program(graceful_timeout=1)}, migrate=migrate) as sup, \
+            Load(threads=4, seconds=30) as load:
+        for _ in range(8):
+            time.sleep(0.3)
+            busy = sup.workers()[0]["pid"]
+            stop_workers([busy])
+            time.sleep(0.2)  # the clients that hash to it now wait in its accept queue
+            sup.reload()
+            os.kill(busy, signal.SIGCONT)  # it recovers and finishes what it had accepted
+    return load
+
+
+@pytest.mark.parametrize(("migrate", "loses"), [("require", False), ("off", True)])
+def test_busy_old_worker_under_load(tmp_path: Path, migrate: str, loses: bool) -> None:
+    """With migration the frozen worker's queue moves to the new generation; without, it is reset."""
+    load = reload_with_a_busy_old_worker(tmp_path, migrate)
+    assert load.total > 500
+    if loses:
+        assert load.outcomes["reset"] >= 8, load.outcomes  # at least one per reload
+    else:
+        assert load.failed == 0, (load.outcomes, load.errors)
+
+
 def failing_reload(tmp_path: Path, bad: dict[str, object]) -> tuple[int, str, Load, int]:
     with supervisor(tmp_path, {"web": program()}) as sup, Load(threads=2, seconds=30) as load:
         wait_for("some answers", lambda: load.total > 50)
