@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# `ip` brings up loopback in the tests' private network namespaces.
+# `ip` brings up loopback in the tests' private network namespaces; `systemd-analyze` checks the unit.
 debian-packages:
-	@command -v ip >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iproute2; }
+	@missing=""; command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	 command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	 if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
 
 run: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/supervisord -c config/example.yaml

@@ -62,5 +62,10 @@ class RespawnDue:
     restarts: int
 
 
+@dataclass(frozen=True)
+class WatchdogDue:
+    """Time to tell systemd the master loop is alive."""
+
+
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
-         | GracefulTimeout | RespawnDue)
+         | GracefulTimeout | RespawnDue | WatchdogDue)

@@ -43,10 +43,12 @@ from supervisor.events import (
     ReadyTimeout,
     RespawnDue,
     SignalReceived,
+    WatchdogDue,
     WorkerExited,
     WorkerOutput,
 )
 from supervisor.generation import Generation, GenerationState
+from supervisor.notify import Notifier
 from supervisor.plan import ReloadPlan, plan_reload, plan_start
 from supervisor.readiness import NotifySocket
 from supervisor.worker import Worker, WorkerState
@@ -96,6 +98,7 @@ class Master:
         self.runtime_dir = ""
         self.notify: NotifySocket | None = None
         self.control: ControlServer | None = None
+        self.systemd = Notifier()
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -125,6 +128,8 @@ class Master:
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path,
                  control=self.config.control.socket)
         self.on_control_request(ControlRequest("reload", {}, Reply(origin="startup")))
+        if self.systemd.watchdog_interval:
+            self.post(WatchdogDue())
         try:
             while not (self.stopping and not self.workers):
                 self.dispatch(await self.queue.get())
@@ -134,6 +139,7 @@ class Master:
             for reply in self.shutdown_replies:
                 reply.finish(True, "supervisord stopped")
             self.close_sockets()
+            self.systemd.close()
         log.info("supervisord_stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -158,11 +164,14 @@ class Master:
                 self.on_graceful_timeout(event.generation)
             case RespawnDue():
                 self.on_respawn_due(event)
+            case WatchdogDue():
+                self.on_watchdog_due()
 
     # -- sockets of the master itself -----------------------------------------------------------------
 
     def open_sockets(self) -> None:
-        self.runtime_dir = tempfile.mkdtemp(prefix="supervisord.")
+        # Under systemd, RuntimeDirectory= gives a private folder; elsewhere a fresh one in $TMPDIR.
+        self.runtime_dir = tempfile.mkdtemp(prefix="supervisord.", dir=os.environ.get("RUNTIME_DIRECTORY"))
         os.chmod(self.runtime_dir, 0o711)  # workers that dropped privileges still reach the notify socket
         self.notify = NotifySocket(os.path.join(self.runtime_dir, "notify.sock"))
         self.loop.add_reader(self.notify.fileno(), self.on_notify_readable)
@@ -236,6 +245,8 @@ class Master:
         label = "reload" if request.command == "reload" else f"start {request.args['program']}"
         reload = Reload(next(self.reload_ids), label, config, plan, request.reply)
         self.reload = reload
+        if request.command == "reload" and request.reply.origin != "startup":
+            self.systemd.reloading()
         self.stopped.difference_update(p.name for p in plan.start)
         for program in plan.start:
             gen = self.new_generation(config, program)
@@ -334,6 +345,7 @@ class Master:
             "retired": {g.program.name: g.number for g in old_gens},
             "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
         })
+        self.systemd.ready(self.describe())
         self.after_reload()
 
     def on_ready_timeout(self, event: ReadyTimeout) -> None:
@@ -366,6 +378,8 @@ class Master:
         if reload.reply.origin == "startup":
             self.exit_code = EXIT_FAILED
             self.shutdown(Reply(origin="startup failure"))
+        else:
+            self.systemd.ready(f"{self.describe()}; last {reload.label} failed: {reason}")
         self.after_reload()
 
     def after_reload(self) -> None:
@@ -408,6 +422,7 @@ class Master:
         self.shutdown_replies.append(reply)
         if not self.stopping:
             log.info("shutting_down", origin=reply.origin, fast=fast)
+            self.systemd.stopping()
             self.stopping = True
             if self.reload is not None:
                 self.fail("supervisord is shutting down")
@@ -492,6 +507,17 @@ class Master:
         gen.workers = [x for x in gen.workers if x.index != event.index or x.alive] + [w]
         gen.workers.sort(key=lambda x: x.index)
         self.watch(w, gen)
+
+    def on_watchdog_due(self) -> None:
+        # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
+        self.systemd.watchdog()
+        assert self.systemd.watchdog_interval
+        self.loop.call_later(self.systemd.watchdog_interval, self.post, WatchdogDue())
+
+    def describe(self) -> str:
+        """One line for `systemctl status`: what serves now."""
+        serving = ", ".join(f"{name}#{g.number} ({len(g.live_workers)} workers)" for name, g in self.serving.items())
+        return f"serving {serving}" if serving else "no program running"
 
     # -- status -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,91 @@
+"""Running under systemd: the unit file verifies, and supervisord speaks sd_notify in the right order."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness import BIN, PYTHON, Supervisor, program, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "supervisor.service"
+
+
+def verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    if shutil.which("systemd-analyze") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing (make test installs Debian's systemd package)")
+        pytest.skip("systemd-analyze is missing")
+    unit = folder / "supervisor.service"
+    unit.write_text(unit_text.replace("/opt/reuseport-supervisor/.venv", str(BIN.parent))
+                    .replace("/etc/reuseport-supervisor/supervisor.yaml", str(ROOT / "config" / "example.yaml")))
+    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the shipped unit without a single warning."""
+    result = verify(UNIT.read_text(), tmp_path)
+    assert result.returncode == 0 and "supervisor.service" not in result.stderr, result.stderr
+
+
+def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
+    """Control: a misspelt key is reported, so the test above can fail."""
+    result = verify(UNIT.read_text().replace("KillMode=", "KilMode="), tmp_path)
+    assert "Unknown key" in result.stderr
+
+
+class NotifyListener:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[dict[str, str]] = []
+
+    def drain(self) -> list[dict[str, str]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return self.messages
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def kinds(self) -> list[str]:
+        """The state messages in order (READY, RELOADING, STOPPING), watchdog pings left out."""
+        return [next(k for k in ("READY", "RELOADING", "STOPPING") if k in m) for m in self.drain()
+                if not m.keys().isdisjoint({"READY", "RELOADING", "STOPPING"})]
+
+
+@pytest.mark.usefixtures("netns")
+def test_sd_notify_sequence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """READY after the first generation, RELOADING+MONOTONIC_USEC then READY per reload, STOPPING last."""
+    systemd = NotifyListener(tmp_path / "systemd.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "systemd.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    sup = Supervisor(tmp_path, {"web": program()})
+    sup.start()
+    try:
+        wait_for("READY=1", lambda: "READY" in systemd.kinds())
+        ready = next(m for m in systemd.messages if "READY" in m)
+        assert ready["MAINPID"] == str(sup.proc.pid)  # type: ignore[union-attr]
+        assert ready["STATUS"] == "serving web#1 (2 workers)"
+        sup.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for("the SIGHUP reload", lambda: systemd.kinds().count("READY") == 2)
+        sup.write({"web": program([PYTHON, "-c", "raise SystemExit(3)"])})
+        assert sup.ctl("reload").returncode == 1
+        wait_for("READY after the failed reload", lambda: systemd.kinds().count("READY") == 3)
+        assert "last reload failed" in [m for m in systemd.messages if "READY" in m][-1]["STATUS"]
+    finally:
+        assert sup.stop() == 0
+    assert systemd.kinds() == ["READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"]
+    reloading = [m for m in systemd.messages if "RELOADING" in m]
+    assert all(int(m["MONOTONIC_USEC"]) > 0 for m in reloading)
+    assert int(reloading[1]["MONOTONIC_USEC"]) > int(reloading[0]["MONOTONIC_USEC"])
+    assert sum("WATCHDOG" in m for m in systemd.messages) >= 3
