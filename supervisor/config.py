@@ -52,6 +52,19 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """Certificate (PEM, chain allowed) and key paths handed to the workers; checked at every reload."""
+
+    cert: str
+    key: str
+    warn_days: int = 30  # warn when the certificate expires within this many days
+
+
+# Placeholders a command may contain; replaced per worker when it starts.
+PLACEHOLDERS = ("{tls.cert}", "{tls.key}")
+
+
+@dataclass(frozen=True)
 class Program:
     name: str
     command: tuple[str, ...]
@@ -63,6 +76,7 @@ class Program:
     stop_signal: signal.Signals = signal.SIGTERM
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
+    tls: Tls | None = None
 
 
 @dataclass(frozen=True)
@@ -171,14 +185,28 @@ class _Reader:
             "listen": self.listen, "ready_timeout": lambda n, k: self.number(n, k, positive=True),
             "graceful_timeout": lambda n, k: self.number(n, k, positive=False),
             "backlog": lambda n, k: self.integer(n, k, 1, 65535), "stop_signal": self.signal,
-            "env": self.env, "cwd": self.path_value,
+            "env": self.env, "cwd": self.path_value, "tls": self.tls,
         }
         fields = self.mapping(node, key, allowed=tuple(sorted(readers)))
         for required in ("command", "listen"):
             if required not in fields:
                 raise self.fail(node, f"{key}.{required}", "required")
         values = {name: readers[name](value, f"{key}.{name}") for name, (_k, value) in fields.items()}
+        if "tls" not in values:
+            for placeholder in PLACEHOLDERS:
+                if any(placeholder in arg for arg in values["command"]):
+                    raise self.fail(fields["command"][1], f"{key}.command",
+                                    f"uses {placeholder} but {key}.tls is not set")
         return Program(name=name, **values)
+
+    def tls(self, node: yaml.Node, key: str) -> Tls:
+        fields = self.mapping(node, key, allowed=("cert", "key", "warn_days"))
+        for required in ("cert", "key"):
+            if required not in fields:
+                raise self.fail(node, f"{key}.{required}", "required (a PEM file)")
+        warn_days = self.integer(fields["warn_days"][1], f"{key}.warn_days", 0, 3650) if "warn_days" in fields else 30
+        return Tls(cert=self.path_value(fields["cert"][1], f"{key}.cert"),
+                   key=self.path_value(fields["key"][1], f"{key}.key"), warn_days=warn_days)
 
     # -- value readers ------------------------------------------------------------------------
 

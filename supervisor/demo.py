@@ -9,6 +9,7 @@ Environment (systemd socket activation and sd_notify, as supervisord provides th
   NOTIFY_SOCKET           gets `READY=1` once every listener is served ('@' starts an abstract name)
   SUPERVISOR_GENERATION, SUPERVISOR_WORKER   reported in every answer (default 0)
   SUPERVISOR_BACKLOG      accept-queue length to keep (default: the one the listener already has)
+  SUPERVISOR_TLS_CERT, SUPERVISOR_TLS_KEY    PEM files: serve HTTPS with them (read once, at start)
 Or standalone, for benchmarks: `--bind HOST:PORT` (repeatable, `[::1]:8000` for IPv6).
 
 GET / answers JSON {generation, worker, pid, listener} (`?delay=S`: after S seconds, at most 60);
@@ -23,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import sys
 from typing import cast
@@ -168,8 +170,9 @@ def parse_delay(query: str) -> float:
 class Demo:
     """The service: its servers, its open connections, and whether it is stopping."""
 
-    def __init__(self, identity: dict[str, int], backlog: int | None) -> None:
+    def __init__(self, identity: dict[str, int], backlog: int | None, tls: ssl.SSLContext | None) -> None:
         self.identity, self.backlog = identity, backlog  # what answers report, SUPERVISOR_BACKLOG
+        self.tls = tls
         self.loop = asyncio.get_running_loop()
         self.servers: list[asyncio.Server] = []
         self.connections: set[Connection] = set()
@@ -300,15 +303,30 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def tls_context() -> ssl.SSLContext | None:
+    """HTTPS when the supervisor hands us a certificate: loaded once, at start (a reload rotates it)."""
+    cert, key = os.environ.get("SUPERVISOR_TLS_CERT"), os.environ.get("SUPERVISOR_TLS_KEY")
+    if not cert or not key:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartError(f"cannot load SUPERVISOR_TLS_CERT={cert} and SUPERVISOR_TLS_KEY={key}: {exc}") from None
+    return context
+
+
 async def start_server(demo: Demo, name: str, sock: socket.socket) -> asyncio.Server:
-    """Serve one listener: the one place that builds a server (and will take ssl= for TLS)."""
+    """Serve one listener: the one place that builds a server."""
     answer = json.dumps({**demo.identity, "pid": os.getpid(), "listener": name}).encode()
     backlog = kept_backlog(sock, demo.backlog)  # read before create_server() calls listen() again
-    return await demo.loop.create_server(lambda: Connection(demo, answer), sock=sock, backlog=backlog)
+    return await demo.loop.create_server(lambda: Connection(demo, answer), sock=sock, backlog=backlog,
+                                         ssl=demo.tls)
 
 
-async def serve(listeners: list[Listener], identity: dict[str, int], backlog: int | None) -> None:
-    demo = Demo(identity, backlog)
+async def serve(listeners: list[Listener], identity: dict[str, int], backlog: int | None,
+                tls: ssl.SSLContext | None) -> None:
+    demo = Demo(identity, backlog, tls)
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         demo.loop.add_signal_handler(signum, demo.stop)
     for name, sock in listeners:
@@ -336,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         listeners = bound_listeners(args.bind, args.backlog) if args.bind else inherited_listeners()
         if not listeners:
             raise StartError("no listeners: run under supervisord (LISTEN_FDS) or give --bind HOST:PORT")
+        tls = tls_context()
     except StartError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
-    uvloop.run(serve(listeners, identity, backlog))
+    uvloop.run(serve(listeners, identity, backlog, tls))
     return 0
 
 

@@ -31,7 +31,7 @@ import psutil
 import structlog
 
 from supervisor import config as config_module
-from supervisor import migrate, preflight, status
+from supervisor import migrate, preflight, status, tls
 from supervisor.config import Config, Program
 from supervisor.control import ControlServer, Reply
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
@@ -69,6 +69,7 @@ class Reload:
     config: Config
     plan: ReloadPlan
     reply: Reply
+    certificates: dict[str, tls.Certificate]  # what the new generations are given
     generations: list[Generation] = field(default_factory=list)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -86,6 +87,7 @@ class Master:
         self.numbers: collections.Counter[str] = collections.Counter()  # last generation number
         self.workers: dict[int, tuple[Worker, Generation]] = {}  # live workers by pid
         self.last_exit: dict[str, str] = {}
+        self.certificates: dict[str, tls.Certificate] = {}  # program -> certificate its workers were given
         self.reload: Reload | None = None
         self.waiting: collections.deque[ControlRequest] = collections.deque()
         self.stop_waiters: list[tuple[Generation, Reply]] = []
@@ -104,11 +106,14 @@ class Master:
 
     async def run(self) -> int:
         """Serve until shut down; returns the daemon's exit status."""
-        problems = preflight.check(self.config)
-        if problems:
-            for problem in problems:
+        report = preflight.check(self.config)
+        for warning in report.warnings:
+            log.warning("preflight_warning", warning=warning)
+        if report.problems:
+            for problem in report.problems:
                 log.error("preflight_failed", problem=problem)
             return EXIT_USAGE
+        self.certificates = report.certificates
         try:
             self.migration = migrate.enable(self.config.migrate)
         except SupervisorError as exc:
@@ -232,18 +237,23 @@ class Master:
         if request.command == "start":
             config = self.config
             plan = plan_start(config, request.args["program"], self.serving)
+            certificates = self.certificates
         else:
             config = config_module.load(self.config.path)
-            problems = preflight.check(config)
-            if problems:
-                raise ControlError("; ".join(problems))
+            report = preflight.check(config)
+            if report.problems:
+                raise ControlError("; ".join(report.problems))
+            for warning in report.warnings:
+                log.warning("preflight_warning", warning=warning)
+                request.reply.progress(f"warning: {warning}")
+            certificates = report.certificates
             if config.control != self.config.control:
                 request.reply.progress("control socket settings changed: they apply after a restart")
             if config.migrate != self.config.migrate:
                 self.migration = migrate.enable(config.migrate)
             plan = plan_reload(config, self.serving, self.stopped)
         label = "reload" if request.command == "reload" else f"start {request.args['program']}"
-        reload = Reload(next(self.reload_ids), label, config, plan, request.reply)
+        reload = Reload(next(self.reload_ids), label, config, plan, request.reply, certificates)
         self.reload = reload
         if request.command == "reload" and request.reply.origin != "startup":
             self.systemd.reloading()
@@ -332,6 +342,9 @@ class Master:
                 f"{len(old.live_workers)} old workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
         for gen in reload.generations:
             self.serving[gen.program.name] = gen
+            self.certificates.pop(gen.program.name, None)
+            if gen.program.name in reload.certificates:
+                self.certificates[gen.program.name] = reload.certificates[gen.program.name]
         self.config = reload.config
         self.cancel(reload.timers)
         self.reload = None
@@ -536,8 +549,9 @@ class Master:
                 state = "starting"
             else:
                 state = "stopping" if gens[name] else "stopped"
+            cert = self.certificates.get(name)
             programs.append(status.program_facts(name, state, sorted(gens[name], key=lambda g: g.number),
-                                                 self.last_exit.get(name)))
+                                                 self.last_exit.get(name), cert.as_dict() if cert else None))
         me = psutil.Process()
         with me.oneshot():
             cpu = me.cpu_times()

@@ -1,14 +1,24 @@
 """Checks against the system before a config is used: everything that can fail without side effects.
 
-Returns problems as lines; acting on them (refuse the start or the reload) is the master's job.
+The result lists problems (refuse the start or the reload), warnings (say them, go on) and what was
+learnt on the way (the certificates, for `status`). Acting on it is the master's job.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 
+from supervisor import tls
 from supervisor.config import Config, Program
+
+
+@dataclass
+class Preflight:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    certificates: dict[str, tls.Certificate] = field(default_factory=dict)  # program -> its certificate
 
 
 def program_cwd(config: Config, program: Program) -> str:
@@ -16,19 +26,35 @@ def program_cwd(config: Config, program: Program) -> str:
     return program.cwd or os.path.dirname(config.path)
 
 
-def check(config: Config) -> list[str]:
-    problems = []
+def check(config: Config) -> Preflight:
+    report = Preflight()
     for program in config.programs:
-        cwd = program_cwd(config, program)
-        if not os.path.isdir(cwd):
-            problems.append(f"{program.name}: cwd {cwd} is not a directory")
-            continue
-        command = program.command[0]
-        path = dict(program.env).get("PATH", os.environ.get("PATH", os.defpath))
-        if "/" in command:
-            found = os.path.join(cwd, command)
-            if not (os.path.isfile(found) and os.access(found, os.X_OK)):
-                problems.append(f"{program.name}: command {command} is not an executable file")
-        elif shutil.which(command, path=path) is None:
-            problems.append(f"{program.name}: command {command!r} not found in PATH")
-    return problems
+        problem = _command_problem(config, program)
+        if problem:
+            report.problems.append(f"{program.name}: {problem}")
+        if program.tls is not None:
+            try:
+                cert = tls.inspect(program.tls.cert, program.tls.key)
+            except tls.TlsError as exc:
+                report.problems.append(f"{program.name}: tls: {exc}")
+                continue
+            report.certificates[program.name] = cert
+            if cert.days_left() < program.tls.warn_days:
+                report.warnings.append(f"{program.name}: tls: {program.tls.cert} expires in "
+                                       f"{cert.days_left():.1f} days ({cert.not_after:%Y-%m-%d %H:%M} UTC)")
+    return report
+
+
+def _command_problem(config: Config, program: Program) -> str | None:
+    cwd = program_cwd(config, program)
+    if not os.path.isdir(cwd):
+        return f"cwd {cwd} is not a directory"
+    command = program.command[0]
+    path = dict(program.env).get("PATH", os.environ.get("PATH", os.defpath))
+    if "/" in command:
+        found = os.path.join(cwd, command)
+        if not (os.path.isfile(found) and os.access(found, os.X_OK)):
+            return f"command {command} is not an executable file"
+    elif shutil.which(command, path=path) is None:
+        return f"command {command!r} not found in PATH"
+    return None

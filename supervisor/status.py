@@ -31,7 +31,7 @@ def worker_facts(w: Worker, now: float) -> dict[str, Any]:
 
 
 def program_facts(name: str, state: str, generations: Iterable[Generation],
-                  last_exit: str | None) -> dict[str, Any]:
+                  last_exit: str | None, tls: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.monotonic()
     gens = list(generations)
     return {
@@ -40,6 +40,7 @@ def program_facts(name: str, state: str, generations: Iterable[Generation],
         "generations": [{"generation": g.number, "state": g.state.value} for g in gens],
         "workers": [worker_facts(w, now) for g in gens for w in g.workers if w.alive],
         "last_exit": last_exit,
+        "tls": tls,
     }
 
 
@@ -61,6 +62,10 @@ def render(data: Mapping[str, Any]) -> str:
             cpu = f"{w['cpu']:.2f}s" if w["cpu"] is not None else "-"
             lines.append(f"{'':<16}{w['generation']:>5}  {w['worker']:>6}  {w['pid']:>8}  {w['state']:<10}"
                          f"{_duration(w['uptime']):>9}{rss:>10}{cpu:>8}{w['restarts']:>10}")
+        if program.get("tls"):
+            cert = program["tls"]
+            lines.append(f"{'':<16}tls: {cert['subject']}, SANs {', '.join(cert['sans']) or '-'}, "
+                         f"expires {cert['not_after'][:16].replace('T', ' ')} UTC ({cert['days_left']:g} days)")
         if program.get("last_exit"):
             lines.append(f"{'':<16}last exit: {program['last_exit']}")
     return "\n".join(lines)

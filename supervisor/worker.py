@@ -183,6 +183,11 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     env = {k: v for k, v in (os.environ if base_env is None else base_env).items()
            if k not in _MASTER_ONLY_ENV}
     env.update(program.env)
+    command = list(program.command)
+    if program.tls is not None:
+        env.update(SUPERVISOR_TLS_CERT=program.tls.cert, SUPERVISOR_TLS_KEY=program.tls.key)
+        command = [arg.replace("{tls.cert}", program.tls.cert).replace("{tls.key}", program.tls.key)
+                   for arg in command]
     env.update(
         LISTEN_FDS=str(len(socks)),
         LISTEN_FDNAMES=":".join(s.name for s in socks),
@@ -197,7 +202,7 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         actions = _fd_actions([s.fileno() for s in socks], devnull, write_end)
-        argv = [_SHELL, "-c", _TRAMPOLINE, program.name, cwd, *program.command]
+        argv = [_SHELL, "-c", _TRAMPOLINE, program.name, cwd, *command]
         try:
             pid = os.posix_spawn(_SHELL, argv, env, file_actions=actions, setsid=True,
                                  setsigdef=_RESET_SIGNALS, setsigmask=())

@@ -7,10 +7,12 @@ what it waited for.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -131,9 +133,18 @@ def supervisor(folder: Path, programs: dict[str, dict[str, Any]], migrate: str =
 def request(address: tuple[str, int] = ("127.0.0.1", 8000), path: str = "/",
             timeout: float = 10) -> tuple[int, dict[str, Any]]:
     """One GET on a new connection; returns (status, JSON body)."""
-    with socket.create_connection(address, timeout=timeout) as sock:
+    code, body, _cert = request_cert(address, path, timeout)
+    return code, body
+
+
+def request_cert(address: tuple[str, int] = ("127.0.0.1", 8000), path: str = "/", timeout: float = 10,
+                 tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, Any], str]:
+    """One GET on a new connection, over TLS if given; also the SHA-256 of the server's certificate."""
+    with socket.create_connection(address, timeout=timeout) as raw:
+        sock = tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
+        cert = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest() if tls else ""
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
-        return parse_response(read_all(sock))
+        return (*parse_response(read_all(sock)), cert)
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -162,6 +173,8 @@ def classify(exc: BaseException) -> str:
         return "reset"
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
     return f"bad:{type(exc).__name__}"
 
 
@@ -173,6 +186,8 @@ class Load:
     threads: int = 4
     seconds: float = 30.0
     max_requests: int = 200_000
+    tls: ssl.SSLContext | None = None
+    certificates: list[tuple[float, str]] = field(default_factory=list)  # (connect time, server cert sha256)
     outcomes: Counter[str] = field(default_factory=Counter)
     generations: Counter[int] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
@@ -202,10 +217,14 @@ class Load:
     def _run(self) -> None:
         deadline = time.monotonic() + self.seconds
         while not self._stop.is_set() and time.monotonic() < deadline and self.total < self.max_requests:
+            started = time.monotonic()
             try:
-                code, body = request(self.address, timeout=10)
+                code, body, cert = request_cert(self.address, timeout=10, tls=self.tls)
                 kind = "ok" if code == 200 else f"http:{code}"
                 gen = body.get("generation", -1)
+                if self.tls:
+                    with self._lock:
+                        self.certificates.append((started, cert))
             except (OSError, ValueError) as exc:
                 kind, gen = classify(exc), -1
                 with self._lock:

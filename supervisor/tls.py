@@ -1,0 +1,85 @@
+"""TLS certificates of a program: checked before a generation starts, described for `status`.
+
+supervisord does not terminate TLS itself: it hands the certificate and key paths to its workers
+(SUPERVISOR_TLS_CERT/SUPERVISOR_TLS_KEY and the {tls.cert}/{tls.key} placeholders), which load them
+when they start. Rotation is therefore a reload, and this module makes sure a reload never starts a
+generation on files that cannot work: unreadable, not PEM, a key that does not match, expired.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from supervisor.errors import PreflightError
+
+
+class TlsError(PreflightError):
+    """The certificate or key cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What a person wants to know about the certificate a program serves."""
+
+    subject: str
+    sans: tuple[str, ...]
+    not_after: datetime.datetime
+    fingerprint: str  # SHA-256 of the leaf, hex
+    chain: int  # certificates in the file, leaf included
+
+    def days_left(self, now: datetime.datetime | None = None) -> float:
+        now = now or datetime.datetime.now(datetime.UTC)
+        return (self.not_after - now).total_seconds() / 86400
+
+    def as_dict(self) -> dict[str, object]:
+        return {"subject": self.subject, "sans": list(self.sans), "not_after": self.not_after.isoformat(),
+                "days_left": round(self.days_left(), 1), "sha256": self.fingerprint, "chain": self.chain}
+
+
+def inspect(cert_path: str, key_path: str, now: datetime.datetime | None = None) -> Certificate:
+    """Load the PEM certificate (chain allowed, leaf first) and key; raise TlsError if unusable."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        chain = x509.load_pem_x509_certificates(_read(cert_path))
+    except ValueError as exc:
+        raise TlsError(f"{cert_path}: not a PEM certificate ({exc})") from None
+    leaf = chain[0]
+    try:
+        key = serialization.load_pem_private_key(_read(key_path), password=None)
+    except (ValueError, TypeError) as exc:
+        raise TlsError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise TlsError(f"{key_path}: the key does not match the certificate {cert_path}")
+    if leaf.not_valid_after_utc <= now:
+        raise TlsError(f"{cert_path}: expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if leaf.not_valid_before_utc > now:
+        raise TlsError(f"{cert_path}: not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    return Certificate(subject=_subject(leaf), sans=_sans(leaf), not_after=leaf.not_valid_after_utc,
+                       fingerprint=leaf.fingerprint(hashes.SHA256()).hex(), chain=len(chain))
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TlsError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _subject(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return f"CN={names[0].value!s}" if names else cert.subject.rfc4514_string()
+
+
+def _sans(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple([*ext.get_values_for_type(x509.DNSName), *map(str, ext.get_values_for_type(x509.IPAddress))])
