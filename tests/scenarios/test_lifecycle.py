@@ -158,3 +158,58 @@ def _answers() -> bool:
         return request(timeout=1)[0] == 200
     except OSError:
         return False
+
+
+def test_malformed_control_messages_change_nothing(tmp_path: Path) -> None:
+    """Garbage, unknown commands and half requests get a one-line error; the service serves on."""
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        answers = []
+        for raw in (b"garbage\n", b'{"command":"explode"}\n', b'{"command":"stop"}\n', b"\xff\n" * 3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(sup.socket))
+                sock.sendall(raw)
+                answers.append(json.loads(sock.makefile("rb").readline()))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # connects and says nothing
+            sock.connect(str(sup.socket))
+            assert request()[0] == 200 and sup.status()["programs"][0]["state"] == "serving"
+        assert [a["ok"] for a in answers] == [False] * 4
+        assert "malformed message" in answers[0]["error"] and "unknown command 'explode'" in answers[1]["error"]
+        assert "missing argument 'program'" in answers[2]["error"]
+        assert sup.generation() == 1 and request()[0] == 200
+
+
+def test_signals_during_a_reload(tmp_path: Path) -> None:
+    """SIGHUP during a reload waits its turn; SIGTERM during one rolls it back and stops cleanly."""
+    slow = [PYTHON, "-c", (
+        "import os, socket, time, signal\n"
+        "time.sleep(1)\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "signal.pause()\n")]
+    with supervisor(tmp_path, {"web": program(slow, graceful_timeout=0.5)}) as sup:
+        assert sup.proc is not None
+        reload = subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(sup.config), "reload"],
+                                  stdout=subprocess.PIPE, text=True)
+        wait_for("the reload to start", lambda: sup.status()["reloading"])
+        sup.proc.send_signal(signal.SIGHUP)
+        assert reload.wait(timeout=20) == 0
+        wait_for("the SIGHUP reload to finish", lambda: sup.generation() == 3 and sup.serving(), timeout=20)
+        pids = [w["pid"] for w in sup.workers()]
+        reload = subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(sup.config), "reload"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for("the reload to start", lambda: sup.status()["reloading"])
+        new = [c.pid for c in psutil.Process(sup.proc.pid).children() if c.pid not in pids]
+        assert sup.stop() == 0
+        _out, err = reload.communicate(timeout=10)
+    assert reload.returncode == 1 and "shutting down" in err
+    assert not [pid for pid in pids + new if psutil.pid_exists(pid)]
+
+
+def test_supervisorctl_shutdown(tmp_path: Path) -> None:
+    """`shutdown` returns once the daemon has stopped every worker; the daemon exits 0."""
+    sup = Supervisor(tmp_path, {"web": program()}).start()
+    pids = [w["pid"] for w in sup.workers()]
+    result = sup.ctl("shutdown")
+    assert result.returncode == 0 and "supervisord stopped" in result.stdout
+    assert sup.proc is not None and sup.proc.wait(timeout=10) == 0
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]

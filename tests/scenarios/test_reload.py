@@ -21,20 +21,22 @@ def stop_workers(pids: list[int]) -> None:
         os.kill(pid, signal.SIGSTOP)
 
 
-def queued_reload(tmp_path: Path, migrate: str) -> tuple[dict[str, int], dict[int, int], int]:
+def queued_reload(tmp_path: Path, migrate: str, host: str = "127.0.0.1") -> tuple[dict[str, int], dict[int, int], int]:
     """Old workers frozen, 200 requests queued in their listeners, then a reload."""
-    with supervisor(tmp_path, {"web": program(graceful_timeout=1)}, migrate=migrate) as sup:
+    listen = f"[{host}]:8000" if ":" in host else f"{host}:8000"
+    with supervisor(tmp_path, {"web": program(graceful_timeout=1, listen=[listen])}, migrate=migrate) as sup:
         old = sup.workers()
         stop_workers([w["pid"] for w in old])
-        socks = open_requests(QUEUED)
+        socks = open_requests(QUEUED, (host, 8000))
         reload = sup.ctl("reload")
         outcomes, generations = collect(socks)
         return dict(outcomes), dict(generations), reload.returncode
 
 
-def test_queued_connections_migrate_to_the_new_generation(tmp_path: Path) -> None:
-    """Every request queued behind frozen old workers is answered by the new generation."""
-    outcomes, generations, code = queued_reload(tmp_path, "require")
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_queued_connections_migrate_to_the_new_generation(tmp_path: Path, host: str) -> None:
+    """Every request queued behind frozen old workers is answered by the new generation (IPv4 and IPv6)."""
+    outcomes, generations, code = queued_reload(tmp_path, "require", host)
     assert code == 0
     assert outcomes == {"ok": QUEUED}
     assert generations == {2: QUEUED}
