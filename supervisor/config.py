@@ -17,7 +17,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -29,6 +29,7 @@ _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_Choice = TypeVar("_Choice", bound=enum.Enum)
 
 
 class MigrateMode(enum.Enum):
@@ -60,6 +61,14 @@ class Tls:
     warn_days: int = 30  # warn when the certificate expires within this many days
 
 
+class ReadyMode(enum.Enum):
+    """How the master knows a new worker serves (see README, "Readiness")."""
+
+    NOTIFY = "notify"  # the worker sends READY=1 (sd_notify): exact
+    ACCEPTING = "accepting"  # alive for `settle` s and polling every listener (epoll, /proc fdinfo)
+    SETTLE = "settle"  # alive for `settle` s: the weakest, for servers that use neither
+
+
 # Placeholders a command may contain; replaced per worker when it starts.
 PLACEHOLDERS = ("{tls.cert}", "{tls.key}")
 
@@ -77,6 +86,15 @@ class Program:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     tls: Tls | None = None
+    user: str | None = None  # run workers as this user (the master stays root to bind and migrate)
+    group: str | None = None
+    umask: int | None = None
+    ready: ReadyMode = ReadyMode.NOTIFY
+    settle: float = 1.0  # seconds alive before `accepting`/`settle` readiness counts
+    crash_limit: int = 5  # this many crashes of the program's workers within crash_window: FATAL
+    crash_window: float = 60.0
+    max_rss: int | None = None  # bytes; a worker above it is replaced (zero-loss recycling)
+    max_age: float | None = None  # seconds; a worker older than this is replaced
 
 
 @dataclass(frozen=True)
@@ -173,7 +191,7 @@ class _Reader:
         fields = self.mapping(node, "control", allowed=("socket", "mode"), optional=True)
         sock = self.path_value(fields["socket"][1], "control.socket") if "socket" in fields else \
             self.resolve(DEFAULT_SOCKET)
-        mode = self.mode(fields["mode"][1]) if "mode" in fields else 0o600
+        mode = self.octal(fields["mode"][1], "control.mode", 0o777) if "mode" in fields else 0o600
         return Control(socket=sock, mode=mode)
 
     def program(self, name: str, key_node: yaml.Node, node: yaml.Node) -> Program:
@@ -186,6 +204,12 @@ class _Reader:
             "graceful_timeout": lambda n, k: self.number(n, k, positive=False),
             "backlog": lambda n, k: self.integer(n, k, 1, 65535), "stop_signal": self.signal,
             "env": self.env, "cwd": self.path_value, "tls": self.tls,
+            "user": self.string, "group": self.string, "umask": lambda n, k: self.octal(n, k, 0o777),
+            "ready": lambda n, k: self.choice(n, k, ReadyMode),
+            "settle": lambda n, k: self.number(n, k, positive=False),
+            "crash_limit": lambda n, k: self.integer(n, k, 1, 1000),
+            "crash_window": lambda n, k: self.number(n, k, positive=True),
+            "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
         }
         fields = self.mapping(node, key, allowed=tuple(sorted(readers)))
         for required in ("command", "listen"):
@@ -250,21 +274,31 @@ class _Reader:
                                        f"(and at most a day), got {node.value}")
         return value
 
-    def choice(self, node: yaml.Node, key: str, kind: type[MigrateMode]) -> MigrateMode:
+    def choice(self, node: yaml.Node, key: str, kind: type[_Choice]) -> _Choice:
         values = [m.value for m in kind]
         if not isinstance(node, yaml.ScalarNode) or node.value not in values:
             raise self.fail(node, key, f"expected one of {' | '.join(values)}, got {_show(node)}")
         return kind(node.value)
 
-    def mode(self, node: yaml.Node) -> int:
+    def octal(self, node: yaml.Node, key: str, high: int) -> int:
         text = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
         try:
             # YAML 1.1 reads 0600 as the integer 384 already; a string "0600" or "0o600" is octal.
             value = int(text) if node.tag == _INT and not text.startswith("0") else int(text, 8)
         except ValueError:
             value = -1
-        if node.tag not in (_INT, _STR) or not 0 <= value <= 0o777:
-            raise self.fail(node, "control.mode", f'expected permission bits such as "0600", got {_show(node)}')
+        if node.tag not in (_INT, _STR) or not 0 <= value <= high:
+            raise self.fail(node, key, f'expected octal permission bits such as "0600", got {_show(node)}')
+        return value
+
+    def size(self, node: yaml.Node, key: str) -> int:
+        text = str(node.value).strip().upper() if isinstance(node, yaml.ScalarNode) else ""
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)I?B?", text)
+        if not match or node.tag not in (_INT, _STR, _FLOAT):
+            raise self.fail(node, key, f'expected a size such as "512M" or bytes, got {_show(node)}')
+        value = int(float(match[1]) * 1024 ** " KMG".index(match[2] or " "))
+        if value < 1 << 20:
+            raise self.fail(node, key, f"expected at least 1M, got {node.value}")
         return value
 
     def command(self, node: yaml.Node, key: str) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ EPILOG = """commands:
   reload              start new generations, wait until ready, close the old listeners
   start PROGRAM       start a stopped program
   stop PROGRAM        stop a program (its workers finish what they accepted)
+  scale PROGRAM N     run N workers of a running program (until the next reload)
   shutdown            stop every program and the daemon
 
 exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_parser("reload")
     sub.add_parser("start").add_argument("program")
     sub.add_parser("stop").add_argument("program")
+    scale = sub.add_parser("scale")
+    scale.add_argument("program")
+    scale.add_argument("workers", type=int)
     sub.add_parser("shutdown")
     return parser.parse_args(argv)
 
@@ -54,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supervisorctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     request: dict[str, Any] = {"command": args.command}
-    if args.command in ("start", "stop"):
+    if args.command in ("start", "stop", "scale"):
         request["program"] = args.program
+    if args.command == "scale":
+        request["workers"] = args.workers
     try:
         final = None
         for message in exchange(path, request, args.timeout):

@@ -18,14 +18,20 @@ from supervisor.errors import EXIT_USAGE, ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="supervisord", description="Run web workers on SO_REUSEPORT listeners; reload with zero loss.",
-        epilog="Signals: HUP reload, TERM/INT graceful stop, QUIT fast stop. "
+        epilog="Signals: HUP reload, TERM/INT graceful stop, QUIT fast stop, USR1 reopen the log file, "
+               "TTIN/TTOU one worker more/less per program. "
                "Exit status: 0 clean stop, 1 start failed, 2 bad usage or config.")
     parser.add_argument("-c", "--config", required=True, help="YAML configuration file")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["console", "json"], help="default: console on a TTY, else json")
+    parser.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
-    logs.configure(args.log_level, None if args.log_format is None else args.log_format == "json")
+    try:
+        logs.configure(args.log_level, None if args.log_format is None else args.log_format == "json", args.log_file)
+    except OSError as exc:
+        print(f"supervisord: --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:

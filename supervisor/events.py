@@ -52,7 +52,28 @@ class ReadyTimeout:
 
 @dataclass(frozen=True)
 class GracefulTimeout:
-    generation: Generation
+    """These workers were told to stop `graceful_timeout` ago: kill those still running."""
+
+    workers: tuple[Worker, ...]
+
+
+@dataclass(frozen=True)
+class ReadinessCheck:
+    """Time to look again whether a worker without sd_notify serves (ready: accepting | settle)."""
+
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class WorkerReadyTimeout:
+    """A worker started outside a reload (restart, scale, recycle) had `ready_timeout` to get ready."""
+
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class RecycleCheck:
+    """Time to look for workers over max_rss or max_age."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,7 @@ class RespawnDue:
     generation: Generation
     index: int
     restarts: int
+    previous_exit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,4 +90,5 @@ class WatchdogDue:
 
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
-         | GracefulTimeout | RespawnDue | WatchdogDue)
+         | GracefulTimeout | RespawnDue | WatchdogDue
+         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)

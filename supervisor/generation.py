@@ -44,6 +44,10 @@ class Generation:
     state: GenerationState = GenerationState.STARTING
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
+    size: int = 0  # workers wanted: the config's count, changed by scaling
+
+    def __post_init__(self) -> None:
+        self.size = self.size or self.program.workers
 
     @property
     def name(self) -> str:
@@ -52,7 +56,7 @@ class Generation:
     def start(self) -> None:
         """Open every listener and spawn every worker; on error, undo what was done and raise."""
         try:
-            for index in range(self.program.workers):
+            for index in range(self.size):
                 self.workers.append(self.spawn(index))
         except BaseException:
             self.rollback()
@@ -75,6 +79,10 @@ class Generation:
     @property
     def live_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.alive]
+
+    def active_slots(self) -> set[int]:
+        """Worker indexes with a worker that is not on its way out."""
+        return {w.index for w in self.workers if w.alive and w.state is not WorkerState.RETIRING}
 
     def all_ready(self) -> bool:
         return bool(self.workers) and all(w.state is WorkerState.READY for w in self.workers)

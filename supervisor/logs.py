@@ -4,16 +4,52 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO, cast
 
 import structlog
 
 
-def configure(level: str = "info", json: bool | None = None) -> None:
-    """Log events as `event key=value ...`; JSON when stderr is not a TTY unless told otherwise."""
+class _Output:
+    """Where log lines go: stderr, or a file that SIGUSR1 reopens (after logrotate moved it)."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.file: TextIO = sys.stderr
+
+    def open(self, path: str | None) -> None:
+        self.path = path
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.path is None:
+            return
+        old, self.file = self.file, open(self.path, "a", buffering=1)  # noqa: SIM115 (kept open)
+        if old is not sys.stderr:
+            old.close()
+
+    def write(self, text: str) -> int:
+        return self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+_output = _Output()
+
+
+def reopen() -> None:
+    """SIGUSR1: reopen the log file, if there is one."""
+    _output.reopen()
+
+
+def configure(level: str = "info", json: bool | None = None, path: str | None = None) -> None:
+    """Log events as `event key=value ...`; JSON when not on a TTY unless told otherwise."""
+    _output.open(path)
     if json is None:
-        json = not sys.stderr.isatty()
+        json = path is not None or not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer() if json else
+        structlog.dev.ConsoleRenderer(colors=path is None and sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
@@ -22,6 +58,6 @@ def configure(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _output)),  # it only writes and flushes
         cache_logger_on_first_use=True,
     )

@@ -31,8 +31,8 @@ import psutil
 import structlog
 
 from supervisor import config as config_module
-from supervisor import migrate, preflight, status, tls
-from supervisor.config import Config, Program
+from supervisor import listeners, logs, migrate, preflight, readiness, status, tls
+from supervisor.config import Config, Program, ReadyMode
 from supervisor.control import ControlServer, Reply
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
 from supervisor.events import (
@@ -40,24 +40,30 @@ from supervisor.events import (
     Event,
     GracefulTimeout,
     NotifyReceived,
+    ReadinessCheck,
     ReadyTimeout,
+    RecycleCheck,
     RespawnDue,
     SignalReceived,
     WatchdogDue,
     WorkerExited,
     WorkerOutput,
+    WorkerReadyTimeout,
 )
 from supervisor.generation import Generation, GenerationState
 from supervisor.notify import Notifier
 from supervisor.plan import ReloadPlan, plan_reload, plan_start
 from supervisor.readiness import NotifySocket
+from supervisor.restart import CrashHistory
 from supervisor.worker import Worker, WorkerState
 
 log = structlog.get_logger()
 
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-RESPAWN_BACKOFF = (0.1, 30.0)  # first delay, cap (seconds); doubles per consecutive crash
-STABLE_AFTER = 10.0  # a worker that ran this long before crashing restarts its backoff
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGTTIN, signal.SIGTTOU)
+READINESS_POLL = 0.05  # seconds between looks at a worker with `ready: accepting`
+RECYCLE_POLL = 1.0  # seconds between looks for workers over max_rss / max_age
+RECYCLE_RETRY = 10.0  # after a replacement failed to get ready, leave the old worker this long
 
 
 @dataclass(eq=False)
@@ -87,11 +93,13 @@ class Master:
         self.numbers: collections.Counter[str] = collections.Counter()  # last generation number
         self.workers: dict[int, tuple[Worker, Generation]] = {}  # live workers by pid
         self.last_exit: dict[str, str] = {}
+        self.crashes: dict[str, CrashHistory] = {}
+        self.fatal: set[str] = set()  # crashed too often; no restarts until a reload or start
+        self.recycle_after: dict[Worker, float] = {}  # worker -> when to try replacing it again
         self.certificates: dict[str, tls.Certificate] = {}  # program -> certificate its workers were given
         self.reload: Reload | None = None
         self.waiting: collections.deque[ControlRequest] = collections.deque()
         self.stop_waiters: list[tuple[Generation, Reply]] = []
-        self.graceful_timers: dict[Generation, asyncio.TimerHandle] = {}
         self.shutdown_replies: list[Reply] = []
         self.stopping = False
         self.exit_code = EXIT_OK
@@ -135,6 +143,7 @@ class Master:
         self.on_control_request(ControlRequest("reload", {}, Reply(origin="startup")))
         if self.systemd.watchdog_interval:
             self.post(WatchdogDue())
+        self.post(RecycleCheck())
         try:
             while not (self.stopping and not self.workers):
                 self.dispatch(await self.queue.get())
@@ -166,11 +175,17 @@ class Master:
             case ReadyTimeout():
                 self.on_ready_timeout(event)
             case GracefulTimeout():
-                self.on_graceful_timeout(event.generation)
+                self.on_graceful_timeout(event.workers)
             case RespawnDue():
                 self.on_respawn_due(event)
             case WatchdogDue():
                 self.on_watchdog_due()
+            case ReadinessCheck():
+                self.on_readiness_check(event.worker)
+            case WorkerReadyTimeout():
+                self.on_worker_ready_timeout(event.worker)
+            case RecycleCheck():
+                self.on_recycle_check()
 
     # -- sockets of the master itself -----------------------------------------------------------------
 
@@ -207,6 +222,13 @@ class Master:
         log.info("signal", signal=name)
         if event.signum == signal.SIGHUP:
             self.on_control_request(ControlRequest("reload", {}, Reply(origin="SIGHUP")))
+        elif event.signum == signal.SIGUSR1:
+            logs.reopen()  # workers need nothing: their stderr comes through the master
+        elif event.signum in (signal.SIGTTIN, signal.SIGTTOU):
+            step = 1 if event.signum == signal.SIGTTIN else -1
+            for name, gen in self.serving.items():
+                self.on_control_request(ControlRequest(
+                    "scale", {"program": name, "workers": max(1, len(gen.active_slots()) + step)}, Reply(origin=name)))
         elif event.signum == signal.SIGQUIT or self.stopping:
             self.shutdown(Reply(origin=name), fast=True)  # QUIT, or a second TERM/INT: no more waiting
         else:
@@ -217,6 +239,11 @@ class Master:
             request.reply.finish(True, "status", self.snapshot())
         elif request.command == "shutdown":
             self.shutdown(request.reply)
+        elif request.command == "scale" and not self.stopping:
+            try:
+                self.scale(request.args["program"], request.args["workers"], request.reply)
+            except ControlError as exc:
+                request.reply.finish(False, str(exc))
         elif self.stopping:
             request.reply.finish(False, "supervisord is shutting down")
         elif self.reload is not None:
@@ -258,6 +285,7 @@ class Master:
         if request.command == "reload" and request.reply.origin != "startup":
             self.systemd.reloading()
         self.stopped.difference_update(p.name for p in plan.start)
+        self.fatal.difference_update(p.name for p in plan.start)
         for program in plan.start:
             gen = self.new_generation(config, program)
             reload.generations.append(gen)
@@ -288,6 +316,10 @@ class Master:
         self.workers[w.pid] = (w, gen)
         self.watch_once(w.pidfd, WorkerExited(w))
         self.watch_once(w.stderr, WorkerOutput(w))
+        if gen.program.ready is not ReadyMode.NOTIFY:
+            self.loop.call_later(gen.program.settle, self.post, ReadinessCheck(w))
+        if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
+            self.loop.call_later(gen.program.ready_timeout, self.post, WorkerReadyTimeout(w))
 
     def watch_once(self, fd: int, event: Event) -> None:
         # Level-triggered readers fire until the condition is handled; post once, re-arm after.
@@ -304,11 +336,42 @@ class Master:
             log.debug("notify_ignored", pid=event.pid, fields=event.fields)
             return
         w, gen = found
-        if event.fields.get("READY") == "1" and w.state is WorkerState.STARTING:
-            w.mark_ready()
-            if gen.state is GenerationState.SERVING:
-                log.info("worker_restarted", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
-            self.maybe_commit()
+        if event.fields.get("READY") == "1" and gen.program.ready is ReadyMode.NOTIFY:
+            self.worker_ready(w, gen)
+
+    def on_readiness_check(self, w: Worker) -> None:
+        """`ready: accepting`/`settle`: alive for `settle` seconds, and (accepting) polling its listeners."""
+        found = self.workers.get(w.pid)
+        if found is None or w.state is not WorkerState.STARTING:
+            return
+        gen = found[1]
+        if gen.program.ready is ReadyMode.SETTLE or readiness.polls_listeners(w.pid, w.listeners):
+            self.worker_ready(w, gen)
+        else:
+            self.loop.call_later(READINESS_POLL, self.post, ReadinessCheck(w))
+
+    def worker_ready(self, w: Worker, gen: Generation) -> None:
+        if w.state is not WorkerState.STARTING:
+            return
+        w.mark_ready()
+        if gen.state is GenerationState.SERVING:
+            if w.replaces is not None and w.replaces.alive:
+                log.info("worker_recycled", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
+                         old_pid=w.replaces.pid)
+                self.retire_workers(gen, [w.replaces])
+            else:
+                log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
+        self.maybe_commit()
+
+    def on_worker_ready_timeout(self, w: Worker) -> None:
+        if w.alive and w.state is WorkerState.STARTING:
+            found = self.workers.get(w.pid)
+            timeout = found[1].program.ready_timeout if found else 0
+            log.error("worker_not_ready", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
+                      timeout=timeout)
+            for listener in w.listeners:
+                listeners.shut(listener)
+            w.kill()
 
     def find_worker(self, pid: int) -> tuple[Worker, Generation] | None:
         """The worker that sent a message: the pid itself, or a process started by it (NotifyAccess=all)."""
@@ -405,25 +468,32 @@ class Master:
     def retire(self, gen: Generation) -> int:
         closed = gen.retire()
         self.retiring.append(gen)
-        self.graceful_timers[gen] = self.loop.call_later(
-            gen.program.graceful_timeout, self.post, GracefulTimeout(gen))
+        self.loop.call_later(gen.program.graceful_timeout, self.post, GracefulTimeout(tuple(gen.live_workers)))
         log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
                  workers=len(gen.live_workers))
         return closed
 
+    def retire_workers(self, gen: Generation, workers: list[Worker]) -> None:
+        """Retire some workers of a serving generation (scale down, recycle): same as a generation's."""
+        for w in workers:
+            w.retire(gen.program.stop_signal)
+        self.loop.call_later(gen.program.graceful_timeout, self.post, GracefulTimeout(tuple(workers)))
+
+    def running(self, name: str) -> Generation:
+        """The serving generation of a program, or the ControlError a user should see."""
+        if name in self.serving:
+            return self.serving[name]
+        if name in {p.name for p in self.config.programs}:
+            raise ControlError(f"{name} is not running")
+        raise ControlError(f"no program named {name!r}")
+
     def stop_program(self, name: str, reply: Reply) -> None:
-        gen = self.serving.pop(name, None)
-        if gen is None:
-            raise ControlError(f"{name} is not running" if name in self.config_names() else
-                               f"no program named {name!r}")
+        gen = self.serving.pop(self.running(name).program.name)
         self.stopped.add(name)
         reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
         self.retire(gen)
         self.stop_waiters.append((gen, reply))
         self.check_stopped()
-
-    def config_names(self) -> set[str]:
-        return {p.name for p in self.config.programs}
 
     def check_stopped(self) -> None:
         for gen, reply in [(g, r) for g, r in self.stop_waiters if g.finished()]:
@@ -448,12 +518,13 @@ class Master:
             for gen in self.retiring:
                 gen.kill()
 
-    def on_graceful_timeout(self, gen: Generation) -> None:
-        self.graceful_timers.pop(gen, None)
-        if gen.live_workers:
-            log.warning("graceful_timeout", program=gen.program.name, gen=gen.number,
-                        killing=[w.pid for w in gen.live_workers], timeout=gen.program.graceful_timeout)
-            gen.kill()
+    def on_graceful_timeout(self, workers: tuple[Worker, ...]) -> None:
+        stubborn = [w for w in workers if w.alive]
+        if stubborn:
+            log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
+                        killing=[w.pid for w in stubborn])
+            for w in stubborn:
+                w.kill()
 
     def on_worker_output(self, w: Worker) -> None:
         for line in w.read_stderr():
@@ -470,6 +541,7 @@ class Master:
             return
         self.on_worker_output(w)
         _, gen = self.workers.pop(w.pid)
+        self.recycle_after.pop(w, None)
         fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
                   "status": w.describe_exit()}
         if self.reload is not None and gen in self.reload.generations:
@@ -477,49 +549,101 @@ class Master:
             tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
             self.fail(f"{w.program}: generation {gen.number} worker {w.index} (pid {w.pid}) "
                       f"{w.describe_exit()} before it was ready" + (f"; last stderr lines:{tail}" if tail else ""))
-        elif gen.state is GenerationState.SERVING and not self.stopping:
+        elif gen.state is GenerationState.SERVING and was is not WorkerState.RETIRING and not self.stopping:
             # Its listeners were shut when reaped: their queues moved to its siblings.
             self.last_exit[w.program] = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
-            log.error("worker_crashed", **fields, was=was.value)
-            self.schedule_respawn(gen, w)
+            if w.replaces is not None:  # a recycling replacement failed; the old worker serves on
+                log.error("worker_recycle_failed", **fields)
+                w.replaces.replaced_by = None
+                self.recycle_after[w.replaces] = time.monotonic() + RECYCLE_RETRY
+            else:
+                log.error("worker_crashed", **fields, was=was.value)
+                self.schedule_respawn(gen, w)
         else:
             log.info("worker_exited", **fields)
-        if gen.state in (GenerationState.RETIRING, GenerationState.ROLLED_BACK) and gen.finished():
+        if gen.state is GenerationState.SERVING:
+            gen.workers.remove(w)
+        elif gen.finished():
             self.forget(gen)
         self.check_stopped()
 
     def forget(self, gen: Generation) -> None:
         if gen in self.retiring:
             self.retiring.remove(gen)
-        timer = self.graceful_timers.pop(gen, None)
-        if timer is not None:
-            timer.cancel()
         if gen.state is GenerationState.RETIRING:
             gen.state = GenerationState.RETIRED
         log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
 
     def schedule_respawn(self, gen: Generation, w: Worker) -> None:
-        ran = time.monotonic() - w.started
-        restarts = 0 if ran >= STABLE_AFTER else w.restarts + 1
-        first, cap = RESPAWN_BACKOFF
-        delay = 0.0 if restarts == 0 else min(first * 2 ** (restarts - 1), cap)
-        log.info("worker_respawn_scheduled", program=w.program, worker=w.index, delay=delay, restarts=restarts)
-        self.loop.call_later(delay, self.post, RespawnDue(gen, w.index, restarts))
+        history = self.crashes.setdefault(w.program, CrashHistory(gen.program.crash_limit, gen.program.crash_window))
+        decision = history.record(time.monotonic(), time.monotonic() - w.started, w.restarts)
+        if decision.delay is None:
+            self.fatal.add(w.program)
+            log.error("program_fatal", program=w.program, crashes=decision.crashes, window=history.window,
+                      serving=len(gen.live_workers))
+            return
+        log.info("worker_respawn_scheduled", program=w.program, worker=w.index, delay=decision.delay,
+                 restarts=decision.restarts)
+        self.loop.call_later(decision.delay, self.post,
+                             RespawnDue(gen, w.index, decision.restarts, w.describe_exit()))
 
     def on_respawn_due(self, event: RespawnDue) -> None:
         gen = event.generation
-        if gen.state is not GenerationState.SERVING or self.stopping:
+        if (gen.state is not GenerationState.SERVING or self.stopping or gen.program.name in self.fatal
+                or event.index >= gen.size or event.index in gen.active_slots()):
             return
+        self.add_worker(gen, event.index, event.restarts, event.previous_exit)
+
+    def add_worker(self, gen: Generation, index: int, restarts: int = 0, previous_exit: str | None = None,
+                   replaces: Worker | None = None) -> Worker | None:
+        """Start one more worker in a serving generation (restart, scale up, recycle) on fresh listeners."""
         try:
-            w = gen.spawn(event.index, event.restarts)
+            w = gen.spawn(index, restarts)
         except (OSError, SupervisorError) as exc:
-            log.error("respawn_failed", program=gen.program.name, worker=event.index, error=str(exc))
-            delay = min(RESPAWN_BACKOFF[0] * 2 ** event.restarts, RESPAWN_BACKOFF[1])
-            self.loop.call_later(delay, self.post, RespawnDue(gen, event.index, event.restarts + 1))
-            return
-        gen.workers = [x for x in gen.workers if x.index != event.index or x.alive] + [w]
+            log.error("spawn_failed", program=gen.program.name, worker=index, error=str(exc))
+            if replaces is None:
+                self.loop.call_later(RECYCLE_RETRY, self.post, RespawnDue(gen, index, restarts + 1, previous_exit))
+            return None
+        w.previous_exit, w.replaces = previous_exit, replaces
+        if replaces is not None:
+            replaces.replaced_by = w
+        gen.workers.append(w)
         gen.workers.sort(key=lambda x: x.index)
         self.watch(w, gen)
+        return w
+
+    def scale(self, name: str, count: int, reply: Reply) -> None:
+        """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes."""
+        gen = self.running(name)
+        if not 1 <= count <= 4096:
+            raise ControlError(f"workers must be 1..4096, got {count}")
+        gen.size = count
+        slots = gen.active_slots()
+        for index in sorted(set(range(count)) - slots):
+            self.add_worker(gen, index)
+        extra = [w for w in gen.workers if w.alive and w.index >= count and w.state is not WorkerState.RETIRING]
+        self.retire_workers(gen, extra)
+        log.info("program_scaled", program=name, workers=count, started=len(set(range(count)) - slots),
+                 retiring=len(extra))
+        reply.finish(True, f"{name}: {count} workers ({len(set(range(count)) - slots)} started, "
+                           f"{len(extra)} retiring)")
+
+    def on_recycle_check(self) -> None:
+        """Replace workers over max_rss or max_age: the new one listens first, the old one retires once it is ready."""
+        now = time.monotonic()
+        for gen in list(self.serving.values()):
+            program = gen.program
+            if program.max_rss is None and program.max_age is None:
+                continue
+            for w in [w for w in gen.workers if w.state is WorkerState.READY and w.replaced_by is None]:
+                if self.recycle_after.get(w, 0) > now:
+                    continue
+                reason = recycle_reason(w, program.max_rss, program.max_age, now)
+                if reason:
+                    log.info("worker_recycling", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
+                             reason=reason)
+                    self.add_worker(gen, w.index, w.restarts, replaces=w)
+        self.loop.call_later(RECYCLE_POLL, self.post, RecycleCheck())
 
     def on_watchdog_due(self) -> None:
         # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
@@ -541,7 +665,9 @@ class Master:
         names = list(dict.fromkeys([*(p.name for p in self.config.programs), *gens]))
         programs = []
         for name in names:
-            if name in self.serving:
+            if name in self.fatal:
+                state = "fatal"
+            elif name in self.serving:
                 state = "serving"
             elif name in self.stopped:
                 state = "stopped"
@@ -568,6 +694,19 @@ class Master:
         for timer in timers:
             timer.cancel()
         timers.clear()
+
+
+def recycle_reason(w: Worker, max_rss: int | None, max_age: float | None, now: float) -> str | None:
+    if max_age is not None and now - w.started > max_age:
+        return f"age {now - w.started:.0f} s > max_age {max_age:g} s"
+    if max_rss is not None:
+        try:
+            rss = psutil.Process(w.pid).memory_info().rss
+        except psutil.Error:
+            return None
+        if rss > max_rss:
+            return f"rss {rss >> 20} MiB > max_rss {max_rss >> 20} MiB"
+    return None
 
 
 def _ms(end: float | None, start: float) -> int:

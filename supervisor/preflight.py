@@ -6,11 +6,13 @@ learnt on the way (the certificates, for `status`). Acting on it is the master's
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 from dataclasses import dataclass, field
 
-from supervisor import tls
+from supervisor import tls, worker
 from supervisor.config import Config, Program
 
 
@@ -29,9 +31,9 @@ def program_cwd(config: Config, program: Program) -> str:
 def check(config: Config) -> Preflight:
     report = Preflight()
     for program in config.programs:
-        problem = _command_problem(config, program)
-        if problem:
-            report.problems.append(f"{program.name}: {problem}")
+        for problem in (_command_problem(config, program), _account_problem(program)):
+            if problem:
+                report.problems.append(f"{program.name}: {problem}")
         if program.tls is not None:
             try:
                 cert = tls.inspect(program.tls.cert, program.tls.key)
@@ -43,6 +45,22 @@ def check(config: Config) -> Preflight:
                 report.warnings.append(f"{program.name}: tls: {program.tls.cert} expires in "
                                        f"{cert.days_left():.1f} days ({cert.not_after:%Y-%m-%d %H:%M} UTC)")
     return report
+
+
+def _account_problem(program: Program) -> str | None:
+    if not os.path.exists(worker.SETPRIV):
+        return f"{worker.SETPRIV} is missing (Debian package util-linux): it starts every worker"
+    try:
+        if program.user is not None:
+            pwd.getpwuid(int(program.user)) if program.user.isdigit() else pwd.getpwnam(program.user)
+    except KeyError:
+        return f"user {program.user!r} does not exist"
+    try:
+        if program.group is not None:
+            grp.getgrgid(int(program.group)) if program.group.isdigit() else grp.getgrnam(program.group)
+    except KeyError:
+        return f"group {program.group!r} does not exist"
+    return None
 
 
 def _command_problem(config: Config, program: Program) -> str | None:

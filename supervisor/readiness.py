@@ -11,6 +11,10 @@ import os
 import socket
 import struct
 
+import psutil
+
+from supervisor.listeners import Listener
+
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_DATAGRAM = 4096
 
@@ -65,3 +69,44 @@ def parse(data: bytes) -> dict[str, str]:
         if sep and key:
             fields[key] = value
     return fields
+
+
+def polls_listeners(pid: int, socks: list[Listener]) -> bool:
+    """True when the worker, or a process it started, has every one of its listeners in an epoll set.
+
+    That is what an event-loop server (uvicorn, hypercorn, gunicorn's async workers) does once it
+    accepts connections. /proc/PID/fdinfo of an epoll fd lists each watched file with its inode
+    ("tfd: 7 events: 19 data: ... ino:1a2b"); a listener is matched by its socket inode, so dup'd
+    fds count too. Servers that use select() or poll(), or block in accept(), are not seen: use
+    `ready: settle` for them (see README, "Readiness").
+    """
+    wanted = {os.fstat(s.fileno()).st_ino for s in socks if not s.shut}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        wanted -= _epoll_inodes(proc.pid)
+        if not wanted:
+            return True
+    return False
+
+
+def _epoll_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("tfd:"):
+                        inodes.add(int(line.rsplit("ino:", 1)[1].split()[0], 16))
+        except (OSError, IndexError, ValueError):
+            continue
+    return inodes

@@ -17,6 +17,7 @@ def worker_facts(w: Worker, now: float) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "worker": w.index, "pid": w.pid, "state": w.state.value, "generation": w.generation,
         "uptime": round(now - w.started, 1), "restarts": w.restarts, "rss": None, "cpu": None,
+        "last_exit": w.previous_exit,
     }
     if w.alive:
         try:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, dict[str, type]] = {
     "reload": {},
     "start": {"program": str},
     "stop": {"program": str},
+    "scale": {"program": str, "workers": int},
     "shutdown": {},
 }
 
@@ -49,7 +50,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     for name, value in message.items():
         if name not in expected:
             raise ControlError(f"{command}: unknown argument {name!r}")
-        if not isinstance(value, expected[name]):
+        if not isinstance(value, expected[name]) or isinstance(value, bool):
             raise ControlError(f"{command}: {name} must be a {expected[name].__name__}")
     missing = [name for name in expected if name not in message]
     if missing:

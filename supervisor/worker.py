@@ -10,11 +10,13 @@ import collections
 import enum
 import errno
 import os
+import pwd
 import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import psutil
 import structlog
 
 from supervisor import listeners
@@ -28,9 +30,12 @@ STDERR_TAIL = 20  # lines kept for the rollback report
 
 # LISTEN_PID must be the worker's own pid, which posix_spawn cannot know in advance: a one-line
 # shell sets it and execs, so the pid is the shell's and stays the worker's (as systemd does in
-# its child after fork). "$1" is the working directory.
-_TRAMPOLINE = 'cd -- "$1" || exit 126; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+# its child after fork). "$1" is the working directory. Then setpriv (util-linux) sets the
+# parent-death signal, so a worker dies with the master, and drops to the program's user and
+# group; the prctl survives its exec (it is cleared only for set-user-ID programs).
+_TRAMPOLINE = 'cd -- "$1" || exit 126; shift; {umask}LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 _SHELL = "/bin/sh"
+SETPRIV = "/usr/bin/setpriv"
 
 # The master handles or ignores these; a worker starts with every one of them at its default.
 _RESET_SIGNALS = (
@@ -66,6 +71,9 @@ class Worker:
     ready_at: float | None = None
     status: int | None = None  # raw wait status once reaped
     restarts: int = 0
+    previous_exit: str | None = None  # how the worker this one replaced after a crash ended
+    replaces: Worker | None = None  # recycling: the old worker this one takes over from once ready
+    replaced_by: Worker | None = None
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
     _partial: bytes = b""
 
@@ -98,13 +106,20 @@ class Worker:
             pass
 
     def kill(self) -> None:
-        """SIGKILL the worker and everything in its session (it was started with setsid)."""
+        """SIGKILL the worker and its whole process tree, also children that left its session."""
         if not self.alive:
             return
         try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            self.signal(signal.SIGKILL)
+            tree = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
+        self.signal(signal.SIGKILL)
+        kill_group(self.pid)
+        for child in tree:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
     def reap(self) -> bool:
         """Collect the exit status if the process has ended; True once it has."""
@@ -118,6 +133,7 @@ class Worker:
             return False
         self.status = status
         self.state = WorkerState.EXITED if self.state is WorkerState.RETIRING else WorkerState.FAILED
+        kill_group(self.pid)  # what it started in its session and left behind goes with it
         self.read_stderr()
         self.release()
         return True
@@ -164,6 +180,14 @@ class Worker:
         return describe_status(self.status)
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL a worker's process group (it leads its own session: setsid at spawn)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def describe_status(status: int | None) -> str:
     """'exit status 3', 'killed by SIGKILL' or 'running'."""
     if status is None:
@@ -183,6 +207,9 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     env = {k: v for k, v in (os.environ if base_env is None else base_env).items()
            if k not in _MASTER_ONLY_ENV}
     env.update(program.env)
+    if program.user is not None:
+        account = pwd.getpwuid(int(program.user)) if program.user.isdigit() else pwd.getpwnam(program.user)
+        env.update(USER=account.pw_name, LOGNAME=account.pw_name, HOME=account.pw_dir)
     command = list(program.command)
     if program.tls is not None:
         env.update(SUPERVISOR_TLS_CERT=program.tls.cert, SUPERVISOR_TLS_KEY=program.tls.key)
@@ -202,7 +229,8 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         actions = _fd_actions([s.fileno() for s in socks], devnull, write_end)
-        argv = [_SHELL, "-c", _TRAMPOLINE, program.name, cwd, *command]
+        umask = f"umask {program.umask:03o}; " if program.umask is not None else ""
+        argv = [_SHELL, "-c", _TRAMPOLINE.format(umask=umask), program.name, cwd, *privileges(program), *command]
         try:
             pid = os.posix_spawn(_SHELL, argv, env, file_actions=actions, setsid=True,
                                  setsigdef=_RESET_SIGNALS, setsigmask=())
@@ -217,6 +245,22 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
         os.close(devnull)
     return Worker(program=program.name, generation=generation, index=index, pid=pid, pidfd=pidfd,
                   stderr=read_end, listeners=socks)
+
+
+def privileges(program: Program) -> list[str]:
+    """The setpriv prefix: parent-death signal always, user and group when the program names them."""
+    argv = [SETPRIV, "--pdeathsig", "KILL"]
+    if program.user is not None:
+        # The user's primary group unless one is named; supplementary groups from /etc/group.
+        argv += [f"--reuid={program.user}", f"--regid={program.group or primary_group(program.user)}",
+                 "--init-groups"]
+    elif program.group is not None:
+        argv += [f"--regid={program.group}", "--clear-groups"]
+    return [*argv, "--"]
+
+
+def primary_group(user: str) -> int:
+    return (pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)).pw_gid
 
 
 def _fd_actions(fds: Iterable[int], stdin: int, stderr: int) -> list[tuple[int, ...]]:
