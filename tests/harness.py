@@ -86,7 +86,12 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(self.socket))
+            try:
+                sock.connect(str(self.socket))
+            except ConnectionRefusedError:
+                assert self.proc is not None
+                time.sleep(0.5)
+                raise AssertionError(f"supervisord does not answer (exit status {self.proc.poll()})") from None
             sock.sendall(b'{"command":"status"}\n')
             data = sock.makefile("rb").readline()
         return json.loads(data)["data"]

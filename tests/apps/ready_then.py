@@ -1,0 +1,33 @@
+"""A worker that says READY=1, then crashes, sleeps or forks, as a test asks (argv[1])."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def main() -> None:
+    action = sys.argv[1]
+    if action == "crash-worker-1" and os.environ.get("SUPERVISOR_WORKER") != "1":
+        os.execvp(sys.executable, [sys.executable, "-m", "supervisor.demo"])
+    if action == "fork":
+        # Children of its own, as a worker with a helper process has: one stays in its session.
+        child = subprocess.Popen(["sleep", "1000"])
+        with open(sys.argv[2], "w") as f:
+            f.write(str(child.pid))
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+    if action == "crash-worker-1":
+        time.sleep(0.3)
+        print("worker 1 gives up", file=sys.stderr)
+        sys.exit(3)
+    if action == "fork":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exits, leaving its child behind
+    signal.pause()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Worker lifecycle: crashes, FATAL, scaling, signals, orphans, privileges, readiness, recycling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import (
+    BIN,
+    PYTHON,
+    Load,
+    Supervisor,
+    collect,
+    open_requests,
+    program,
+    request,
+    supervisor,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("netns")
+APPS = Path(__file__).resolve().parents[1] / "apps"
+
+
+def crash_with_queue(tmp_path: Path, migrate: str) -> tuple[dict[str, int], Supervisor]:
+    """Worker 0 frozen with requests queued in its listener, then SIGKILLed."""
+    sup = Supervisor(tmp_path, {"web": program()}, migrate=migrate).start()
+    try:
+        victim = sup.workers()[0]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        socks = open_requests(200)  # about half hash to the frozen worker's listener
+        os.kill(victim, signal.SIGKILL)
+        outcomes, _ = collect(socks)
+        return dict(outcomes), sup
+    except BaseException:
+        sup.kill()
+        raise
+
+
+def test_crashed_worker_queue_moves_to_its_siblings(tmp_path: Path) -> None:
+    """SIGKILL a frozen worker: every connection waiting in its listener is served; it is replaced."""
+    outcomes, sup = crash_with_queue(tmp_path, "require")
+    try:
+        assert outcomes == {"ok": 200}
+        wait_for("the replacement", lambda: len(sup.workers()) == 2 and sup.serving())
+        replaced = next(w for w in sup.workers() if w["worker"] == 0)
+        assert replaced["restarts"] == 1 and replaced["last_exit"] == "killed by SIGKILL"
+        assert "killed by SIGKILL" in sup.ctl("status").stdout
+    finally:
+        sup.kill()
+
+
+def test_crash_without_migration_loses_the_queue(tmp_path: Path) -> None:
+    """Control: with migrate off the same crash resets what waited in the dead worker's listener."""
+    outcomes, sup = crash_with_queue(tmp_path, "off")
+    sup.kill()
+    assert outcomes.get("reset", 0) > 0, outcomes
+
+
+def test_a_program_that_keeps_crashing_is_fatal_and_its_siblings_serve(tmp_path: Path) -> None:
+    """Worker 1 crashes after every start: after crash_limit crashes the program is FATAL, worker 0 serves."""
+    crasher = [PYTHON, str(APPS / "ready_then.py"), "crash-worker-1"]
+    with supervisor(tmp_path, {"web": program(crasher, crash_limit=3, crash_window=60)}) as sup:
+        wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal", timeout=20)
+        log = sup.log_text()
+        assert log.count('"worker_crashed"') == 3 and '"program_fatal"' in log and "worker 1 gives up" in log
+        assert [w["worker"] for w in sup.workers()] == [0]
+        assert all(request()[0] == 200 for _ in range(20))
+        assert "fatal" in sup.ctl("status").stdout
+        assert sup.ctl("reload").returncode == 0  # a reload clears FATAL and tries again
+        assert sup.status()["programs"][0]["state"] == "serving"
+
+
+def test_scaling_under_load_fails_no_connection(tmp_path: Path) -> None:
+    """TTIN/TTOU and `scale` add workers on fresh listeners or retire them with their queues migrated."""
+    with supervisor(tmp_path, {"web": program(graceful_timeout=2)}) as sup, Load(threads=4, seconds=30) as load:
+        assert sup.proc is not None
+        sup.proc.send_signal(signal.SIGTTIN)
+        wait_for("3 ready workers", lambda: len(sup.workers()) == 3 and sup.serving())
+        sup.proc.send_signal(signal.SIGTTOU)
+        wait_for("2 workers", lambda: len(sup.workers()) == 2)
+        for count in (5, 1, 3):
+            result = sup.ctl("scale", "web", str(count))
+            assert result.returncode == 0, result.stderr
+            wait_for(f"{count} workers", lambda c=count: len(sup.workers()) == c and sup.serving())
+        assert sup.ctl("scale", "web", "0").returncode == 1
+    assert load.failed == 0, (load.outcomes, load.errors)
+    assert load.total > 500
+
+
+def test_usr1_reopens_the_log_file(tmp_path: Path) -> None:
+    """After logrotate moves the file, SIGUSR1 makes supervisord write to a new one."""
+    log = tmp_path / "supervisord.log"
+    sup = Supervisor(tmp_path, {"web": program(workers=1)})
+    proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(sup.config), "--log-file", str(log)])
+    try:
+        wait_for("a log line", lambda: log.exists() and "supervisord_started" in log.read_text())
+        log.rename(tmp_path / "supervisord.log.1")
+        proc.send_signal(signal.SIGUSR1)
+        wait_for("the reopened file", log.exists)
+        assert sup.ctl("reload").returncode == 0
+        wait_for("reload lines in the new file", lambda: "reload_done" in log.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert "supervisord_stopped" in log.read_text()
+    assert "reload_done" not in (tmp_path / "supervisord.log.1").read_text()
+
+
+def test_workers_die_with_the_master_and_take_their_children(tmp_path: Path) -> None:
+    """SIGKILL of supervisord kills its workers (parent-death signal); a stopped worker's children go too."""
+    child_file = tmp_path / "child.pid"
+    forker = [PYTHON, str(APPS / "ready_then.py"), "fork", str(child_file)]
+    with supervisor(tmp_path, {"web": program(forker, workers=1), "api": program(listen=["127.0.0.1:8001"])}) as sup:
+        child = int(child_file.read_text())
+        assert sup.ctl("stop", "web").returncode == 0
+        wait_for("the worker's child to be gone", lambda: not _alive(child))
+        workers = [w["pid"] for w in sup.workers("api")]
+        assert sup.proc is not None
+        sup.proc.kill()
+        sup.proc.wait()
+        wait_for("workers to die with the master", lambda: not any(_alive(pid) for pid in workers))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_workers_run_unprivileged_on_a_privileged_port(tmp_path: Path) -> None:
+    """The master binds port 443 as root; the workers run as nobody with the configured umask."""
+    with supervisor(tmp_path, {"web": program(listen=["127.0.0.1:443"], user="nobody", umask="027", cwd="/")}) as sup:
+        pids = [w["pid"] for w in sup.workers()]
+        assert request(("127.0.0.1", 443))[0] == 200
+        for pid in pids:
+            proc = psutil.Process(pid)
+            assert proc.username() == "nobody" and proc.uids().effective == proc.uids().real
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert "Umask:\t0027" in status
+            assert proc.environ()["USER"] == "nobody" and proc.environ()["HOME"] != "/root"
+
+
+def test_unknown_user_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Preflight names the program and the user; supervisord exits 2."""
+    sup = Supervisor(tmp_path, {"web": program(user="no-such-user")})
+    sup.start(wait=False)
+    assert sup.proc is not None and sup.proc.wait(timeout=20) == 2
+    assert "web: user 'no-such-user' does not exist" in sup.log_text()
+
+
+def uvicorn() -> list[str]:
+    return [PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "--app-dir", str(APPS.parent.parent),
+            "tests.apps.asgi:app"]
+
+
+def test_real_uvicorn_workers_reload_under_load(tmp_path: Path) -> None:
+    """uvicorn --fd 3 (no sd_notify) with `ready: accepting`: reloads under load fail no connection."""
+    settings = program(uvicorn(), ready="accepting", settle=0.2, graceful_timeout=5)
+    with supervisor(tmp_path, {"web": settings}) as sup, Load(threads=4, seconds=30) as load:
+        for _ in range(6):
+            time.sleep(0.5)
+            out = sup.reload().stdout
+            assert "ready in" in out
+        wait_for("answers from generation 7", lambda: load.generations.get(7))
+    assert load.failed == 0, (load.outcomes, load.errors)
+    assert len(load.generations) == 7
+
+
+def test_accepting_readiness_waits_for_the_listener_to_be_polled(tmp_path: Path) -> None:
+    """A worker that is alive but never polls its listener is not ready: the reload rolls back."""
+    idle = [PYTHON, "-c", "import time; time.sleep(60)"]
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        sup.write({"web": program(idle, ready="accepting", settle=0.1, ready_timeout=1.5)})
+        result = sup.ctl("reload")
+        assert result.returncode == 1 and "not ready within 1.5 s" in result.stderr
+        sup.write({"web": program(idle, ready="settle", settle=0.2)})
+        assert sup.ctl("reload").returncode == 0  # settle only asks that it stays alive
+
+
+def test_max_age_recycles_workers_without_a_failed_connection(tmp_path: Path) -> None:
+    """Workers older than max_age are replaced one by one: new listener first, then the old one shut."""
+    with supervisor(tmp_path, {"web": program(max_age=1, graceful_timeout=2)}) as sup, \
+            Load(threads=4, seconds=30) as load:
+        first = {w["pid"] for w in sup.workers()}
+        wait_for("three rounds of recycling", lambda: sup.log_text().count('"worker_recycled"') >= 6, timeout=20)
+        assert not first & {w["pid"] for w in sup.workers()}
+        assert sup.generation() == 1  # recycling stays within the generation
+    assert load.failed == 0, (load.outcomes, load.errors)
+
+
+def test_max_rss_recycles(tmp_path: Path) -> None:
+    """A worker above max_rss is replaced, and the reason is logged."""
+    with supervisor(tmp_path, {"web": program(workers=1, max_rss="1M")}) as sup:
+        wait_for("a recycle", lambda: '"worker_recycled"' in sup.log_text(), timeout=15)
+        assert "max_rss 1 MiB" in sup.log_text()
+        assert json.loads(sup.ctl("status", "--json").stdout)["programs"][0]["state"] == "serving"
