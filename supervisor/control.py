@@ -63,12 +63,8 @@ class ControlServer:
 
     async def start(self) -> None:
         _refuse_if_in_use(self.path)
-        old_umask = os.umask(0o177)  # no window where the socket exists with looser permissions
-        try:
-            self.server = await asyncio.start_unix_server(self._handle, path=self.path, limit=wire.MAX_LINE)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, self.mode)
+        sock = _listening_unix_socket(self.path, self.mode)
+        self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=wire.MAX_LINE)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reply = Reply(writer)
@@ -101,6 +97,36 @@ def _check_peer(sock: socket.socket | None) -> None:
     _pid, uid, _gid = struct.unpack("3i", creds)
     if uid not in (0, os.geteuid()):
         raise ControlError(f"permission denied for uid {uid}")
+
+
+def _listening_unix_socket(path: str, mode: int) -> socket.socket:
+    """Bind, listen and chmod under a temporary name, then rename into place.
+
+    A client never finds the path bound but not yet listening (it would get ECONNREFUSED and
+    conclude that no daemon runs) nor with looser permissions than configured.
+    """
+    staging = f"{path}.{os.getpid()}.new"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        try:
+            os.unlink(staging)
+        except FileNotFoundError:
+            pass
+        sock.bind(staging)
+        sock.listen(64)
+        os.chmod(staging, mode)
+        os.rename(staging, path)
+    except OSError:
+        sock.close()
+        try:
+            os.unlink(staging)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
 
 
 def _refuse_if_in_use(path: str) -> None:

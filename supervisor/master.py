@@ -146,7 +146,12 @@ class Master:
         self.post(RecycleCheck())
         try:
             while not (self.stopping and not self.workers):
-                self.dispatch(await self.queue.get())
+                event = await self.queue.get()
+                try:
+                    self.dispatch(event)
+                except Exception:
+                    # A bug in one handler must not take the serving workers down with the master.
+                    log.exception("handler_failed", event=type(event).__name__)
         finally:
             for signum in HANDLED_SIGNALS:
                 self.loop.remove_signal_handler(signum)
@@ -265,6 +270,9 @@ class Master:
             config = self.config
             plan = plan_start(config, request.args["program"], self.serving)
             certificates = self.certificates
+        elif request.reply.origin == "startup":
+            config, certificates = self.config, self.certificates  # loaded and checked by run()
+            plan = plan_reload(config, self.serving, self.stopped)
         else:
             config = config_module.load(self.config.path)
             report = preflight.check(config)
@@ -280,7 +288,8 @@ class Master:
                 self.migration = migrate.enable(config.migrate)
             plan = plan_reload(config, self.serving, self.stopped)
         label = "reload" if request.command == "reload" else f"start {request.args['program']}"
-        reload = Reload(next(self.reload_ids), label, config, plan, request.reply, certificates)
+        reload = Reload(next(self.reload_ids), label, config, plan, request.reply,
+                        dict(certificates))  # a snapshot: after_ready() rewrites self.certificates from it
         self.reload = reload
         if request.command == "reload" and request.reply.origin != "startup":
             self.systemd.reloading()
@@ -444,7 +453,7 @@ class Master:
         self.cancel(reload.timers)
         for gen in reload.generations:
             gen.rollback()
-            self.retiring.append(gen)
+            self.track_until_finished(gen)
             if gen.program.name not in self.serving and reload.reply.origin != "startup":
                 self.stopped.add(gen.program.name)  # a failed `start` leaves the program stopped
         still = ", ".join(f"{name}#{g.number}" for name, g in self.serving.items())
@@ -467,7 +476,7 @@ class Master:
 
     def retire(self, gen: Generation) -> int:
         closed = gen.retire()
-        self.retiring.append(gen)
+        self.track_until_finished(gen)
         self.loop.call_later(gen.program.graceful_timeout, self.post, GracefulTimeout(tuple(gen.live_workers)))
         log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
                  workers=len(gen.live_workers))
@@ -566,6 +575,12 @@ class Master:
         elif gen.finished():
             self.forget(gen)
         self.check_stopped()
+
+    def track_until_finished(self, gen: Generation) -> None:
+        """Keep a retiring or rolled-back generation in `status` until its last worker has exited."""
+        self.retiring.append(gen)
+        if gen.finished():
+            self.forget(gen)
 
     def forget(self, gen: Generation) -> None:
         if gen in self.retiring:
