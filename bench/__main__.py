@@ -1,0 +1,110 @@
+"""`python -m bench`: run the benchmark scenarios, each in a private network namespace; print and save.
+
+Needs root (for `unshare -n`), nginx from Debian's packages and gunicorn (`make bench` sets up both).
+Writes OUT/results.jsonl (one JSON object per scenario), OUT/table.md and OUT/failures.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.scenario import SYSTEMS
+from bench.systems import ROOT
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where results go")
+    parser.add_argument("--only", choices=("reload", "scaling", "throughput"), action="append",
+                        help="run only these parts (repeatable; default: all)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
+    parser.add_argument("--reloads", type=int, default=20, help="reloads per system and mode")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds from one reload to the next")
+    parser.add_argument("--stall", type=float, default=0.2,
+                        help="in the 'stalled' mode, seconds the old workers are stopped before each reload")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backlog", type=int, default=128, help="listen backlog of every system")
+    parser.add_argument("--clients", type=int, default=2, help="load processes")
+    parser.add_argument("--concurrency", type=int, default=256, help="connections in flight per load process")
+    parser.add_argument("--scaling-workers", default="1,2,4,16,64")
+    parser.add_argument("--scaling-addresses", default="1,4,16")
+    parser.add_argument("--scaling-reloads", type=int, default=10)
+    parser.add_argument("--throughput-rounds", type=int, default=3)
+    parser.add_argument("--throughput-seconds", type=float, default=5.0)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few seconds per part, to check that the benchmark works (figures mean little)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
+        args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
+        args.throughput_rounds, args.throughput_seconds = 1, 1.0
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    return args
+
+
+def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    parts = args.only or ["reload", "scaling", "throughput"]
+    load = {"clients": args.clients, "concurrency": args.concurrency, "backlog": args.backlog}
+    out: list[dict[str, Any]] = []
+    if "reload" in parts:
+        out += [{"scenario": "reload", "system": system, "stall": stall, "workers": args.workers,
+                 "reloads": args.reloads, "interval": args.interval + stall, "warmup": min(1.0, args.interval), **load}
+                for system in args.systems.split(",") for stall in (0.0, args.stall)]
+    if "scaling" in parts:
+        out += [{"scenario": "scaling", "workers": int(w), "addresses": 1, "reloads": args.scaling_reloads,
+                 "backlog": args.backlog} for w in args.scaling_workers.split(",")]
+        out += [{"scenario": "scaling", "workers": args.workers, "addresses": int(a), "reloads": args.scaling_reloads,
+                 "backlog": args.backlog} for a in args.scaling_addresses.split(",") if int(a) != 1]
+    if "throughput" in parts:
+        out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
+                    "seconds": args.throughput_seconds, **load})
+    return out
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """One scenario in a fresh network namespace: its JSON result, or what went wrong."""
+    command = ["unshare", "--net", sys.executable, "-m", "bench.scenario", json.dumps(spec)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        return {**spec, "error": f"exit status {proc.returncode}: {tail}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(args.out / "results.jsonl", "w") as jsonl:
+        for spec in specs(args):
+            print(f"bench: {report.describe(spec)} ...", file=sys.stderr, flush=True)
+            result = run(spec)
+            results.append(result)
+            line = json.dumps(result)
+            jsonl.write(line + "\n")
+            jsonl.flush()
+            print(line, flush=True)
+    table = report.tables(results, args)
+    (args.out / "table.md").write_text(table)
+    print(table)
+    if any(r["scenario"] == "reload" and "error" not in r for r in results):
+        report.chart(results, args.out / "failures.png")
+        print(f"chart: {args.out / 'failures.png'}")
+    errors = [r for r in results if "error" in r]
+    for r in errors:
+        print(f"bench: {report.describe(r)} failed: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""A load of new connections: each one sends one GET and reads the whole answer, on uvloop.
+
+`python -m bench.load --connect 127.0.0.1:8000 --concurrency 256 --seconds 30` keeps that many
+connections in flight until the time is up or it gets SIGTERM/SIGINT (then it lets the ones in flight
+finish), and prints one JSON object: the answers per server pid and every failure with its time and
+kind. Times are CLOCK_MONOTONIC, comparable between processes. Several of these processes make a
+load that one core alone could not.
+
+Failure kinds: refused (ECONNREFUSED), reset (ECONNRESET, EPIPE), timeout (no complete answer within
+--timeout), bad (an answer that is not `200` with a JSON body naming a pid, or none at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+KINDS = ("refused", "reset", "timeout", "bad")
+
+
+class BadAnswer(Exception):
+    pass
+
+
+@dataclass
+class Tally:
+    ok: int = 0
+    pids: dict[int, list[float]] = field(default_factory=dict)  # pid -> [first answer, last answer, count]
+    failures: list[tuple[float, str, str]] = field(default_factory=list)  # (time, kind, detail)
+    started: float = 0.0
+    ended: float = 0.0
+
+    def answer(self, pid: int, at: float) -> None:
+        self.ok += 1
+        seen = self.pids.setdefault(pid, [at, at, 0])
+        seen[1] = at
+        seen[2] += 1
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "pids": self.pids, "failures": self.failures,
+                "started": self.started, "ended": self.ended}
+
+
+def parse_address(text: str) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    host, _, port = text.rpartition(":")
+    if host.startswith("["):
+        return socket.AF_INET6, (host[1:-1], int(port))
+    return socket.AF_INET, (host, int(port))
+
+
+def answer_pid(raw: bytes) -> int:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200 ") and not head.startswith(b"HTTP/1.0 200 "):
+        raise BadAnswer(repr(raw[:40]) if raw else "closed without an answer")
+    try:
+        return int(json.loads(body)["pid"])
+    except (ValueError, KeyError, TypeError):
+        raise BadAnswer(f"body without a pid: {body[:40]!r}") from None
+
+
+def failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "bad"
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
+        return errno.errorcode[exc.errno]
+    return str(exc) or type(exc).__name__
+
+
+async def one(loop: asyncio.AbstractEventLoop, family: socket.AddressFamily, address: tuple[str, int],
+              timeout: float) -> int:
+    """One connection, one GET: the answering pid, or an exception that says what went wrong."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, REQUEST)
+            chunks = []
+            while chunk := await loop.sock_recv(sock, 65536):
+                chunks.append(chunk)
+        return answer_pid(b"".join(chunks))
+    finally:
+        sock.close()
+
+
+async def run(connect: str, concurrency: int, seconds: float, timeout: float) -> Tally:
+    loop = asyncio.get_running_loop()
+    family, address = parse_address(connect)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    tally = Tally(started=time.monotonic())
+    deadline = tally.started + seconds
+
+    async def client() -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                pid = await one(loop, family, address, timeout)
+            except (OSError, BadAnswer, TimeoutError) as exc:
+                tally.failures.append((time.monotonic(), failure_kind(exc), describe(exc)))
+            else:
+                tally.answer(pid, time.monotonic())
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    tally.ended = time.monotonic()
+    return tally
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT")
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    tally = uvloop.run(run(args.connect, args.concurrency, args.seconds, args.timeout))
+    json.dump(tally.as_json(), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

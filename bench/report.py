@@ -1,0 +1,104 @@
+"""The benchmark's readable output: markdown tables and a PNG chart of failed connections per reload."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from bench.load import KINDS
+
+
+def describe(spec: dict[str, Any]) -> str:
+    if spec["scenario"] == "reload":
+        return f"reload: {spec['system']}, {mode(spec)}"
+    if spec["scenario"] == "scaling":
+        return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
+    return f"throughput: {spec['workers']} workers"
+
+
+def mode(result: dict[str, Any]) -> str:
+    return f"stalled {result['stall']:g} s" if result["stall"] else "steady"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join("" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def p50_p99(summary: dict[str, Any]) -> str:
+    return f"{summary['p50']:g} / {summary['p99']:g}" if summary.get("n") else "-"
+
+
+def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    ok = [r for r in results if "error" not in r]
+    reloads = [r for r in ok if r["scenario"] == "reload"]
+    scaling = [r for r in ok if r["scenario"] == "scaling"]
+    throughput = [r for r in ok if r["scenario"] == "throughput"]
+    out = [f"Run {datetime.date.today()} on {os.cpu_count()} cores, Linux {platform.release()}; "
+           f"{args.workers} workers, backlog {args.backlog}, load {args.clients} x {args.concurrency} "
+           f"connections in flight, {args.reloads} reloads per row.\n"]
+    if reloads:
+        out.append("\nFailed connections during reloads (new connection per request; 'stalled': the old workers "
+                   "are stopped before each reload, so their accept queues are full when they are replaced):\n\n")
+        out.append(table(
+            ["system", "mode", "connections", "failed", *KINDS, "per reload (max)", "deepest queue", "ListenOverflows",
+             "migrated"],
+            [[r["system"], mode(r), r["connections"], sum(r["failed"].values()), *(r["failed"][k] for k in KINDS),
+              f"{sum(r['failed_per_reload']) / max(1, r['reloads']):.1f} ({max(r['failed_per_reload'], default=0)})",
+              f"{r['queue']['max_one_listener']}/{r['backlog']}", r["netstat"]["ListenOverflows"],
+              r["netstat"]["TCPMigrateReqSuccess"]] for r in reloads]))
+        steady = [r for r in reloads if not r["stall"]]
+        out.append("\nReload latency in ms, p50 / p99, and the master's cost (steady mode, under load):\n\n")
+        out.append(table(
+            ["system", "command returned", "new generation serving", "old listeners closed", "master RSS MiB",
+             "master CPU %"],
+            [[r["system"], p50_p99(r["latency_ms"]["command_ms"]), p50_p99(r["latency_ms"]["new_serving_ms"]),
+              p50_p99(r["latency_ms"]["closed_ms"]), r["master"]["rss_mib"], r["master"]["cpu_percent"]]
+             for r in steady]))
+    if scaling:
+        out.append("\nThis supervisor as it grows: reload (command to old listeners closed) and master memory:\n\n")
+        out.append(table(
+            ["workers", "addresses", "reload ms p50 / p99", "master RSS MiB at start", "after reloads",
+             "master fds"],
+            [[r["workers"], r["addresses"], p50_p99(r["reload_ms"]), r["master"]["rss_mib_start"],
+              r["master"]["rss_mib_end"], r["master"]["fds"]] for r in scaling]))
+    for r in throughput:
+        out.append(f"\nConnections per second through the demo app, median of {r['rounds']} runs of "
+                   f"{r['seconds']:g} s: directly {r['direct_conn_per_s']}, under the supervisor "
+                   f"{r['supervised_conn_per_s']}, ratio {r['ratio']}.\n")
+    for r in results:
+        if "error" in r:
+            out.append(f"\nFAILED {describe(r)}: {r['error']}\n")
+    return "".join(out)
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: mean failed connections per reload, per system, steady and stalled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reloads = [r for r in results if r["scenario"] == "reload" and "error" not in r]
+    systems = list(dict.fromkeys(r["system"] for r in reloads))
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.4
+    for offset, (label, stalled) in enumerate((("steady", False), ("stalled old workers", True))):
+        values = []
+        for system in systems:
+            found = [r for r in reloads if r["system"] == system and bool(r["stall"]) == stalled]
+            values.append(sum(found[0]["failed_per_reload"]) / max(1, found[0]["reloads"]) if found else 0)
+        bars = ax.bar([i + (offset - 0.5) * width for i in range(len(systems))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(systems)), ["\n".join(s.rsplit(" ", 1)) for s in systems], fontsize=8)
+    ax.set_ylabel("failed connections per reload (mean)")
+    ax.set_title("Failed connections per reload, new connections under load")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

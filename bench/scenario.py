@@ -1,0 +1,261 @@
+"""One benchmark scenario, run in the private network namespace of the process that runs it.
+
+`unshare -n python -m bench.scenario SPEC-JSON` brings loopback up, runs the scenario the spec names
+and prints its result as one JSON object on the last line of stdout. `python -m bench` runs each
+scenario that way, so every one starts from a fresh namespace (its own sysctls, ports and counters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import kernel, systems
+from bench.load import KINDS
+
+# The systems of the reload comparison: name -> (server class, settings, net.ipv4.tcp_migrate_req)
+SYSTEMS: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
+    "supervisor migrate=on": (systems.Supervisor, {"migrate": "require"}, 1),
+    "supervisor migrate=off": (systems.Supervisor, {"migrate": "off"}, 0),
+    "nginx reuseport migrate=1": (systems.Nginx, {"reuseport": True}, 1),
+    "nginx reuseport migrate=0": (systems.Nginx, {"reuseport": True}, 0),
+    "nginx shared listener": (systems.Nginx, {"reuseport": False}, 0),
+    "gunicorn --reuse-port migrate=0": (systems.Gunicorn, {}, 0),
+    "gunicorn --reuse-port migrate=1": (systems.Gunicorn, {}, 1),
+}
+
+
+STALL_AFTER = 0.5  # seconds stalled workers stay stopped after the reload command returned
+
+
+class Sampler:
+    """Every 10 ms: the accept queues of the port's listeners and the master's RSS."""
+
+    def __init__(self, port: int, master: int | None) -> None:
+        self.port = port
+        self.master = psutil.Process(master) if master else None
+        self.queued: list[int] = []
+        self.deepest = 0  # the longest single accept queue seen
+        self.rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            queues = [listener.queued for listener in kernel.listeners(self.port)]
+            self.queued.append(sum(queues))
+            self.deepest = max(self.deepest, *queues, 0)
+            if self.master is not None:
+                try:
+                    self.rss = max(self.rss, self.master.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+
+class Load:
+    """`clients` processes of `bench.load` against one address; their merged tallies at the end."""
+
+    def __init__(self, address: str, clients: int, concurrency: int, seconds: float) -> None:
+        command = [sys.executable, "-m", "bench.load", "--connect", address, "--concurrency", str(concurrency),
+                   "--seconds", str(seconds)]
+        self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=systems.ROOT) for _ in range(clients)]
+
+    def finish(self, stop: bool = True) -> dict[str, Any]:
+        """Stop the clients (or let them run out their time) and merge what they counted."""
+        if stop:
+            for proc in self.procs:
+                proc.terminate()
+        tallies = [json.loads(proc.communicate()[0]) for proc in self.procs]
+        pids: dict[int, list[float]] = {}
+        for tally in tallies:
+            for pid, (first, last, count) in tally["pids"].items():
+                seen = pids.setdefault(int(pid), [first, last, 0])
+                seen[0], seen[1], seen[2] = min(seen[0], first), max(seen[1], last), seen[2] + count
+        return {"ok": sum(t["ok"] for t in tallies), "pids": pids,
+                "failures": sorted(f for t in tallies for f in t["failures"]),
+                "started": min(t["started"] for t in tallies), "ended": max(t["ended"] for t in tallies)}
+
+
+@contextmanager
+def running(server: systems.Server) -> Iterator[systems.Server]:
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def signal_all(pids: set[int], signum: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def wait_closed(port: int, old: set[int], timeout: float = 60.0) -> float:
+    """Until none of the `old` workers holds a listener on `port`; the moment that happened."""
+    deadline = time.monotonic() + timeout
+    while kernel.listening_pids(port, old):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"old workers {sorted(old)} still listen {timeout:g} s after the reload")
+        time.sleep(0.002)
+    return time.monotonic()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Reload `reloads` times, `interval` s apart, while new connections arrive; count what failed.
+
+    With `stall` (seconds), the serving workers are stopped (SIGSTOP) that long before each reload and
+    resumed STALL_AFTER s after the reload command returned: their accept queues are then full when
+    their listeners close, as they are when workers are busy, which is when a reload loses connections.
+    """
+    cls, settings, migrate = SYSTEMS[spec["system"]]
+    kernel.set_migrate(migrate)
+    server = cls(folder, workers=spec["workers"], backlog=spec["backlog"], **settings)
+    with running(server):
+        cpu_before = psutil.Process(server.master_pid).cpu_times()
+        net_before = kernel.netstat()
+        with Sampler(server.port, server.master_pid) as sampler:
+            load = Load(server.address, spec["clients"], spec["concurrency"], seconds=3600)
+            time.sleep(spec["warmup"])
+            reloads = []
+            for _ in range(spec["reloads"]):
+                old = kernel.listening_pids(server.port, server.worker_pids())
+                if spec["stall"]:
+                    signal_all(old, signal.SIGSTOP)
+                    time.sleep(spec["stall"])
+                started = time.monotonic()
+                try:
+                    reported = server.reload()
+                    returned = time.monotonic()
+                finally:
+                    if spec["stall"]:
+                        time.sleep(STALL_AFTER)
+                        signal_all(old, signal.SIGCONT)
+                closed = wait_closed(server.port, old)
+                reloads.append({"at": started, "old": sorted(old), "command_ms": ms(returned - started),
+                                "closed_ms": ms(closed - started), **reported})
+                time.sleep(max(0.0, started + spec["interval"] - time.monotonic()))
+            time.sleep(spec["warmup"])
+            tally = load.finish()
+        net = {k: v - net_before[k] for k, v in kernel.netstat().items()}
+        cpu = psutil.Process(server.master_pid).cpu_times()
+        master_cpu = cpu.user + cpu.system - cpu_before.user - cpu_before.system
+    seconds = tally["ended"] - tally["started"]
+    windows = [r["at"] for r in reloads] + [float("inf")]
+    for i, r in enumerate(reloads):
+        failures = [f for f in tally["failures"] if windows[i] <= f[0] < windows[i + 1]]
+        r["failed"] = dict(Counter(kind for _t, kind, _d in failures))
+        fresh = [first for pid, (first, _last, _n) in tally["pids"].items() if pid not in r["old"] and first >= r["at"]]
+        r["new_serving_ms"] = ms(min(fresh) - r["at"]) if fresh else None
+    failed = Counter(kind for _t, kind, _d in tally["failures"])
+    before_first = sum(1 for f in tally["failures"] if f[0] < windows[0])
+    return {
+        "scenario": "reload", "system": spec["system"], "stall": spec["stall"], "workers": spec["workers"],
+        "backlog": spec["backlog"], "tcp_migrate_req": migrate, "reloads": len(reloads), "seconds": round(seconds, 1),
+        "connections": tally["ok"] + len(tally["failures"]), "ok": tally["ok"],
+        "failed": {kind: failed.get(kind, 0) for kind in KINDS},
+        "failed_per_reload": [sum(r["failed"].values()) for r in reloads],
+        "failed_before_first_reload": before_first,
+        "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally["failures"]})[:5],
+        "conn_per_s": round(tally["ok"] / seconds),
+        "queue": {"mean": round(statistics.fmean(sampler.queued), 1) if sampler.queued else 0,
+                  "max_total": max(sampler.queued, default=0), "max_one_listener": sampler.deepest},
+        "netstat": net,
+        "latency_ms": {key: summary([r[key] for r in reloads if r.get(key) is not None])
+                       for key in ("new_serving_ms", "closed_ms", "command_ms")},
+        "master": {"rss_mib": round(sampler.rss / 2**20, 1), "cpu_percent": round(100 * master_cpu / seconds, 1)},
+        "per_reload": [{k: v for k, v in r.items() if k not in ("at", "old")} for r in reloads],
+    }
+
+
+def scaling(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Reload time and master memory of this supervisor with `workers` workers on `addresses` ports."""
+    kernel.set_migrate(1)
+    server = systems.Supervisor(folder, workers=spec["workers"], addresses=spec["addresses"], backlog=spec["backlog"])
+    with running(server):
+        master = psutil.Process(server.master_pid)
+        rss_start = master.memory_info().rss
+        times = [server.reload()["daemon_ms"] for _ in range(spec["reloads"])]
+        rss_end = master.memory_info().rss
+        fds = master.num_fds()
+    return {"scenario": "scaling", "system": "supervisor migrate=on", "workers": spec["workers"],
+            "addresses": spec["addresses"], "reloads": len(times), "reload_ms": summary(times),
+            "master": {"rss_mib_start": round(rss_start / 2**20, 1), "rss_mib_end": round(rss_end / 2**20, 1),
+                       "fds": fds}}
+
+
+def throughput(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Connections per second through the demo run directly and under the supervisor, rounds alternating."""
+    kernel.set_migrate(1)
+    rates: dict[str, list[float]] = {"direct": [], "supervised": []}
+    makers: dict[str, Callable[[], systems.Server]] = {
+        "direct": lambda: systems.DirectDemo(folder / "direct", workers=spec["workers"], backlog=spec["backlog"]),
+        "supervised": lambda: systems.Supervisor(folder / "supervised", workers=spec["workers"],
+                                                 backlog=spec["backlog"]),
+    }
+    for _ in range(spec["rounds"]):
+        for name, make in makers.items():
+            with running(make()) as server:
+                load = Load(server.address, spec["clients"], spec["concurrency"], seconds=spec["seconds"])
+                tally = load.finish(stop=False)
+                rates[name].append(tally["ok"] / (tally["ended"] - tally["started"]))
+    direct, supervised = statistics.median(rates["direct"]), statistics.median(rates["supervised"])
+    return {"scenario": "throughput", "workers": spec["workers"], "rounds": spec["rounds"],
+            "seconds": spec["seconds"], "direct_conn_per_s": round(direct), "supervised_conn_per_s": round(supervised),
+            "ratio": round(supervised / direct, 3), "runs": {k: [round(v) for v in vs] for k, vs in rates.items()}}
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values, default=None),
+            "n": len(values)}
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+SCENARIOS = {"reload": reload_under_load, "scaling": scaling, "throughput": throughput}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        result = SCENARIOS[spec["scenario"]](spec, Path(folder))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

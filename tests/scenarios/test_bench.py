@@ -1,0 +1,58 @@
+"""The benchmark is not a test, but its code must not rot: a quick run of every part, checked for shape only.
+
+`python -m bench` puts each scenario in a private network namespace of its own (`unshare --net`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.load import KINDS, BadAnswer, answer_pid
+from bench.scenario import SYSTEMS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("the benchmark needs root for its network namespaces")
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert not [r for r in results if "error" in r]
+
+    reloads = [r for r in results if r["scenario"] == "reload"]
+    assert sorted((r["system"], bool(r["stall"])) for r in reloads) == sorted(
+        (system, stalled) for system in SYSTEMS for stalled in (False, True))
+    for r in reloads:
+        assert r["connections"] > 0 and set(r["failed"]) == set(KINDS), r
+        assert r["reloads"] == len(r["per_reload"]) == 2
+        assert r["latency_ms"]["closed_ms"]["n"] == 2 and r["master"]["rss_mib"] > 0
+    stalled_supervisor = next(r for r in reloads if r["system"] == "supervisor migrate=on" and r["stall"])
+    assert stalled_supervisor["netstat"]["TCPMigrateReqSuccess"] > 0, "the stalled workers' queues did not move"
+
+    assert {r["workers"] for r in results if r["scenario"] == "scaling"} == {1, 2}
+    throughput = next(r for r in results if r["scenario"] == "throughput")
+    assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
+
+    table = (tmp_path / "table.md").read_text()
+    assert all(system in table for system in SYSTEMS) and "ratio" in table
+    assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    (b"", "closed without an answer"),
+    (b"HTTP/1.1 502 Bad Gateway\r\n\r\n", "502"),
+    (b'HTTP/1.1 200 OK\r\n\r\n{"worker": 1}', "without a pid"),
+])
+def test_the_load_counts_a_wrong_answer_as_bad(raw: bytes, problem: str) -> None:
+    with pytest.raises(BadAnswer, match=problem):
+        answer_pid(raw)
+    assert answer_pid(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"pid": 42}') == 42
