@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +75,24 @@ class Sampler:
 
 
 class Load:
-    """`clients` processes of `bench.load` against one address; their merged tallies at the end."""
+    """`clients` processes of `bench.load` against one address; their merged tallies at the end.
+
+    Used as a context manager: whatever happens, no client outlives the scenario.
+    """
 
     def __init__(self, address: str, clients: int, concurrency: int, seconds: float) -> None:
         command = [sys.executable, "-m", "bench.load", "--connect", address, "--concurrency", str(concurrency),
                    "--seconds", str(seconds)]
         self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=systems.ROOT) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     def finish(self, stop: bool = True) -> dict[str, Any]:
         """Stop the clients (or let them run out their time) and merge what they counted."""
@@ -145,8 +157,9 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     with running(server):
         cpu_before = psutil.Process(server.master_pid).cpu_times()
         net_before = kernel.netstat()
-        with Sampler(server.port, server.master_pid) as sampler:
-            load = Load(server.address, spec["clients"], spec["concurrency"], seconds=3600)
+        with Sampler(server.port, server.master_pid) as sampler, ExitStack() as stack:
+            most = 2 * spec["warmup"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
+            load = stack.enter_context(Load(server.address, spec["clients"], spec["concurrency"], seconds=most))
             time.sleep(spec["warmup"])
             reloads = []
             for _ in range(spec["reloads"]):
@@ -227,8 +240,8 @@ def throughput(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     for _ in range(spec["rounds"]):
         for name, make in makers.items():
             with running(make()) as server:
-                load = Load(server.address, spec["clients"], spec["concurrency"], seconds=spec["seconds"])
-                tally = load.finish(stop=False)
+                with Load(server.address, spec["clients"], spec["concurrency"], seconds=spec["seconds"]) as load:
+                    tally = load.finish(stop=False)
                 rates[name].append(tally["ok"] / (tally["ended"] - tally["started"]))
     direct, supervised = statistics.median(rates["direct"]), statistics.median(rates["supervised"])
     return {"scenario": "throughput", "workers": spec["workers"], "rounds": spec["rounds"],
