@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import os
 import re
 import shlex
@@ -258,21 +259,21 @@ class _Reader:
         return str(node.value)
 
     def integer(self, node: yaml.Node, key: str, low: int, high: int) -> int:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != _INT:
+        value = _construct(node) if isinstance(node, yaml.ScalarNode) and node.tag == _INT else None
+        if value is None:
             raise self.fail(node, key, f"expected an integer, got {_show(node)}")
-        value = int(yaml.SafeLoader.construct_yaml_int(yaml.SafeLoader(""), node))
         if not low <= value <= high:
             raise self.fail(node, key, f"expected an integer from {low} to {high}, got {value}")
-        return value
+        return int(value)
 
     def number(self, node: yaml.Node, key: str, positive: bool) -> float:
-        if not isinstance(node, yaml.ScalarNode) or node.tag not in (_INT, _FLOAT):
+        value = _construct(node) if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT) else None
+        if value is None or not math.isfinite(value):
             raise self.fail(node, key, f"expected a number of seconds, got {_show(node)}")
-        value = float(node.value)
-        if not (value > 0 if positive else value >= 0) or value != value or value > 86400:
+        if not (value > 0 if positive else value >= 0) or value > 86400:
             raise self.fail(node, key, f"expected {'more than' if positive else 'at least'} 0 seconds "
                                        f"(and at most a day), got {node.value}")
-        return value
+        return float(value)
 
     def choice(self, node: yaml.Node, key: str, kind: type[_Choice]) -> _Choice:
         values = [m.value for m in kind]
@@ -378,6 +379,17 @@ class _Reader:
                     raise self.fail(node, f"programs.{program.name}.listen",
                                     f"{address} is already used by program {owner[address]}")
                 owner[address] = program.name
+
+
+def _construct(node: yaml.ScalarNode) -> int | float | None:
+    """An int or float scalar as YAML 1.1 reads it (0x10, 1:30 = 90, 1_000, .inf, .nan); None where
+    pyyaml's resolver tagged text that its own constructor cannot read (0x_)."""
+    loader = yaml.SafeLoader("")
+    try:
+        value = loader.construct_yaml_int(node) if node.tag == _INT else loader.construct_yaml_float(node)
+    except (ValueError, IndexError):  # IndexError: an explicitly tagged empty scalar (!!int "")
+        return None
+    return value if isinstance(value, int | float) else None
 
 
 def _show(node: yaml.Node | None) -> str:

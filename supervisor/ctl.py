@@ -19,7 +19,7 @@ from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 EPILOG = """commands:
   status [--json]     programs, generations, workers (pid, state, uptime, RSS, CPU), migration mode
   reload              start new generations, wait until ready, close the old listeners
-  start PROGRAM       start a stopped program
+  start PROGRAM       start a stopped or FATAL program
   stop PROGRAM        stop a program (its workers finish what they accepted)
   scale PROGRAM N     run N workers of a running program (until the next reload)
   shutdown            stop every program and the daemon

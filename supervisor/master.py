@@ -32,7 +32,7 @@ import structlog
 
 from supervisor import config as config_module
 from supervisor import listeners, logs, migrate, preflight, readiness, status, tls
-from supervisor.config import Config, Program, ReadyMode
+from supervisor.config import Config, MigrateMode, Program, ReadyMode
 from supervisor.control import ControlServer, Reply
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
 from supervisor.events import (
@@ -123,12 +123,10 @@ class Master:
             return EXIT_USAGE
         self.certificates = report.certificates
         try:
-            self.migration = migrate.enable(self.config.migrate)
+            self.enable_migration(self.config.migrate)
         except SupervisorError as exc:
             log.error("migrate_unavailable", error=str(exc))
             return EXIT_FAILED
-        log.info("migration", mode=self.config.migrate.value, enabled=self.migration.enabled,
-                 detail=self.migration.reason)
         try:
             self.open_sockets()
             await self.control_server().start()
@@ -146,12 +144,7 @@ class Master:
         self.post(RecycleCheck())
         try:
             while not (self.stopping and not self.workers):
-                event = await self.queue.get()
-                try:
-                    self.dispatch(event)
-                except Exception:
-                    # A bug in one handler must not take the serving workers down with the master.
-                    log.exception("handler_failed", event=type(event).__name__)
+                self.handle(await self.queue.get())
         finally:
             for signum in HANDLED_SIGNALS:
                 self.loop.remove_signal_handler(signum)
@@ -164,6 +157,14 @@ class Master:
 
     def post(self, event: Event) -> None:
         self.queue.put_nowait(event)
+
+    def handle(self, event: Event) -> None:
+        try:
+            self.dispatch(event)
+        except Exception:
+            # A bug in one handler must not take the serving workers down with the master.
+            # Not `event=`: that is structlog's first argument, and the TypeError would end the loop.
+            log.exception("handler_failed", handling=type(event).__name__)
 
     def dispatch(self, event: Event) -> None:
         match event:
@@ -191,6 +192,13 @@ class Master:
                 self.on_worker_ready_timeout(event.worker)
             case RecycleCheck():
                 self.on_recycle_check()
+
+    def enable_migration(self, mode: MigrateMode) -> None:
+        """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
+        self.migration = migrate.enable(mode)
+        # `prefer` running without migration is the one line an operator must not miss (README).
+        say = log.warning if mode is MigrateMode.PREFER and not self.migration.enabled else log.info
+        say("migration", mode=mode.value, enabled=self.migration.enabled, detail=self.migration.reason)
 
     # -- sockets of the master itself -----------------------------------------------------------------
 
@@ -240,6 +248,24 @@ class Master:
             self.shutdown(Reply(origin=name))
 
     def on_control_request(self, request: ControlRequest) -> None:
+        try:
+            self.serve_request(request)
+        except Exception as exc:
+            # A bug, not the user's error: still answer (the client would wait forever) and free the
+            # reload slot (every later request would wait in line behind it).
+            log.exception("request_crashed", command=request.command, origin=request.reply.origin)
+            reason = f"internal error: {type(exc).__name__}: {exc} (details in the supervisord log)"
+            reload = self.reload
+            if reload is not None and reload.reply is request.reply:
+                for gen in reload.generations:
+                    for w in gen.workers:
+                        if w.pid not in self.workers:
+                            self.watch(w, gen)  # spawned before the error: reap it after the rollback
+                self.fail(reason)
+            else:
+                self.refuse(request, reason)
+
+    def serve_request(self, request: ControlRequest) -> None:
         if request.command == "status":
             request.reply.finish(True, "status", self.snapshot())
         elif request.command == "shutdown":
@@ -258,8 +284,18 @@ class Master:
             try:
                 self.begin(request)
             except (ConfigError, ControlError, migrate.MigrateError) as exc:
-                request.reply.finish(False, str(exc))
-                self.after_reload()
+                self.refuse(request, str(exc))
+
+    def refuse(self, request: ControlRequest, reason: str) -> None:
+        """Answer a request that changed nothing."""
+        request.reply.finish(False, reason)
+        if request.reply.origin == "startup":
+            self.exit_code = EXIT_FAILED
+            self.shutdown(Reply(origin="startup failure"))
+        elif request.command == "reload" and not self.stopping:
+            # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
+            self.systemd.ready(f"{self.describe()}; last reload failed: {reason}")
+        self.after_reload()
 
     def begin(self, request: ControlRequest) -> None:
         """Start a reload, a `start` or a `stop`; raises the user's error before anything changes."""
@@ -268,12 +304,13 @@ class Master:
             return
         if request.command == "start":
             config = self.config
-            plan = plan_start(config, request.args["program"], self.serving)
+            plan = plan_start(config, request.args["program"], self.serving, self.fatal)
             certificates = self.certificates
         elif request.reply.origin == "startup":
             config, certificates = self.config, self.certificates  # loaded and checked by run()
             plan = plan_reload(config, self.serving, self.stopped)
         else:
+            self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
             config = config_module.load(self.config.path)
             report = preflight.check(config)
             if report.problems:
@@ -285,16 +322,13 @@ class Master:
             if config.control != self.config.control:
                 request.reply.progress("control socket settings changed: they apply after a restart")
             if config.migrate != self.config.migrate:
-                self.migration = migrate.enable(config.migrate)
+                self.enable_migration(config.migrate)
             plan = plan_reload(config, self.serving, self.stopped)
         label = "reload" if request.command == "reload" else f"start {request.args['program']}"
         reload = Reload(next(self.reload_ids), label, config, plan, request.reply,
                         dict(certificates))  # a snapshot: after_ready() rewrites self.certificates from it
         self.reload = reload
-        if request.command == "reload" and request.reply.origin != "startup":
-            self.systemd.reloading()
         self.stopped.difference_update(p.name for p in plan.start)
-        self.fatal.difference_update(p.name for p in plan.start)
         for program in plan.start:
             gen = self.new_generation(config, program)
             reload.generations.append(gen)
@@ -414,6 +448,10 @@ class Master:
                 f"{len(old.live_workers)} old workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
         for gen in reload.generations:
             self.serving[gen.program.name] = gen
+            # A fresh start: crashes of the generations before it no longer count, and the new
+            # config's crash_limit/crash_window apply (schedule_respawn makes the history anew).
+            self.fatal.discard(gen.program.name)
+            self.crashes.pop(gen.program.name, None)
             self.certificates.pop(gen.program.name, None)
             if gen.program.name in reload.certificates:
                 self.certificates[gen.program.name] = reload.certificates[gen.program.name]
@@ -442,8 +480,11 @@ class Master:
         if late:
             gen = late[0]
             ready = sum(w.state is WorkerState.READY for w in gen.workers)
+            waited = [w for w in gen.workers if w.state is not WorkerState.READY]
+            quoted = next((w for w in waited if w.tail), None)
             self.fail(f"{gen.program.name}: generation {gen.number} not ready within "
-                      f"{gen.program.ready_timeout:g} s ({ready} of {len(gen.workers)} workers ready)")
+                      f"{gen.program.ready_timeout:g} s ({ready} of {len(gen.workers)} workers ready)"
+                      + (_stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
 
     def fail(self, reason: str) -> None:
         """Roll back the reload in progress: the serving generations were never touched."""
@@ -463,7 +504,7 @@ class Master:
         if reload.reply.origin == "startup":
             self.exit_code = EXIT_FAILED
             self.shutdown(Reply(origin="startup failure"))
-        else:
+        elif not self.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
             self.systemd.ready(f"{self.describe()}; last {reload.label} failed: {reason}")
         self.after_reload()
 
@@ -555,9 +596,8 @@ class Master:
                   "status": w.describe_exit()}
         if self.reload is not None and gen in self.reload.generations:
             log.error("worker_failed_to_start", **fields)
-            tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
             self.fail(f"{w.program}: generation {gen.number} worker {w.index} (pid {w.pid}) "
-                      f"{w.describe_exit()} before it was ready" + (f"; last stderr lines:{tail}" if tail else ""))
+                      f"{w.describe_exit()} before it was ready" + _stderr_tail(w))
         elif gen.state is GenerationState.SERVING and was is not WorkerState.RETIRING and not self.stopping:
             # Its listeners were shut when reaped: their queues moved to its siblings.
             self.last_exit[w.program] = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
@@ -722,6 +762,12 @@ def recycle_reason(w: Worker, max_rss: int | None, max_age: float | None, now: f
         if rss > max_rss:
             return f"rss {rss >> 20} MiB > max_rss {max_rss >> 20} MiB"
     return None
+
+
+def _stderr_tail(w: Worker, whose: str = "") -> str:
+    """The worker's last stderr lines, for the reason of a rollback."""
+    tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
+    return f"; last stderr lines{whose}:{tail}" if tail else ""
 
 
 def _ms(end: float | None, start: float) -> int:

@@ -40,7 +40,8 @@ class Notifier:
         """One datagram of KEY=VALUE lines; a failure is logged, never raised (the service goes on)."""
         if self.sock is None:
             return
-        message = "\n".join(f"{key}={value}" for key, value in fields.items())
+        # One line per field: a newline in a value (a rollback reason quoting stderr) would end it.
+        message = "\n".join(f"{key}={' '.join(str(value).split())}" for key, value in fields.items())
         try:
             self.sock.sendto(message.encode(), self.address)
         except OSError as exc:

@@ -34,12 +34,16 @@ def plan_reload(config: Config, running: Collection[str], stopped: Collection[st
     return ReloadPlan(start=start, retire=tuple(running))
 
 
-def plan_start(config: Config, name: str, running: Collection[str]) -> ReloadPlan:
-    """`start NAME`: one new generation of a program that is not running."""
+def plan_start(config: Config, name: str, running: Collection[str], fatal: Collection[str] = ()) -> ReloadPlan:
+    """`start NAME`: one new generation of a program that is not running, or that is FATAL.
+
+    A FATAL program still serves with the workers it has left: they retire once the new generation
+    is ready, as in a reload.
+    """
     try:
         program = config.program(name)
     except KeyError:
         raise ControlError(f"no program named {name!r}") from None
-    if name in running:
+    if name in running and name not in fatal:
         raise ControlError(f"{name} is already running")
-    return ReloadPlan(start=(program,), retire=())
+    return ReloadPlan(start=(program,), retire=(name,) if name in running else ())

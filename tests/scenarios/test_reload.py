@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PYTHON, Load, collect, open_requests, program, request, supervisor, wait_for
+from tests.harness import PYTHON, Load, Supervisor, collect, open_requests, program, request, supervisor, wait_for
 
 pytestmark = pytest.mark.usefixtures("netns")
 
@@ -116,11 +116,15 @@ def test_generation_that_exits_at_start_is_rolled_back(tmp_path: Path) -> None:
 
 
 def test_generation_not_ready_in_time_is_rolled_back(tmp_path: Path) -> None:
-    """A worker that never sends READY=1 holds its listener: its queue must move back on rollback."""
-    silent = [PYTHON, "-c", "import time; time.sleep(60)"]
+    """A worker that never sends READY=1 holds its listener: its queue must move back on rollback.
+
+    The reason quotes what the worker last wrote to stderr, as for a worker that exits.
+    """
+    silent = [PYTHON, "-c", "import sys, time; print('still loading the model', file=sys.stderr); time.sleep(60)"]
     code, output, load, gen = failing_reload(tmp_path, {"command": silent, "ready_timeout": 1})
     assert code == 1, output
     assert "not ready within 1 s" in output, output
+    assert "last stderr lines of worker 0 (pid " in output and "still loading the model" in output, output
     assert gen == 1
     assert load.failed == 0, (load.outcomes, load.errors)
 
@@ -134,3 +138,36 @@ def test_bad_config_at_reload_changes_nothing(tmp_path: Path) -> None:
         assert f"{sup.config}:" in result.stderr and "programs.web.workers" in result.stderr, result.stderr
         assert sup.generation() == 1
         assert request()[0] == 200
+
+
+def test_unreadable_number_is_one_line_at_start_and_at_reload(tmp_path: Path) -> None:
+    """`.inf` (YAML's infinity) names file, line and key: supervisord exits 2; a reload is refused at
+    once (it used to leave supervisorctl waiting) and generation 1 serves on."""
+    (tmp_path / "bad").mkdir()
+    bad = Supervisor(tmp_path / "bad", {"web": program(ready_timeout=float("inf"))})
+    bad.start(wait=False)
+    assert bad.proc is not None and bad.proc.wait(timeout=20) == 2
+    assert "programs.web.ready_timeout: expected a number of seconds, got .inf" in bad.log_text()
+    assert "Traceback" not in bad.log_text()
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        sup.config.write_text(sup.config.read_text().replace("ready_timeout: 10", "ready_timeout: .inf"))
+        started = time.monotonic()
+        result = sup.ctl("reload", timeout=20)
+        assert result.returncode == 1 and time.monotonic() - started < 5, result
+        assert f"{sup.config}:" in result.stderr and "programs.web.ready_timeout" in result.stderr, result.stderr
+        assert sup.generation() == 1 and request()[0] == 200
+
+
+def test_an_unforeseen_error_still_answers_and_rolls_back(tmp_path: Path) -> None:
+    """An error the master does not expect (posix_spawn refuses a NUL byte in env) is still the reply
+    of `reload`, which is rolled back; generation 1 serves on and the next reload works."""
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        sup.write({"web": program(env={"BROKEN": "a\0b"})})
+        result = sup.ctl("reload", timeout=20)
+        assert result.returncode == 1, result
+        assert "internal error: ValueError: embedded null byte" in result.stderr, result.stderr
+        assert "rolled back, still serving: web#1" in result.stderr, result.stderr
+        assert request()[1]["generation"] == 1
+        sup.write({"web": program()})
+        assert "reload done" in sup.reload().stdout
+        assert request()[1]["generation"] == 3

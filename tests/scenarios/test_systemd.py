@@ -89,3 +89,40 @@ def test_sd_notify_sequence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert all(int(m["MONOTONIC_USEC"]) > 0 for m in reloading)
     assert int(reloading[1]["MONOTONIC_USEC"]) > int(reloading[0]["MONOTONIC_USEC"])
     assert sum("WATCHDOG" in m for m in systemd.messages) >= 3
+
+
+def notify_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[NotifyListener, Supervisor]:
+    """A supervisord serving web#1 under a stand-in for systemd, READY=1 received."""
+    systemd = NotifyListener(tmp_path / "systemd.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "systemd.sock"))
+    sup = Supervisor(tmp_path, {"web": program()}).start()
+    wait_for("READY=1", lambda: "READY" in systemd.kinds())
+    return systemd, sup
+
+
+@pytest.mark.usefixtures("netns")
+def test_sigterm_during_a_reload_sends_no_ready_after_stopping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM rolls the reload in progress back: STOPPING=1 is the last state message, no READY=1 after."""
+    systemd, sup = notify_supervisor(tmp_path, monkeypatch)
+    try:
+        sup.write({"web": program([PYTHON, "-c", "import time; time.sleep(60)"])})  # never ready
+        sup.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for("the reload to start", lambda: sup.status()["reloading"])
+    finally:
+        assert sup.stop() == 0
+    assert systemd.kinds() == ["READY", "RELOADING", "STOPPING"]
+
+
+@pytest.mark.usefixtures("netns")
+def test_sighup_with_a_bad_config_ends_with_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Type=notify-reload waits for READY=1 after RELOADING=1: a refused config sends it, the error in STATUS."""
+    systemd, sup = notify_supervisor(tmp_path, monkeypatch)
+    try:
+        sup.config.write_text(sup.config.read_text().replace("workers: 2", "workers: two"))
+        sup.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for("READY after the refused reload", lambda: systemd.kinds().count("READY") == 2)
+        status = [m for m in systemd.messages if "READY" in m][-1]["STATUS"]
+        assert status.startswith("serving web#1 (2 workers); last reload failed: ") and "programs.web.workers" in status
+    finally:
+        assert sup.stop() == 0
+    assert systemd.kinds() == ["READY", "RELOADING", "READY", "STOPPING"]

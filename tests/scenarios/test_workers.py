@@ -78,6 +78,39 @@ def test_a_program_that_keeps_crashing_is_fatal_and_its_siblings_serve(tmp_path:
         assert sup.status()["programs"][0]["state"] == "serving"
 
 
+def kill_worker(sup: Supervisor, index: int) -> None:
+    os.kill(next(w["pid"] for w in sup.workers() if w["worker"] == index), signal.SIGKILL)
+
+
+def test_start_revives_a_fatal_program(tmp_path: Path) -> None:
+    """`start` on a FATAL program starts a new generation the normal way; the FATAL one retires."""
+    with supervisor(tmp_path, {"web": program(workers=3, crash_limit=2)}) as sup:
+        kill_worker(sup, 0)
+        kill_worker(sup, 1)
+        wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal")
+        fatal = [w["pid"] for w in sup.workers()]
+        start = sup.ctl("start", "web")
+        assert start.returncode == 0, start.stdout + start.stderr
+        assert sup.status()["programs"][0]["state"] == "serving"
+        assert request()[1]["generation"] == 2
+        wait_for("the FATAL generation's workers to exit", lambda: not any(_alive(pid) for pid in fatal))
+        assert sup.serving() and [w["generation"] for w in sup.workers()] == [2, 2, 2]
+
+
+def test_a_reload_after_fatal_starts_the_crash_count_over(tmp_path: Path) -> None:
+    """After FATAL and a reload that works, one crash is restarted, not FATAL; the new crash_limit counts."""
+    crasher = [PYTHON, str(APPS / "ready_then.py"), "crash-worker-1"]
+    with supervisor(tmp_path, {"web": program(crasher, crash_limit=3, crash_window=60)}) as sup:
+        wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal", timeout=20)
+        sup.write({"web": program(crash_limit=2, crash_window=60)})
+        sup.reload()
+        kill_worker(sup, 0)
+        wait_for("the restarted worker", lambda: sup.serving() and any(w["restarts"] == 1 for w in sup.workers()))
+        assert sup.status()["programs"][0]["state"] == "serving"
+        kill_worker(sup, 1)  # the second crash within crash_window: the reloaded config's crash_limit is 2
+        wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal")
+
+
 def test_scaling_under_load_fails_no_connection(tmp_path: Path) -> None:
     """TTIN/TTOU and `scale` add workers on fresh listeners or retire them with their queues migrated."""
     with supervisor(tmp_path, {"web": program(graceful_timeout=2)}) as sup, Load(threads=4, seconds=30) as load:

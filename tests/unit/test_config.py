@@ -82,10 +82,23 @@ class TestErrors:
         ("    ready: maybe\n", 'conf.yaml:5: programs.web.ready: expected one of notify | accepting | settle'),
         ("    env: {1X: y}\n", "conf.yaml:5: programs.web.env.1X: not a valid environment variable name"),
         ("    tls: {cert: c.pem}\n", "conf.yaml:5: programs.web.tls.key: required"),
+        ("    ready_timeout: .inf\n",
+         "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds, got .inf"),
+        ("    graceful_timeout: .nan\n", "conf.yaml:5: programs.web.graceful_timeout: expected a number of seconds"),
+        ("    settle: -.inf\n", "conf.yaml:5: programs.web.settle: expected a number of seconds, got -.inf"),
+        ("    max_age: 0x_\n", "conf.yaml:5: programs.web.max_age: expected a number of seconds, got 0x_"),
+        ("    workers: 0x_\n", "conf.yaml:5: programs.web.workers: expected an integer, got 0x_"),
+        ('    crash_window: !!float ""\n', "conf.yaml:5: programs.web.crash_window: expected a number of seconds"),
     ])
     def test_program_values(self, change: str, expected: str) -> None:
         """Each wrong value names the file, its line and its dotted key."""
         assert error(MINIMAL + change).startswith(expected)
+
+    def test_yaml_numbers(self) -> None:
+        """Numbers are read as YAML 1.1 reads them: hex, sexagesimal (1:30 is 90), underscores."""
+        text = MINIMAL + "    ready_timeout: 0x10\n    graceful_timeout: 1:30\n    settle: 1_0.5\n    workers: 0x10\n"
+        web = config.parse(text, "conf.yaml").programs[0]
+        assert (web.ready_timeout, web.graceful_timeout, web.settle, web.workers) == (16.0, 90.0, 10.5, 16)
 
     @pytest.mark.parametrize(("listen", "expected"), [
         ("'::1:8000'", 'programs.web.listen[0]: expected "HOST:PORT" or "[IPV6]:PORT"'),

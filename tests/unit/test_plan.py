@@ -53,3 +53,8 @@ class TestPlanStart:
             plan_start(make_config("web"), "web", running=["web"])
         with pytest.raises(ControlError, match="no program named 'x'"):
             plan_start(make_config("web"), "x", running=[])
+
+    def test_start_a_fatal_program(self) -> None:
+        """`start` on a FATAL program (still serving what is left) replaces its generation."""
+        plan = plan_start(make_config("web", "api"), "web", running=["web", "api"], fatal=["web"])
+        assert [p.name for p in plan.start] == ["web"] and plan.retire == ("web",)

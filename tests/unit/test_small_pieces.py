@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-from supervisor import migrate, readiness, status, worker
+from supervisor import migrate, notify, readiness, status, worker
 from supervisor.config import MigrateMode
 from supervisor.errors import MigrateError
 
@@ -17,6 +18,18 @@ class TestNotifyParse:
         """sd_notify datagrams are newline-separated KEY=VALUE; other lines are ignored."""
         assert readiness.parse(b"READY=1\nSTATUS=serving: 2 listeners\ngarbage\n=x\n") == {
             "READY": "1", "STATUS": "serving: 2 listeners"}
+
+
+class TestNotifier:
+    def test_a_value_stays_on_its_line(self, tmp_path: Path) -> None:
+        """A STATUS quoting stderr lines is sent as one line: a newline would start a new field."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+            systemd.bind(str(tmp_path / "notify.sock"))
+            notifier = notify.Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+            notifier.ready("serving web#1; last reload failed: boom; last stderr lines:\n  Traceback\n  Error")
+            notifier.close()
+            assert systemd.recv(4096).decode().splitlines()[:2] == [
+                "READY=1", "STATUS=serving web#1; last reload failed: boom; last stderr lines: Traceback Error"]
 
 
 class TestFdActions:
