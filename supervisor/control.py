@@ -69,8 +69,10 @@ class ControlServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reply = Reply(writer)
         try:
-            _check_peer(writer.get_extra_info("socket"))
             line = await asyncio.wait_for(reader.readline(), timeout=10)
+            # Refused after its request is read: closing with it unread would make the client's send
+            # fail (EPIPE) or its read (ECONNRESET) before it sees why.
+            _check_peer(writer.get_extra_info("socket"))
             command, args = wire.parse_request(line)
         except (TimeoutError, ControlError, ValueError, asyncio.LimitOverrunError) as exc:
             reply.finish(False, str(exc) or "timed out waiting for a request")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("-c", "--config", help="the daemon's YAML file (to find its control socket)")
     where.add_argument("-s", "--socket", help="the control socket itself")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
+    parser.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                        help="how long to wait for the answer (default 600); then exit 3")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("status").add_argument("--json", action="store_true")
     sub.add_parser("reload")
@@ -45,6 +47,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scale.add_argument("workers", type=int)
     sub.add_parser("shutdown")
     return parser.parse_args(argv)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (socket.settimeout refuses the rest with a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(message["progress"], flush=True)
             else:
                 final = message
+    except TimeoutError:
+        # Connected (or stuck connecting) but no answer in time: the daemon may still be at work.
+        print(f"supervisorctl: no answer from supervisord at {path} within {args.timeout:g} s "
+              f"(the {args.command} may still be in progress; see `status`)", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except OSError as exc:
         print(f"supervisorctl: cannot reach supervisord at {path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

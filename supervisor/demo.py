@@ -34,6 +34,7 @@ import uvloop
 DEFAULT_BACKLOG = 1024
 MAX_DELAY = 60.0
 STOP_GRACE = 5.0  # seconds a connection accepted before the stop has to send its request
+HANDSHAKE_TIMEOUT = 60.0  # asyncio's ssl_handshake_timeout default
 MAX_HEAD = 65536
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 501: "Not Implemented"}
 Listener = tuple[str, socket.socket]  # (name or address, listening socket)
@@ -201,6 +202,8 @@ class Demo:
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: requests in order, a delayed answer holds the ones behind it."""
 
+    transport: asyncio.Transport
+
     def __init__(self, demo: Demo, answer: bytes) -> None:
         self.demo, self.answer = demo, answer
         self.buffer = bytearray()
@@ -210,15 +213,23 @@ class Connection(asyncio.Protocol):
         self.answered = 0
         self.pending: asyncio.TimerHandle | None = None  # a delayed answer
         self.grace: asyncio.TimerHandle | None = None  # stopping: the deadline for a request to arrive
+        self.made = False  # connection_made() was called: over TLS, once the handshake is done
+        # Counted from the accept, not from connection_made: over TLS that comes after the handshake,
+        # and a stop in between must not exit under a client that is still shaking hands. A handshake
+        # that fails never calls connection_lost: the timer forgets it (asyncio gives up after 60 s).
+        demo.connections.add(self)
+        self.handshake = demo.loop.call_later(HANDSHAKE_TIMEOUT, self.connection_lost, None) if demo.tls else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.demo.connections.add(self)
-        if self.demo.stopping:  # accepted in the same loop turn as the stop
+        self.made = True
+        if self.handshake is not None:
+            self.handshake.cancel()
+        if self.demo.stopping:  # accepted, or its handshake done, after the stop
             self.stop()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self.pending, self.grace):
+        for timer in (self.pending, self.grace, self.handshake):
             if timer is not None:
                 timer.cancel()
         self.demo.connections.discard(self)
@@ -226,6 +237,11 @@ class Connection(asyncio.Protocol):
 
     def stop(self) -> bool:
         """The service stops: close if idle, else finish the request. True if still in progress."""
+        if not self.made:  # TLS handshake in progress: as long as a client that has yet to ask
+            if self.handshake is not None:
+                self.handshake.cancel()
+            self.handshake = self.demo.loop.call_later(STOP_GRACE, self.connection_lost, None)
+            return True
         if self.pending is not None:
             return True  # its answer will say Connection: close
         if self.answered and not self.buffer and self.request is None:

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import grp
 import itertools
 import os
+import pwd
 import shutil
 import signal
 import tempfile
@@ -75,7 +78,7 @@ class Reload:
     config: Config
     plan: ReloadPlan
     reply: Reply
-    certificates: dict[str, tls.Certificate]  # what the new generations are given
+    bundles: dict[str, tls.Bundle]  # program -> the certificate and key its new generation is given
     generations: list[Generation] = field(default_factory=list)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -94,9 +97,11 @@ class Master:
         self.workers: dict[int, tuple[Worker, Generation]] = {}  # live workers by pid
         self.last_exit: dict[str, str] = {}
         self.crashes: dict[str, CrashHistory] = {}
-        self.fatal: set[str] = set()  # crashed too often; no restarts until a reload or start
+        self.fatal: dict[str, str] = {}  # crashed too often (-> why); no restarts until a reload or start
+        self.exited: dict[str, dict[int, Worker]] = {}  # program -> slot -> its last crashed worker
         self.recycle_after: dict[Worker, float] = {}  # worker -> when to try replacing it again
-        self.certificates: dict[str, tls.Certificate] = {}  # program -> certificate its workers were given
+        self.bundles: dict[str, tls.Bundle] = {}  # checked at startup, for the first generations
+        self.certificates: dict[str, tls.Certificate] = {}  # program -> certificate its serving workers got
         self.reload: Reload | None = None
         self.waiting: collections.deque[ControlRequest] = collections.deque()
         self.stop_waiters: list[tuple[Generation, Reply]] = []
@@ -121,7 +126,7 @@ class Master:
             for problem in report.problems:
                 log.error("preflight_failed", problem=problem)
             return EXIT_USAGE
-        self.certificates = report.certificates
+        self.bundles = report.bundles
         try:
             self.enable_migration(self.config.migrate)
         except SupervisorError as exc:
@@ -305,32 +310,37 @@ class Master:
         if request.command == "start":
             config = self.config
             plan = plan_start(config, request.args["program"], self.serving, self.fatal)
-            certificates = self.certificates
+            # A start is a new generation: its files are checked (and copied) anew, as at a reload.
+            bundles = self.preflight(config, request.reply, only=request.args["program"])
         elif request.reply.origin == "startup":
-            config, certificates = self.config, self.certificates  # loaded and checked by run()
+            config, bundles = self.config, self.bundles  # loaded and checked by run()
+            self.bundles = {}
             plan = plan_reload(config, self.serving, self.stopped)
         else:
             self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
             config = config_module.load(self.config.path)
-            report = preflight.check(config)
-            if report.problems:
-                raise ControlError("; ".join(report.problems))
-            for warning in report.warnings:
-                log.warning("preflight_warning", warning=warning)
-                request.reply.progress(f"warning: {warning}")
-            certificates = report.certificates
+            bundles = self.preflight(config, request.reply)
             if config.control != self.config.control:
                 request.reply.progress("control socket settings changed: they apply after a restart")
             if config.migrate != self.config.migrate:
-                self.enable_migration(config.migrate)
+                # Applied by maybe_commit() once the new generations serve: a rollback leaves it as it
+                # was. `require` is checked now, so a reload that could not honour it starts nothing.
+                problem = preflight.migration_problem(config.migrate)
+                if problem:
+                    raise migrate.MigrateError(problem)
+                request.reply.progress(f"migrate: {self.config.migrate.value} -> {config.migrate.value} "
+                                       "once the new generation serves")
             plan = plan_reload(config, self.serving, self.stopped)
         label = "reload" if request.command == "reload" else f"start {request.args['program']}"
-        reload = Reload(next(self.reload_ids), label, config, plan, request.reply,
-                        dict(certificates))  # a snapshot: after_ready() rewrites self.certificates from it
+        reload = Reload(next(self.reload_ids), label, config, plan, request.reply, bundles)
         self.reload = reload
         self.stopped.difference_update(p.name for p in plan.start)
         for program in plan.start:
-            gen = self.new_generation(config, program)
+            try:
+                gen = self.new_generation(config, program, bundles.get(program.name))
+            except OSError as exc:
+                self.fail(f"{program.name}: tls: cannot copy the certificate and key for the workers: {exc}")
+                return
             reload.generations.append(gen)
             request.reply.progress(f"{program.name}: generation {gen.number} starting "
                                    f"{program.workers} worker{'s' if program.workers != 1 else ''}")
@@ -344,11 +354,29 @@ class Master:
             reload.timers.append(self.loop.call_later(program.ready_timeout, self.post, ReadyTimeout(reload.id)))
         self.maybe_commit()
 
-    def new_generation(self, config: Config, program: Program) -> Generation:
+    def preflight(self, config: Config, reply: Reply, only: str | None = None) -> dict[str, tls.Bundle]:
+        """Check `config` (or its program `only`) against the system; raise the problems, say the warnings."""
+        report = preflight.check(config, only)
+        if report.problems:
+            raise ControlError("; ".join(report.problems))
+        for warning in report.warnings:
+            log.warning("preflight_warning", warning=warning)
+            reply.progress(f"warning: {warning}")
+        return report.bundles
+
+    def new_generation(self, config: Config, program: Program, bundle: tls.Bundle | None) -> Generation:
         self.numbers[program.name] += 1
+        number = self.numbers[program.name]
+        if bundle is not None and program.tls is not None:
+            # Every worker of the generation, also one restarted, scaled up or recycled later, reads
+            # these copies of the bytes just checked: new files on disk wait for the next reload.
+            cert, key = bundle.install(self.tls_folder(program.name, number), _owner(program))
+            program = dataclasses.replace(program, tls=dataclasses.replace(program.tls, cert=cert, key=key))
         assert self.notify is not None
-        return Generation(program, self.numbers[program.name], preflight.program_cwd(config, program),
-                          self.notify.path)
+        return Generation(program, number, preflight.program_cwd(config, program), self.notify.path)
+
+    def tls_folder(self, name: str, number: int) -> str:
+        return os.path.join(self.runtime_dir, f"tls.{number}.{name}")  # digits first: no two alike
 
     def watch_all(self, gen: Generation) -> None:
         for w in gen.workers:
@@ -430,6 +458,13 @@ class Master:
         reload = self.reload
         if reload is None or not all(g.all_ready() for g in reload.generations):
             return
+        if reload.config.migrate != self.config.migrate:
+            # Before the old listeners are shut, so that their queues migrate under the new mode.
+            try:
+                self.enable_migration(reload.config.migrate)
+            except migrate.MigrateError as exc:  # `require` checked at begin(), lost since
+                self.fail(str(exc))
+                return
         before = migrate.counters()
         queued = 0
         for gen in reload.generations:
@@ -450,11 +485,12 @@ class Master:
             self.serving[gen.program.name] = gen
             # A fresh start: crashes of the generations before it no longer count, and the new
             # config's crash_limit/crash_window apply (schedule_respawn makes the history anew).
-            self.fatal.discard(gen.program.name)
+            self.fatal.pop(gen.program.name, None)
+            self.exited.pop(gen.program.name, None)
             self.crashes.pop(gen.program.name, None)
             self.certificates.pop(gen.program.name, None)
-            if gen.program.name in reload.certificates:
-                self.certificates[gen.program.name] = reload.certificates[gen.program.name]
+            if gen.program.name in reload.bundles:
+                self.certificates[gen.program.name] = reload.bundles[gen.program.name].certificate
         self.config = reload.config
         self.cancel(reload.timers)
         self.reload = None
@@ -607,6 +643,7 @@ class Master:
                 self.recycle_after[w.replaces] = time.monotonic() + RECYCLE_RETRY
             else:
                 log.error("worker_crashed", **fields, was=was.value)
+                self.exited.setdefault(w.program, {})[w.index] = w
                 self.schedule_respawn(gen, w)
         else:
             log.info("worker_exited", **fields)
@@ -625,6 +662,8 @@ class Master:
     def forget(self, gen: Generation) -> None:
         if gen in self.retiring:
             self.retiring.remove(gen)
+        if gen.program.tls is not None:
+            shutil.rmtree(self.tls_folder(gen.program.name, gen.number), ignore_errors=True)
         if gen.state is GenerationState.RETIRING:
             gen.state = GenerationState.RETIRED
         log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
@@ -633,7 +672,7 @@ class Master:
         history = self.crashes.setdefault(w.program, CrashHistory(gen.program.crash_limit, gen.program.crash_window))
         decision = history.record(time.monotonic(), time.monotonic() - w.started, w.restarts)
         if decision.delay is None:
-            self.fatal.add(w.program)
+            self.fatal[w.program] = f"{decision.crashes} crashes within {history.window:g} s"
             log.error("program_fatal", program=w.program, crashes=decision.crashes, window=history.window,
                       serving=len(gen.live_workers))
             return
@@ -731,8 +770,12 @@ class Master:
             else:
                 state = "stopping" if gens[name] else "stopped"
             cert = self.certificates.get(name)
-            programs.append(status.program_facts(name, state, sorted(gens[name], key=lambda g: g.number),
-                                                 self.last_exit.get(name), cert.as_dict() if cert else None))
+            facts = status.program_facts(name, state, sorted(gens[name], key=lambda g: g.number),
+                                         self.last_exit.get(name), cert.as_dict() if cert else None)
+            if name in self.fatal:
+                facts["fatal"] = status.fatal_facts(self.fatal[name], self.serving.get(name),
+                                                    self.exited.get(name, {}))
+            programs.append(facts)
         me = psutil.Process()
         with me.oneshot():
             cpu = me.cpu_times()
@@ -749,6 +792,17 @@ class Master:
         for timer in timers:
             timer.cancel()
         timers.clear()
+
+
+def _owner(program: Program) -> tuple[int, int] | None:
+    """The uid and gid a program's workers run as, when it names a user (they must read its key)."""
+    if program.user is None:
+        return None
+    account = pwd.getpwuid(int(program.user)) if program.user.isdigit() else pwd.getpwnam(program.user)
+    if program.group is None:
+        return account.pw_uid, account.pw_gid
+    gid = int(program.group) if program.group.isdigit() else grp.getgrnam(program.group).gr_gid
+    return account.pw_uid, gid
 
 
 def recycle_reason(w: Worker, max_rss: int | None, max_age: float | None, now: float) -> str | None:

@@ -30,7 +30,7 @@ class MigrateStatus:
 def enable(mode: MigrateMode, sysctl: str = SYSCTL) -> MigrateStatus:
     """Set the sysctl to 1 unless mode is off; raise MigrateError under `require` when it cannot."""
     if mode is MigrateMode.OFF:
-        return MigrateStatus(mode, _read(sysctl) == "1", "migrate: off (sysctl left as it is)")
+        return MigrateStatus(mode, read_sysctl(sysctl) == "1", "migrate: off (sysctl left as it is)")
     problem = _try_enable(sysctl)
     if problem is None:
         return MigrateStatus(mode, True, f"{_name(sysctl)} = 1")
@@ -47,7 +47,7 @@ def _try_enable(sysctl: str) -> str | None:
     name = _name(sysctl)
     if not os.path.exists(sysctl):
         return f"this kernel has no {name} (Linux 5.14 or newer is needed)"
-    if _read(sysctl) == "1":
+    if read_sysctl(sysctl) == "1":
         return None
     try:
         with open(sysctl, "w") as f:
@@ -55,12 +55,13 @@ def _try_enable(sysctl: str) -> str | None:
     except OSError as exc:
         hint = "read-only /proc/sys?" if exc.errno == 30 else "needs root or CAP_NET_ADMIN"
         return f"cannot set {name}=1: {exc.strerror} ({hint})"
-    if _read(sysctl) != "1":
+    if read_sysctl(sysctl) != "1":
         return f"{name} did not keep the value 1"
     return None
 
 
-def _read(path: str) -> str | None:
+def read_sysctl(path: str) -> str | None:
+    """The sysctl's value, or None where it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()

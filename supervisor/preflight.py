@@ -1,7 +1,7 @@
 """Checks against the system before a config is used: everything that can fail without side effects.
 
 The result lists problems (refuse the start or the reload), warnings (say them, go on) and what was
-learnt on the way (the certificates, for `status`). Acting on it is the master's job.
+learnt on the way (the certificates as checked, which the workers get). Acting on it is the master's job.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import pwd
 import shutil
 from dataclasses import dataclass, field
 
-from supervisor import tls, worker
-from supervisor.config import Config, Program
+from supervisor import migrate, tls, worker
+from supervisor.config import Config, MigrateMode, Program
 
 
 @dataclass
 class Preflight:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    certificates: dict[str, tls.Certificate] = field(default_factory=dict)  # program -> its certificate
+    bundles: dict[str, tls.Bundle] = field(default_factory=dict)  # program -> its certificate and key
 
 
 def program_cwd(config: Config, program: Program) -> str:
@@ -28,23 +28,45 @@ def program_cwd(config: Config, program: Program) -> str:
     return program.cwd or os.path.dirname(config.path)
 
 
-def check(config: Config) -> Preflight:
+def check(config: Config, only: str | None = None) -> Preflight:
+    """Check every program of `config`, or the one named `only` (`supervisorctl start`)."""
     report = Preflight()
     for program in config.programs:
+        if only is not None and program.name != only:
+            continue
         for problem in (_command_problem(config, program), _account_problem(program)):
             if problem:
                 report.problems.append(f"{program.name}: {problem}")
         if program.tls is not None:
             try:
-                cert = tls.inspect(program.tls.cert, program.tls.key)
+                bundle = tls.load(program.tls.cert, program.tls.key)
             except tls.TlsError as exc:
                 report.problems.append(f"{program.name}: tls: {exc}")
                 continue
-            report.certificates[program.name] = cert
+            report.bundles[program.name] = bundle
+            cert = bundle.certificate
             if cert.days_left() < program.tls.warn_days:
                 report.warnings.append(f"{program.name}: tls: {program.tls.cert} expires in "
                                        f"{cert.days_left():.1f} days ({cert.not_after:%Y-%m-%d %H:%M} UTC)")
     return report
+
+
+def migration_problem(mode: MigrateMode, sysctl: str = migrate.SYSCTL) -> str | None:
+    """Why `mode` could not be applied, found without changing the sysctl (a reload may roll back).
+
+    Only `require` can fail; a reload that switches to it is refused here, before anything starts,
+    and the sysctl is set once the new generation is ready.
+    """
+    if mode is not MigrateMode.REQUIRE or migrate.read_sysctl(sysctl) == "1":
+        return None
+    name = sysctl.removeprefix("/proc/sys/").replace("/", ".")
+    if not os.path.exists(sysctl):
+        return f"migrate: require, but this kernel has no {name} (Linux 5.14 or newer is needed)"
+    # access(2) asks the sysctl's own permission hook (CAP_NET_ADMIN over the namespace) and the mount.
+    if os.access(sysctl, os.W_OK):
+        return None
+    why = "read-only /proc/sys" if os.statvfs(sysctl).f_flag & os.ST_RDONLY else "needs root or CAP_NET_ADMIN"
+    return f"migrate: require, but cannot set {name}=1 ({why})"
 
 
 def _account_problem(program: Program) -> str | None:

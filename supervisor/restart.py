@@ -1,7 +1,7 @@
 """When to restart a crashed worker, and when a program has crashed too often (FATAL). Pure.
 
-Backoff doubles with each crash of the same worker in a row (0, 0.1, 0.2, 0.4 ... 30 s) and starts
-over for a worker that ran STABLE_AFTER seconds. A program whose workers crashed `crash_limit` times
+Backoff doubles with each crash of the same worker in a row (0.1, 0.2, 0.4 ... 30 s) and starts
+over (at 0 s) for a worker that ran STABLE_AFTER seconds. A program whose workers crashed `crash_limit` times
 within `crash_window` seconds is FATAL: no more restarts until a reload or `start`, while its
 healthy workers keep serving.
 """

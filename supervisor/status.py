@@ -31,6 +31,19 @@ def worker_facts(w: Worker, now: float) -> dict[str, Any]:
     return facts
 
 
+def fatal_facts(reason: str, serving: Generation | None, exited: Mapping[int, Worker]) -> dict[str, Any]:
+    """A FATAL program: why, and a row (state "fatal") for each worker slot left empty, from the
+    worker that last crashed in it. Its other workers serve on and keep their own state."""
+    empty = sorted(set(range(serving.size)) - serving.active_slots()) if serving else []
+    workers = []
+    for index in empty:
+        w = exited.get(index)
+        workers.append({"worker": index, "pid": None, "state": "fatal",
+                        "generation": w.generation if w else serving.number if serving else None,
+                        "restarts": w.restarts if w else None, "last_exit": w.describe_exit() if w else None})
+    return {"reason": reason, "workers": workers}
+
+
 def program_facts(name: str, state: str, generations: Iterable[Generation],
                   last_exit: str | None, tls: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.monotonic()
@@ -42,6 +55,7 @@ def program_facts(name: str, state: str, generations: Iterable[Generation],
         "workers": [worker_facts(w, now) for g in gens for w in g.workers if w.alive],
         "last_exit": last_exit,
         "tls": tls,
+        "fatal": None,  # or fatal_facts()
     }
 
 
@@ -53,16 +67,15 @@ def render(data: Mapping[str, Any]) -> str:
         f"migration: {migrate['mode']} ({'on' if migrate['enabled'] else 'OFF'}: {migrate['reason']})",
         "",
         f"{'PROGRAM':<16}{'GEN':>5}  {'WORKER':>6}  {'PID':>8}  {'STATE':<10}{'UPTIME':>9}"
-        f"{'RSS':>10}{'CPU':>8}{'RESTARTS':>10}",
+        f"{'RSS':>10}{'CPU':>8}{'RESTARTS':>10}  LAST EXIT",
     ]
     for program in data["programs"]:
         gens = ", ".join(f"#{g['generation']} {g['state']}" for g in program["generations"])
-        lines.append(f"{program['name']:<16}{program['state']}" + (f"  ({gens})" if gens else ""))
-        for w in program["workers"]:
-            rss = f"{w['rss'] / 2**20:.1f}M" if w["rss"] is not None else "-"
-            cpu = f"{w['cpu']:.2f}s" if w["cpu"] is not None else "-"
-            lines.append(f"{'':<16}{w['generation']:>5}  {w['worker']:>6}  {w['pid']:>8}  {w['state']:<10}"
-                         f"{_duration(w['uptime']):>9}{rss:>10}{cpu:>8}{w['restarts']:>10}")
+        fatal = program.get("fatal")
+        state = f"FATAL ({fatal['reason']}: no restarts until reload or start)" if fatal else program["state"]
+        lines.append(f"{program['name']:<16}{state}" + (f"  ({gens})" if gens else ""))
+        for w in [*program["workers"], *(fatal["workers"] if fatal else [])]:
+            lines.append(_worker_line(w))
         if program.get("tls"):
             cert = program["tls"]
             lines.append(f"{'':<16}tls: {cert['subject']}, SANs {', '.join(cert['sans']) or '-'}, "
@@ -70,6 +83,16 @@ def render(data: Mapping[str, Any]) -> str:
         if program.get("last_exit"):
             lines.append(f"{'':<16}last exit: {program['last_exit']}")
     return "\n".join(lines)
+
+
+def _worker_line(w: Mapping[str, Any]) -> str:
+    """One row; "-" for what a worker does not have (no pid or RSS for a slot that gave up)."""
+    def shown(key: str, form: str = "{}") -> str:
+        return "-" if w.get(key) is None else form.format(w[key])
+    uptime = "-" if w.get("uptime") is None else _duration(w["uptime"])
+    rss = "-" if w.get("rss") is None else f"{w['rss'] / 2**20:.1f}M"
+    return (f"{'':<16}{shown('generation'):>5}  {w['worker']:>6}  {shown('pid'):>8}  {w['state']:<10}"
+            f"{uptime:>9}{rss:>10}{shown('cpu', '{:.2f}s'):>8}{shown('restarts'):>10}  {shown('last_exit')}")
 
 
 def _duration(seconds: float) -> str:

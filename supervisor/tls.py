@@ -1,15 +1,22 @@
 """TLS certificates of a program: checked before a generation starts, described for `status`.
 
-supervisord does not terminate TLS itself: it hands the certificate and key paths to its workers
+supervisord does not terminate TLS itself: it hands certificate and key paths to its workers
 (SUPERVISOR_TLS_CERT/SUPERVISOR_TLS_KEY and the {tls.cert}/{tls.key} placeholders), which load them
 when they start. Rotation is therefore a reload, and this module makes sure a reload never starts a
 generation on files that cannot work: unreadable, not PEM, a key that does not match, expired.
+
+The paths handed over are those of a private copy per generation, written from the very bytes that
+were checked (`Bundle.install`): a worker restarted later in the generation (crash, scale, recycle)
+presents the generation's certificate, as nginx workers keep the one read at the last reload, never
+a file replaced on disk since then and never checked.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,16 +48,55 @@ class Certificate:
                 "days_left": round(self.days_left(), 1), "sha256": self.fingerprint, "chain": self.chain}
 
 
-def inspect(cert_path: str, key_path: str, now: datetime.datetime | None = None) -> Certificate:
-    """Load the PEM certificate (chain allowed, leaf first) and key; raise TlsError if unusable."""
+@dataclass(frozen=True)
+class Bundle:
+    """The certificate file and key file of a program, as read and checked: what its workers get."""
+
+    certificate: Certificate
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+
+    def install(self, folder: str, owner: tuple[int, int] | None = None) -> tuple[str, str]:
+        """Write the checked bytes to `folder` (created, mode 0700); return the cert and key paths.
+
+        `owner` (uid, gid): the account the workers run as, which must read them (the key is 0400).
+        """
+        os.mkdir(folder, 0o700)
+        paths = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        try:
+            for path, data, mode in ((paths[0], self.cert_pem, 0o444), (paths[1], self.key_pem, 0o400)):
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), "wb") as f:
+                    if owner is not None:
+                        os.fchown(f.fileno(), *owner)
+                    f.write(data)
+            if owner is not None:
+                os.chown(folder, *owner)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return paths
+
+
+def load(cert_path: str, key_path: str, now: datetime.datetime | None = None) -> Bundle:
+    """Read the certificate and key files once; raise TlsError if they cannot work."""
+    cert_pem, key_pem = _read(cert_path), _read(key_path)
+    return Bundle(inspect(cert_path, key_path, now, cert_pem, key_pem), cert_pem, key_pem)
+
+
+def inspect(cert_path: str, key_path: str, now: datetime.datetime | None = None,
+            cert_pem: bytes | None = None, key_pem: bytes | None = None) -> Certificate:
+    """Load the PEM certificate (chain allowed, leaf first) and key; raise TlsError if unusable.
+
+    `cert_pem`/`key_pem`: the files' contents when already read (the paths then only name them).
+    """
     now = now or datetime.datetime.now(datetime.UTC)
     try:
-        chain = x509.load_pem_x509_certificates(_read(cert_path))
+        chain = x509.load_pem_x509_certificates(_read(cert_path) if cert_pem is None else cert_pem)
     except ValueError as exc:
         raise TlsError(f"{cert_path}: not a PEM certificate ({exc})") from None
     leaf = chain[0]
     try:
-        key = serialization.load_pem_private_key(_read(key_path), password=None)
+        key = serialization.load_pem_private_key(_read(key_path) if key_pem is None else key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise TlsError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

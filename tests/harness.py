@@ -114,6 +114,18 @@ class Supervisor:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log lines of one event, in order."""
+        found = []
+        for line in self.log_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # what a worker wrote to stdout
+            if isinstance(entry, dict) and entry.get("event") == name:
+                found.append(entry)
+        return found
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

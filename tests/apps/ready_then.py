@@ -1,4 +1,8 @@
-"""A worker that says READY=1, then crashes, sleeps or forks, as a test asks (argv[1])."""
+"""A worker that says READY=1, then crashes, sleeps or forks, as a test asks (argv[1]).
+
+`hang-on-restart FOLDER`: the first start of each worker index is the demo; every later start (a
+restart after a crash) writes to stderr and hangs without ever sending READY=1.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,14 @@ import time
 
 def main() -> None:
     action = sys.argv[1]
+    if action == "hang-on-restart":
+        marker = os.path.join(sys.argv[2], f"worker{os.environ['SUPERVISOR_WORKER']}.started")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.execvp(sys.executable, [sys.executable, "-m", "supervisor.demo"])
+        print(f"worker {os.environ['SUPERVISOR_WORKER']} restarted: loading forever", file=sys.stderr, flush=True)
+        time.sleep(60)
+        sys.exit(1)
     if action == "crash-worker-1" and os.environ.get("SUPERVISOR_WORKER") != "1":
         os.execvp(sys.executable, [sys.executable, "-m", "supervisor.demo"])
     if action == "fork":

@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -216,6 +217,44 @@ def test_stop_answers_accepted_connections_and_closes_idle_ones(tmp_path: Path) 
             status, headers, _ = read_response(quiet)
             assert (status, headers["connection"]) == (200, "close")
         assert demo.wait() == 0
+
+
+def test_stop_waits_for_a_tls_handshake_in_progress(tmp_path: Path) -> None:
+    """Over TLS the server knows a connection only after the handshake: one accepted but still shaking
+    hands when the stop comes must get its answer (a reload under TLS load lost one such client)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    pem = str(tmp_path / "server.pem")
+    with make_listener() as listener, running_demo(tmp_path, listener=listener, SUPERVISOR_TLS_CERT=pem,
+                                                   SUPERVISOR_TLS_KEY=pem) as demo:
+        demo.wait_ready()
+        with connect_accepted(listener) as raw:  # accepted; no ClientHello sent yet
+            demo.signal(signal.SIGTERM)
+            wait_for("the demo to close its listener", lambda: not demo.holds(listener))
+            time.sleep(0.3)  # the demo would have exited by now if it did not count the connection
+            with client_context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                status, headers, _ = read_response(tls)
+                assert (status, headers["connection"]) == (200, "close")
+        assert demo.wait() == 0
+
+
+def test_an_unfinished_tls_handshake_does_not_hold_the_stop_forever(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    pem = str(tmp_path / "server.pem")
+    trustme.CA().issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(pem)
+    with make_listener() as listener, running_demo(tmp_path, listener=listener, SUPERVISOR_TLS_CERT=pem,
+                                                   SUPERVISOR_TLS_KEY=pem) as demo:
+        demo.wait_ready()
+        with connect_accepted(listener):  # never shakes hands
+            started = time.monotonic()
+            demo.signal(signal.SIGTERM)
+            assert demo.wait(demo_module.STOP_GRACE + 5) == 0
+            assert time.monotonic() - started >= demo_module.STOP_GRACE - 0.5
 
 
 def test_second_stop_signal_exits_at_once(tmp_path: Path) -> None:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
+from supervisor.worker import SETPRIV
 from tests.harness import (
     BIN,
     PYTHON,
@@ -70,17 +76,75 @@ def test_status_shows_programs_workers_and_migration(tmp_path: Path) -> None:
     assert all(w["rss"] > 0 and w["state"] == "ready" for w in web["workers"])
 
 
-def test_sigterm_stops_gracefully_and_leaves_no_process(tmp_path: Path) -> None:
-    """SIGTERM: a request in progress is answered, the daemon exits 0, no worker survives."""
-    sup = Supervisor(tmp_path, {"web": program()}).start()
-    pids = [w["pid"] for w in sup.workers()]
+def slow_request(pids: list[int], delay: float) -> socket.socket:
+    """A `GET /?delay=S` that one of the demo workers `pids` has accepted and is busy with."""
     sock = socket.create_connection(("127.0.0.1", 8000), timeout=10)
-    sock.sendall(b"GET /?delay=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    sock.sendall(f"GET /?delay={delay} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
     wait_for("a worker to accept the request", lambda: any(
         c.status == psutil.CONN_ESTABLISHED for pid in pids for c in psutil.Process(pid).net_connections()))
-    assert sup.stop() == 0
-    assert parse_response(read_all(sock))[0] == 200
+    return sock
+
+
+def answer(sock: socket.socket) -> bytes:
+    """What the server sent before it closed the connection (nothing, if it was killed)."""
+    try:
+        return read_all(sock)
+    except ConnectionResetError:
+        return b""
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_term_or_int_stops_gracefully_and_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM or SIGINT (Ctrl-C): a request in progress is answered, the daemon exits 0, no worker survives."""
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        pids = [w["pid"] for w in sup.workers()]
+        sock = slow_request(pids, 1)
+        assert sup.stop(sig) == 0
+    assert parse_response(answer(sock))[0] == 200
     assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    assert not (tmp_path / "supervisor.sock").exists()
+
+
+def stubborn_and_busy() -> dict[str, dict[str, object]]:
+    """Demo workers (to be given a slow request) and a worker that ignores SIGTERM: a graceful stop waits 30 s."""
+    return {"web": program(graceful_timeout=30),
+            "stubborn": program(STUBBORN, workers=1, listen=["127.0.0.1:8001"], graceful_timeout=30)}
+
+
+@pytest.mark.parametrize(("first", "second"), [(signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT),
+                                               (signal.SIGINT, signal.SIGTERM)])
+def test_second_term_or_int_stops_fast(tmp_path: Path, first: signal.Signals, second: signal.Signals) -> None:
+    """During a graceful stop that waits for a 30 s request and a worker ignoring SIGTERM, a second TERM/INT
+    kills the workers: exit 0 at once."""
+    with supervisor(tmp_path, stubborn_and_busy()) as sup:
+        assert sup.proc is not None
+        pids = [w["pid"] for w in sup.workers()] + [w["pid"] for w in sup.workers("stubborn")]
+        sock = slow_request(pids, 30)
+        sup.proc.send_signal(first)
+        wait_for("the graceful stop", lambda: sup.events("shutting_down"))
+        with pytest.raises(subprocess.TimeoutExpired):
+            sup.proc.wait(timeout=1)  # the graceful stop waits for the request: the fast one must be the cause
+        started = time.monotonic()
+        assert sup.stop(second, timeout=10) == 0
+        assert time.monotonic() - started < 5
+    assert not answer(sock).startswith(b"HTTP/"), "the request was answered: the stop was not fast"
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    assert not (tmp_path / "supervisor.sock").exists()
+
+
+def test_quit_stops_fast(tmp_path: Path) -> None:
+    """SIGQUIT: listeners shut and workers killed at once, also a worker that ignores its stop signal."""
+    with supervisor(tmp_path, stubborn_and_busy()) as sup:
+        pids = [w["pid"] for w in sup.workers()] + [w["pid"] for w in sup.workers("stubborn")]
+        sock = slow_request(pids, 30)
+        started = time.monotonic()
+        assert sup.stop(signal.SIGQUIT, timeout=10) == 0
+        assert time.monotonic() - started < 5
+    assert not answer(sock).startswith(b"HTTP/")
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    assert [e["fast"] for e in sup.events("shutting_down")] == [True]
     assert not (tmp_path / "supervisor.sock").exists()
 
 
@@ -214,3 +278,100 @@ def test_supervisorctl_shutdown(tmp_path: Path) -> None:
     assert result.returncode == 0 and "supervisord stopped" in result.stdout
     assert sup.proc is not None and sup.proc.wait(timeout=10) == 0
     assert not [pid for pid in pids if psutil.pid_exists(pid)]
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SETPRIV, "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(None, 0o600), ("0660", 0o660), ("0666", 0o666)])
+def test_control_socket_mode_and_who_may_use_it(tmp_path: Path, mode: str | None, expected: int) -> None:
+    """The socket has mode 0600 unless `control.mode` says otherwise; other users are refused either way:
+    by the file mode (exit 3), or, where the mode lets them connect, by their peer uid (exit 1)."""
+    sup = Supervisor(tmp_path, {"web": program(workers=1)})
+    # pytest's folders are 0700: a stranger must be able to reach the socket for its mode to matter.
+    folder = tempfile.TemporaryDirectory(prefix="control.", dir="/tmp")
+    os.chmod(folder.name, 0o711)
+    sup.socket = Path(folder.name) / "supervisor.sock"
+    doc = yaml.safe_load(sup.config.read_text())
+    doc["control"] = {"socket": str(sup.socket), **({"mode": mode} if mode else {})}
+    sup.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        sup.start()
+        assert stat.S_IMODE(os.stat(sup.socket).st_mode) == expected
+        assert stat.S_ISSOCK(os.stat(sup.socket).st_mode)
+        stranger = as_nobody(str(BIN / "supervisorctl"), "-s", str(sup.socket), "status")
+        if expected & 0o002:
+            assert stranger.returncode == 1 and "permission denied for uid 65534" in stranger.stderr, stranger
+        else:
+            assert stranger.returncode == 3 and "Permission denied" in stranger.stderr, stranger
+        assert sup.ctl("status").returncode == 0
+    finally:
+        sup.kill()
+        folder.cleanup()
+
+
+def test_first_generation_that_fails_stops_supervisord(tmp_path: Path) -> None:
+    """Worker 0 exits 1 at start, worker 1 would never be ready: exit 1 at once, one line with the reason,
+    worker 1 killed."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    failing = [PYTHON, "-S", "-I", "-c", (
+        "import os, sys, time\n"
+        f"open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').close()\n"
+        "if os.environ['SUPERVISOR_WORKER'] == '1':\n"
+        "    time.sleep(60)\n"
+        f"while len(os.listdir({str(pids)!r})) < 2:\n"  # worker 1 runs when worker 0 fails
+        "    time.sleep(0.01)\n"
+        "print('cannot load app: boom', file=sys.stderr)\n"
+        "sys.exit(1)\n")]
+    sup = Supervisor(tmp_path, {"web": program(failing, ready_timeout=30)})
+    sup.start(wait=False)
+    assert sup.proc is not None
+    try:
+        assert sup.proc.wait(timeout=20) == 1
+    finally:
+        sup.kill()
+    [failed] = sup.events("reload_failed")
+    assert re.fullmatch(r"web: generation 1 worker 0 \(pid \d+\) exit status 1 before it was ready; "
+                        r"last stderr lines:\n  cannot load app: boom", failed["reason"]), failed
+    started = [int(p.name) for p in pids.iterdir()]
+    assert len(started) == 2 and not [pid for pid in started if psutil.pid_exists(pid)]
+    assert sup.events("supervisord_stopped")[0]["exit_code"] == 1
+    assert not sup.socket.exists()
+
+
+def test_address_in_use_refuses_the_start(tmp_path: Path) -> None:
+    """Another process listens on the port without SO_REUSEPORT: exit 1 with one line naming the address."""
+    with socket.create_server(("127.0.0.1", 8000)) as taken:
+        sup = Supervisor(tmp_path, {"web": program()})
+        sup.start(wait=False)
+        assert sup.proc is not None
+        try:
+            assert sup.proc.wait(timeout=20) == 1
+        finally:
+            sup.kill()
+        assert taken.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1  # untouched
+    [failed] = sup.events("reload_failed")
+    assert "cannot listen on 127.0.0.1:8000: Address already in use" in failed["reason"], failed
+    assert "\n" not in failed["reason"]
+
+
+def test_supervisorctl_timeout(tmp_path: Path) -> None:
+    """`--timeout S`: no answer within S seconds is exit 3 with a line that says so; the reload goes on."""
+    slow = [PYTHON, "-S", "-I", "-c", (
+        "import os, socket, time, signal\n"
+        "time.sleep(2)\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "signal.pause()\n")]
+    with supervisor(tmp_path, {"web": program(slow, workers=1)}) as sup:
+        started = time.monotonic()
+        result = sup.ctl("--timeout", "0.5", "reload")
+        assert time.monotonic() - started < 2
+        assert result.returncode == 3, result
+        assert "no answer from supervisord" in result.stderr and "within 0.5 s" in result.stderr, result.stderr
+        wait_for("the reload to finish anyway", lambda: sup.generation() == 2 and sup.serving())
+        for bad in ("0", "-1", "nan", "soon"):
+            refused = sup.ctl("--timeout", bad, "status")
+            assert refused.returncode == 2 and "expected a positive number of seconds" in refused.stderr, refused

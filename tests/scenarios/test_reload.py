@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tests.harness import PYTHON, Load, Supervisor, collect, open_requests, prog
 pytestmark = pytest.mark.usefixtures("netns")
 
 QUEUED = 200
+APPS = Path(__file__).resolve().parents[1] / "apps"
 
 
 def stop_workers(pids: list[int]) -> None:
@@ -171,3 +173,38 @@ def test_an_unforeseen_error_still_answers_and_rolls_back(tmp_path: Path) -> Non
         sup.write({"web": program()})
         assert "reload done" in sup.reload().stdout
         assert request()[1]["generation"] == 3
+
+
+def test_reload_onto_an_address_in_use_is_refused(tmp_path: Path) -> None:
+    """A new address that another process holds without SO_REUSEPORT: the reload fails naming it,
+    generation 1 serves on, no connection fails."""
+    with socket.create_server(("127.0.0.1", 8001)):
+        code, output, load, gen = failing_reload(tmp_path, {"listen": ["127.0.0.1:8000", "127.0.0.1:8001"]})
+    assert code == 1, output
+    assert "web: generation 2: " in output and "cannot listen on 127.0.0.1:8001: Address already in use" in output
+    assert "rolled back, still serving: web#1" in output, output
+    assert gen == 1
+    assert load.failed == 0, (load.outcomes, load.errors)
+
+
+@pytest.mark.parametrize("stop_signal", [None, "QUIT", "INT"])
+def test_retiring_workers_get_the_program_stop_signal(tmp_path: Path, stop_signal: str | None) -> None:
+    """On reload, and on the daemon's own graceful stop, old workers receive `stop_signal` (default TERM)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    recorder = [PYTHON, "-S", "-I", str(APPS / "recorder.py"), str(out)]
+    settings = program(recorder, **({"stop_signal": stop_signal} if stop_signal else {}))
+    expected = f"SIG{stop_signal or 'TERM'}"
+
+    def received(pids: list[int]) -> list[str]:
+        files = [out / f"{pid}.signal" for pid in pids]
+        wait_for("every worker to record its stop signal", lambda: all(f.exists() for f in files))
+        return [f.read_text() for f in files]
+
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        first = [w["pid"] for w in sup.workers()]
+        sup.reload()
+        assert received(first) == [expected] * 2
+        second = [w["pid"] for w in sup.workers()]
+        assert sup.stop() == 0
+    assert received(second) == [expected] * 2

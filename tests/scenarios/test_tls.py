@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import signal
 import ssl
+import stat
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import trustme
 
@@ -96,6 +100,99 @@ def test_unusable_certificate_refuses_the_reload(tmp_path: Path, ca: trustme.CA,
         assert request_cert(tls=client(ca))[0] == 200
 
 
+@pytest.mark.parametrize(("break_files", "message"), [
+    ("mismatch", "the key does not match the certificate"),
+    ("expired", "expired on"),
+])
+def test_start_checks_the_certificate_like_a_reload(tmp_path: Path, ca: trustme.CA, break_files: str,
+                                                    message: str) -> None:
+    """`start` of a stopped program reads and checks the files anew: refused in one line, nothing changes."""
+    write_cert(ca, tmp_path)
+    with supervisor(tmp_path, {"web": tls_program(tmp_path)}) as sup:
+        assert sup.ctl("stop", "web").returncode == 0
+        before = sup.status()["programs"]
+        if break_files == "mismatch":
+            key = (tmp_path / "key.pem").read_bytes()
+            write_cert(ca, tmp_path)
+            (tmp_path / "key.pem").write_bytes(key)
+        else:  # the demo would serve it: only the check can refuse it
+            write_cert(ca, tmp_path, not_before=NOW - datetime.timedelta(days=30),
+                       not_after=NOW - datetime.timedelta(days=1))
+        result = sup.ctl("start", "web")
+        assert result.returncode == 1 and result.stdout == "", result.stdout
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert sup.status()["programs"] == before and before[0]["state"] == "stopped"
+        write_cert(ca, tmp_path)
+        assert sup.ctl("start", "web").returncode == 0
+        assert sup.generation() == 2  # the refused start used no generation number
+        assert request_cert(tls=client(ca))[2] == sup.status()["programs"][0]["tls"]["sha256"]
+
+
+def serve_until(sup: Supervisor, context: ssl.SSLContext, pids: set[int]) -> set[str]:
+    """Certificates presented by the demo until every worker in `pids` has answered at least once."""
+    seen: dict[int, str] = {}
+
+    def all_answered() -> bool:
+        _code, body, cert = request_cert(tls=context)
+        seen[body["pid"]] = cert
+        return pids <= seen.keys()
+    wait_for(f"answers from workers {sorted(pids)}", all_answered, timeout=20, interval=0)
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("how", ["crash", "scale", "recycle"])
+def test_workers_started_between_reloads_keep_the_checked_certificate(tmp_path: Path, ca: trustme.CA,
+                                                                       how: str) -> None:
+    """A new certificate on disk is not served before a reload, not even by a worker started since."""
+    write_cert(ca, tmp_path)
+    settings: dict[str, object] = {"workers": 1, "max_age": 2} if how == "recycle" else {"workers": 1}
+    with supervisor(tmp_path, {"web": tls_program(tmp_path, **settings)}) as sup:
+        checked = sup.status()["programs"][0]["tls"]["sha256"]
+        first = sup.workers()[0]["pid"]
+        write_cert(ca, tmp_path)  # renewed on disk, no reload yet
+        if how == "crash":
+            os.kill(first, signal.SIGKILL)
+        elif how == "scale":
+            assert sup.ctl("scale", "web", "3").returncode == 0
+        wait_for("workers started after the renewal", lambda: sup.serving() and any(
+            w["pid"] != first and w["state"] == "ready" for w in sup.workers()), timeout=20)
+        started = {w["pid"] for w in sup.workers() if w["pid"] != first and w["state"] == "ready"}
+        assert serve_until(sup, client(ca), started) == {checked}
+        assert sup.status()["programs"][0]["tls"]["sha256"] == checked
+        sup.reload()
+        renewed = sup.status()["programs"][0]["tls"]["sha256"]
+        assert renewed != checked
+        assert serve_until(sup, client(ca), {w["pid"] for w in sup.workers() if w["generation"] == 2}) == {renewed}
+
+
+def test_unprivileged_workers_read_a_private_copy(tmp_path: Path, ca: trustme.CA) -> None:
+    """Workers run as nobody read the generation's copy (key 0400, theirs), gone once the generation is."""
+    write_cert(ca, tmp_path)
+    tmp_path.chmod(0o700)  # the original files are out of nobody's reach
+    with supervisor(tmp_path, {"web": tls_program(tmp_path, user="nobody", cwd="/", workers=1)}) as sup:
+        pid = sup.workers()[0]["pid"]
+        key = Path(psutil.Process(pid).environ()["SUPERVISOR_TLS_KEY"])
+        info = key.stat()
+        assert key.read_bytes() == (tmp_path / "key.pem").read_bytes() and tmp_path not in key.parents
+        assert stat.S_IMODE(info.st_mode) == 0o400 and info.st_uid == psutil.Process(pid).uids().real
+        assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+        assert request_cert(tls=client(ca))[0] == 200
+        sup.reload()
+        wait_for("the old worker to exit", lambda: not psutil.pid_exists(pid))
+        wait_for("its copy to go", lambda: not key.parent.exists())
+        assert request_cert(tls=client(ca))[0] == 200
+
+
+def test_a_chain_with_an_intermediate_verifies_against_the_root(tmp_path: Path, ca: trustme.CA) -> None:
+    """Leaf + intermediate in the cert file passes the check; a client trusting only the root verifies it."""
+    write_cert(ca.create_child_ca(), tmp_path)
+    assert (tmp_path / "cert.pem").read_text().count("BEGIN CERTIFICATE") == 2
+    with supervisor(tmp_path, {"web": tls_program(tmp_path)}) as sup:
+        served = sup.status()["programs"][0]["tls"]
+        code, _body, cert = request_cert(tls=client(ca))
+    assert served["chain"] == 2 and code == 200 and cert == served["sha256"]
+
+
 def test_expiry_warning_and_status(tmp_path: Path, ca: trustme.CA) -> None:
     """A certificate expiring within warn_days reloads with a warning; status shows subject, SANs, expiry."""
     write_cert(ca, tmp_path)
@@ -120,8 +217,10 @@ def test_tls_placeholders_reach_the_command(tmp_path: Path, ca: trustme.CA) -> N
         "signal.pause()\n"), "--ssl-certfile", "{tls.cert}", "--ssl-keyfile={tls.key}"]
     with supervisor(tmp_path, {"web": tls_program(tmp_path, command=dump, workers=1)}):
         argv = json.loads(seen.read_text())
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    cert, key = argv[1], argv[2].removeprefix("--ssl-keyfile=")
     assert argv == ["--ssl-certfile", cert, f"--ssl-keyfile={key}", cert]
+    # The generation's copies of the checked files (test_unprivileged_workers_read_a_private_copy).
+    assert Path(key).parent == Path(cert).parent != tmp_path
 
 
 def test_placeholder_without_tls_is_a_config_error(tmp_path: Path) -> None:

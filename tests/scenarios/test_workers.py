@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor import migrate
 from tests.harness import (
     BIN,
     PYTHON,
@@ -79,7 +81,9 @@ def test_a_program_that_keeps_crashing_is_fatal_and_its_siblings_serve(tmp_path:
 
 
 def kill_worker(sup: Supervisor, index: int) -> None:
-    os.kill(next(w["pid"] for w in sup.workers() if w["worker"] == index), signal.SIGKILL)
+    """SIGKILL worker `index` of the newest generation (right after a reload, the old one's may still exit)."""
+    newest = max((w for w in sup.workers() if w["worker"] == index), key=lambda w: w["generation"])
+    os.kill(newest["pid"], signal.SIGKILL)
 
 
 def test_start_revives_a_fatal_program(tmp_path: Path) -> None:
@@ -236,3 +240,53 @@ def test_max_rss_recycles(tmp_path: Path) -> None:
         wait_for("a recycle", lambda: '"worker_recycled"' in sup.log_text(), timeout=15)
         assert "max_rss 1 MiB" in sup.log_text()
         assert json.loads(sup.ctl("status", "--json").stdout)["programs"][0]["state"] == "serving"
+
+
+def test_env_cwd_and_group_reach_the_worker(tmp_path: Path) -> None:
+    """`env` is added to the environment, `cwd` (relative to the config file) is the working directory,
+    the default one is the config's folder; `group` alone keeps root with that group and no others."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "app").mkdir()
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    recorder = [PYTHON, "-S", "-I", str(APPS / "recorder.py"), str(out)]
+    programs = {"web": program(recorder, workers=1, env={"APP_ENV": "production", "PORT": 8000}, cwd="app",
+                               group="nogroup"),
+                "api": program(recorder, workers=1, listen=["127.0.0.1:8001"])}
+    with supervisor(tmp_path, programs) as sup:
+        web, api = ([json.loads((out / f"{w['pid']}.json").read_text()) for w in sup.workers(name)]
+                    for name in ("web", "api"))
+    [web], [api] = web, api
+    assert web["environ"]["APP_ENV"] == "production" and web["environ"]["PORT"] == "8000"
+    assert "APP_ENV" not in api["environ"]
+    assert web["environ"]["SUPERVISOR_PROGRAM"] == "web" and "PATH" in web["environ"]  # added, not replacing
+    assert web["cwd"] == str(tmp_path / "app") and api["cwd"] == str(tmp_path)
+    assert (web["uid"], web["gid"], web["groups"]) == (0, nogroup, [])
+    assert (api["uid"], api["gid"]) == (0, 0)
+
+
+def test_a_restarted_worker_that_is_never_ready_is_killed_and_retried(tmp_path: Path) -> None:
+    """Worker 1 crashes; each restart hangs before READY=1: it is killed after ready_timeout with its
+    listener shut (its queue moves to worker 0), restarted after 0.1, 0.2, 0.4 s, then FATAL at
+    crash_limit; worker 0 serves throughout and no connection fails."""
+    hang = [PYTHON, str(APPS / "ready_then.py"), "hang-on-restart", str(tmp_path)]
+    with supervisor(tmp_path, {"web": program(hang, ready_timeout=1, crash_limit=4)}) as sup:
+        before = migrate.counters()
+        kill_worker(sup, 1)  # before the load: what a killed worker had accepted is lost, not the point here
+        with Load(threads=4, seconds=30) as load:
+            wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal", timeout=20)
+            served = load.total
+            wait_for("answers after FATAL", lambda: load.total > served + 200)
+        [serving] = sup.workers()
+        assert serving["worker"] == 0 and serving["state"] == "ready" and serving["restarts"] == 0
+    assert (migrate.counters() - before).success > 0, "no connection waited in a never-ready worker's listener"
+    not_ready = sup.events("worker_not_ready")
+    assert [(e["worker"], e["timeout"]) for e in not_ready] == [(1, 1.0)] * 3, not_ready
+    assert not any(_alive(e["pid"]) for e in not_ready)
+    respawns = sup.events("worker_respawn_scheduled")
+    assert [(e["worker"], e["delay"], e["restarts"]) for e in respawns] == [(1, 0.1, 1), (1, 0.2, 2), (1, 0.4, 3)]
+    crashed = sup.events("worker_crashed")
+    assert [(e["worker"], e["status"]) for e in crashed] == [(1, "killed by SIGKILL")] * 4
+    assert "worker 1 restarted: loading forever" in sup.log_text()
+    assert load.failed == 0, (load.outcomes, load.errors)
+    assert set(load.generations) == {1}

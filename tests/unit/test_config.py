@@ -12,6 +12,7 @@ from supervisor import config
 from supervisor.config import MigrateMode, ReadyMode
 from supervisor.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
 
 
@@ -69,6 +70,18 @@ class TestValidConfig:
         assert web.stop_signal is signal.SIGTERM and web.ready is ReadyMode.NOTIFY and web.tls is None
 
 
+class TestExample:
+    def test_the_shipped_example_is_what_the_readme_says(self) -> None:
+        """config/example.yaml (what `make run` starts): the demo, 2 workers on 127.0.0.1:8000, its socket beside it."""
+        path = ROOT / "config" / "example.yaml"
+        cfg = config.load(path)
+        [web] = cfg.programs
+        assert web.name == "web" and web.command == ("python", "-m", "supervisor.demo")
+        assert web.workers == 2 and [str(a) for a in web.listen] == ["127.0.0.1:8000"]
+        assert cfg.control.socket == str(ROOT / "config" / "supervisor.sock") and cfg.control.mode == 0o600
+        assert config.control_socket(path) == cfg.control.socket
+
+
 class TestErrors:
     @pytest.mark.parametrize(("change", "expected"), [
         ("    workers: two\n", 'conf.yaml:5: programs.web.workers: expected an integer, got "two"'),
@@ -79,6 +92,7 @@ class TestErrors:
         ("    stop_signal: STOPIT\n", "conf.yaml:5: programs.web.stop_signal: expected a signal name such as TERM"),
         ("    ready_timeout: 0\n", "conf.yaml:5: programs.web.ready_timeout: expected more than 0 seconds"),
         ("    max_rss: lots\n", 'conf.yaml:5: programs.web.max_rss: expected a size such as "512M"'),
+        ("    max_rss: 1023K\n", "conf.yaml:5: programs.web.max_rss: expected at least 1M, got 1023K"),
         ("    ready: maybe\n", 'conf.yaml:5: programs.web.ready: expected one of notify | accepting | settle'),
         ("    env: {1X: y}\n", "conf.yaml:5: programs.web.env.1X: not a valid environment variable name"),
         ("    tls: {cert: c.pem}\n", "conf.yaml:5: programs.web.tls.key: required"),

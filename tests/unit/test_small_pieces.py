@@ -63,6 +63,19 @@ class TestStatusDescription:
         assert "42  ready" in text and "20.0M" in text and "0.25s" in text
 
 
+    def test_render_fatal(self) -> None:
+        """A FATAL program says so on its line; the slot that gave up is a `fatal` row with its last exit."""
+        data = {"pid": 1, "uptime": 5, "config": "/c.yaml", "migrate": {"mode": "off", "enabled": False,
+                "reason": "migrate: off"}, "programs": [{"name": "web", "state": "fatal",
+                "generations": [{"generation": 1, "state": "serving"}], "last_exit": None, "workers": [],
+                "fatal": {"reason": "5 crashes within 60 s", "workers": [{"worker": 0, "pid": None,
+                          "state": "fatal", "generation": 1, "restarts": 4, "last_exit": "exit status 1"}]}}]}
+        lines = status.render(data).splitlines()
+        assert lines[4] == ("web             FATAL (5 crashes within 60 s: no restarts until reload or start)"
+                            "  (#1 serving)")
+        assert lines[5].split() == ["1", "0", "-", "fatal", "-", "-", "-", "4", "exit", "status", "1"]
+
+
 class TestMigrate:
     def test_counters_from_netstat(self, tmp_path: Path) -> None:
         """TcpExt migration counters are read by name, wherever they sit in the table."""
