@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, default=128, help="listen backlog of every system")
     parser.add_argument("--clients", type=int, default=2, help="load processes")
     parser.add_argument("--concurrency", type=int, default=256, help="connections in flight per load process")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds from connect() to the whole answer before a connection counts as failed")
     parser.add_argument("--scaling-workers", default="1,2,4,16,64")
     parser.add_argument("--scaling-addresses", default="1,4,16")
     parser.add_argument("--scaling-reloads", type=int, default=10)
@@ -53,10 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     parts = args.only or ["reload", "scaling", "throughput"]
     load = {"clients": args.clients, "concurrency": args.concurrency, "backlog": args.backlog}
+    reload_load = {**load, "timeout": args.timeout}
     out: list[dict[str, Any]] = []
     if "reload" in parts:
         out += [{"scenario": "reload", "system": system, "stall": stall, "workers": args.workers,
-                 "reloads": args.reloads, "interval": args.interval + stall, "warmup": min(1.0, args.interval), **load}
+                 "reloads": args.reloads, "interval": args.interval + stall, "warmup": min(1.0, args.interval),
+                 **reload_load}
                 for system in args.systems.split(",") for stall in (0.0, args.stall)]
     if "scaling" in parts:
         out += [{"scenario": "scaling", "workers": int(w), "addresses": 1, "reloads": args.scaling_reloads,

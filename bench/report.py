@@ -41,7 +41,7 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     throughput = [r for r in ok if r["scenario"] == "throughput"]
     out = [f"Run {datetime.date.today()} on {os.cpu_count()} cores, Linux {platform.release()}; "
            f"{args.workers} workers, backlog {args.backlog}, load {args.clients} x {args.concurrency} "
-           f"connections in flight, {args.reloads} reloads per row.\n"]
+           f"connections in flight, client timeout {args.timeout:g} s, {args.reloads} reloads per row.\n"]
     if reloads:
         out.append("\nFailed connections during reloads (new connection per request; 'stalled': the old workers "
                    "are stopped before each reload, so their accept queues are full when they are replaced):\n\n")

@@ -80,9 +80,9 @@ class Load:
     Used as a context manager: whatever happens, no client outlives the scenario.
     """
 
-    def __init__(self, address: str, clients: int, concurrency: int, seconds: float) -> None:
+    def __init__(self, address: str, clients: int, concurrency: int, seconds: float, timeout: float = 5.0) -> None:
         command = [sys.executable, "-m", "bench.load", "--connect", address, "--concurrency", str(concurrency),
-                   "--seconds", str(seconds)]
+                   "--seconds", str(seconds), "--timeout", str(timeout)]
         self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=systems.ROOT) for _ in range(clients)]
 
     def __enter__(self) -> Load:
@@ -159,7 +159,8 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         net_before = kernel.netstat()
         with Sampler(server.port, server.master_pid) as sampler, ExitStack() as stack:
             most = 2 * spec["warmup"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
-            load = stack.enter_context(Load(server.address, spec["clients"], spec["concurrency"], seconds=most))
+            load = stack.enter_context(Load(server.address, spec["clients"], spec["concurrency"], seconds=most,
+                                          timeout=spec["timeout"]))
             time.sleep(spec["warmup"])
             reloads = []
             for _ in range(spec["reloads"]):
