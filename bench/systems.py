@@ -57,7 +57,7 @@ class Server:
         raise NotImplementedError
 
     def prepare(self) -> None:
-        """Write config files and set the namespace's sysctls before the start."""
+        """Write the config files the command reads."""
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
