@@ -268,7 +268,7 @@ class _Reader:
 
     def number(self, node: yaml.Node, key: str, positive: bool) -> float:
         value = _construct(node) if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT) else None
-        if value is None or not math.isfinite(value):
+        if value is None or not _finite(value):
             raise self.fail(node, key, f"expected a number of seconds, got {_show(node)}")
         if not (value > 0 if positive else value >= 0) or value > 86400:
             raise self.fail(node, key, f"expected {'more than' if positive else 'at least'} 0 seconds "
@@ -402,3 +402,11 @@ def _show(node: yaml.Node | None) -> str:
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
     return "a list" if isinstance(node, yaml.SequenceNode) else "nothing"
+
+
+def _finite(value: float) -> bool:
+    """A number of seconds a float can hold (a 400-digit integer cannot: OverflowError)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

@@ -223,6 +223,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.made = True
+        self.demo.connections.add(self)  # again: a handshake just past the timer's deadline was dropped
         if self.handshake is not None:
             self.handshake.cancel()
         if self.demo.stopping:  # accepted, or its handshake done, after the stop

@@ -334,7 +334,6 @@ class Master:
         label = "reload" if request.command == "reload" else f"start {request.args['program']}"
         reload = Reload(next(self.reload_ids), label, config, plan, request.reply, bundles)
         self.reload = reload
-        self.stopped.difference_update(p.name for p in plan.start)
         for program in plan.start:
             try:
                 gen = self.new_generation(config, program, bundles.get(program.name))
@@ -483,6 +482,7 @@ class Master:
                 f"{len(old.live_workers)} old workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
         for gen in reload.generations:
             self.serving[gen.program.name] = gen
+            self.stopped.discard(gen.program.name)  # only now: a failed `start` leaves it stopped
             # A fresh start: crashes of the generations before it no longer count, and the new
             # config's crash_limit/crash_window apply (schedule_respawn makes the history anew).
             self.fatal.pop(gen.program.name, None)
@@ -531,8 +531,6 @@ class Master:
         for gen in reload.generations:
             gen.rollback()
             self.track_until_finished(gen)
-            if gen.program.name not in self.serving and reload.reply.origin != "startup":
-                self.stopped.add(gen.program.name)  # a failed `start` leaves the program stopped
         still = ", ".join(f"{name}#{g.number}" for name, g in self.serving.items())
         message = f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
         log.error("reload_failed", reason=reason)
@@ -576,6 +574,8 @@ class Master:
     def stop_program(self, name: str, reply: Reply) -> None:
         gen = self.serving.pop(self.running(name).program.name)
         self.stopped.add(name)
+        for facts in (self.fatal, self.exited, self.crashes):  # stopped by hand, not FATAL any more
+            facts.pop(name, None)
         reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
         self.retire(gen)
         self.stop_waiters.append((gen, reply))
@@ -763,10 +763,10 @@ class Master:
                 state = "fatal"
             elif name in self.serving:
                 state = "serving"
-            elif name in self.stopped:
-                state = "stopped"
             elif self.reload and any(g.program.name == name for g in self.reload.generations):
                 state = "starting"
+            elif name in self.stopped:
+                state = "stopped"
             else:
                 state = "stopping" if gens[name] else "stopped"
             cert = self.certificates.get(name)

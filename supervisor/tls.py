@@ -57,11 +57,12 @@ class Bundle:
     key_pem: bytes = field(repr=False)
 
     def install(self, folder: str, owner: tuple[int, int] | None = None) -> tuple[str, str]:
-        """Write the checked bytes to `folder` (created, mode 0700); return the cert and key paths.
+        """Write the checked bytes to `folder` (created); return the cert and key paths.
 
-        `owner` (uid, gid): the account the workers run as, which must read them (the key is 0400).
+        `owner` (uid, gid): the account the workers run as, which must read them (the key is 0400 and
+        theirs). The folder stays the master's: 0711 lets them reach the files, not replace them.
         """
-        os.mkdir(folder, 0o700)
+        os.mkdir(folder, 0o700 if owner is None else 0o711)
         paths = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
         try:
             for path, data, mode in ((paths[0], self.cert_pem, 0o444), (paths[1], self.key_pem, 0o400)):
@@ -69,8 +70,6 @@ class Bundle:
                     if owner is not None:
                         os.fchown(f.fileno(), *owner)
                     f.write(data)
-            if owner is not None:
-                os.chown(folder, *owner)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

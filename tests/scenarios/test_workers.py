@@ -101,6 +101,20 @@ def test_start_revives_a_fatal_program(tmp_path: Path) -> None:
         assert sup.serving() and [w["generation"] for w in sup.workers()] == [2, 2, 2]
 
 
+def test_stop_on_a_fatal_program_leaves_it_stopped_not_fatal(tmp_path: Path) -> None:
+    with supervisor(tmp_path, {"web": program(workers=3, crash_limit=2)}) as sup:
+        kill_worker(sup, 0)
+        kill_worker(sup, 1)
+        wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal")
+        assert sup.ctl("stop", "web").returncode == 0
+        [web] = sup.status()["programs"]
+        assert web["state"] == "stopped" and web["fatal"] is None, web
+        assert "FATAL" not in sup.ctl("status").stdout
+        sup.reload()  # a stopped program stays stopped
+        assert sup.status()["programs"][0]["state"] == "stopped"
+        assert sup.ctl("start", "web").returncode == 0 and request()[0] == 200
+
+
 def test_a_reload_after_fatal_starts_the_crash_count_over(tmp_path: Path) -> None:
     """After FATAL and a reload that works, one crash is restarted, not FATAL; the new crash_limit counts."""
     crasher = [PYTHON, str(APPS / "ready_then.py"), "crash-worker-1"]

@@ -99,6 +99,8 @@ class TestErrors:
         ("    ready_timeout: .inf\n",
          "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds, got .inf"),
         ("    graceful_timeout: .nan\n", "conf.yaml:5: programs.web.graceful_timeout: expected a number of seconds"),
+        ("    ready_timeout: 1" + "0" * 400 + "\n",  # an integer no float can hold
+         "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds"),
         ("    settle: -.inf\n", "conf.yaml:5: programs.web.settle: expected a number of seconds, got -.inf"),
         ("    max_age: 0x_\n", "conf.yaml:5: programs.web.max_age: expected a number of seconds, got 0x_"),
         ("    workers: 0x_\n", "conf.yaml:5: programs.web.workers: expected an integer, got 0x_"),
