@@ -10,6 +10,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from supervisor import migrate
+
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 NETSTAT_KEYS = ("ListenOverflows", "ListenDrops", "TCPMigrateReqSuccess", "TCPMigrateReqFailure")
 
@@ -61,17 +63,11 @@ def listening_pids(port: int, pids: Iterable[int]) -> set[int]:
 
 def netstat() -> dict[str, int]:
     """The TcpExt counters in NETSTAT_KEYS (zero where this kernel does not count them)."""
-    with open("/proc/net/netstat") as f:
-        lines = f.read().splitlines()
-    counters = dict.fromkeys(NETSTAT_KEYS, 0)
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            counters.update({key: int(table[key]) for key in NETSTAT_KEYS if key in table})
-    return counters
+    table = migrate.tcp_ext()
+    return {key: table.get(key, 0) for key in NETSTAT_KEYS}
 
 
 def set_migrate(value: int) -> None:
     """net.ipv4.tcp_migrate_req of this (private) namespace."""
-    with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+    with open(migrate.SYSCTL, "w") as f:
         f.write(str(value))

@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import grp
 import itertools
 import os
-import pwd
 import shutil
 import signal
 import tempfile
@@ -34,7 +32,7 @@ import psutil
 import structlog
 
 from supervisor import config as config_module
-from supervisor import listeners, logs, migrate, preflight, readiness, status, tls
+from supervisor import listeners, logs, migrate, preflight, readiness, status, tls, worker
 from supervisor.config import Config, MigrateMode, Program, ReadyMode
 from supervisor.control import ControlServer, Reply
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
@@ -369,7 +367,7 @@ class Master:
         if bundle is not None and program.tls is not None:
             # Every worker of the generation, also one restarted, scaled up or recycled later, reads
             # these copies of the bytes just checked: new files on disk wait for the next reload.
-            cert, key = bundle.install(self.tls_folder(program.name, number), _owner(program))
+            cert, key = bundle.install(self.tls_folder(program.name, number), worker.run_as(program))
             program = dataclasses.replace(program, tls=dataclasses.replace(program.tls, cert=cert, key=key))
         assert self.notify is not None
         return Generation(program, number, preflight.program_cwd(config, program), self.notify.path)
@@ -792,17 +790,6 @@ class Master:
         for timer in timers:
             timer.cancel()
         timers.clear()
-
-
-def _owner(program: Program) -> tuple[int, int] | None:
-    """The uid and gid a program's workers run as, when it names a user (they must read its key)."""
-    if program.user is None:
-        return None
-    account = pwd.getpwuid(int(program.user)) if program.user.isdigit() else pwd.getpwnam(program.user)
-    if program.group is None:
-        return account.pw_uid, account.pw_gid
-    gid = int(program.group) if program.group.isdigit() else grp.getgrnam(program.group).gr_gid
-    return account.pw_uid, gid
 
 
 def recycle_reason(w: Worker, max_rss: int | None, max_age: float | None, now: float) -> str | None:

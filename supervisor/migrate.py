@@ -33,20 +33,27 @@ def enable(mode: MigrateMode, sysctl: str = SYSCTL) -> MigrateStatus:
         return MigrateStatus(mode, read_sysctl(sysctl) == "1", "migrate: off (sysctl left as it is)")
     problem = _try_enable(sysctl)
     if problem is None:
-        return MigrateStatus(mode, True, f"{_name(sysctl)} = 1")
+        return MigrateStatus(mode, True, f"{sysctl_name(sysctl)} = 1")
     if mode is MigrateMode.REQUIRE:
         raise MigrateError(f"migrate: require, but {problem}")
     return MigrateStatus(mode, False, f"migrate: prefer, running without migration: {problem}")
 
 
-def _name(sysctl: str) -> str:
+def sysctl_name(sysctl: str) -> str:
     return sysctl.removeprefix("/proc/sys/").replace("/", ".")
 
 
+def absent(sysctl: str) -> str | None:
+    """Why the kernel cannot migrate at all, if it has no such sysctl."""
+    if os.path.exists(sysctl):
+        return None
+    return f"this kernel has no {sysctl_name(sysctl)} (Linux 5.14 or newer is needed)"
+
+
 def _try_enable(sysctl: str) -> str | None:
-    name = _name(sysctl)
-    if not os.path.exists(sysctl):
-        return f"this kernel has no {name} (Linux 5.14 or newer is needed)"
+    name = sysctl_name(sysctl)
+    if problem := absent(sysctl):
+        return problem
     if read_sysctl(sysctl) == "1":
         return None
     try:
@@ -80,17 +87,20 @@ class Counters:
         return Counters(self.success - other.success, self.failure - other.failure)
 
 
-def counters(path: str = NETSTAT) -> Counters:
-    """Read TCPMigrateReqSuccess/Failure; zeros where the kernel does not count them."""
+def tcp_ext(path: str = NETSTAT) -> dict[str, int]:
+    """The TcpExt counters of this network namespace (empty where they cannot be read)."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except OSError:
-        return Counters()
+        return {}
     for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            return Counters(
-                int(table.get("TCPMigrateReqSuccess", 0)), int(table.get("TCPMigrateReqFailure", 0))
-            )
-    return Counters()
+            return {name: int(value) for name, value in zip(names.split()[1:], values.split()[1:], strict=False)}
+    return {}
+
+
+def counters(path: str = NETSTAT) -> Counters:
+    """Read TCPMigrateReqSuccess/Failure; zeros where the kernel does not count them."""
+    table = tcp_ext(path)
+    return Counters(table.get("TCPMigrateReqSuccess", 0), table.get("TCPMigrateReqFailure", 0))

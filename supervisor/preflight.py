@@ -6,9 +6,7 @@ learnt on the way (the certificates as checked, which the workers get). Acting o
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import shutil
 from dataclasses import dataclass, field
 
@@ -59,9 +57,9 @@ def migration_problem(mode: MigrateMode, sysctl: str = migrate.SYSCTL) -> str | 
     """
     if mode is not MigrateMode.REQUIRE or migrate.read_sysctl(sysctl) == "1":
         return None
-    name = sysctl.removeprefix("/proc/sys/").replace("/", ".")
-    if not os.path.exists(sysctl):
-        return f"migrate: require, but this kernel has no {name} (Linux 5.14 or newer is needed)"
+    if problem := migrate.absent(sysctl):
+        return f"migrate: require, but {problem}"
+    name = migrate.sysctl_name(sysctl)
     # access(2) asks the sysctl's own permission hook (CAP_NET_ADMIN over the namespace) and the mount.
     if os.access(sysctl, os.W_OK):
         return None
@@ -74,12 +72,12 @@ def _account_problem(program: Program) -> str | None:
         return f"{worker.SETPRIV} is missing (Debian package util-linux): it starts every worker"
     try:
         if program.user is not None:
-            pwd.getpwuid(int(program.user)) if program.user.isdigit() else pwd.getpwnam(program.user)
+            worker.account(program.user)
     except KeyError:
         return f"user {program.user!r} does not exist"
     try:
         if program.group is not None:
-            grp.getgrgid(int(program.group)) if program.group.isdigit() else grp.getgrnam(program.group)
+            worker.group_id(program.group)
     except KeyError:
         return f"group {program.group!r} does not exist"
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import grp
 import os
 import pwd
 import signal
@@ -208,8 +209,8 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
            if k not in _MASTER_ONLY_ENV}
     env.update(program.env)
     if program.user is not None:
-        account = pwd.getpwuid(int(program.user)) if program.user.isdigit() else pwd.getpwnam(program.user)
-        env.update(USER=account.pw_name, LOGNAME=account.pw_name, HOME=account.pw_dir)
+        user = account(program.user)
+        env.update(USER=user.pw_name, LOGNAME=user.pw_name, HOME=user.pw_dir)
     command = list(program.command)
     if program.tls is not None:
         env.update(SUPERVISOR_TLS_CERT=program.tls.cert, SUPERVISOR_TLS_KEY=program.tls.key)
@@ -259,8 +260,26 @@ def privileges(program: Program) -> list[str]:
     return [*argv, "--"]
 
 
+def account(user: str) -> pwd.struct_passwd:
+    """The passwd entry of a user named or numbered in the config; KeyError if there is none."""
+    return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+
+
+def group_id(group: str) -> int:
+    """The gid of a group named or numbered in the config; KeyError if there is none."""
+    return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+
+
 def primary_group(user: str) -> int:
-    return (pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)).pw_gid
+    return account(user).pw_gid
+
+
+def run_as(program: Program) -> tuple[int, int] | None:
+    """The uid and gid the program's workers run as, when it names a user (None: the master's)."""
+    if program.user is None:
+        return None
+    user = account(program.user)
+    return user.pw_uid, user.pw_gid if program.group is None else group_id(program.group)
 
 
 def _fd_actions(fds: Iterable[int], stdin: int, stderr: int) -> list[tuple[int, ...]]:

@@ -71,6 +71,15 @@ class Supervisor:
             wait_for("every program serving", self.serving, timeout=20)
         return self
 
+    def exit_status_of_refused_start(self, timeout: float = 20) -> int:
+        """Start a supervisord that must exit by itself; its exit status (it is killed if it does not)."""
+        self.start(wait=False)
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.kill()
+
     def serving(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:

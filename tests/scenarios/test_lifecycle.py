@@ -327,12 +327,7 @@ def test_first_generation_that_fails_stops_supervisord(tmp_path: Path) -> None:
         "print('cannot load app: boom', file=sys.stderr)\n"
         "sys.exit(1)\n")]
     sup = Supervisor(tmp_path, {"web": program(failing, ready_timeout=30)})
-    sup.start(wait=False)
-    assert sup.proc is not None
-    try:
-        assert sup.proc.wait(timeout=20) == 1
-    finally:
-        sup.kill()
+    assert sup.exit_status_of_refused_start() == 1
     [failed] = sup.events("reload_failed")
     assert re.fullmatch(r"web: generation 1 worker 0 \(pid \d+\) exit status 1 before it was ready; "
                         r"last stderr lines:\n  cannot load app: boom", failed["reason"]), failed
@@ -346,12 +341,7 @@ def test_address_in_use_refuses_the_start(tmp_path: Path) -> None:
     """Another process listens on the port without SO_REUSEPORT: exit 1 with one line naming the address."""
     with socket.create_server(("127.0.0.1", 8000)) as taken:
         sup = Supervisor(tmp_path, {"web": program()})
-        sup.start(wait=False)
-        assert sup.proc is not None
-        try:
-            assert sup.proc.wait(timeout=20) == 1
-        finally:
-            sup.kill()
+        assert sup.exit_status_of_refused_start() == 1
         assert taken.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1  # untouched
     [failed] = sup.events("reload_failed")
     assert "cannot listen on 127.0.0.1:8000: Address already in use" in failed["reason"], failed

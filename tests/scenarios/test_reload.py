@@ -165,8 +165,7 @@ def test_unreadable_number_is_one_line_at_start_and_at_reload(tmp_path: Path) ->
     once (it used to leave supervisorctl waiting) and generation 1 serves on."""
     (tmp_path / "bad").mkdir()
     bad = Supervisor(tmp_path / "bad", {"web": program(ready_timeout=float("inf"))})
-    bad.start(wait=False)
-    assert bad.proc is not None and bad.proc.wait(timeout=20) == 2
+    assert bad.exit_status_of_refused_start() == 2
     assert "programs.web.ready_timeout: expected a number of seconds, got .inf" in bad.log_text()
     assert "Traceback" not in bad.log_text()
     with supervisor(tmp_path, {"web": program()}) as sup:

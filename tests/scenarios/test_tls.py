@@ -38,6 +38,21 @@ def write_cert(ca: trustme.CA, folder: Path, **validity: datetime.datetime) -> s
     return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode()).hex()
 
 
+def break_certificate(ca: trustme.CA, folder: Path, how: str) -> None:
+    """Make the files in `folder` unusable: a key of another certificate, expired, garbage or missing."""
+    cert = folder / "cert.pem"
+    if how == "mismatch":
+        key = (folder / "key.pem").read_bytes()
+        write_cert(ca, folder)
+        (folder / "key.pem").write_bytes(key)
+    elif how == "expired":  # the demo would serve it: only the check can refuse it
+        write_cert(ca, folder, not_before=NOW - datetime.timedelta(days=30), not_after=NOW - datetime.timedelta(days=1))
+    elif how == "garbage":
+        cert.write_text("not a certificate\n")
+    else:
+        cert.unlink()
+
+
 def tls_program(folder: Path, **settings: object) -> dict[str, object]:
     return program(tls={"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem")}, **settings)
 
@@ -80,17 +95,7 @@ def test_unusable_certificate_refuses_the_reload(tmp_path: Path, ca: trustme.CA,
     write_cert(ca, tmp_path)
     with supervisor(tmp_path, {"web": tls_program(tmp_path)}) as sup:
         cert = tmp_path / "cert.pem"
-        if break_files == "mismatch":
-            key = (tmp_path / "key.pem").read_bytes()
-            write_cert(ca, tmp_path)
-            (tmp_path / "key.pem").write_bytes(key)
-        elif break_files == "expired":
-            write_cert(ca, tmp_path, not_before=NOW - datetime.timedelta(days=30),
-                       not_after=NOW - datetime.timedelta(days=1))
-        elif break_files == "garbage":
-            cert.write_text("not a certificate\n")
-        else:
-            cert.unlink()
+        break_certificate(ca, tmp_path, break_files)
         result = sup.ctl("reload")
         assert result.returncode == 1
         assert message in result.stderr and str(cert if break_files != "mismatch" else tmp_path / "key.pem") \
@@ -111,13 +116,7 @@ def test_start_checks_the_certificate_like_a_reload(tmp_path: Path, ca: trustme.
     with supervisor(tmp_path, {"web": tls_program(tmp_path)}) as sup:
         assert sup.ctl("stop", "web").returncode == 0
         before = sup.status()["programs"]
-        if break_files == "mismatch":
-            key = (tmp_path / "key.pem").read_bytes()
-            write_cert(ca, tmp_path)
-            (tmp_path / "key.pem").write_bytes(key)
-        else:  # the demo would serve it: only the check can refuse it
-            write_cert(ca, tmp_path, not_before=NOW - datetime.timedelta(days=30),
-                       not_after=NOW - datetime.timedelta(days=1))
+        break_certificate(ca, tmp_path, break_files)
         result = sup.ctl("start", "web")
         assert result.returncode == 1 and result.stdout == "", result.stdout
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -163,6 +162,24 @@ def test_workers_started_between_reloads_keep_the_checked_certificate(tmp_path: 
         renewed = sup.status()["programs"][0]["tls"]["sha256"]
         assert renewed != checked
         assert serve_until(sup, client(ca), {w["pid"] for w in sup.workers() if w["generation"] == 2}) == {renewed}
+
+
+def test_a_copy_that_cannot_be_written_rolls_the_reload_back(tmp_path: Path, ca: trustme.CA) -> None:
+    """Writing the new generation's copy fails (here: its folder is already taken): the reload is
+    refused in one line naming the cause, generation 1 serves on, and the next reload works."""
+    write_cert(ca, tmp_path)
+    with supervisor(tmp_path, {"web": tls_program(tmp_path, workers=1)}) as sup:
+        pid = sup.workers()[0]["pid"]
+        runtime = Path(psutil.Process(pid).environ()["SUPERVISOR_TLS_CERT"]).parent.parent
+        (runtime / "tls.2.web").mkdir()
+        result = sup.ctl("reload")
+        assert result.returncode == 1 and "cannot copy the certificate and key" in result.stderr, result.stderr
+        assert "File exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert [w["pid"] for w in sup.workers()] == [pid] and sup.serving()
+        code, _, cert = request_cert(tls=client(ca))
+        assert code == 200 and cert == sup.status()["programs"][0]["tls"]["sha256"]
+        sup.reload()
+        assert sup.generation() == 3 and request_cert(tls=client(ca))[0] == 200
 
 
 def test_unprivileged_workers_read_a_private_copy(tmp_path: Path, ca: trustme.CA) -> None:
@@ -227,6 +244,5 @@ def test_tls_placeholders_reach_the_command(tmp_path: Path, ca: trustme.CA) -> N
 def test_placeholder_without_tls_is_a_config_error(tmp_path: Path) -> None:
     """A command that uses {tls.cert} without a tls section is refused at start with file and key."""
     sup = Supervisor(tmp_path, {"web": program(command=["x", "{tls.cert}"])})
-    sup.start(wait=False)
-    assert sup.proc is not None and sup.proc.wait(timeout=20) == 2
+    assert sup.exit_status_of_refused_start() == 2
     assert "programs.web.command: uses {tls.cert} but programs.web.tls is not set" in sup.log_text()

@@ -203,8 +203,7 @@ def test_workers_run_unprivileged_on_a_privileged_port(tmp_path: Path) -> None:
 def test_unknown_user_is_refused_before_anything_starts(tmp_path: Path) -> None:
     """Preflight names the program and the user; supervisord exits 2."""
     sup = Supervisor(tmp_path, {"web": program(user="no-such-user")})
-    sup.start(wait=False)
-    assert sup.proc is not None and sup.proc.wait(timeout=20) == 2
+    assert sup.exit_status_of_refused_start() == 2
     assert "web: user 'no-such-user' does not exist" in sup.log_text()
 
 
