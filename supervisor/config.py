@@ -82,6 +82,9 @@ class Program:
     listen: tuple[Listen, ...] = ()
     ready_timeout: float = 10.0
     graceful_timeout: float = 30.0
+    # Seconds between shutting a retiring worker's listeners and its stop signal: it reads what it
+    # accepted just before (uvicorn closes connections without a parsed request at once on TERM).
+    stop_delay: float = 0.5
     backlog: int = 1024
     stop_signal: signal.Signals = signal.SIGTERM
     env: tuple[tuple[str, str], ...] = ()
@@ -203,6 +206,7 @@ class _Reader:
             "command": self.command, "workers": lambda n, k: self.integer(n, k, 1, 4096),
             "listen": self.listen, "ready_timeout": lambda n, k: self.number(n, k, positive=True),
             "graceful_timeout": lambda n, k: self.number(n, k, positive=False),
+            "stop_delay": lambda n, k: self.number(n, k, positive=False),
             "backlog": lambda n, k: self.integer(n, k, 1, 65535), "stop_signal": self.signal,
             "env": self.env, "cwd": self.path_value, "tls": self.tls,
             "user": self.string, "group": self.string, "umask": lambda n, k: self.octal(n, k, 0o777),

@@ -58,6 +58,14 @@ class GracefulTimeout:
 
 
 @dataclass(frozen=True)
+class StopDue:
+    """These workers' listeners were shut `stop_delay` ago: time for their stop signal."""
+
+    workers: tuple[Worker, ...]
+    signum: int
+
+
+@dataclass(frozen=True)
 class ReadinessCheck:
     """Time to look again whether a worker without sd_notify serves (ready: accepting | settle)."""
 
@@ -90,5 +98,5 @@ class WatchdogDue:
 
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
-         | GracefulTimeout | RespawnDue | WatchdogDue
+         | StopDue | GracefulTimeout | RespawnDue | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)

@@ -4,8 +4,8 @@ Lifecycle: `STARTING -> SERVING -> RETIRING -> RETIRED`, or `STARTING -> ROLLED_
 Invariants:
 - a generation only retires once its successor is SERVING, so the group always has listeners
   with live workers behind them (except on stop/shutdown, where that is the point);
-- every listener of a generation is shut before, or in the same step as, its worker is told to
-  stop, so the kernel moves its queue to the remaining members instead of resetting it.
+- every listener of a generation is shut before its worker is told to stop (`stop_delay` later),
+  so the kernel moves its queue to the remaining members instead of resetting it.
 """
 
 from __future__ import annotations
@@ -104,12 +104,15 @@ class Generation:
         return total
 
     def retire(self) -> int:
-        """Shut every listener at once, then send every worker its stop signal.
+        """Shut every listener at once and mark every worker retiring; returns the listeners shut.
 
-        Returns the number of listeners shut. All shutdowns happen before any signal, so a worker
-        that exits quickly never closes a listener that could still have received migrations.
+        The master sends the stop signals afterwards (after `stop_delay`), so a worker that exits
+        quickly never closes a listener that could still have received migrations.
         """
         self.state = GenerationState.RETIRING
+        return self.shut_all()
+
+    def shut_all(self) -> int:
         count = 0
         for w in self.workers:
             for listener in w.listeners:
@@ -117,20 +120,25 @@ class Generation:
                     listeners.shut(listener)
                     count += 1
         for w in self.workers:
-            w.retire(self.program.stop_signal)
+            w.retire()
         return count
 
     def kill(self) -> None:
         for w in self.workers:
             w.kill()
 
-    def rollback(self) -> None:
-        """Shut the listeners first (their queues migrate back to the serving generation), then kill."""
+    def rollback(self) -> list[Worker]:
+        """Shut the listeners first (their queues migrate back to the serving generation).
+
+        Workers not ready yet are killed; ready ones may hold accepted connections, so they are
+        returned to be stopped as retiring workers are.
+        """
         self.state = GenerationState.ROLLED_BACK
-        for w in self.workers:
-            for listener in w.listeners:
-                listeners.shut(listener)
-        self.kill()
+        starting = [w for w in self.workers if w.state is WorkerState.STARTING]
+        self.shut_all()
+        for w in starting:
+            w.kill()
+        return [w for w in self.workers if w.alive and w not in starting]
 
     def finished(self) -> bool:
         return not self.live_workers

@@ -32,7 +32,7 @@ import psutil
 import structlog
 
 from supervisor import config as config_module
-from supervisor import listeners, logs, migrate, preflight, readiness, status, tls, worker
+from supervisor import logs, migrate, preflight, readiness, status, tls, worker
 from supervisor.config import Config, MigrateMode, Program, ReadyMode
 from supervisor.control import ControlServer, Reply
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
@@ -46,6 +46,7 @@ from supervisor.events import (
     RecycleCheck,
     RespawnDue,
     SignalReceived,
+    StopDue,
     WatchdogDue,
     WorkerExited,
     WorkerOutput,
@@ -183,6 +184,8 @@ class Master:
                 self.on_control_request(event)
             case ReadyTimeout():
                 self.on_ready_timeout(event)
+            case StopDue():
+                self.on_stop_due(event)
             case GracefulTimeout():
                 self.on_graceful_timeout(event.workers)
             case RespawnDue():
@@ -437,8 +440,7 @@ class Master:
             timeout = found[1].program.ready_timeout if found else 0
             log.error("worker_not_ready", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
                       timeout=timeout)
-            for listener in w.listeners:
-                listeners.shut(listener)
+            w.shut()
             w.kill()
 
     def find_worker(self, pid: int) -> tuple[Worker, Generation] | None:
@@ -527,7 +529,7 @@ class Master:
         self.reload = None
         self.cancel(reload.timers)
         for gen in reload.generations:
-            gen.rollback()
+            self.stop_later(gen.program, gen.rollback())
             self.track_until_finished(gen)
         still = ", ".join(f"{name}#{g.number}" for name, g in self.serving.items())
         message = f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
@@ -550,7 +552,7 @@ class Master:
     def retire(self, gen: Generation) -> int:
         closed = gen.retire()
         self.track_until_finished(gen)
-        self.loop.call_later(gen.program.graceful_timeout, self.post, GracefulTimeout(tuple(gen.live_workers)))
+        self.stop_later(gen.program, gen.live_workers)
         log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
                  workers=len(gen.live_workers))
         return closed
@@ -558,8 +560,27 @@ class Master:
     def retire_workers(self, gen: Generation, workers: list[Worker]) -> None:
         """Retire some workers of a serving generation (scale down, recycle): same as a generation's."""
         for w in workers:
-            w.retire(gen.program.stop_signal)
-        self.loop.call_later(gen.program.graceful_timeout, self.post, GracefulTimeout(tuple(workers)))
+            w.retire()
+        self.stop_later(gen.program, workers)
+
+    def stop_later(self, program: Program, workers: list[Worker]) -> None:
+        """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
+
+        The delay lets a server read the requests of connections it accepted just before the shut
+        (uvicorn closes those unread when it stops); nothing new reaches it, its queue has migrated.
+        """
+        if not workers:
+            return
+        if program.stop_delay:
+            self.loop.call_later(program.stop_delay, self.post, StopDue(tuple(workers), program.stop_signal))
+        else:
+            self.on_stop_due(StopDue(tuple(workers), program.stop_signal))
+        self.loop.call_later(program.stop_delay + program.graceful_timeout, self.post,
+                             GracefulTimeout(tuple(workers)))
+
+    def on_stop_due(self, event: StopDue) -> None:
+        for w in event.workers:
+            w.signal(event.signum)
 
     def running(self, name: str) -> Generation:
         """The serving generation of a program, or the ControlError a user should see."""

@@ -89,13 +89,16 @@ class Worker:
             log.debug("worker_ready", program=self.program, gen=self.generation, worker=self.index,
                       pid=self.pid, ms=round((self.ready_at - self.started) * 1000))
 
-    def retire(self, stop_signal: signal.Signals) -> None:
-        """Shut this worker's listeners (their queues migrate), then ask it to stop."""
+    def shut(self) -> None:
+        """Shut this worker's listeners: with migration the kernel moves their queues to the group."""
         for listener in self.listeners:
             listeners.shut(listener)
+
+    def retire(self) -> None:
+        """Shut the listeners and mark the worker on its way out; its stop signal is sent separately."""
+        self.shut()
         if self.alive:
             self.state = WorkerState.RETIRING
-            self.signal(stop_signal)
 
     def signal(self, signum: int) -> None:
         """Send a signal to the worker; a worker that is already gone is not an error."""

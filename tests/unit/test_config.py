@@ -36,6 +36,7 @@ class TestValidConfig:
             "    listen: ['127.0.0.1:8000', '[::1]:8000']\n"
             "    ready_timeout: 2.5\n"
             "    graceful_timeout: 0\n"
+            "    stop_delay: 0\n"
             "    backlog: 512\n"
             "    stop_signal: quit\n"
             "    env: {PORT: 8000, NAME: web}\n"
@@ -56,6 +57,7 @@ class TestValidConfig:
         assert web.command == ("uvicorn", "app:app", "--fd", "3") and web.workers == 3
         assert [str(a) for a in web.listen] == ["127.0.0.1:8000", "[::1]:8000"]
         assert web.listen[1].family == socket.AF_INET6 and web.listen[1].sockaddr == ("::1", 8000)
+        assert web.stop_delay == 0.0
         assert web.stop_signal is signal.SIGQUIT and web.env == (("NAME", "web"), ("PORT", "8000"))
         assert web.cwd == str(tmp_path / "app") and web.tls is not None and web.tls.key == str(tmp_path / "k.pem")
         assert web.umask == 0o027 and web.ready is ReadyMode.ACCEPTING and web.max_rss == 3 * 2**29
@@ -68,6 +70,7 @@ class TestValidConfig:
         assert cfg.migrate is MigrateMode.REQUIRE
         assert (web.workers, web.ready_timeout, web.graceful_timeout, web.backlog) == (1, 10.0, 30.0, 1024)
         assert web.stop_signal is signal.SIGTERM and web.ready is ReadyMode.NOTIFY and web.tls is None
+        assert web.stop_delay == 0.5
 
 
 class TestExample:
@@ -98,6 +101,7 @@ class TestErrors:
         ("    tls: {cert: c.pem}\n", "conf.yaml:5: programs.web.tls.key: required"),
         ("    ready_timeout: .inf\n",
          "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds, got .inf"),
+        ("    stop_delay: -1\n", "conf.yaml:5: programs.web.stop_delay: expected at least 0 seconds (and at most a day), got -1"),
         ("    graceful_timeout: .nan\n", "conf.yaml:5: programs.web.graceful_timeout: expected a number of seconds"),
         ("    ready_timeout: 1" + "0" * 400 + "\n",  # an integer no float can hold
          "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds"),
