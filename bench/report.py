@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from bench.load import KINDS
+from tests.load import KINDS
 
 
 def describe(spec: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from bench import kernel, systems
-from bench.load import KINDS
+from tests.load import KINDS, Clients
 
 # The systems of the reload comparison: name -> (server class, settings, net.ipv4.tcp_migrate_req)
 SYSTEMS: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
@@ -72,42 +72,6 @@ class Sampler:
                     self.rss = max(self.rss, self.master.memory_info().rss)
                 except psutil.Error:
                     pass
-
-
-class Load:
-    """`clients` processes of `bench.load` against one address; their merged tallies at the end.
-
-    Used as a context manager: whatever happens, no client outlives the scenario.
-    """
-
-    def __init__(self, address: str, clients: int, concurrency: int, seconds: float, timeout: float = 5.0) -> None:
-        command = [sys.executable, "-m", "bench.load", "--connect", address, "--concurrency", str(concurrency),
-                   "--seconds", str(seconds), "--timeout", str(timeout)]
-        self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=systems.ROOT) for _ in range(clients)]
-
-    def __enter__(self) -> Load:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-    def finish(self, stop: bool = True) -> dict[str, Any]:
-        """Stop the clients (or let them run out their time) and merge what they counted."""
-        if stop:
-            for proc in self.procs:
-                proc.terminate()
-        tallies = [json.loads(proc.communicate()[0]) for proc in self.procs]
-        pids: dict[int, list[float]] = {}
-        for tally in tallies:
-            for pid, (first, last, count) in tally["pids"].items():
-                seen = pids.setdefault(int(pid), [first, last, 0])
-                seen[0], seen[1], seen[2] = min(seen[0], first), max(seen[1], last), seen[2] + count
-        return {"ok": sum(t["ok"] for t in tallies), "pids": pids,
-                "failures": sorted(f for t in tallies for f in t["failures"]),
-                "started": min(t["started"] for t in tallies), "ended": max(t["ended"] for t in tallies)}
 
 
 @contextmanager
@@ -159,8 +123,8 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         net_before = kernel.netstat()
         with Sampler(server.port, server.master_pid) as sampler, ExitStack() as stack:
             most = 2 * spec["warmup"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
-            load = stack.enter_context(Load(server.address, spec["clients"], spec["concurrency"], seconds=most,
-                                          timeout=spec["timeout"]))
+            load = stack.enter_context(Clients(server.address, spec["clients"], spec["concurrency"], seconds=most,
+                                               timeout=spec["timeout"]))
             time.sleep(spec["warmup"])
             reloads = []
             for _ in range(spec["reloads"]):
@@ -185,24 +149,24 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         net = {k: v - net_before[k] for k, v in kernel.netstat().items()}
         cpu = psutil.Process(server.master_pid).cpu_times()
         master_cpu = cpu.user + cpu.system - cpu_before.user - cpu_before.system
-    seconds = tally["ended"] - tally["started"]
+    seconds = tally.ended - tally.started
     windows = [r["at"] for r in reloads] + [float("inf")]
     for i, r in enumerate(reloads):
-        failures = [f for f in tally["failures"] if windows[i] <= f[0] < windows[i + 1]]
+        failures = [f for f in tally.failures if windows[i] <= f[0] < windows[i + 1]]
         r["failed"] = dict(Counter(kind for _t, kind, _d in failures))
-        fresh = [first for pid, (first, _last, _n) in tally["pids"].items() if pid not in r["old"] and first >= r["at"]]
+        fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
         r["new_serving_ms"] = ms(min(fresh) - r["at"]) if fresh else None
-    failed = Counter(kind for _t, kind, _d in tally["failures"])
-    before_first = sum(1 for f in tally["failures"] if f[0] < windows[0])
+    failed = Counter(kind for _t, kind, _d in tally.failures)
+    before_first = sum(1 for f in tally.failures if f[0] < windows[0])
     return {
         "scenario": "reload", "system": spec["system"], "stall": spec["stall"], "workers": spec["workers"],
         "backlog": spec["backlog"], "tcp_migrate_req": migrate, "reloads": len(reloads), "seconds": round(seconds, 1),
-        "connections": tally["ok"] + len(tally["failures"]), "ok": tally["ok"],
+        "connections": tally.ok + len(tally.failures), "ok": tally.ok,
         "failed": {kind: failed.get(kind, 0) for kind in KINDS},
         "failed_per_reload": [sum(r["failed"].values()) for r in reloads],
         "failed_before_first_reload": before_first,
-        "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally["failures"]})[:5],
-        "conn_per_s": round(tally["ok"] / seconds),
+        "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally.failures})[:5],
+        "conn_per_s": round(tally.ok / seconds),
         "queue": {"mean": round(statistics.fmean(sampler.queued), 1) if sampler.queued else 0,
                   "max_total": max(sampler.queued, default=0), "max_one_listener": sampler.deepest},
         "netstat": net,
@@ -241,9 +205,9 @@ def throughput(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     for _ in range(spec["rounds"]):
         for name, make in makers.items():
             with running(make()) as server:
-                with Load(server.address, spec["clients"], spec["concurrency"], seconds=spec["seconds"]) as load:
+                with Clients(server.address, spec["clients"], spec["concurrency"], seconds=spec["seconds"]) as load:
                     tally = load.finish(stop=False)
-                rates[name].append(tally["ok"] / (tally["ended"] - tally["started"]))
+                rates[name].append(tally.ok / (tally.ended - tally.started))
     direct, supervised = statistics.median(rates["direct"]), statistics.median(rates["supervised"])
     return {"scenario": "throughput", "workers": spec["workers"], "rounds": spec["rounds"],
             "seconds": spec["seconds"], "direct_conn_per_s": round(direct), "supervised_conn_per_s": round(supervised),

@@ -209,7 +209,7 @@ class Gunicorn(Server):
 
     def command(self) -> list[str]:
         return [str(BIN / "gunicorn"), "--reuse-port", "--workers", str(self.workers), "--bind", self.address,
-                "--backlog", str(self.backlog), "--graceful-timeout", "10", "--chdir", str(ROOT), "bench.wsgi:app"]
+                "--backlog", str(self.backlog), "--graceful-timeout", "10", "--chdir", str(ROOT), "tests.apps.wsgi:app"]
 
     def reload(self) -> dict[str, Any]:
         os.kill(self.master_pid, signal.SIGHUP)

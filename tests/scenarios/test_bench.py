@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import KINDS, BadAnswer, answer_pid
 from bench.scenario import SYSTEMS
+from tests.load import KINDS, BadAnswer, answer_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,14 @@
 """A load of new connections: each one sends one GET and reads the whole answer, on uvloop.
 
-`python -m bench.load --connect 127.0.0.1:8000 --concurrency 256 --seconds 30` keeps that many
+The one load client of the tests and the benchmark (`bench` imports it from here). `Clients` runs it
+in subprocesses for a bounded time and returns their merged `Tally`:
+
+    with Clients("127.0.0.1:8000", concurrency=64, seconds=60) as load:
+        ...  # reload, crash, scale
+        tally = load.finish()
+    assert not tally.failures
+
+`python -m tests.load --connect 127.0.0.1:8000 --concurrency 256 --seconds 30` keeps that many
 connections in flight until the time is up or it gets SIGTERM/SIGINT (then it lets the ones in flight
 finish), and prints one JSON object: the answers per server pid and every failure with its time and
 kind. Times are CLOCK_MONOTONIC, comparable between processes. Several of these processes make a
@@ -18,15 +26,18 @@ import errno
 import json
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 KINDS = ("refused", "reset", "timeout", "bad")
+ROOT = Path(__file__).resolve().parent.parent  # where `-m tests.load` imports from
 
 
 class BadAnswer(Exception):
@@ -47,9 +58,63 @@ class Tally:
         seen[1] = at
         seen[2] += 1
 
+    @property
+    def connections(self) -> int:
+        return self.ok + len(self.failures)
+
+    def failed(self) -> dict[str, int]:
+        """Failures per kind, every kind named."""
+        return {kind: sum(1 for _t, k, _d in self.failures if k == kind) for kind in KINDS}
+
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "pids": self.pids, "failures": self.failures,
                 "started": self.started, "ended": self.ended}
+
+    @classmethod
+    def merged(cls, tallies: list[dict[str, Any]]) -> Tally:
+        """One tally from the JSON of several clients."""
+        out = cls(ok=sum(t["ok"] for t in tallies), started=min(t["started"] for t in tallies),
+                  ended=max(t["ended"] for t in tallies),
+                  failures=sorted((at, kind, detail) for t in tallies for at, kind, detail in t["failures"]))
+        for tally in tallies:
+            for pid, (first, last, count) in tally["pids"].items():
+                seen = out.pids.setdefault(int(pid), [first, last, 0])
+                seen[0], seen[1], seen[2] = min(seen[0], first), max(seen[1], last), seen[2] + count
+        return out
+
+
+class Clients:
+    """`clients` processes of this load against `connect` (HOST:PORT), for at most `seconds`.
+
+    A context manager: whatever happens, no client outlives the block. The processes start in the
+    caller's network namespace; give them a moment (~0.3 s) to import before counting on their load.
+    """
+
+    def __init__(self, connect: str, clients: int = 1, concurrency: int = 64, seconds: float = 60.0,
+                 timeout: float = 5.0) -> None:
+        command = [sys.executable, "-m", "tests.load", "--connect", connect, "--concurrency", str(concurrency),
+                   "--seconds", str(seconds), "--timeout", str(timeout)]
+        self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT) for _ in range(clients)]
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def finish(self, stop: bool = True) -> Tally:
+        """Stop the clients (they let what is in flight finish) or let them run out their time; the merged tally."""
+        if stop:
+            for proc in self.procs:
+                proc.terminate()
+        outputs = [proc.communicate(timeout=60)[0] for proc in self.procs]
+        for proc, output in zip(self.procs, outputs, strict=True):
+            if proc.returncode != 0 or not output:
+                raise RuntimeError(f"load client {proc.pid} exited {proc.returncode} without a tally")
+        return Tally.merged([json.loads(output) for output in outputs])
 
 
 def parse_address(text: str) -> tuple[socket.AddressFamily, tuple[str, int]]:
@@ -126,7 +191,7 @@ async def run(connect: str, concurrency: int, seconds: float, timeout: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.load", description=__doc__.splitlines()[0])
     parser.add_argument("--connect", required=True, metavar="HOST:PORT")
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=30.0)
