@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.scenario import SYSTEMS
+from bench.scenario import STOP_DELAYS, SYSTEMS
 from bench.systems import ROOT
+
+QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair the comparison is about
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where results go")
-    parser.add_argument("--only", choices=("reload", "scaling", "throughput"), action="append",
+    parser.add_argument("--only", choices=("reload", "stop_delay", "scaling", "throughput"), action="append",
                         help="run only these parts (repeatable; default: all)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
     parser.add_argument("--reloads", type=int, default=20, help="reloads per system and mode")
@@ -34,6 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=256, help="connections in flight per load process")
     parser.add_argument("--timeout", type=float, default=5.0,
                         help="seconds from connect() to the whole answer before a connection counts as failed")
+    parser.add_argument("--delay-systems", default=",".join(STOP_DELAYS), help="stop_delay comparison: from "
+                        + ", ".join(STOP_DELAYS))
+    parser.add_argument("--delay-runs", type=int, default=3,
+                        help="stop_delay comparison: runs per system")
+    parser.add_argument("--delay-reloads", type=int, default=20, help="stop_delay comparison: reloads per run")
+    parser.add_argument("--delay-concurrency", type=int, default=64,
+                        help="stop_delay comparison: connections in flight (one load process)")
     parser.add_argument("--scaling-workers", default="1,2,4,16,64")
     parser.add_argument("--scaling-addresses", default="1,4,16")
     parser.add_argument("--scaling-reloads", type=int, default=10)
@@ -46,14 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
-    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+        args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
+    unknown = set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     return args
 
 
 def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    parts = args.only or ["reload", "scaling", "throughput"]
+    parts = args.only or ["reload", "stop_delay", "scaling", "throughput"]
     load = {"clients": args.clients, "concurrency": args.concurrency, "backlog": args.backlog}
     reload_load = {**load, "timeout": args.timeout}
     out: list[dict[str, Any]] = []
@@ -62,6 +72,11 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "reloads": args.reloads, "interval": args.interval + stall, "warmup": min(1.0, args.interval),
                  **reload_load}
                 for system in args.systems.split(",") for stall in (0.0, args.stall)]
+    if "stop_delay" in parts:  # uvicorn and the demo, stop_delay 0 and 0.5 s, interleaved run by run
+        out += [{"scenario": "stop_delay", "system": system, "run": run, "stall": 0.0, "workers": args.workers,
+                 "reloads": args.delay_reloads, "interval": args.interval, "warmup": min(1.0, args.interval),
+                 "clients": 1, "concurrency": args.delay_concurrency, "backlog": args.backlog, "timeout": args.timeout}
+                for run in range(1, args.delay_runs + 1) for system in args.delay_systems.split(",")]
     if "scaling" in parts:
         out += [{"scenario": "scaling", "workers": int(w), "addresses": 1, "reloads": args.scaling_reloads,
                  "backlog": args.backlog} for w in args.scaling_workers.split(",")]

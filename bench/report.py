@@ -9,12 +9,15 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from bench.scenario import CPU_WINDOW
 from tests.load import KINDS
 
 
 def describe(spec: dict[str, Any]) -> str:
     if spec["scenario"] == "reload":
         return f"reload: {spec['system']}, {mode(spec)}"
+    if spec["scenario"] == "stop_delay":
+        return f"stop_delay: {spec['system']}, run {spec['run']}"
     if spec["scenario"] == "scaling":
         return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
     return f"throughput: {spec['workers']} workers"
@@ -60,6 +63,25 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             [[r["system"], p50_p99(r["latency_ms"]["command_ms"]), p50_p99(r["latency_ms"]["new_serving_ms"]),
               p50_p99(r["latency_ms"]["closed_ms"]), r["master"]["rss_mib"], r["master"]["cpu_percent"]]
              for r in steady]))
+    delays = [r for r in ok if r["scenario"] == "stop_delay"]
+    if delays:
+        out.append(f"\nstop_delay: old workers get their stop signal 0 or 0.5 s after their listeners are shut "
+                   f"({delays[0]['workers']} workers, {args.delay_concurrency} connections in flight, a reload "
+                   f"every {args.interval:g} s; CPU of an old worker in the first {CPU_WINDOW:g} s after the "
+                   f"reload, and until it exited):\n\n")
+        rows = []
+        for system in dict.fromkeys(r["system"] for r in delays):
+            runs = [r for r in delays if r["system"] == system]
+            per_reload = [n for r in runs for n in r["failed_per_reload"]]
+            failed = {k: sum(r["failed"][k] for r in runs) for k in KINDS}
+            rows.append([system, len(runs), sum(r["connections"] for r in runs), len(per_reload),
+                         sum(failed.values()), *failed.values(), f"{sum(per_reload) / max(1, len(per_reload)):.2f}",
+                         sum(1 for n in per_reload if n), "/".join(str(sum(r["failed"].values())) for r in runs),
+                         round(sum(r["old_cpu"]["window_percent"] for r in runs) / len(runs), 1),
+                         round(sum(r["old_cpu"]["until_exit_ms"] for r in runs) / len(runs))])
+        out.append(table(["system", "runs", "connections", "reloads", "failed", *KINDS, "per reload",
+                          "reloads with a failure", "failed per run", "old worker CPU % of a core",
+                          "old worker CPU ms until exit"], rows))
     if scaling:
         out.append("\nThis supervisor as it grows: reload (command to old listeners closed) and master memory:\n\n")
         out.append(table(

@@ -38,6 +38,16 @@ SYSTEMS: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
     "gunicorn --reuse-port migrate=1": (systems.Gunicorn, {}, 1),
 }
 
+UVICORN = {"command": [systems.PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "tests.apps.asgi:app"],
+           "cwd": str(systems.ROOT), "ready": "accepting", "settle": 0.2}
+# The stop_delay comparison: supervisor migrate=on with these program settings
+STOP_DELAYS: dict[str, dict[str, Any]] = {
+    "uvicorn stop_delay=0": {**UVICORN, "stop_delay": 0},
+    "uvicorn stop_delay=0.5": {**UVICORN, "stop_delay": 0.5},
+    "demo stop_delay=0": {"stop_delay": 0},
+    "demo stop_delay=0.5": {"stop_delay": 0.5},
+}
+CPU_WINDOW = 0.4  # seconds after a reload returned over which the old workers' CPU is measured (< stop_delay)
 
 STALL_AFTER = 0.5  # seconds stalled workers stay stopped after the reload command returned
 
@@ -108,6 +118,57 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+class OldWorkers:
+    """The CPU the old workers of one reload use after it returned: as % of a core over the first CPU_WINDOW s
+    (inside a stop_delay of 0.5 s: their listeners are shut and their loops spin), and in ms until they exit."""
+
+    def __init__(self, pids: set[int]) -> None:
+        self.procs = []
+        for pid in pids:
+            try:
+                self.procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        self.first = {p.pid: self.cpu(p) for p in self.procs}
+        self.window: dict[int, float] = {}
+        self.last = dict(self.first)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def cpu(proc: psutil.Process) -> float | None:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return None  # exited (the last sample stands)
+        return times.user + times.system
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        alive = list(self.procs)
+        while alive and time.monotonic() < started + 30:
+            time.sleep(0.01)
+            for proc in list(alive):
+                now = self.cpu(proc)
+                if now is None:
+                    alive.remove(proc)
+                    continue
+                self.last[proc.pid] = now
+                if time.monotonic() - started <= CPU_WINDOW:
+                    self.window[proc.pid] = now
+
+    def result(self) -> dict[str, float]:
+        """Mean per old worker: `window_percent` of a core, `until_exit_ms` of CPU."""
+        self._thread.join()
+        pids = [pid for pid, first in self.first.items() if first is not None]
+        if not pids:
+            return {"window_percent": 0.0, "until_exit_ms": 0.0}
+        used = [(self.window.get(pid, self.last[pid]) or 0.0) - (self.first[pid] or 0.0) for pid in pids]
+        total = [(self.last[pid] or 0.0) - (self.first[pid] or 0.0) for pid in pids]
+        return {"window_percent": round(100 * sum(used) / len(used) / CPU_WINDOW, 1),
+                "until_exit_ms": round(1000 * sum(total) / len(total), 1)}
+
+
 def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Reload `reloads` times, `interval` s apart, while new connections arrive; count what failed.
 
@@ -115,7 +176,8 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     resumed STALL_AFTER s after the reload command returned: their accept queues are then full when
     their listeners close, as they are when workers are busy, which is when a reload loses connections.
     """
-    cls, settings, migrate = SYSTEMS[spec["system"]]
+    cls, settings, migrate = SYSTEMS.get(spec["system"]) or (systems.Supervisor,
+                                                               {"program": STOP_DELAYS[spec["system"]]}, 1)
     kernel.set_migrate(migrate)
     server = cls(folder, workers=spec["workers"], backlog=spec["backlog"], **settings)
     with running(server):
@@ -140,9 +202,10 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                     if spec["stall"]:
                         time.sleep(STALL_AFTER)
                         signal_all(old, signal.SIGCONT)
+                watch = OldWorkers(old) if spec.get("old_cpu") else None
                 closed = wait_closed(server.port, old)
                 reloads.append({"at": started, "old": sorted(old), "command_ms": ms(returned - started),
-                                "closed_ms": ms(closed - started), **reported})
+                                "closed_ms": ms(closed - started), "watch": watch, **reported})
                 time.sleep(max(0.0, started + spec["interval"] - time.monotonic()))
             time.sleep(spec["warmup"])
             tally = load.finish()
@@ -156,6 +219,8 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         r["failed"] = dict(Counter(kind for _t, kind, _d in failures))
         fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
         r["new_serving_ms"] = ms(min(fresh) - r["at"]) if fresh else None
+        if r["watch"] is not None:
+            r["old_cpu"] = r["watch"].result()
     failed = Counter(kind for _t, kind, _d in tally.failures)
     before_first = sum(1 for f in tally.failures if f[0] < windows[0])
     return {
@@ -173,7 +238,7 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         "latency_ms": {key: summary([r[key] for r in reloads if r.get(key) is not None])
                        for key in ("new_serving_ms", "closed_ms", "command_ms")},
         "master": {"rss_mib": round(sampler.rss / 2**20, 1), "cpu_percent": round(100 * master_cpu / seconds, 1)},
-        "per_reload": [{k: v for k, v in r.items() if k not in ("at", "old")} for r in reloads],
+        "per_reload": [{k: v for k, v in r.items() if k not in ("at", "old", "watch")} for r in reloads],
     }
 
 
@@ -223,7 +288,16 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-SCENARIOS = {"reload": reload_under_load, "scaling": scaling, "throughput": throughput}
+def stop_delay(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """One run of the stop_delay comparison: a reload run with the old workers' CPU measured."""
+    result = reload_under_load({**spec, "stall": 0.0, "old_cpu": True}, folder)
+    cpu = [r["old_cpu"] for r in result["per_reload"]]
+    return {**result, "scenario": "stop_delay", "run": spec["run"],
+            "old_cpu": {"window_percent": round(statistics.fmean(c["window_percent"] for c in cpu), 1),
+                        "until_exit_ms": round(statistics.fmean(c["until_exit_ms"] for c in cpu), 1)}}
+
+
+SCENARIOS = {"stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling, "throughput": throughput}
 
 
 def main(argv: list[str]) -> int:

@@ -118,10 +118,11 @@ class Server:
 
 @dataclass
 class Supervisor(Server):
-    """This project: supervisord running the demo app, reloaded through its control socket."""
+    """This project: supervisord running the demo app (or `program`'s command), reloaded through its control socket."""
 
     migrate: str = "require"
     addresses: int = 1  # listen on `port`, `port + 1`, ...
+    program: dict[str, Any] = field(default_factory=dict)  # more program settings: command, ready, stop_delay...
 
     label = "supervisord"
 
@@ -132,7 +133,8 @@ class Supervisor(Server):
     def prepare(self) -> None:
         program = {"command": [PYTHON, "-m", "supervisor.demo"], "workers": self.workers,
                    "listen": [f"{HOST}:{self.port + i}" for i in range(self.addresses)],
-                   "backlog": self.backlog, "ready_timeout": 60, "graceful_timeout": 10}
+                   "backlog": self.backlog, "ready_timeout": 60, "graceful_timeout": 10,
+                   **self.program}
         doc = {"control": {"socket": str(self.folder / "supervisor.sock")}, "migrate": self.migrate,
                "programs": {"web": program}}
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.__main__ import QUICK_DELAYS
 from bench.scenario import SYSTEMS
 from tests.load import KINDS, BadAnswer, answer_pid
 
@@ -38,12 +39,17 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     stalled_supervisor = next(r for r in reloads if r["system"] == "supervisor migrate=on" and r["stall"])
     assert stalled_supervisor["netstat"]["TCPMigrateReqSuccess"] > 0, "the stalled workers' queues did not move"
 
+    delays = [r for r in results if r["scenario"] == "stop_delay"]
+    assert sorted(r["system"] for r in delays) == sorted(QUICK_DELAYS)
+    for r in delays:
+        assert r["connections"] > 0 and len(r["per_reload"]) == 2 and r["old_cpu"]["until_exit_ms"] >= 0, r
+
     assert {r["workers"] for r in results if r["scenario"] == "scaling"} == {1, 2}
     throughput = next(r for r in results if r["scenario"] == "throughput")
     assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
 
     table = (tmp_path / "table.md").read_text()
-    assert all(system in table for system in SYSTEMS) and "ratio" in table
+    assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS)) and "ratio" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 

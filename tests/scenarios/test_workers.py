@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -205,24 +204,6 @@ def test_unknown_user_is_refused_before_anything_starts(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path, {"web": program(user="no-such-user")})
     assert sup.exit_status_of_refused_start() == 2
     assert "web: user 'no-such-user' does not exist" in sup.log_text()
-
-
-def uvicorn() -> list[str]:
-    return [PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "--app-dir", str(APPS.parent.parent),
-            "tests.apps.asgi:app"]
-
-
-def test_real_uvicorn_workers_reload_under_load(tmp_path: Path) -> None:
-    """uvicorn --fd 3 (no sd_notify) with `ready: accepting`: reloads under load fail no connection."""
-    settings = program(uvicorn(), ready="accepting", settle=0.2, graceful_timeout=5)
-    with supervisor(tmp_path, {"web": settings}) as sup, Load(threads=4, seconds=30) as load:
-        for _ in range(6):
-            time.sleep(0.5)
-            out = sup.reload().stdout
-            assert "ready in" in out
-        wait_for("answers from generation 7", lambda: load.generations.get(7))
-    assert load.failed == 0, (load.outcomes, load.errors)
-    assert len(load.generations) == 7
 
 
 def test_accepting_readiness_waits_for_the_listener_to_be_polled(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""Real servers under the supervisor, reloaded as fast as they start while 64 new connections are in flight.
+
+Each server runs as 2 workers with the settings the README's "Tested servers" recommends for it; the
+assertion is the product's promise: not one failed connection, and the last generation serves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.harness import BIN, DEMO, PYTHON, program, supervisor
+from tests.load import Clients, Tally
+
+pytestmark = pytest.mark.usefixtures("netns")
+ROOT = Path(__file__).resolve().parents[2]  # the workers' cwd: `tests.apps...` imports from here
+RELOADING = 20.0  # seconds of reloads per server
+PAUSE = 0.2  # seconds between one reload's end and the next one's start
+CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class Server:
+    command: list[str]
+    settings: dict[str, Any]  # ready, settle, stop_signal, stop_delay: what makes its reloads lossless
+    cwd: Path | None = ROOT  # where it imports the app from (`tests.apps...`)
+
+
+def gunicorn(worker_class: str, app: str) -> list[str]:
+    # One gunicorn worker per supervised worker: the supervisor's workers are gunicorn arbiters, each with
+    # its own listener. No --bind: gunicorn takes fd 3 from LISTEN_FDS, and `--bind fd://3` as well would
+    # make it open fd 3 twice (EBADF, it closes the first copy). No control socket: every arbiter would
+    # share the default path $HOME/.gunicorn/gunicorn.ctl.
+    return [str(BIN / "gunicorn"), "--workers", "1", "--worker-class", worker_class, "--graceful-timeout", "5",
+            "--no-control-socket", app]
+
+
+SERVERS = {
+    "demo": Server(DEMO, {"ready": "notify"}, cwd=None),
+    "uvicorn": Server([PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "tests.apps.asgi:app"],
+                      {"ready": "accepting", "settle": 0.2}),
+    # uvloop: hypercorn's default stdlib asyncio loop logs a traceback for every failed accept() on the
+    # shut listener during stop_delay (thousands of lines per reload through the supervisor's log)
+    "hypercorn": Server([PYTHON, "-m", "hypercorn", "--worker-class", "uvloop", "--bind", "fd://3",
+                         "tests.apps.asgi:app"], {"ready": "accepting", "settle": 0.2}),
+    # A sync worker serves each connection it accepts to the end before the next accept(): nothing to read
+    # after the shut, and during a delay its accept() fails (EINVAL), it dies and its arbiter forks another.
+    "gunicorn sync": Server(gunicorn("sync", "tests.apps.wsgi:app"), {"ready": "settle", "settle": 1.0,
+                                                                       "stop_delay": 0}),
+    "gunicorn uvicorn-worker": Server(gunicorn("uvicorn_worker.UvicornWorker", "tests.apps.asgi:app"),
+                                      {"ready": "accepting", "settle": 0.2}),
+}
+
+
+def serving_pids(workers: list[dict[str, Any]]) -> dict[int, set[int]]:
+    """Each worker's pid -> the pids that may answer for it (itself and, for gunicorn, its workers)."""
+    found = {}
+    for w in workers:
+        try:
+            found[w["pid"]] = {w["pid"], *(p.pid for p in psutil.Process(w["pid"]).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            found[w["pid"]] = {w["pid"]}
+    return found
+
+
+def describe(tally: Tally, reloads: int) -> str:
+    examples = sorted({f"{kind}: {detail}" for _at, kind, detail in tally.failures})[:5]
+    return f"{tally.connections} connections, {reloads} reloads, failed {tally.failed()} {examples}"
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> None:
+    server = SERVERS[name]
+    settings = program(server.command, graceful_timeout=10, **server.settings)
+    if server.cwd:
+        settings["cwd"] = str(server.cwd)
+    with supervisor(tmp_path, {"web": settings}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=CONCURRENCY, seconds=RELOADING + 60) as load:
+        reloads = 0
+        deadline = time.monotonic() + RELOADING
+        while time.monotonic() < deadline:
+            time.sleep(PAUSE)
+            sup.reload()
+            reloads += 1
+        last_reload = time.monotonic()
+        generation = sup.generation()
+        last = [w for w in sup.workers() if w["generation"] == generation]
+        time.sleep(1.0)
+        answering = serving_pids(last)
+        tally = load.finish()
+    print(f"\n{name}: {describe(tally, reloads)}")
+    assert not tally.failures, describe(tally, reloads)
+    assert reloads >= 5 and tally.connections > 20 * reloads, describe(tally, reloads)
+    assert len(last) == 2 and generation == reloads + 1
+    silent = [pid for pid, pids in answering.items() if not any(tally.pids.get(p, [0, 0])[1] > last_reload
+                                                                for p in pids)]
+    assert not silent, f"workers of the last generation never answered: {silent}"
