@@ -88,7 +88,7 @@ class Program:
     backlog: int = 1024
     stop_signal: signal.Signals = signal.SIGTERM
     env: tuple[tuple[str, str], ...] = ()
-    cwd: str | None = None
+    cwd: str = "."  # the config file's folder unless set
     tls: Tls | None = None
     user: str | None = None  # run workers as this user (the master stays root to bind and migrate)
     group: str | None = None
@@ -119,6 +119,22 @@ class Config:
             if program.name == name:
                 return program
         raise KeyError(name)
+
+
+def parse_listen(text: str) -> Listen:
+    """"127.0.0.1:8000" or "[::1]:8000"; ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        ip = None
+    if not sep or ip is None or (ip.version == 6) != bracketed:
+        raise ValueError(f'expected "HOST:PORT" or "[IPV6]:PORT" with an IP address, got "{text}"')
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be 1..65535 (every worker binds the same port), got {port!r}")
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return Listen(str(ip), int(port), family)
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -226,6 +242,7 @@ class _Reader:
                 if any(placeholder in arg for arg in values["command"]):
                     raise self.fail(fields["command"][1], f"{key}.command",
                                     f"uses {placeholder} but {key}.tls is not set")
+        values.setdefault("cwd", self.folder)  # a worker runs in the config file's folder by default
         return Program(name=name, **values)
 
     def tls(self, node: yaml.Node, key: str) -> Tls:
@@ -337,19 +354,10 @@ class _Reader:
         return tuple(seen)
 
     def address(self, node: yaml.Node, key: str) -> Listen:
-        text = self.string(node, key)
-        host, sep, port = text.rpartition(":")
-        bracketed = host.startswith("[") and host.endswith("]")
         try:
-            ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
-        except ValueError:
-            ip = None
-        if not sep or ip is None or (ip.version == 6) != bracketed:
-            raise self.fail(node, key, f'expected "HOST:PORT" or "[IPV6]:PORT" with an IP address, got "{text}"')
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise self.fail(node, key, f"port must be 1..65535 (every worker binds the same port), got {port!r}")
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        return Listen(str(ip), int(port), family)
+            return parse_listen(self.string(node, key))
+        except ValueError as exc:
+            raise self.fail(node, key, str(exc)) from None
 
     def signal(self, node: yaml.Node, key: str) -> signal.Signals:
         text = str(node.value).upper() if isinstance(node, yaml.ScalarNode) else ""

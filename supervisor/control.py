@@ -1,6 +1,6 @@
 """The control server in the master: a unix socket that turns requests into events.
 
-The connection handler validates one request, puts a ControlRequest on the master's queue and
+The connection handler validates one request (wire.py), puts a ControlRequest on the master's queue and
 returns; the master answers through the request's Reply, which streams progress lines back. A
 malformed request is answered here and never reaches the master.
 """
@@ -12,44 +12,15 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
 from supervisor import wire
 from supervisor.errors import ControlError
 from supervisor.events import ControlRequest, Event
+from supervisor.reply import Reply
 
 log = structlog.get_logger()
-
-
-class Reply:
-    """Where the master sends progress and the final answer of one request."""
-
-    def __init__(self, writer: asyncio.StreamWriter | None = None, origin: str = "control") -> None:
-        self.writer = writer
-        self.origin = origin  # "control", "SIGHUP", "startup": for the logs
-        self.done = False
-
-    def progress(self, text: str) -> None:
-        log.info("progress", origin=self.origin, text=text)
-        self._send({"progress": text})
-
-    def finish(self, ok: bool, text: str, data: dict[str, Any] | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        if ok:
-            self._send({"ok": True, "message": text, "data": data or {}})
-        else:
-            log.warning("request_failed", origin=self.origin, error=text)
-            self._send({"ok": False, "error": text})
-        if self.writer is not None:
-            self.writer.close()
-
-    def _send(self, message: dict[str, Any]) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(wire.encode(message))
 
 
 class ControlServer:
@@ -73,14 +44,14 @@ class ControlServer:
             # Refused after its request is read: closing with it unread would make the client's send
             # fail (EPIPE) or its read (ECONNRESET) before it sees why.
             _check_peer(writer.get_extra_info("socket"))
-            command, args = wire.parse_request(line)
+            request = wire.parse_request(line)
         except (TimeoutError, ControlError, ValueError, asyncio.LimitOverrunError) as exc:
             reply.finish(False, str(exc) or "timed out waiting for a request")
             return
         except ConnectionError:
             writer.close()
             return
-        self.post(ControlRequest(command, args, reply))
+        self.post(ControlRequest(request, reply))
 
     def close(self) -> None:
         if self.server is not None:

@@ -7,11 +7,12 @@ event and put it on the queue; the master loop alone acts on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from supervisor.control import Reply
     from supervisor.generation import Generation
+    from supervisor.reply import Reply
+    from supervisor.wire import Request
     from supervisor.worker import Worker
 
 
@@ -38,16 +39,18 @@ class NotifyReceived:
 
 @dataclass(frozen=True)
 class ControlRequest:
-    command: str
-    args: dict[str, Any]
+    """A request from supervisorctl, a signal (HUP: Reload) or the daemon itself, and where to answer."""
+
+    request: Request
     reply: Reply
 
 
 @dataclass(frozen=True)
 class ReadyTimeout:
-    """The reload whose id is `reload_id` waited `ready_timeout` for its new generations."""
+    """`generation` of the reload whose id is `reload_id` has waited its `ready_timeout`."""
 
     reload_id: int
+    generation: Generation
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,10 @@ class RecycleCheck:
 
 @dataclass(frozen=True)
 class RespawnDue:
+    """Time to start a worker again in this slot of a serving generation (after a crash or a failed spawn)."""
+
     generation: Generation
     index: int
-    restarts: int
-    previous_exit: str | None = None
 
 
 @dataclass(frozen=True)

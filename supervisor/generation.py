@@ -1,24 +1,30 @@
-"""A generation: one start of a program under one config snapshot, its workers and their listeners.
+"""A generation: one start of a program under one config snapshot, its worker slots and their listeners.
 
-Lifecycle: `STARTING -> SERVING -> RETIRING -> RETIRED`, or `STARTING -> ROLLED_BACK`.
-Invariants:
+Lifecycle: `STARTING -> SERVING -> RETIRING -> RETIRED`, or `STARTING -> ROLLED_BACK`; each move is
+one method, checked and logged. Invariants:
 - a generation only retires once its successor is SERVING, so the group always has listeners
   with live workers behind them (except on stop/shutdown, where that is the point);
-- every listener of a generation is shut before its worker is told to stop (`stop_delay` later),
-  so the kernel moves its queue to the remaining members instead of resetting it.
+- every listener of a generation is shut before its workers get any signal (`Worker.stop` and
+  `Worker.kill` shut first), so the kernel moves their queues to the remaining members instead
+  of resetting them. `retire()` shuts all of them at once, before any worker is told anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import os
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import structlog
 
-from supervisor import listeners, worker
+from supervisor import accounts, listeners, plain, tls
 from supervisor.config import Program
-from supervisor.listeners import Listener
+from supervisor.slot import Slot
 from supervisor.worker import Worker, WorkerState
 
 log = structlog.get_logger()
@@ -32,64 +38,101 @@ class GenerationState(enum.Enum):
     ROLLED_BACK = "rolled_back"
 
 
+class Spawner(Protocol):
+    """What starts a worker: `worker.Spawner` for real, a fake in the unit tests."""
+
+    def spawn(self, program: Program, generation: int, index: int) -> Worker: ...
+
+
 @dataclass(eq=False)
 class Generation:
     """The workers of one program started together; replaced as a whole on reload."""
 
     program: Program
     number: int
-    cwd: str
-    notify_socket: str
-    workers: list[Worker] = field(default_factory=list)
+    slots: dict[int, Slot] = field(default_factory=dict)
+    leaving: list[Worker] = field(default_factory=list)  # scaled down or recycled out, until they exit
     state: GenerationState = GenerationState.STARTING
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
-    size: int = 0  # workers wanted: the config's count, changed by scaling
+    tls_folder: str | None = None  # the copies of the certificate and key its workers read
 
-    def __post_init__(self) -> None:
-        self.size = self.size or self.program.workers
+    @classmethod
+    def create(cls, program: Program, number: int, runtime_dir: str, bundle: tls.Bundle | None) -> Generation:
+        """A new generation; its workers, also those started later, read the TLS copies made here."""
+        folder = None
+        if bundle is not None and program.tls is not None:
+            # Every worker of the generation, also one restarted, scaled up or recycled later, reads
+            # these copies of the bytes just checked: new files on disk wait for the next reload.
+            folder = os.path.join(runtime_dir, f"tls.{number}.{program.name}")  # digits first: no two alike
+            cert, key = bundle.install(folder, accounts.run_as(program))
+            program = dataclasses.replace(program, tls=dataclasses.replace(program.tls, cert=cert, key=key))
+        return cls(program, number, tls_folder=folder)
 
     @property
     def name(self) -> str:
         return f"{self.program.name}#{self.number}"
 
-    def start(self) -> None:
-        """Open every listener and spawn every worker; on error, undo what was done and raise."""
-        try:
-            for index in range(self.size):
-                self.workers.append(self.spawn(index))
-        except BaseException:
-            self.rollback()
-            raise
+    # -- workers ------------------------------------------------------------------------------------
 
-    def spawn(self, index: int, restarts: int = 0) -> Worker:
-        """Start worker `index` on fresh listeners (they join the existing reuseport groups)."""
-        socks: list[Listener] = []
-        try:
-            for n, listen in enumerate(self.program.listen):
-                socks.append(listeners.open_listener(listen, f"{self.program.name}.{n}", self.program.backlog))
-            proc = worker.spawn(self.program, self.number, index, socks, self.notify_socket, self.cwd)
-        except BaseException:
-            for sock in socks:
-                listeners.close(sock)
-            raise
-        proc.restarts = restarts
-        return proc
+    @property
+    def workers(self) -> list[Worker]:
+        """Every worker of the generation, by slot, then those leaving it."""
+        return [w for index in sorted(self.slots) for w in self.slots[index].workers()] + self.leaving
 
     @property
     def live_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.alive]
 
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
     def active_slots(self) -> set[int]:
         """Worker indexes with a worker that is not on its way out."""
-        return {w.index for w in self.workers if w.alive and w.state is not WorkerState.RETIRING}
+        return {index for index, slot in self.slots.items() if slot.active}
+
+    def slot_of(self, w: Worker) -> Slot | None:
+        slot = self.slots.get(w.index)
+        return slot if slot is not None and slot.holds(w) else None
 
     def all_ready(self) -> bool:
-        return bool(self.workers) and all(w.state is WorkerState.READY for w in self.workers)
+        return bool(self.slots) and all(s.worker is not None and s.worker.state is WorkerState.READY
+                                        for s in self.slots.values())
 
-    def mark_serving(self) -> None:
-        self.state = GenerationState.SERVING
-        self.ready_at = time.monotonic()
+    def finished(self) -> bool:
+        return not self.live_workers
+
+    def start(self, spawner: Spawner) -> None:
+        """Open every listener and spawn every worker; on error raise (the reload rolls back what started)."""
+        for index in range(self.program.workers):
+            self.slots[index] = Slot(index, self.spawn(spawner, index))
+
+    def spawn(self, spawner: Spawner, index: int) -> Worker:
+        """The one way a worker of this generation starts: on fresh listeners that join the groups."""
+        return spawner.spawn(self.program, self.number, index)
+
+    def scale_up(self, count: int) -> list[int]:
+        """Slots 0..count-1 exist; returns the indexes without a worker (new, or waiting for a restart)."""
+        for index in range(count):
+            self.slots.setdefault(index, Slot(index))
+        return [index for index in range(count) if self.slots[index].worker is None]
+
+    def scale_down(self, count: int) -> list[Worker]:
+        """Slots from `count` on go; returns their live workers, which are to leave."""
+        gone = [self.slots.pop(index) for index in sorted(self.slots) if index >= count]
+        return [w for slot in gone for w in slot.workers() if w.alive]
+
+    def leave(self, workers: list[Worker]) -> list[Worker]:
+        """Workers leave a serving generation (scale down, recycled): shut now, stopped by the master."""
+        for w in workers:
+            w.retire()
+            self.leaving.append(w)
+        return workers
+
+    def worker_gone(self, w: Worker) -> None:
+        if w in self.leaving:
+            self.leaving.remove(w)
 
     def queued(self) -> int:
         """Connections waiting in this generation's accept queues (what a shut would migrate)."""
@@ -103,16 +146,53 @@ class Generation:
                         pass
         return total
 
+    def kill(self) -> None:
+        for w in self.workers:
+            w.kill()
+
+    # -- transitions --------------------------------------------------------------------------------
+
+    def _move(self, to: GenerationState, *sources: GenerationState) -> None:
+        if self.state not in sources:
+            raise RuntimeError(f"generation {self.name}: {self.state.value} -> {to.value} is not a transition")
+        log.debug("generation_state", program=self.program.name, gen=self.number, came=self.state.value,
+                  state=to.value)
+        self.state = to
+
+    def mark_serving(self) -> None:
+        self._move(GenerationState.SERVING, GenerationState.STARTING)
+        self.ready_at = time.monotonic()
+
     def retire(self) -> int:
         """Shut every listener at once and mark every worker retiring; returns the listeners shut.
 
-        The master sends the stop signals afterwards (after `stop_delay`), so a worker that exits
-        quickly never closes a listener that could still have received migrations.
+        All shutdowns happen before any signal (the master sends those after `stop_delay`), so a
+        worker that exits quickly never closes a listener that could still receive migrations.
         """
-        self.state = GenerationState.RETIRING
-        return self.shut_all()
+        self._move(GenerationState.RETIRING, GenerationState.SERVING)
+        return self._shut_all()
 
-    def shut_all(self) -> int:
+    def rollback(self) -> list[Worker]:
+        """Shut the listeners first (their queues migrate back to the serving generation).
+
+        Workers not ready yet are killed; ready ones may hold accepted connections, so they are
+        returned to be stopped as retiring workers are.
+        """
+        self._move(GenerationState.ROLLED_BACK, GenerationState.STARTING)
+        starting = [w for w in self.workers if w.state is WorkerState.STARTING]
+        self._shut_all()
+        for w in starting:
+            w.kill()
+        return [w for w in self.live_workers if w not in starting]
+
+    def finish(self) -> None:
+        """The last worker has exited: the TLS copies go, a retiring generation is retired."""
+        if self.tls_folder is not None:
+            shutil.rmtree(self.tls_folder, ignore_errors=True)
+        if self.state is GenerationState.RETIRING:
+            self._move(GenerationState.RETIRED, GenerationState.RETIRING)
+
+    def _shut_all(self) -> int:
         count = 0
         for w in self.workers:
             for listener in w.listeners:
@@ -123,22 +203,18 @@ class Generation:
             w.retire()
         return count
 
-    def kill(self) -> None:
-        for w in self.workers:
-            w.kill()
+    # -- plain data ---------------------------------------------------------------------------------
 
-    def rollback(self) -> list[Worker]:
-        """Shut the listeners first (their queues migrate back to the serving generation).
+    def to_json(self) -> dict[str, Any]:
+        return {"program": plain.to_plain(self.program), "number": self.number, "state": self.state.value,
+                "started": self.started, "ready_at": self.ready_at, "tls_folder": self.tls_folder,
+                "slots": [self.slots[i].to_json() for i in sorted(self.slots)],
+                "leaving": [w.to_json() for w in self.leaving]}
 
-        Workers not ready yet are killed; ready ones may hold accepted connections, so they are
-        returned to be stopped as retiring workers are.
-        """
-        self.state = GenerationState.ROLLED_BACK
-        starting = [w for w in self.workers if w.state is WorkerState.STARTING]
-        self.shut_all()
-        for w in starting:
-            w.kill()
-        return [w for w in self.workers if w.alive and w not in starting]
-
-    def finished(self) -> bool:
-        return not self.live_workers
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Generation:
+        slots = [Slot.from_json(s) for s in data["slots"]]
+        return cls(program=plain.from_plain(Program, data["program"]), number=data["number"],
+                   slots={s.index: s for s in slots}, leaving=[Worker.from_json(w) for w in data["leaving"]],
+                   state=GenerationState(data["state"]), started=data["started"], ready_at=data["ready_at"],
+                   tls_folder=data["tls_folder"])

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from supervisor.config import Listen
+from supervisor.config import Listen, parse_listen
 
 
 @dataclass(eq=False)
@@ -27,6 +29,15 @@ class Listener:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"listen": str(self.listen), "name": self.name, "fd": self.fileno(), "shut": self.shut}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Listener:
+        """The record of a listener whose fd is open in this process (after an exec that kept it)."""
+        listen = parse_listen(data["listen"])
+        return cls(listen=listen, name=data["name"], sock=socket.socket(fileno=data["fd"]), shut=data["shut"])
 
     def queued(self) -> int:
         """Connections waiting in the accept queue (tcpi_unacked of a listener)."""

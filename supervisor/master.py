@@ -1,16 +1,16 @@
 """The master: one loop, one queue, and the only mutable state of the daemon.
 
 `run()` is the table of contents: enable migration, open the sockets, start the first generations,
-then take events one at a time and dispatch them to an `on_*` method. Reloads are serialized: while
-one waits for its new generations to become ready, other reload/start/stop requests wait in line.
-
-A reload (see shared/DESIGN.md, "Reload, step by step"):
+then take events one at a time and dispatch them to an `on_*` method. The state is a record per
+program (`program.ProgramRuntime`), the reload in progress (`reload.Reload`) and the requests
+waiting behind it. Decisions come back as values (`reload.Commit`, `restart.Restart`, ...) and are
+applied here. A reload (see shared/DESIGN.md, "Reload, step by step"):
 1. load and check the new config; any error is the reply and nothing changes;
 2. start a new generation of every program: new listeners join the same reuseport groups;
-3. wait until every new worker said READY=1, or one exits, or `ready_timeout` passes;
+3. wait until every new worker is ready, or one exits, or `ready_timeout` passes;
 4. ready: shut every old listener at once (the kernel moves their queues to the new ones), send the
-   old workers their stop signal, kill those still running after `graceful_timeout`;
-5. not ready: shut the new listeners (their queues move back) and kill the new workers; the old
+   old workers their stop signal `stop_delay` later, kill those still running after `graceful_timeout`;
+5. not ready: shut the new listeners (their queues move back) and stop the new workers; the old
    generation never stopped serving.
 """
 
@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import os
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import psutil
 import structlog
 
 from supervisor import config as config_module
-from supervisor import logs, migrate, preflight, readiness, status, tls, worker
+from supervisor import logs, migrate, preflight, readiness, status, tls, wire
 from supervisor.config import Config, MigrateMode, Program, ReadyMode
-from supervisor.control import ControlServer, Reply
+from supervisor.control import ControlServer
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
 from supervisor.events import (
     ControlRequest,
@@ -52,11 +49,15 @@ from supervisor.events import (
     WorkerOutput,
     WorkerReadyTimeout,
 )
-from supervisor.generation import Generation, GenerationState
+from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
 from supervisor.plan import ReloadPlan, plan_reload, plan_start
+from supervisor.program import ProgramRuntime
 from supervisor.readiness import NotifySocket
-from supervisor.restart import CrashHistory
+from supervisor.reload import Commit, Decision, Reload, ReloadKind, RollBack
+from supervisor.reply import Reply
+from supervisor.restart import Fatal, Restart
+from supervisor.worker import Spawner as ProcessSpawner
 from supervisor.worker import Worker, WorkerState
 
 log = structlog.get_logger()
@@ -65,44 +66,27 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGTTIN, signal.SIGTTOU)
 READINESS_POLL = 0.05  # seconds between looks at a worker with `ready: accepting`
 RECYCLE_POLL = 1.0  # seconds between looks for workers over max_rss / max_age
-RECYCLE_RETRY = 10.0  # after a replacement failed to get ready, leave the old worker this long
+SPAWN_RETRY = 10.0  # after a worker could not be started at all
 
 
-@dataclass(eq=False)
-class Reload:
-    """A reload (or `start`) in progress: new generations waiting to become ready."""
+class Clock(Protocol):
+    """The event loop's clock and timers; the unit tests drive a fake one."""
 
-    id: int
-    label: str  # "reload" or "start web", for replies and logs
-    config: Config
-    plan: ReloadPlan
-    reply: Reply
-    bundles: dict[str, tls.Bundle]  # program -> the certificate and key its new generation is given
-    generations: list[Generation] = field(default_factory=list)
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
+    def time(self) -> float: ...
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle: ...
 
 
 class Master:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, spawner: Spawner | None = None, clock: Clock | None = None) -> None:
         self.config = config
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
+        self.clock: Clock = clock or asyncio.get_running_loop()
+        self.spawner = spawner
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
-        self.serving: dict[str, Generation] = {}  # program -> its serving generation
-        self.retiring: list[Generation] = []  # old and rolled-back generations until their workers exit
-        self.stopped: set[str] = set()  # programs stopped by hand; a reload leaves them stopped
-        self.numbers: collections.Counter[str] = collections.Counter()  # last generation number
+        self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
         self.workers: dict[int, tuple[Worker, Generation]] = {}  # live workers by pid
-        self.last_exit: dict[str, str] = {}
-        self.crashes: dict[str, CrashHistory] = {}
-        self.fatal: dict[str, str] = {}  # crashed too often (-> why); no restarts until a reload or start
-        self.exited: dict[str, dict[int, Worker]] = {}  # program -> slot -> its last crashed worker
-        self.recycle_after: dict[Worker, float] = {}  # worker -> when to try replacing it again
-        self.bundles: dict[str, tls.Bundle] = {}  # checked at startup, for the first generations
-        self.certificates: dict[str, tls.Certificate] = {}  # program -> certificate its serving workers got
         self.reload: Reload | None = None
-        self.waiting: collections.deque[ControlRequest] = collections.deque()
+        self.waiting: collections.deque[ControlRequest] = collections.deque()  # behind the reload
         self.stop_waiters: list[tuple[Generation, Reply]] = []
         self.shutdown_replies: list[Reply] = []
         self.stopping = False
@@ -125,79 +109,95 @@ class Master:
             for problem in report.problems:
                 log.error("preflight_failed", problem=problem)
             return EXIT_USAGE
-        self.bundles = report.bundles
         try:
             self.enable_migration(self.config.migrate)
         except SupervisorError as exc:
             log.error("migrate_unavailable", error=str(exc))
             return EXIT_FAILED
+        loop = asyncio.get_running_loop()
         try:
-            self.open_sockets()
+            self.open_sockets(loop)
             await self.control_server().start()
         except (OSError, SupervisorError) as exc:
             log.error("startup_failed", error=str(exc))
-            self.close_sockets()
+            self.close_sockets(loop)
             return EXIT_FAILED
         for signum in HANDLED_SIGNALS:
-            self.loop.add_signal_handler(signum, self.post, SignalReceived(signum))
+            loop.add_signal_handler(signum, self.post, SignalReceived(signum))
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path,
                  control=self.config.control.socket)
-        self.on_control_request(ControlRequest("reload", {}, Reply(origin="startup")))
+        self.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), report.bundles)
         if self.systemd.watchdog_interval:
             self.post(WatchdogDue())
         self.post(RecycleCheck())
         try:
-            while not (self.stopping and not self.workers):
+            while not self.done():
                 self.handle(await self.queue.get())
         finally:
             for signum in HANDLED_SIGNALS:
-                self.loop.remove_signal_handler(signum)
+                loop.remove_signal_handler(signum)
             for reply in self.shutdown_replies:
                 reply.finish(True, "supervisord stopped")
-            self.close_sockets()
+            self.close_sockets(loop)
             self.systemd.close()
         log.info("supervisord_stopped", exit_code=self.exit_code)
         return self.exit_code
 
+    def done(self) -> bool:
+        return self.stopping and not self.workers
+
     def post(self, event: Event) -> None:
         self.queue.put_nowait(event)
 
+    def later(self, delay: float, event: Event) -> asyncio.TimerHandle:
+        return self.clock.call_later(delay, self.post, event)
+
     def handle(self, event: Event) -> None:
+        """The one catch-all: a bug in a handler must not take the serving workers down with the master."""
         try:
             self.dispatch(event)
-        except Exception:
-            # A bug in one handler must not take the serving workers down with the master.
+        except Exception as exc:
             # Not `event=`: that is structlog's first argument, and the TypeError would end the loop.
             log.exception("handler_failed", handling=type(event).__name__)
+            if isinstance(event, ControlRequest):
+                # Still answer (the client would wait forever) and free the reload slot (every later
+                # request would wait in line behind it).
+                reason = f"internal error: {type(exc).__name__}: {exc} (details in the supervisord log)"
+                if self.reload is not None and self.reload.reply is event.reply:
+                    self.roll_back(reason)
+                else:
+                    self.refuse(event, reason)
 
     def dispatch(self, event: Event) -> None:
         match event:
             case SignalReceived():
-                self.on_signal(event)
+                self.on_signal(event.signum)
+            case ControlRequest():
+                self.on_request(event)
             case WorkerExited():
                 self.on_worker_exited(event.worker)
             case WorkerOutput():
                 self.on_worker_output(event.worker)
             case NotifyReceived():
                 self.on_notify(event)
-            case ControlRequest():
-                self.on_control_request(event)
+            case ReadinessCheck():
+                self.on_readiness_check(event.worker)
             case ReadyTimeout():
-                self.on_ready_timeout(event)
+                if self.reload is not None and self.reload.id == event.reload_id:
+                    self.apply(self.reload.timed_out(event.generation))
+            case WorkerReadyTimeout():
+                self.on_worker_ready_timeout(event.worker)
             case StopDue():
-                self.on_stop_due(event)
+                for w in event.workers:
+                    w.stop(event.signum)
             case GracefulTimeout():
                 self.on_graceful_timeout(event.workers)
             case RespawnDue():
-                self.on_respawn_due(event)
-            case WatchdogDue():
-                self.on_watchdog_due()
-            case ReadinessCheck():
-                self.on_readiness_check(event.worker)
-            case WorkerReadyTimeout():
-                self.on_worker_ready_timeout(event.worker)
+                self.on_respawn_due(event.generation, event.index)
             case RecycleCheck():
                 self.on_recycle_check()
+            case WatchdogDue():
+                self.on_watchdog_due()
 
     def enable_migration(self, mode: MigrateMode) -> None:
         """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
@@ -208,151 +208,114 @@ class Master:
 
     # -- sockets of the master itself -----------------------------------------------------------------
 
-    def open_sockets(self) -> None:
+    def open_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
         # Under systemd, RuntimeDirectory= gives a private folder; elsewhere a fresh one in $TMPDIR.
         self.runtime_dir = tempfile.mkdtemp(prefix="supervisord.", dir=os.environ.get("RUNTIME_DIRECTORY"))
         os.chmod(self.runtime_dir, 0o711)  # workers that dropped privileges still reach the notify socket
-        self.notify = NotifySocket(os.path.join(self.runtime_dir, "notify.sock"))
-        self.loop.add_reader(self.notify.fileno(), self.on_notify_readable)
-
-    def control_server(self) -> ControlServer:
-        self.control = ControlServer(self.config.control.socket, self.config.control.mode, self.post)
-        return self.control
-
-    def close_sockets(self) -> None:
-        if self.control is not None:
-            self.control.close()
-        if self.notify is not None:
-            self.loop.remove_reader(self.notify.fileno())
-            self.notify.close()
-            self.notify = None
-        if self.runtime_dir:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self.notify = notify = NotifySocket(os.path.join(self.runtime_dir, "notify.sock"))
+        self.spawner = self.spawner or ProcessSpawner(notify.path)
+        loop.add_reader(notify.fileno(), self.on_notify_readable)
 
     def on_notify_readable(self) -> None:
         assert self.notify is not None
         for pid, fields in self.notify.receive():
             self.post(NotifyReceived(pid, fields))
 
+    def control_server(self) -> ControlServer:
+        self.control = ControlServer(self.config.control.socket, self.config.control.mode, self.post)
+        return self.control
+
+    def close_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.notify is not None:
+            loop.remove_reader(self.notify.fileno())
+            self.notify.close()
+            self.notify = None
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
     # -- signals and requests ----------------------------------------------------------------------
 
-    def on_signal(self, event: SignalReceived) -> None:
-        name = signal.Signals(event.signum).name
+    def on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         log.info("signal", signal=name)
-        if event.signum == signal.SIGHUP:
-            self.on_control_request(ControlRequest("reload", {}, Reply(origin="SIGHUP")))
-        elif event.signum == signal.SIGUSR1:
+        if signum == signal.SIGHUP:
+            self.on_request(ControlRequest(wire.Reload(), Reply(origin="SIGHUP")))
+        elif signum == signal.SIGUSR1:
             logs.reopen()  # workers need nothing: their stderr comes through the master
-        elif event.signum in (signal.SIGTTIN, signal.SIGTTOU):
-            step = 1 if event.signum == signal.SIGTTIN else -1
-            for name, gen in self.serving.items():
-                self.on_control_request(ControlRequest(
-                    "scale", {"program": name, "workers": max(1, len(gen.active_slots()) + step)}, Reply(origin=name)))
-        elif event.signum == signal.SIGQUIT or self.stopping:
-            self.shutdown(Reply(origin=name), fast=True)  # QUIT, or a second TERM/INT: no more waiting
-        else:
-            self.shutdown(Reply(origin=name))
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            step = 1 if signum == signal.SIGTTIN else -1
+            for record in self.programs.values():
+                if record.serving is not None:
+                    count = max(1, len(record.serving.active_slots()) + step)
+                    self.on_request(ControlRequest(wire.Scale(record.name, count), Reply(origin=record.name)))
+        else:  # QUIT, or a second TERM/INT: no more waiting
+            self.shutdown(Reply(origin=name), fast=signum == signal.SIGQUIT or self.stopping)
 
-    def on_control_request(self, request: ControlRequest) -> None:
-        try:
-            self.serve_request(request)
-        except Exception as exc:
-            # A bug, not the user's error: still answer (the client would wait forever) and free the
-            # reload slot (every later request would wait in line behind it).
-            log.exception("request_crashed", command=request.command, origin=request.reply.origin)
-            reason = f"internal error: {type(exc).__name__}: {exc} (details in the supervisord log)"
-            reload = self.reload
-            if reload is not None and reload.reply is request.reply:
-                for gen in reload.generations:
-                    for w in gen.workers:
-                        if w.pid not in self.workers:
-                            self.watch(w, gen)  # spawned before the error: reap it after the rollback
-                self.fail(reason)
-            else:
-                self.refuse(request, reason)
+    def on_request(self, event: ControlRequest) -> None:
+        reply = event.reply
+        match event.request:
+            case wire.Status():
+                reply.finish(True, "status", status.snapshot(self))
+            case wire.Shutdown():
+                self.shutdown(reply)
+            case _ if self.stopping:
+                reply.finish(False, "supervisord is shutting down")
+            case wire.Scale(program=name, workers=count):
+                try:
+                    self.scale(name, count, reply)
+                except ControlError as exc:
+                    reply.finish(False, str(exc))
+            case _ if self.reload is not None:
+                reply.progress(f"waiting for the {self.reload.label} in progress")
+                self.waiting.append(event)
+            case wire.Stop(program=name):
+                try:
+                    self.stop_program(name, reply)
+                except ControlError as exc:
+                    self.refuse(event, str(exc))
+            case wire.Reload() | wire.Start():
+                try:
+                    self.begin_request(event)
+                except (ConfigError, ControlError, migrate.MigrateError) as exc:
+                    self.refuse(event, str(exc))
 
-    def serve_request(self, request: ControlRequest) -> None:
-        if request.command == "status":
-            request.reply.finish(True, "status", self.snapshot())
-        elif request.command == "shutdown":
-            self.shutdown(request.reply)
-        elif request.command == "scale" and not self.stopping:
-            try:
-                self.scale(request.args["program"], request.args["workers"], request.reply)
-            except ControlError as exc:
-                request.reply.finish(False, str(exc))
-        elif self.stopping:
-            request.reply.finish(False, "supervisord is shutting down")
-        elif self.reload is not None:
-            request.reply.progress(f"waiting for the {self.reload.label} in progress")
-            self.waiting.append(request)
-        else:
-            try:
-                self.begin(request)
-            except (ConfigError, ControlError, migrate.MigrateError) as exc:
-                self.refuse(request, str(exc))
-
-    def refuse(self, request: ControlRequest, reason: str) -> None:
+    def refuse(self, event: ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""
-        request.reply.finish(False, reason)
-        if request.reply.origin == "startup":
-            self.exit_code = EXIT_FAILED
-            self.shutdown(Reply(origin="startup failure"))
-        elif request.command == "reload" and not self.stopping:
+        event.reply.finish(False, reason)
+        if isinstance(event.request, wire.Reload) and not self.stopping:
             # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
             self.systemd.ready(f"{self.describe()}; last reload failed: {reason}")
-        self.after_reload()
+        self.next_request()
 
-    def begin(self, request: ControlRequest) -> None:
-        """Start a reload, a `start` or a `stop`; raises the user's error before anything changes."""
-        if request.command == "stop":
-            self.stop_program(request.args["program"], request.reply)
-            return
-        if request.command == "start":
-            config = self.config
-            plan = plan_start(config, request.args["program"], self.serving, self.fatal)
+    def next_request(self) -> None:
+        """The reload slot is free: the requests that waited for it go back on the queue, in order."""
+        while self.waiting and self.reload is None:
+            self.post(self.waiting.popleft())
+
+    def begin_request(self, event: ControlRequest) -> None:
+        """`reload` or `start NAME`: raises the user's error before anything changes."""
+        if isinstance(event.request, wire.Start):
+            name = event.request.program
+            plan = plan_start(self.config, name, self.running_names(), self.fatal_names())
             # A start is a new generation: its files are checked (and copied) anew, as at a reload.
-            bundles = self.preflight(config, request.reply, only=request.args["program"])
-        elif request.reply.origin == "startup":
-            config, bundles = self.config, self.bundles  # loaded and checked by run()
-            self.bundles = {}
-            plan = plan_reload(config, self.serving, self.stopped)
-        else:
-            self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
-            config = config_module.load(self.config.path)
-            bundles = self.preflight(config, request.reply)
-            if config.control != self.config.control:
-                request.reply.progress("control socket settings changed: they apply after a restart")
-            if config.migrate != self.config.migrate:
-                # Applied by maybe_commit() once the new generations serve: a rollback leaves it as it
-                # was. `require` is checked now, so a reload that could not honour it starts nothing.
-                problem = preflight.migration_problem(config.migrate)
-                if problem:
-                    raise migrate.MigrateError(problem)
-                request.reply.progress(f"migrate: {self.config.migrate.value} -> {config.migrate.value} "
-                                       "once the new generation serves")
-            plan = plan_reload(config, self.serving, self.stopped)
-        label = "reload" if request.command == "reload" else f"start {request.args['program']}"
-        reload = Reload(next(self.reload_ids), label, config, plan, request.reply, bundles)
-        self.reload = reload
-        for program in plan.start:
-            try:
-                gen = self.new_generation(config, program, bundles.get(program.name))
-            except OSError as exc:
-                self.fail(f"{program.name}: tls: cannot copy the certificate and key for the workers: {exc}")
-                return
-            reload.generations.append(gen)
-            request.reply.progress(f"{program.name}: generation {gen.number} starting "
-                                   f"{program.workers} worker{'s' if program.workers != 1 else ''}")
-            try:
-                gen.start()
-            except (OSError, SupervisorError) as exc:
-                self.watch_all(gen)
-                self.fail(f"{program.name}: generation {gen.number}: {exc}")
-                return
-            self.watch_all(gen)
-            reload.timers.append(self.loop.call_later(program.ready_timeout, self.post, ReadyTimeout(reload.id)))
-        self.maybe_commit()
+            bundles = self.preflight(self.config, event.reply, only=name)
+            self.begin(ReloadKind.START, self.config, event.reply, bundles, plan)
+            return
+        self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
+        config = config_module.load(self.config.path)
+        bundles = self.preflight(config, event.reply)
+        if config.control != self.config.control:
+            event.reply.progress("control socket settings changed: they apply after a restart")
+        if config.migrate != self.config.migrate:
+            # Applied by commit() once the new generations serve: a rollback leaves it as it was.
+            # `require` is checked now, so a reload that could not honour it starts nothing.
+            if problem := preflight.migration_problem(config.migrate):
+                raise migrate.MigrateError(problem)
+            event.reply.progress(f"migrate: {self.config.migrate.value} -> {config.migrate.value} "
+                                 "once the new generation serves")
+        self.begin(ReloadKind.RELOAD, config, event.reply, bundles)
 
     def preflight(self, config: Config, reply: Reply, only: str | None = None) -> dict[str, tls.Bundle]:
         """Check `config` (or its program `only`) against the system; raise the problems, say the warnings."""
@@ -364,19 +327,179 @@ class Master:
             reply.progress(f"warning: {warning}")
         return report.bundles
 
-    def new_generation(self, config: Config, program: Program, bundle: tls.Bundle | None) -> Generation:
-        self.numbers[program.name] += 1
-        number = self.numbers[program.name]
-        if bundle is not None and program.tls is not None:
-            # Every worker of the generation, also one restarted, scaled up or recycled later, reads
-            # these copies of the bytes just checked: new files on disk wait for the next reload.
-            cert, key = bundle.install(self.tls_folder(program.name, number), worker.run_as(program))
-            program = dataclasses.replace(program, tls=dataclasses.replace(program.tls, cert=cert, key=key))
-        assert self.notify is not None
-        return Generation(program, number, preflight.program_cwd(config, program), self.notify.path)
+    # -- reloads: begin, then apply what the reload decides --------------------------------------------
 
-    def tls_folder(self, name: str, number: int) -> str:
-        return os.path.join(self.runtime_dir, f"tls.{number}.{name}")  # digits first: no two alike
+    def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle],
+              plan: ReloadPlan | None = None) -> None:
+        plan = plan or plan_reload(config, self.running_names(), self.stopped_names())
+        self.reload = reload = Reload(next(self.reload_ids), kind, config, plan, reply, bundles)
+        for program in plan.start:
+            record = self.programs.setdefault(program.name, ProgramRuntime(program.name))
+            try:
+                gen = Generation.create(program, record.next_number(), self.runtime_dir, bundles.get(program.name))
+            except OSError as exc:
+                self.roll_back(f"{program.name}: tls: cannot copy the certificate and key for the workers: {exc}")
+                return
+            record.starting()
+            reload.generations.append(gen)
+            reply.progress(f"{program.name}: generation {gen.number} starting "
+                           f"{program.workers} worker{'s' if program.workers != 1 else ''}")
+            try:
+                gen.start(self.spawner_or_fail())
+            except (OSError, SupervisorError) as exc:
+                self.watch_all(gen)
+                self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
+                return
+            self.watch_all(gen)
+            reload.timers.append(self.later(program.ready_timeout, ReadyTimeout(reload.id, gen)))
+        self.apply(reload.worker_ready())
+
+    def apply(self, decision: Decision) -> None:
+        match decision:
+            case Commit():
+                self.commit()
+            case RollBack(reason=reason):
+                self.roll_back(reason)
+
+    def commit(self) -> None:
+        """Every new worker is ready: the new generations serve, the old ones retire at once."""
+        reload = self.reload
+        assert reload is not None
+        if reload.config.migrate != self.config.migrate:
+            # Before the old listeners are shut, so that their queues migrate under the new mode.
+            try:
+                self.enable_migration(reload.config.migrate)
+            except migrate.MigrateError as exc:  # `require` checked at begin, lost since
+                self.roll_back(str(exc))
+                return
+        self.reload = None
+        reload.cancel_timers()
+        before = migrate.counters()
+        old_gens: list[Generation] = []
+        for gen in reload.generations:
+            gen.mark_serving()
+            reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
+                                  f"{_ms(gen.ready_at, gen.started)} ms")
+            bundle = reload.bundles.get(gen.program.name)
+            old = self.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None)
+            old_gens += [old] if old else []
+        for name in reload.plan.removed:  # gone from the config: retire without a successor
+            if (record := self.programs.get(name)) and (old := record.stopping(by_hand=False)):
+                old_gens.append(old)
+        queued = sum(old.queued() for old in old_gens)
+        shut = sum(self.retire(old) for old in old_gens)
+        migrated = (migrate.counters() - before).success
+        for old in old_gens:
+            reload.reply.progress(
+                f"{old.program.name}: generation {old.number}: listeners closed, {len(old.live_workers)} old "
+                f"workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
+        self.config = reload.config
+        elapsed = _ms(time.monotonic(), reload.started)
+        log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
+                 generations={g.program.name: g.number for g in reload.generations})
+        reload.reply.finish(True, f"{reload.label} done in {elapsed} ms: {shut} old listeners closed, "
+                                  f"{migrated} connections migrated", {
+            "generations": {g.program.name: g.number for g in reload.generations},
+            "retired": {g.program.name: g.number for g in old_gens},
+            "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
+        })
+        self.systemd.ready(self.describe())
+        self.next_request()
+
+    def roll_back(self, reason: str) -> None:
+        """Roll back the reload in progress: the serving generations were never touched."""
+        reload = self.reload
+        assert reload is not None
+        self.reload = None
+        reload.cancel_timers()
+        for gen in reload.generations:
+            for w in gen.workers:
+                if w.alive and w.pid not in self.workers:
+                    self.watch(w, gen)  # spawned before an error: reap it after the rollback
+            self.stop_later(gen.program, gen.rollback())
+            self.programs[gen.program.name].rolled_back(gen)
+            self.forget_if_finished(gen)
+        still = ", ".join(f"{name}#{r.serving.number}" for name, r in self.programs.items() if r.serving)
+        log.error("reload_failed", reason=reason)
+        reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else ""))
+        if reload.kind is ReloadKind.STARTUP:
+            self.exit_code = EXIT_FAILED
+            self.shutdown(Reply(origin="startup failure"))
+        elif not self.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
+            self.systemd.ready(f"{self.describe()}; last {reload.label} failed: {reason}")
+        self.next_request()
+
+    # -- retiring, stopping ---------------------------------------------------------------------------
+
+    def retire(self, gen: Generation) -> int:
+        """Shut every listener of `gen` at once; its workers' stop signals follow after stop_delay."""
+        closed = gen.retire()
+        self.stop_later(gen.program, gen.live_workers)
+        log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
+                 workers=len(gen.live_workers))
+        self.forget_if_finished(gen)
+        return closed
+
+    def stop_later(self, program: Program, workers: list[Worker]) -> None:
+        """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
+
+        The delay lets a server read the requests of connections it accepted just before the shut
+        (uvicorn closes those unread when it stops); nothing new reaches it, its queue has migrated.
+        """
+        if not workers:
+            return
+        if program.stop_delay:
+            self.later(program.stop_delay, StopDue(tuple(workers), program.stop_signal))
+        else:
+            for w in workers:
+                w.stop(program.stop_signal)
+        self.later(program.stop_delay + program.graceful_timeout, GracefulTimeout(tuple(workers)))
+
+    def record(self, name: str) -> ProgramRuntime:
+        """The runtime of a running program, or the ControlError a user should see."""
+        record = self.programs.get(name)
+        if record is not None and record.serving is not None:
+            return record
+        if name in {p.name for p in self.config.programs}:
+            raise ControlError(f"{name} is not running")
+        raise ControlError(f"no program named {name!r}")
+
+    def stop_program(self, name: str, reply: Reply) -> None:
+        gen = self.record(name).stopping(by_hand=True)
+        assert gen is not None
+        reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
+        self.stop_waiters.append((gen, reply))
+        self.retire(gen)
+
+    def shutdown(self, reply: Reply, fast: bool = False) -> None:
+        """Stop everything: listeners shut, stop signals sent; the loop ends when no worker is left."""
+        self.shutdown_replies.append(reply)
+        if not self.stopping:
+            log.info("shutting_down", origin=reply.origin, fast=fast)
+            self.systemd.stopping()
+            self.stopping = True
+            if self.reload is not None:
+                self.roll_back("supervisord is shutting down")
+            for event in self.waiting:
+                event.reply.finish(False, "supervisord is shutting down")
+            self.waiting.clear()
+            for record in self.programs.values():
+                if record.running and (gen := record.stopping(by_hand=False)):
+                    self.retire(gen)
+        if fast:
+            for record in self.programs.values():
+                for gen in record.retiring:
+                    gen.kill()
+
+    def on_graceful_timeout(self, workers: tuple[Worker, ...]) -> None:
+        stubborn = [w for w in workers if w.alive]
+        if stubborn:
+            log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
+                        killing=[w.pid for w in stubborn])
+            for w in stubborn:
+                w.kill()
+
+    # -- workers: output, exits, readiness ----------------------------------------------------------
 
     def watch_all(self, gen: Generation) -> None:
         for w in gen.workers:
@@ -388,21 +511,82 @@ class Master:
         self.watch_once(w.pidfd, WorkerExited(w))
         self.watch_once(w.stderr, WorkerOutput(w))
         if gen.program.ready is not ReadyMode.NOTIFY:
-            self.loop.call_later(gen.program.settle, self.post, ReadinessCheck(w))
+            self.later(gen.program.settle, ReadinessCheck(w))
         if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
-            self.loop.call_later(gen.program.ready_timeout, self.post, WorkerReadyTimeout(w))
+            self.later(gen.program.ready_timeout, WorkerReadyTimeout(w))
 
     def watch_once(self, fd: int, event: Event) -> None:
+        if fd < 0:
+            return  # no such handle (closed, or a worker of the unit tests' fake spawner)
+        loop = asyncio.get_running_loop()
+
         # Level-triggered readers fire until the condition is handled; post once, re-arm after.
         def fire() -> None:
-            self.loop.remove_reader(fd)
+            loop.remove_reader(fd)
             self.post(event)
-        self.loop.add_reader(fd, fire)
+        loop.add_reader(fd, fire)
 
-    # -- readiness and the switch -------------------------------------------------------------------
+    def on_worker_output(self, w: Worker) -> None:
+        for line in w.read_stderr():
+            log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
+        self.watch_once(w.stderr, WorkerOutput(w))
+
+    def on_worker_exited(self, w: Worker) -> None:
+        if w.stderr >= 0:
+            asyncio.get_running_loop().remove_reader(w.stderr)
+        was = w.state
+        if not w.reap():
+            self.watch_once(w.pidfd, WorkerExited(w))  # spurious wake-up
+            return
+        self.on_worker_output(w)
+        _, gen = self.workers.pop(w.pid)
+        record = self.programs[gen.program.name]
+        fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
+                  "status": w.describe_exit()}
+        slot = gen.slot_of(w)
+        if self.reload is not None and gen in self.reload.generations:
+            log.error("worker_failed_to_start", **fields)
+            self.apply(self.reload.worker_exited(gen, w))
+        elif gen.state is GenerationState.SERVING and slot and was is not WorkerState.RETIRING:
+            # Its listeners were shut when reaped: their queues moved to its siblings.
+            record.last_exit = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
+            if w is slot.replacement:  # a recycling replacement failed; the old worker serves on
+                log.error("worker_recycle_failed", **fields)
+                slot.replacement_failed(self.clock.time())
+            else:
+                log.error("worker_crashed", **fields, was=was.value)
+                decision = slot.crashed(w, self.clock.time(), record.crash_history(gen.program))
+                self.restart_or_fatal(record, gen, decision, w.index)
+        else:
+            log.info("worker_exited", **fields)
+        gen.worker_gone(w)
+        self.forget_if_finished(gen)
+
+    def restart_or_fatal(self, record: ProgramRuntime, gen: Generation, decision: Restart | Fatal,
+                         index: int) -> None:
+        match decision:
+            case Fatal(why=why, crashes=crashes):
+                record.went_fatal(why)
+                log.error("program_fatal", program=record.name, crashes=crashes, window=gen.program.crash_window,
+                          serving=len(gen.live_workers))
+            case Restart(after=after, restarts=restarts):
+                log.info("worker_respawn_scheduled", program=record.name, worker=index, delay=after,
+                         restarts=restarts)
+                self.later(after, RespawnDue(gen, index))
+
+    def forget_if_finished(self, gen: Generation) -> None:
+        """A retiring or rolled-back generation stays in `status` until its last worker has exited."""
+        if gen.state in (GenerationState.SERVING, GenerationState.STARTING) or not gen.finished():
+            return
+        gen.finish()
+        self.programs[gen.program.name].generation_finished(gen)
+        log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
+        for waiter in [(g, r) for g, r in self.stop_waiters if g is gen]:
+            self.stop_waiters.remove(waiter)
+            waiter[1].finish(True, f"{gen.program.name} stopped")
 
     def on_notify(self, event: NotifyReceived) -> None:
-        found = self.find_worker(event.pid)
+        found = readiness.find_worker(self.workers, event.pid)
         if found is None:
             log.debug("notify_ignored", pid=event.pid, fields=event.fields)
             return
@@ -419,417 +603,108 @@ class Master:
         if gen.program.ready is ReadyMode.SETTLE or readiness.polls_listeners(w.pid, w.listeners):
             self.worker_ready(w, gen)
         else:
-            self.loop.call_later(READINESS_POLL, self.post, ReadinessCheck(w))
+            self.later(READINESS_POLL, ReadinessCheck(w))
 
     def worker_ready(self, w: Worker, gen: Generation) -> None:
         if w.state is not WorkerState.STARTING:
             return
         w.mark_ready()
-        if gen.state is GenerationState.SERVING:
-            if w.replaces is not None and w.replaces.alive:
+        slot = gen.slot_of(w)
+        if gen.state is GenerationState.SERVING and slot is not None:
+            if w is slot.replacement:
+                old = slot.replacement_ready()
                 log.info("worker_recycled", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
-                         old_pid=w.replaces.pid)
-                self.retire_workers(gen, [w.replaces])
+                         old_pid=old.pid if old else None)
+                if old is not None:
+                    self.stop_later(gen.program, gen.leave([old]))
             else:
                 log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
-        self.maybe_commit()
+        if self.reload is not None:
+            self.apply(self.reload.worker_ready())
 
     def on_worker_ready_timeout(self, w: Worker) -> None:
         if w.alive and w.state is WorkerState.STARTING:
             found = self.workers.get(w.pid)
-            timeout = found[1].program.ready_timeout if found else 0
             log.error("worker_not_ready", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
-                      timeout=timeout)
-            w.shut()
-            w.kill()
+                      timeout=found[1].program.ready_timeout if found else 0)
+            w.kill()  # shuts its listeners first
 
-    def find_worker(self, pid: int) -> tuple[Worker, Generation] | None:
-        """The worker that sent a message: the pid itself, or a process started by it (NotifyAccess=all)."""
-        if pid in self.workers:
-            return self.workers[pid]
-        try:
-            ancestors = psutil.Process(pid).parents()
-        except psutil.Error:
-            return None
-        return next((self.workers[p.pid] for p in ancestors if p.pid in self.workers), None)
+    # -- slots of a serving generation: restart, scale, recycle ------------------------------------
 
-    def maybe_commit(self) -> None:
-        reload = self.reload
-        if reload is None or not all(g.all_ready() for g in reload.generations):
-            return
-        if reload.config.migrate != self.config.migrate:
-            # Before the old listeners are shut, so that their queues migrate under the new mode.
-            try:
-                self.enable_migration(reload.config.migrate)
-            except migrate.MigrateError as exc:  # `require` checked at begin(), lost since
-                self.fail(str(exc))
-                return
-        before = migrate.counters()
-        queued = 0
-        for gen in reload.generations:
-            gen.mark_serving()
-            reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
-                                  f"{_ms(gen.ready_at, gen.started)} ms")
-        shut = 0
-        old_gens = [self.serving.pop(name) for name in reload.plan.retire if name in self.serving]
-        for old in old_gens:
-            queued += old.queued()
-            shut += self.retire(old)
-        migrated = (migrate.counters() - before).success
-        for old in old_gens:
-            reload.reply.progress(
-                f"{old.program.name}: generation {old.number}: listeners closed, "
-                f"{len(old.live_workers)} old workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
-        for gen in reload.generations:
-            self.serving[gen.program.name] = gen
-            self.stopped.discard(gen.program.name)  # only now: a failed `start` leaves it stopped
-            # A fresh start: crashes of the generations before it no longer count, and the new
-            # config's crash_limit/crash_window apply (schedule_respawn makes the history anew).
-            self.fatal.pop(gen.program.name, None)
-            self.exited.pop(gen.program.name, None)
-            self.crashes.pop(gen.program.name, None)
-            self.certificates.pop(gen.program.name, None)
-            if gen.program.name in reload.bundles:
-                self.certificates[gen.program.name] = reload.bundles[gen.program.name].certificate
-        self.config = reload.config
-        self.cancel(reload.timers)
-        self.reload = None
-        elapsed = _ms(time.monotonic(), reload.started)
-        summary = (f"{reload.label} done in {elapsed} ms: {shut} old listeners closed, "
-                   f"{migrated} connections migrated")
-        log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
-                 generations={g.program.name: g.number for g in reload.generations})
-        reload.reply.finish(True, summary, {
-            "generations": {g.program.name: g.number for g in reload.generations},
-            "retired": {g.program.name: g.number for g in old_gens},
-            "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
-        })
-        self.systemd.ready(self.describe())
-        self.after_reload()
+    def on_respawn_due(self, gen: Generation, index: int) -> None:
+        slot = gen.slots.get(index)
+        record = self.programs[gen.program.name]
+        if gen.state is GenerationState.SERVING and not self.stopping and record.fatal is None \
+                and slot is not None and slot.worker is None:
+            slot.worker = self.spawn_into(gen, index, retry=True)
 
-    def on_ready_timeout(self, event: ReadyTimeout) -> None:
-        reload = self.reload
-        if reload is None or reload.id != event.reload_id:
-            return
-        late = [g for g in reload.generations
-                if not g.all_ready() and time.monotonic() - g.started >= g.program.ready_timeout - 0.001]
-        if late:
-            gen = late[0]
-            ready = sum(w.state is WorkerState.READY for w in gen.workers)
-            waited = [w for w in gen.workers if w.state is not WorkerState.READY]
-            quoted = next((w for w in waited if w.tail), None)
-            self.fail(f"{gen.program.name}: generation {gen.number} not ready within "
-                      f"{gen.program.ready_timeout:g} s ({ready} of {len(gen.workers)} workers ready)"
-                      + (_stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
-
-    def fail(self, reason: str) -> None:
-        """Roll back the reload in progress: the serving generations were never touched."""
-        reload = self.reload
-        assert reload is not None
-        self.reload = None
-        self.cancel(reload.timers)
-        for gen in reload.generations:
-            self.stop_later(gen.program, gen.rollback())
-            self.track_until_finished(gen)
-        still = ", ".join(f"{name}#{g.number}" for name, g in self.serving.items())
-        message = f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
-        log.error("reload_failed", reason=reason)
-        reload.reply.finish(False, message)
-        if reload.reply.origin == "startup":
-            self.exit_code = EXIT_FAILED
-            self.shutdown(Reply(origin="startup failure"))
-        elif not self.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
-            self.systemd.ready(f"{self.describe()}; last {reload.label} failed: {reason}")
-        self.after_reload()
-
-    def after_reload(self) -> None:
-        """Start the next waiting request, if any."""
-        while self.reload is None and self.waiting and not self.stopping:
-            self.on_control_request(self.waiting.popleft())
-
-    # -- retiring, stopping, exits -------------------------------------------------------------------
-
-    def retire(self, gen: Generation) -> int:
-        closed = gen.retire()
-        self.track_until_finished(gen)
-        self.stop_later(gen.program, gen.live_workers)
-        log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
-                 workers=len(gen.live_workers))
-        return closed
-
-    def retire_workers(self, gen: Generation, workers: list[Worker]) -> None:
-        """Retire some workers of a serving generation (scale down, recycle): same as a generation's."""
-        for w in workers:
-            w.retire()
-        self.stop_later(gen.program, workers)
-
-    def stop_later(self, program: Program, workers: list[Worker]) -> None:
-        """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
-
-        The delay lets a server read the requests of connections it accepted just before the shut
-        (uvicorn closes those unread when it stops); nothing new reaches it, its queue has migrated.
-        """
-        if not workers:
-            return
-        if program.stop_delay:
-            self.loop.call_later(program.stop_delay, self.post, StopDue(tuple(workers), program.stop_signal))
-        else:
-            self.on_stop_due(StopDue(tuple(workers), program.stop_signal))
-        self.loop.call_later(program.stop_delay + program.graceful_timeout, self.post,
-                             GracefulTimeout(tuple(workers)))
-
-    def on_stop_due(self, event: StopDue) -> None:
-        for w in event.workers:
-            w.signal(event.signum)
-
-    def running(self, name: str) -> Generation:
-        """The serving generation of a program, or the ControlError a user should see."""
-        if name in self.serving:
-            return self.serving[name]
-        if name in {p.name for p in self.config.programs}:
-            raise ControlError(f"{name} is not running")
-        raise ControlError(f"no program named {name!r}")
-
-    def stop_program(self, name: str, reply: Reply) -> None:
-        gen = self.serving.pop(self.running(name).program.name)
-        self.stopped.add(name)
-        for facts in (self.fatal, self.exited, self.crashes):  # stopped by hand, not FATAL any more
-            facts.pop(name, None)
-        reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
-        self.retire(gen)
-        self.stop_waiters.append((gen, reply))
-        self.check_stopped()
-
-    def check_stopped(self) -> None:
-        for gen, reply in [(g, r) for g, r in self.stop_waiters if g.finished()]:
-            self.stop_waiters.remove((gen, reply))
-            reply.finish(True, f"{gen.program.name} stopped")
-
-    def shutdown(self, reply: Reply, fast: bool = False) -> None:
-        """Stop everything: listeners shut, stop signals sent; the loop ends when no worker is left."""
-        self.shutdown_replies.append(reply)
-        if not self.stopping:
-            log.info("shutting_down", origin=reply.origin, fast=fast)
-            self.systemd.stopping()
-            self.stopping = True
-            if self.reload is not None:
-                self.fail("supervisord is shutting down")
-            for request in self.waiting:
-                request.reply.finish(False, "supervisord is shutting down")
-            self.waiting.clear()
-            for name in list(self.serving):
-                self.retire(self.serving.pop(name))
-        if fast:
-            for gen in self.retiring:
-                gen.kill()
-
-    def on_graceful_timeout(self, workers: tuple[Worker, ...]) -> None:
-        stubborn = [w for w in workers if w.alive]
-        if stubborn:
-            log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
-                        killing=[w.pid for w in stubborn])
-            for w in stubborn:
-                w.kill()
-
-    def on_worker_output(self, w: Worker) -> None:
-        for line in w.read_stderr():
-            log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
-        if w.stderr >= 0:
-            self.watch_once(w.stderr, WorkerOutput(w))
-
-    def on_worker_exited(self, w: Worker) -> None:
-        if w.stderr >= 0:
-            self.loop.remove_reader(w.stderr)
-        was = w.state
-        if not w.reap():
-            self.watch_once(w.pidfd, WorkerExited(w))  # spurious wake-up
-            return
-        self.on_worker_output(w)
-        _, gen = self.workers.pop(w.pid)
-        self.recycle_after.pop(w, None)
-        fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
-                  "status": w.describe_exit()}
-        if self.reload is not None and gen in self.reload.generations:
-            log.error("worker_failed_to_start", **fields)
-            self.fail(f"{w.program}: generation {gen.number} worker {w.index} (pid {w.pid}) "
-                      f"{w.describe_exit()} before it was ready" + _stderr_tail(w))
-        elif gen.state is GenerationState.SERVING and was is not WorkerState.RETIRING and not self.stopping:
-            # Its listeners were shut when reaped: their queues moved to its siblings.
-            self.last_exit[w.program] = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
-            if w.replaces is not None:  # a recycling replacement failed; the old worker serves on
-                log.error("worker_recycle_failed", **fields)
-                w.replaces.replaced_by = None
-                self.recycle_after[w.replaces] = time.monotonic() + RECYCLE_RETRY
-            else:
-                log.error("worker_crashed", **fields, was=was.value)
-                self.exited.setdefault(w.program, {})[w.index] = w
-                self.schedule_respawn(gen, w)
-        else:
-            log.info("worker_exited", **fields)
-        if gen.state is GenerationState.SERVING:
-            gen.workers.remove(w)
-        elif gen.finished():
-            self.forget(gen)
-        self.check_stopped()
-
-    def track_until_finished(self, gen: Generation) -> None:
-        """Keep a retiring or rolled-back generation in `status` until its last worker has exited."""
-        self.retiring.append(gen)
-        if gen.finished():
-            self.forget(gen)
-
-    def forget(self, gen: Generation) -> None:
-        if gen in self.retiring:
-            self.retiring.remove(gen)
-        if gen.program.tls is not None:
-            shutil.rmtree(self.tls_folder(gen.program.name, gen.number), ignore_errors=True)
-        if gen.state is GenerationState.RETIRING:
-            gen.state = GenerationState.RETIRED
-        log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
-
-    def schedule_respawn(self, gen: Generation, w: Worker) -> None:
-        history = self.crashes.setdefault(w.program, CrashHistory(gen.program.crash_limit, gen.program.crash_window))
-        decision = history.record(time.monotonic(), time.monotonic() - w.started, w.restarts)
-        if decision.delay is None:
-            self.fatal[w.program] = f"{decision.crashes} crashes within {history.window:g} s"
-            log.error("program_fatal", program=w.program, crashes=decision.crashes, window=history.window,
-                      serving=len(gen.live_workers))
-            return
-        log.info("worker_respawn_scheduled", program=w.program, worker=w.index, delay=decision.delay,
-                 restarts=decision.restarts)
-        self.loop.call_later(decision.delay, self.post,
-                             RespawnDue(gen, w.index, decision.restarts, w.describe_exit()))
-
-    def on_respawn_due(self, event: RespawnDue) -> None:
-        gen = event.generation
-        if (gen.state is not GenerationState.SERVING or self.stopping or gen.program.name in self.fatal
-                or event.index >= gen.size or event.index in gen.active_slots()):
-            return
-        self.add_worker(gen, event.index, event.restarts, event.previous_exit)
-
-    def add_worker(self, gen: Generation, index: int, restarts: int = 0, previous_exit: str | None = None,
-                   replaces: Worker | None = None) -> Worker | None:
+    def spawn_into(self, gen: Generation, index: int, retry: bool) -> Worker | None:
         """Start one more worker in a serving generation (restart, scale up, recycle) on fresh listeners."""
         try:
-            w = gen.spawn(index, restarts)
+            w = gen.spawn(self.spawner_or_fail(), index)
         except (OSError, SupervisorError) as exc:
             log.error("spawn_failed", program=gen.program.name, worker=index, error=str(exc))
-            if replaces is None:
-                self.loop.call_later(RECYCLE_RETRY, self.post, RespawnDue(gen, index, restarts + 1, previous_exit))
+            if retry:
+                self.later(SPAWN_RETRY, RespawnDue(gen, index))
             return None
-        w.previous_exit, w.replaces = previous_exit, replaces
-        if replaces is not None:
-            replaces.replaced_by = w
-        gen.workers.append(w)
-        gen.workers.sort(key=lambda x: x.index)
         self.watch(w, gen)
         return w
 
     def scale(self, name: str, count: int, reply: Reply) -> None:
         """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes."""
-        gen = self.running(name)
+        gen = self.record(name).serving
+        assert gen is not None
         if not 1 <= count <= 4096:
             raise ControlError(f"workers must be 1..4096, got {count}")
-        gen.size = count
-        slots = gen.active_slots()
-        for index in sorted(set(range(count)) - slots):
-            self.add_worker(gen, index)
-        extra = [w for w in gen.workers if w.alive and w.index >= count and w.state is not WorkerState.RETIRING]
-        self.retire_workers(gen, extra)
-        log.info("program_scaled", program=name, workers=count, started=len(set(range(count)) - slots),
-                 retiring=len(extra))
-        reply.finish(True, f"{name}: {count} workers ({len(set(range(count)) - slots)} started, "
-                           f"{len(extra)} retiring)")
+        started = gen.scale_up(count)
+        for index in started:
+            gen.slots[index].worker = self.spawn_into(gen, index, retry=True)
+        leaving = gen.leave(gen.scale_down(count))
+        self.stop_later(gen.program, leaving)
+        log.info("program_scaled", program=name, workers=count, started=len(started), retiring=len(leaving))
+        reply.finish(True, f"{name}: {count} workers ({len(started)} started, {len(leaving)} retiring)")
 
     def on_recycle_check(self) -> None:
         """Replace workers over max_rss or max_age: the new one listens first, the old one retires once it is ready."""
-        now = time.monotonic()
-        for gen in list(self.serving.values()):
-            program = gen.program
-            if program.max_rss is None and program.max_age is None:
+        now = self.clock.time()
+        for record in self.programs.values():
+            gen = record.serving
+            if gen is None or (gen.program.max_rss is None and gen.program.max_age is None):
                 continue
-            for w in [w for w in gen.workers if w.state is WorkerState.READY and w.replaced_by is None]:
-                if self.recycle_after.get(w, 0) > now:
-                    continue
-                reason = recycle_reason(w, program.max_rss, program.max_age, now)
-                if reason:
-                    log.info("worker_recycling", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
-                             reason=reason)
-                    self.add_worker(gen, w.index, w.restarts, replaces=w)
-        self.loop.call_later(RECYCLE_POLL, self.post, RecycleCheck())
+            for slot in [s for s in gen.slots.values() if s.wants_recycling(now)]:
+                assert slot.worker is not None
+                if reason := slot.recycle_reason(gen.program.max_rss, gen.program.max_age, now):
+                    log.info("worker_recycling", program=record.name, gen=gen.number, worker=slot.index,
+                             pid=slot.worker.pid, reason=reason)
+                    slot.replacement = self.spawn_into(gen, slot.index, retry=False)
+        self.later(RECYCLE_POLL, RecycleCheck())
 
     def on_watchdog_due(self) -> None:
         # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
         self.systemd.watchdog()
         assert self.systemd.watchdog_interval
-        self.loop.call_later(self.systemd.watchdog_interval, self.post, WatchdogDue())
+        self.later(self.systemd.watchdog_interval, WatchdogDue())
+
+    # -- views of the records ---------------------------------------------------------------------------
+
+    def running_names(self) -> list[str]:
+        return [name for name, r in self.programs.items() if r.serving is not None]
+
+    def stopped_names(self) -> list[str]:
+        return [name for name, r in self.programs.items() if r.stopped_by_hand]
+
+    def fatal_names(self) -> list[str]:
+        return [name for name, r in self.programs.items() if r.fatal is not None]
+
+    def spawner_or_fail(self) -> Spawner:
+        assert self.spawner is not None, "open_sockets() makes the spawner"
+        return self.spawner
 
     def describe(self) -> str:
         """One line for `systemctl status`: what serves now."""
-        serving = ", ".join(f"{name}#{g.number} ({len(g.live_workers)} workers)" for name, g in self.serving.items())
+        serving = ", ".join(f"{name}#{r.serving.number} ({len(r.serving.live_workers)} workers)"
+                            for name, r in self.programs.items() if r.serving)
         return f"serving {serving}" if serving else "no program running"
-
-    # -- status -----------------------------------------------------------------------------------------
-
-    def snapshot(self) -> dict[str, Any]:
-        gens: dict[str, list[Generation]] = collections.defaultdict(list)
-        for gen in [*self.serving.values(), *(self.reload.generations if self.reload else []), *self.retiring]:
-            gens[gen.program.name].append(gen)
-        names = list(dict.fromkeys([*(p.name for p in self.config.programs), *gens]))
-        programs = []
-        for name in names:
-            if name in self.fatal:
-                state = "fatal"
-            elif name in self.serving:
-                state = "serving"
-            elif self.reload and any(g.program.name == name for g in self.reload.generations):
-                state = "starting"
-            elif name in self.stopped:
-                state = "stopped"
-            else:
-                state = "stopping" if gens[name] else "stopped"
-            cert = self.certificates.get(name)
-            facts = status.program_facts(name, state, sorted(gens[name], key=lambda g: g.number),
-                                         self.last_exit.get(name), cert.as_dict() if cert else None)
-            if name in self.fatal:
-                facts["fatal"] = status.fatal_facts(self.fatal[name], self.serving.get(name),
-                                                    self.exited.get(name, {}))
-            programs.append(facts)
-        me = psutil.Process()
-        with me.oneshot():
-            cpu = me.cpu_times()
-            return {
-                "pid": os.getpid(), "config": self.config.path, "uptime": time.monotonic() - self.started,
-                "rss": me.memory_info().rss, "cpu": round(cpu.user + cpu.system, 2), "fds": me.num_fds(),
-                "migrate": {"mode": self.migration.mode.value, "enabled": self.migration.enabled,
-                            "reason": self.migration.reason},
-                "reloading": self.reload is not None, "programs": programs,
-            }
-
-    @staticmethod
-    def cancel(timers: list[asyncio.TimerHandle]) -> None:
-        for timer in timers:
-            timer.cancel()
-        timers.clear()
-
-
-def recycle_reason(w: Worker, max_rss: int | None, max_age: float | None, now: float) -> str | None:
-    if max_age is not None and now - w.started > max_age:
-        return f"age {now - w.started:.0f} s > max_age {max_age:g} s"
-    if max_rss is not None:
-        try:
-            rss = psutil.Process(w.pid).memory_info().rss
-        except psutil.Error:
-            return None
-        if rss > max_rss:
-            return f"rss {rss >> 20} MiB > max_rss {max_rss >> 20} MiB"
-    return None
-
-
-def _stderr_tail(w: Worker, whose: str = "") -> str:
-    """The worker's last stderr lines, for the reason of a rollback."""
-    tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
-    return f"; last stderr lines{whose}:{tail}" if tail else ""
 
 
 def _ms(end: float | None, start: float) -> int:

@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from supervisor import migrate, tls, worker
+from supervisor import accounts, migrate, tls, worker
 from supervisor.config import Config, MigrateMode, Program
 
 
@@ -21,18 +21,13 @@ class Preflight:
     bundles: dict[str, tls.Bundle] = field(default_factory=dict)  # program -> its certificate and key
 
 
-def program_cwd(config: Config, program: Program) -> str:
-    """A worker runs in its `cwd`, or else in the folder of the config file."""
-    return program.cwd or os.path.dirname(config.path)
-
-
 def check(config: Config, only: str | None = None) -> Preflight:
     """Check every program of `config`, or the one named `only` (`supervisorctl start`)."""
     report = Preflight()
     for program in config.programs:
         if only is not None and program.name != only:
             continue
-        for problem in (_command_problem(config, program), _account_problem(program)):
+        for problem in (_command_problem(program), _account_problem(program)):
             if problem:
                 report.problems.append(f"{program.name}: {problem}")
         if program.tls is not None:
@@ -72,19 +67,19 @@ def _account_problem(program: Program) -> str | None:
         return f"{worker.SETPRIV} is missing (Debian package util-linux): it starts every worker"
     try:
         if program.user is not None:
-            worker.account(program.user)
+            accounts.account(program.user)
     except KeyError:
         return f"user {program.user!r} does not exist"
     try:
         if program.group is not None:
-            worker.group_id(program.group)
+            accounts.group_id(program.group)
     except KeyError:
         return f"group {program.group!r} does not exist"
     return None
 
 
-def _command_problem(config: Config, program: Program) -> str | None:
-    cwd = program_cwd(config, program)
+def _command_problem(program: Program) -> str | None:
+    cwd = program.cwd
     if not os.path.isdir(cwd):
         return f"cwd {cwd} is not a directory"
     command = program.command[0]

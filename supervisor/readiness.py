@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Mapping
+from typing import TypeVar
 
 import psutil
 
 from supervisor.listeners import Listener
 
+T = TypeVar("T")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_DATAGRAM = 4096
 
@@ -110,3 +113,14 @@ def _epoll_inodes(pid: int) -> set[int]:
         except (OSError, IndexError, ValueError):
             continue
     return inodes
+
+
+def find_worker(workers: Mapping[int, T], pid: int) -> T | None:
+    """The worker that sent a message: the pid itself, or a process started by it (NotifyAccess=all)."""
+    if pid in workers:
+        return workers[pid]
+    try:
+        ancestors = psutil.Process(pid).parents()
+    except psutil.Error:
+        return None
+    return next((workers[p.pid] for p in ancestors if p.pid in workers), None)

@@ -9,7 +9,9 @@ healthy workers keep serving.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 FIRST_DELAY = 0.1
 MAX_DELAY = 30.0
@@ -17,10 +19,23 @@ STABLE_AFTER = 10.0
 
 
 @dataclass(frozen=True)
-class Decision:
-    delay: float | None  # seconds until the restart; None: the program is FATAL
+class Restart:
+    """Start the slot's worker again `after` seconds from now."""
+
+    after: float
     restarts: int  # consecutive restarts of this worker, the new one included
     crashes: int  # crashes of the program within the window
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The program crashed too often: no more restarts."""
+
+    why: str
+    crashes: int
+
+
+Decision = Restart | Fatal
 
 
 @dataclass
@@ -38,6 +53,13 @@ class CrashHistory:
             self.times.popleft()
         consecutive = 0 if ran >= STABLE_AFTER else restarts + 1
         if len(self.times) >= self.limit:
-            return Decision(None, consecutive, len(self.times))
+            return Fatal(f"{len(self.times)} crashes within {self.window:g} s", len(self.times))
         delay = 0.0 if consecutive == 0 else min(FIRST_DELAY * 2 ** (consecutive - 1), MAX_DELAY)
-        return Decision(delay, consecutive, len(self.times))
+        return Restart(delay, consecutive, len(self.times))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"limit": self.limit, "window": self.window, "times": list(self.times)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CrashHistory:
+        return cls(data["limit"], data["window"], collections.deque(data["times"]))

@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 if TYPE_CHECKING:  # supervisorctl imports this module for render(): keep its start fast
     from supervisor.generation import Generation
+    from supervisor.master import Master
+    from supervisor.program import ProgramRuntime
     from supervisor.worker import Worker
 
 
-def worker_facts(w: Worker, now: float) -> dict[str, Any]:
+def snapshot(master: Master) -> dict[str, Any]:
+    """What `status` answers: a view of the master's records and nothing else."""
+    starting: dict[str, list[Generation]] = {}
+    for gen in master.reload.generations if master.reload else []:
+        starting.setdefault(gen.program.name, []).append(gen)
+    names = [p.name for p in master.config.programs]
+    names += [name for name, r in master.programs.items() if name not in names and r.generations()]
+    me = psutil.Process()
+    with me.oneshot():
+        cpu = me.cpu_times()
+        return {
+            "pid": me.pid, "config": master.config.path, "uptime": time.monotonic() - master.started,
+            "rss": me.memory_info().rss, "cpu": round(cpu.user + cpu.system, 2), "fds": me.num_fds(),
+            "migrate": {"mode": master.migration.mode.value, "enabled": master.migration.enabled,
+                        "reason": master.migration.reason},
+            "reloading": master.reload is not None,
+            "programs": [program_facts(master.programs[name], starting.get(name, [])) for name in names],
+        }
+
+
+def program_facts(record: ProgramRuntime, starting: list[Generation]) -> dict[str, Any]:
+    now = time.monotonic()
+    gens = sorted([*record.generations(), *starting], key=lambda g: g.number)
+    cert = record.certificate
+    return {
+        "name": record.name,
+        "state": record.state.value,
+        "generations": [{"generation": g.number, "state": g.state.value} for g in gens],
+        "workers": [worker_facts(w, g, now) for g in gens for w in g.workers if w.alive],
+        "last_exit": record.last_exit,
+        "tls": cert.as_dict() if cert else None,
+        "fatal": fatal_facts(record.fatal, record.serving) if record.fatal is not None else None,
+    }
+
+
+def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
+    slot = gen.slot_of(w)
     facts: dict[str, Any] = {
         "worker": w.index, "pid": w.pid, "state": w.state.value, "generation": w.generation,
-        "uptime": round(now - w.started, 1), "restarts": w.restarts, "rss": None, "cpu": None,
-        "last_exit": w.previous_exit,
+        "uptime": round(now - w.started, 1), "restarts": slot.restarts if slot else None, "rss": None,
+        "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
     if w.alive:
         try:
@@ -31,32 +69,14 @@ def worker_facts(w: Worker, now: float) -> dict[str, Any]:
     return facts
 
 
-def fatal_facts(reason: str, serving: Generation | None, exited: Mapping[int, Worker]) -> dict[str, Any]:
+def fatal_facts(reason: str, serving: Generation | None) -> dict[str, Any]:
     """A FATAL program: why, and a row (state "fatal") for each worker slot left empty, from the
     worker that last crashed in it. Its other workers serve on and keep their own state."""
-    empty = sorted(set(range(serving.size)) - serving.active_slots()) if serving else []
-    workers = []
-    for index in empty:
-        w = exited.get(index)
-        workers.append({"worker": index, "pid": None, "state": "fatal",
-                        "generation": w.generation if w else serving.number if serving else None,
-                        "restarts": w.restarts if w else None, "last_exit": w.describe_exit() if w else None})
+    empty = [slot for index, slot in sorted(serving.slots.items()) if not slot.active] if serving else []
+    workers = [{"worker": slot.index, "pid": None, "state": "fatal",
+                "generation": slot.crashed_generation or (serving.number if serving else None),
+                "restarts": slot.restarts, "last_exit": slot.last_exit} for slot in empty]
     return {"reason": reason, "workers": workers}
-
-
-def program_facts(name: str, state: str, generations: Iterable[Generation],
-                  last_exit: str | None, tls: dict[str, Any] | None = None) -> dict[str, Any]:
-    now = time.monotonic()
-    gens = list(generations)
-    return {
-        "name": name,
-        "state": state,
-        "generations": [{"generation": g.number, "state": g.state.value} for g in gens],
-        "workers": [worker_facts(w, now) for g in gens for w in g.workers if w.alive],
-        "last_exit": last_exit,
-        "tls": tls,
-        "fatal": None,  # or fatal_facts()
-    }
 
 
 def render(data: Mapping[str, Any]) -> str:

@@ -9,21 +9,54 @@ and closes the connection.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from typing import Any
 
 from supervisor.errors import ControlError
 
 MAX_LINE = 64 * 1024
 
-# command -> the arguments it takes (name -> type)
-COMMANDS: dict[str, dict[str, type]] = {
-    "status": {},
-    "reload": {},
-    "start": {"program": str},
-    "stop": {"program": str},
-    "scale": {"program": str, "workers": int},
-    "shutdown": {},
+@dataclass(frozen=True)
+class Status:
+    pass
+
+
+@dataclass(frozen=True)
+class Reload:
+    pass
+
+
+@dataclass(frozen=True)
+class Start:
+    program: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    program: str
+
+
+@dataclass(frozen=True)
+class Scale:
+    program: str
+    workers: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Request = Status | Reload | Start | Stop | Scale | Shutdown
+# command -> its request type; the type's fields are the arguments it takes
+COMMANDS: dict[str, type[Request]] = {
+    "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
 }
+_ARG_TYPES = {"program": str, "workers": int}
+
+
+def command_of(request: Request) -> str:
+    return next(name for name, kind in COMMANDS.items() if isinstance(request, kind))
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -40,13 +73,14 @@ def decode(line: bytes) -> dict[str, Any]:
     return message
 
 
-def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
-    """Validate a request line; ControlError names what is wrong."""
+def parse_request(line: bytes) -> Request:
+    """Validate a request line into its typed request; ControlError names what is wrong."""
     message = decode(line)
     command = message.pop("command", None)
     if not isinstance(command, str) or command not in COMMANDS:
         raise ControlError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
-    expected = COMMANDS[command]
+    kind = COMMANDS[command]
+    expected = {f.name: _ARG_TYPES[f.name] for f in fields(kind)}
     for name, value in message.items():
         if name not in expected:
             raise ControlError(f"{command}: unknown argument {name!r}")
@@ -55,4 +89,4 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     missing = [name for name in expected if name not in message]
     if missing:
         raise ControlError(f"{command}: missing argument {missing[0]!r}")
-    return command, message
+    return kind(**message)

@@ -9,18 +9,17 @@ from __future__ import annotations
 import collections
 import enum
 import errno
-import grp
 import os
-import pwd
 import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import structlog
 
-from supervisor import listeners
+from supervisor import accounts, listeners
 from supervisor.config import Program
 from supervisor.errors import SpawnError
 from supervisor.listeners import Listener
@@ -71,10 +70,6 @@ class Worker:
     state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
     status: int | None = None  # raw wait status once reaped
-    restarts: int = 0
-    previous_exit: str | None = None  # how the worker this one replaced after a crash ended
-    replaces: Worker | None = None  # recycling: the old worker this one takes over from once ready
-    replaced_by: Worker | None = None
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
     _partial: bytes = b""
 
@@ -95,10 +90,16 @@ class Worker:
             listeners.shut(listener)
 
     def retire(self) -> None:
-        """Shut the listeners and mark the worker on its way out; its stop signal is sent separately."""
+        """Shut the listeners and mark the worker on its way out; its stop signal comes with stop()."""
         self.shut()
         if self.alive:
             self.state = WorkerState.RETIRING
+
+    def stop(self, signum: int) -> None:
+        """Send the stop signal. Every signal goes out after the shut: a worker that exits at once
+        must not close a listener that could still receive migrated connections."""
+        self.shut()
+        self.signal(signum)
 
     def signal(self, signum: int) -> None:
         """Send a signal to the worker; a worker that is already gone is not an error."""
@@ -113,6 +114,7 @@ class Worker:
         """SIGKILL the worker and its whole process tree, also children that left its session."""
         if not self.alive:
             return
+        self.shut()
         try:
             tree = psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
@@ -183,6 +185,47 @@ class Worker:
     def describe_exit(self) -> str:
         return describe_status(self.status)
 
+    def rss(self) -> int | None:
+        """Resident memory in bytes, None once it is gone."""
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data; the process and its fds are referenced by pid and fd number."""
+        return {"program": self.program, "generation": self.generation, "index": self.index, "pid": self.pid,
+                "pidfd": self.pidfd, "stderr": self.stderr, "listeners": [s.to_json() for s in self.listeners],
+                "started": self.started, "state": self.state.value, "ready_at": self.ready_at,
+                "status": self.status, "tail": list(self.tail), "partial": self._partial.decode("latin-1")}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Worker:
+        return cls(program=data["program"], generation=data["generation"], index=data["index"], pid=data["pid"],
+                   pidfd=data["pidfd"], stderr=data["stderr"],
+                   listeners=[Listener.from_json(s) for s in data["listeners"]], started=data["started"],
+                   state=WorkerState(data["state"]), ready_at=data["ready_at"], status=data["status"],
+                   tail=collections.deque(data["tail"], maxlen=STDERR_TAIL),
+                   _partial=data["partial"].encode("latin-1"))
+
+
+class Spawner:
+    """Starts workers for real: fresh listeners that join the reuseport groups, then the process."""
+
+    def __init__(self, notify_socket: str) -> None:
+        self.notify_socket = notify_socket
+
+    def spawn(self, program: Program, generation: int, index: int) -> Worker:
+        socks: list[Listener] = []
+        try:
+            for n, listen in enumerate(program.listen):
+                socks.append(listeners.open_listener(listen, f"{program.name}.{n}", program.backlog))
+            return spawn(program, generation, index, socks, self.notify_socket, program.cwd)
+        except BaseException:
+            for sock in socks:
+                listeners.close(sock)
+            raise
+
 
 def kill_group(pgid: int) -> None:
     """SIGKILL a worker's process group (it leads its own session: setsid at spawn)."""
@@ -212,7 +255,7 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
            if k not in _MASTER_ONLY_ENV}
     env.update(program.env)
     if program.user is not None:
-        user = account(program.user)
+        user = accounts.account(program.user)
         env.update(USER=user.pw_name, LOGNAME=user.pw_name, HOME=user.pw_dir)
     command = list(program.command)
     if program.tls is not None:
@@ -256,33 +299,11 @@ def privileges(program: Program) -> list[str]:
     argv = [SETPRIV, "--pdeathsig", "KILL"]
     if program.user is not None:
         # The user's primary group unless one is named; supplementary groups from /etc/group.
-        argv += [f"--reuid={program.user}", f"--regid={program.group or primary_group(program.user)}",
+        argv += [f"--reuid={program.user}", f"--regid={program.group or accounts.account(program.user).pw_gid}",
                  "--init-groups"]
     elif program.group is not None:
         argv += [f"--regid={program.group}", "--clear-groups"]
     return [*argv, "--"]
-
-
-def account(user: str) -> pwd.struct_passwd:
-    """The passwd entry of a user named or numbered in the config; KeyError if there is none."""
-    return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-
-
-def group_id(group: str) -> int:
-    """The gid of a group named or numbered in the config; KeyError if there is none."""
-    return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-
-
-def primary_group(user: str) -> int:
-    return account(user).pw_gid
-
-
-def run_as(program: Program) -> tuple[int, int] | None:
-    """The uid and gid the program's workers run as, when it names a user (None: the master's)."""
-    if program.user is None:
-        return None
-    user = account(program.user)
-    return user.pw_uid, user.pw_gid if program.group is None else group_id(program.group)
 
 
 def _fd_actions(fds: Iterable[int], stdin: int, stderr: int) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ def main() -> None:
             f.write(str(child.pid))
     socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
     if action == "crash-worker-1":
-        time.sleep(0.3)
+        time.sleep(1.0)  # after its siblings are ready, even on a loaded machine: a crash, not a failed start
         print("worker 1 gives up", file=sys.stderr)
         sys.exit(3)
     if action == "fork":

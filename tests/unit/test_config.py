@@ -101,7 +101,8 @@ class TestErrors:
         ("    tls: {cert: c.pem}\n", "conf.yaml:5: programs.web.tls.key: required"),
         ("    ready_timeout: .inf\n",
          "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds, got .inf"),
-        ("    stop_delay: -1\n", "conf.yaml:5: programs.web.stop_delay: expected at least 0 seconds (and at most a day), got -1"),
+        ("    stop_delay: -1\n",
+         "conf.yaml:5: programs.web.stop_delay: expected at least 0 seconds (and at most a day), got -1"),
         ("    graceful_timeout: .nan\n", "conf.yaml:5: programs.web.graceful_timeout: expected a number of seconds"),
         ("    ready_timeout: 1" + "0" * 400 + "\n",  # an integer no float can hold
          "conf.yaml:5: programs.web.ready_timeout: expected a number of seconds"),

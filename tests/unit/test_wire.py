@@ -11,8 +11,9 @@ from supervisor.errors import ControlError
 class TestParseRequest:
     def test_valid_requests(self) -> None:
         """A command and its arguments come back separated."""
-        assert wire.parse_request(b'{"command":"reload"}\n') == ("reload", {})
-        assert wire.parse_request(wire.encode({"command": "stop", "program": "web"})) == ("stop", {"program": "web"})
+        assert wire.parse_request(b'{"command":"reload"}\n') == wire.Reload()
+        assert wire.parse_request(wire.encode({"command": "stop", "program": "web"})) == wire.Stop("web")
+        assert wire.parse_request(b'{"command":"scale","program":"web","workers":3}') == wire.Scale("web", 3)
 
     @pytest.mark.parametrize(("line", "message"), [
         (b"not json\n", "malformed message"),
