@@ -1,0 +1,194 @@
+"""The master's decisions with a fake spawner and a clock the test drives: no root, no processes, no sleeping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from supervisor import wire
+from supervisor.generation import GenerationState
+from supervisor.program import ProgramRuntime, ProgramState
+from supervisor.slot import RECYCLE_RETRY
+from supervisor.worker import WorkerState
+from tests.unit.fakes import Scenario, program
+
+
+def scenario(tmp_path: Path, **settings: object) -> Scenario:
+    s = Scenario(tmp_path, {"web": program(**settings)})
+    reply = s.start()
+    assert reply.ok, reply.answer
+    return s
+
+
+class TestReload:
+    def test_startup_serves_once_every_worker_is_ready(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": program()})
+        reply = s.start(ready=False)
+        assert s.state() == "starting" and reply.answer is None
+        first, second = s.starting()
+        s.ready(first)
+        assert s.state() == "starting"
+        s.ready(second)
+        assert s.state() == "serving" and reply.ok and s.master.reload is None
+
+    def test_a_reload_commits_shut_first_then_stop_signal_after_stop_delay(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        old = s.serving()
+        reply = s.ask(wire.Reload())
+        assert s.state() == "reloading" and reply.answer is None
+        s.ready(*s.starting())
+        assert reply.ok and s.record().serving is not None and s.record().serving.number == 2
+        assert all(w.state is WorkerState.RETIRING and all(x.shut for x in w.listeners) for w in old)
+        assert all(w.signals == [] for w in old)  # nothing before stop_delay
+        s.advance(0.5)
+        assert all(w.signals == [(s.clock.time(), "SIGTERM", True)] for w in old)
+        s.advance(5)  # graceful_timeout after the signal: the stubborn are killed
+        assert all([sig for _, sig, _ in w.signals] == ["SIGTERM", "SIGKILL"] for w in old)
+
+    def test_stop_delay_zero_sends_the_signal_in_the_same_step(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path, stop_delay=0)
+        old = s.serving()
+        s.ask(wire.Reload())
+        s.ready(*s.starting())
+        assert all(w.signals == [(s.clock.time(), "SIGTERM", True)] for w in old)
+
+    def test_a_new_worker_that_exits_rolls_back(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        serving = s.serving()
+        reply = s.ask(wire.Reload())
+        ready, failing = s.starting()
+        s.ready(ready)
+        s.exit(failing)
+        assert reply.ok is False and "worker 1" in reply.answer["error"]  # type: ignore[index]
+        assert "exit status 3 before it was ready; rolled back, still serving: web#1" in reply.answer["error"]  # type: ignore[index]
+        assert s.state() == "serving" and s.serving() == serving and all(w.signals == [] for w in serving)
+        assert all(x.shut for x in ready.listeners)
+        s.advance(0.5)  # the new worker that was ready may hold connections: stopped like an old one
+        assert [sig for _, sig, _ in ready.signals] == ["SIGTERM"]
+
+    def test_a_generation_not_ready_in_time_rolls_back_and_names_it(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        reply = s.ask(wire.Reload())
+        late = s.starting()
+        s.ready(late[0])
+        s.advance(9.9)
+        assert reply.answer is None
+        s.advance(0.2)
+        assert reply.ok is False
+        assert "web: generation 2 not ready within 10 s (1 of 2 workers ready)" in reply.answer["error"]  # type: ignore[index]
+        assert [sig for _, sig, _ in late[1].signals] == ["SIGKILL"]  # never ready: killed at once
+        assert s.record().serving is not None and s.record().serving.number == 1
+
+    def test_requests_wait_behind_a_reload_and_run_in_order(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        first = s.ask(wire.Reload())
+        second = s.ask(wire.Reload())
+        assert second.lines == ["waiting for the reload in progress"]
+        s.ready(*s.starting())
+        assert first.ok and second.answer is None  # the second one has started generation 3
+        s.ready(*s.starting())
+        assert second.ok and s.record().serving.number == 3  # type: ignore[union-attr]
+
+    def test_stop_during_a_reload_waits_and_shutdown_rolls_it_back(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        reload = s.ask(wire.Reload())
+        stop = s.ask(wire.Stop("web"))
+        assert stop.lines == ["waiting for the reload in progress"]
+        bye = s.ask(wire.Shutdown())
+        assert reload.ok is False and "supervisord is shutting down" in reload.answer["error"]  # type: ignore[index]
+        assert stop.ok is False and s.state() == "stopping"
+        for w in s.spawner.spawned:
+            if w.alive:
+                s.exit(w, 0)
+        assert s.master.done() and s.state() == "stopped" and bye.answer is None  # answered when run() ends
+
+
+class TestSlots:
+    def test_crash_backoff_fatal_and_start_revives(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path, crash_limit=3, crash_window=60)
+        for expected in (1, 2):
+            victim = next(w for w in s.serving() if w.index == 1)
+            s.exit(victim, 9)  # killed by SIGKILL
+            s.advance(0.05 * 2 ** expected)  # 0.1 s, then 0.2 s
+            restarted = s.starting()
+            assert [w.index for w in restarted] == [1]
+            s.ready(*restarted)
+            assert s.record().serving.slots[1].restarts == expected  # type: ignore[union-attr]
+        s.exit(next(w for w in s.serving() if w.index == 1), 9)
+        assert s.state() == "fatal" and s.record().fatal == "3 crashes within 60 s"
+        s.advance(60)
+        assert s.starting() == [] and len(s.serving()) == 1  # no restart; worker 0 serves on
+        reply = s.ask(wire.Start("web"))
+        s.ready(*s.starting())
+        assert reply.ok and s.state() == "serving" and s.record().fatal is None and s.record().crashes is None
+
+    def test_a_recycle_replacement_that_fails_then_one_that_works(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path, max_age=100)
+        s.advance(101)
+        s.recycle_check()
+        replacements = s.starting()
+        assert len(replacements) == 2
+        s.exit(replacements[0])  # failed: the old worker of slot 0 serves on
+        slot = s.record().serving.slots[0]  # type: ignore[union-attr]
+        assert slot.replacement is None and slot.worker is not None and slot.worker.alive
+        old = slot.worker
+        s.ready(replacements[1])  # slot 1 recycled: its old worker leaves with its listeners shut
+        assert s.record().serving.slots[1].worker is replacements[1]  # type: ignore[union-attr]
+        s.advance(RECYCLE_RETRY - 1)
+        assert s.starting() == []
+        s.advance(2)
+        retry = s.starting()
+        assert [w.index for w in retry] == [0]
+        s.ready(*retry)
+        assert old.state is WorkerState.RETIRING and all(x.shut for x in old.listeners)
+
+    def test_scale_up_and_down(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        reply = s.ask(wire.Scale("web", 4))
+        assert reply.ok and [w.index for w in s.starting()] == [2, 3]
+        s.ready(*s.starting())
+        down = s.ask(wire.Scale("web", 1))
+        assert down.answer["message"] == "web: 1 workers (0 started, 3 retiring)"  # type: ignore[index]
+        gen = s.record().serving
+        assert gen is not None and sorted(gen.slots) == [0] and len(gen.leaving) == 3
+        assert all(all(x.shut for x in w.listeners) for w in gen.leaving)
+        assert s.ask(wire.Scale("web", 0)).answer == {"ok": False, "error": "workers must be 1..4096, got 0"}
+
+    def test_a_spawn_that_fails_is_retried(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        s.spawner.fail_next = 1
+        s.exit(s.serving()[0], 9)
+        s.advance(0.1)
+        assert s.starting() == []
+        s.advance(10)
+        assert [w.index for w in s.starting()] == [0]
+
+
+class TestRecords:
+    def test_the_state_round_trips_through_json(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path, max_age=100, crash_limit=5)
+        s.exit(s.serving()[1], 9)
+        s.advance(0.1)
+        s.ask(wire.Reload())
+        record = s.record()
+        text = json.dumps(record.to_json())
+        copy = ProgramRuntime.from_json(json.loads(text))
+        try:
+            assert copy.to_json() == record.to_json()
+            assert copy.state is ProgramState.RELOADING and copy.serving is not None
+            assert copy.serving.state is GenerationState.SERVING
+            assert copy.serving.program == record.serving.program  # type: ignore[union-attr]
+        finally:
+            for gen in copy.generations():
+                for w in gen.workers:
+                    for listener in w.listeners:
+                        listener.sock.detach()  # the same fds as the original's
+
+    def test_a_transition_from_the_wrong_state_is_refused(self, tmp_path: Path) -> None:
+        record = ProgramRuntime("web")
+        try:
+            record.went_fatal("why")
+        except RuntimeError as exc:
+            assert str(exc) == "program web: stopped -> fatal is not a transition"
+        else:
+            raise AssertionError("a stopped program cannot go FATAL")
