@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import structlog
 import uvloop
 
-from supervisor import __version__, config, logs
+from supervisor import __version__, config, limits, logs, preflight
 from supervisor.errors import EXIT_USAGE, ConfigError
+
+log = structlog.get_logger()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
+    limits.raise_soft_limit()  # workers, reloads and control connections all take fds (README, Hardening)
     try:
         logs.configure(args.log_level, None if args.log_format is None else args.log_format == "json", args.log_file)
     except OSError as exc:
@@ -43,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(cfg: config.Config) -> int:
     from supervisor.master import Master  # imports the event loop machinery only once running
 
-    return await Master(cfg).run()
+    report = preflight.check(cfg)  # what can fail without side effects: before anything starts
+    for warning in report.warnings:
+        log.warning("preflight_warning", warning=warning)
+    if report.problems:
+        for problem in report.problems:
+            log.error("preflight_failed", problem=problem)
+        return EXIT_USAGE
+    return await Master(cfg).run(report.bundles)
 
 
 if __name__ == "__main__":

@@ -88,11 +88,8 @@ class RecycleCheck:
 
 
 @dataclass(frozen=True)
-class RespawnDue:
-    """Time to start a worker again in this slot of a serving generation (after a crash or a failed spawn)."""
-
-    generation: Generation
-    index: int
+class ManageWorkers:
+    """Time to give every empty slot of a serving generation its worker (a restart after a crash)."""
 
 
 @dataclass(frozen=True)
@@ -101,5 +98,5 @@ class WatchdogDue:
 
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
-         | StopDue | GracefulTimeout | RespawnDue | WatchdogDue
+         | StopDue | GracefulTimeout | ManageWorkers | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)

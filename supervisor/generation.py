@@ -112,16 +112,27 @@ class Generation:
         """The one way a worker of this generation starts: on fresh listeners that join the groups."""
         return spawner.spawn(self.program, self.number, index)
 
-    def scale_up(self, count: int) -> list[int]:
-        """Slots 0..count-1 exist; returns the indexes without a worker (new, or waiting for a restart)."""
+    def scale(self, count: int, now: float) -> list[Worker]:
+        """Slots 0..count-1, each to be filled now if empty; returns the workers of the slots that go."""
         for index in range(count):
-            self.slots.setdefault(index, Slot(index))
-        return [index for index in range(count) if self.slots[index].worker is None]
-
-    def scale_down(self, count: int) -> list[Worker]:
-        """Slots from `count` on go; returns their live workers, which are to leave."""
+            slot = self.slots.setdefault(index, Slot(index))
+            if slot.worker is None:
+                slot.restart_at = now  # also one waiting for its restart: `scale` starts it now
         gone = [self.slots.pop(index) for index in sorted(self.slots) if index >= count]
         return [w for slot in gone for w in slot.workers() if w.alive]
+
+    def due(self, now: float) -> list[Slot]:
+        """Empty slots whose worker is to start now (restart after a crash, scale up, spawn retry)."""
+        return [slot for index, slot in sorted(self.slots.items()) if slot.due(now)]
+
+    def recycling(self, now: float) -> list[tuple[Slot, str]]:
+        """Slots whose worker is over max_age or max_rss, with the reason; none while one is being replaced."""
+        program = self.program
+        if program.max_rss is None and program.max_age is None:
+            return []
+        due = [(slot, slot.recycle_reason(program.max_rss, program.max_age, now))
+               for index, slot in sorted(self.slots.items()) if slot.wants_recycling(now)]
+        return [(slot, reason) for slot, reason in due if reason]
 
     def leave(self, workers: list[Worker]) -> list[Worker]:
         """Workers leave a serving generation (scale down, recycled): shut now, stopped by the master."""

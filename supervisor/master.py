@@ -1,10 +1,9 @@
 """The master: one loop, one queue, and the only mutable state of the daemon.
 
-`run()` is the table of contents: enable migration, open the sockets, start the first generations,
-then take events one at a time and dispatch them to an `on_*` method. The state is a record per
-program (`program.ProgramRuntime`), the reload in progress (`reload.Reload`) and the requests
-waiting behind it. Decisions come back as values (`reload.Commit`, `restart.Restart`, ...) and are
-applied here. A reload (see shared/DESIGN.md, "Reload, step by step"):
+`run()` is the table of contents: open the sockets, start the first generations, then take events
+one at a time and dispatch them. The state is a record per program (`program.ProgramRuntime`), the
+reload in progress (`reload.Reload`) and the requests waiting behind it; the records decide
+(`reload.Commit`, `restart.Restart`, ...) and the master applies. A reload (shared/DESIGN.md):
 1. load and check the new config; any error is the reply and nothing changes;
 2. start a new generation of every program: new listeners join the same reuseport groups;
 3. wait until every new worker is ready, or one exits, or `ready_timeout` passes;
@@ -20,43 +19,27 @@ import asyncio
 import collections
 import itertools
 import os
-import shutil
 import signal
-import tempfile
 import time
 from typing import Any, Protocol
 
 import structlog
 
-from supervisor import config as config_module
-from supervisor import logs, migrate, preflight, readiness, status, tls, wire
-from supervisor.config import Config, MigrateMode, Program, ReadyMode
-from supervisor.control import ControlServer
-from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, ControlError, SupervisorError
-from supervisor.events import (
-    ControlRequest,
-    Event,
-    GracefulTimeout,
-    NotifyReceived,
-    ReadinessCheck,
-    ReadyTimeout,
-    RecycleCheck,
-    RespawnDue,
-    SignalReceived,
-    StopDue,
-    WatchdogDue,
-    WorkerExited,
-    WorkerOutput,
-    WorkerReadyTimeout,
-)
+from supervisor import events as ev
+from supervisor import logs, migrate, status, tls, wire
+from supervisor import reload as reload_module
+from supervisor.config import Config, MigrateMode, Program
+from supervisor.endpoints import Endpoints
+from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
 from supervisor.plan import ReloadPlan, plan_reload, plan_start
-from supervisor.program import ProgramRuntime
-from supervisor.readiness import NotifySocket
-from supervisor.reload import Commit, Decision, Reload, ReloadKind, RollBack
-from supervisor.reply import Reply
+from supervisor.program import ProgramRuntime, names, serving
+from supervisor.reload import Commit, Reload, ReloadKind, RollBack
+from supervisor.reply import Replies, Reply
 from supervisor.restart import Fatal, Restart
+from supervisor.slot import SPAWN_RETRY
+from supervisor.watch import Watcher
 from supervisor.worker import Spawner as ProcessSpawner
 from supervisor.worker import Worker, WorkerState
 
@@ -64,9 +47,7 @@ log = structlog.get_logger()
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGTTIN, signal.SIGTTOU)
-READINESS_POLL = 0.05  # seconds between looks at a worker with `ready: accepting`
 RECYCLE_POLL = 1.0  # seconds between looks for workers over max_rss / max_age
-SPAWN_RETRY = 10.0  # after a worker could not be started at all
 
 
 class Clock(Protocol):
@@ -79,57 +60,44 @@ class Clock(Protocol):
 class Master:
     def __init__(self, config: Config, spawner: Spawner | None = None, clock: Clock | None = None) -> None:
         self.config = config
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.clock: Clock = clock or asyncio.get_running_loop()
-        self.spawner = spawner
+        self._spawner = spawner  # made by run() once the notify socket exists, unless a test gives one
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
-        self.workers: dict[int, tuple[Worker, Generation]] = {}  # live workers by pid
+        self.watcher = Watcher(self.post, self.later)
         self.reload: Reload | None = None
-        self.waiting: collections.deque[ControlRequest] = collections.deque()  # behind the reload
+        self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the reload
         self.stop_waiters: list[tuple[Generation, Reply]] = []
         self.shutdown_replies: list[Reply] = []
         self.stopping = False
         self.exit_code = EXIT_OK
         self.started = time.monotonic()
         self.reload_ids = itertools.count(1)
-        self.runtime_dir = ""
-        self.notify: NotifySocket | None = None
-        self.control: ControlServer | None = None
+        self.endpoints = Endpoints(config.control, self.post)
         self.systemd = Notifier()
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        """Serve until shut down; returns the daemon's exit status."""
-        report = preflight.check(self.config)
-        for warning in report.warnings:
-            log.warning("preflight_warning", warning=warning)
-        if report.problems:
-            for problem in report.problems:
-                log.error("preflight_failed", problem=problem)
-            return EXIT_USAGE
-        try:
-            self.enable_migration(self.config.migrate)
-        except SupervisorError as exc:
-            log.error("migrate_unavailable", error=str(exc))
-            return EXIT_FAILED
+    async def run(self, bundles: dict[str, tls.Bundle]) -> int:
+        """Serve a config that passed its preflight (`bundles`: its checked certificates) until shut down."""
         loop = asyncio.get_running_loop()
         try:
-            self.open_sockets(loop)
-            await self.control_server().start()
+            self.enable_migration(self.config.migrate)
+            await self.endpoints.open()
         except (OSError, SupervisorError) as exc:
-            log.error("startup_failed", error=str(exc))
-            self.close_sockets(loop)
+            log.error("migrate_unavailable" if isinstance(exc, migrate.MigrateError) else "startup_failed",
+                      error=str(exc))
+            self.endpoints.close()
             return EXIT_FAILED
+        self._spawner = self._spawner or ProcessSpawner(self.endpoints.notify_path)
         for signum in HANDLED_SIGNALS:
-            loop.add_signal_handler(signum, self.post, SignalReceived(signum))
-        log.info("supervisord_started", pid=os.getpid(), config=self.config.path,
-                 control=self.config.control.socket)
-        self.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), report.bundles)
+            loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
+        log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket)
+        self.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
+        self.post(ev.RecycleCheck())
         if self.systemd.watchdog_interval:
-            self.post(WatchdogDue())
-        self.post(RecycleCheck())
+            self.post(ev.WatchdogDue())
         try:
             while not self.done():
                 self.handle(await self.queue.get())
@@ -138,28 +106,34 @@ class Master:
                 loop.remove_signal_handler(signum)
             for reply in self.shutdown_replies:
                 reply.finish(True, "supervisord stopped")
-            self.close_sockets(loop)
+            self.endpoints.close()
             self.systemd.close()
         log.info("supervisord_stopped", exit_code=self.exit_code)
         return self.exit_code
 
-    def done(self) -> bool:
-        return self.stopping and not self.workers
+    @property
+    def spawner(self) -> Spawner:
+        assert self._spawner is not None, "run() makes the spawner once the notify socket exists"
+        return self._spawner
 
-    def post(self, event: Event) -> None:
+    def done(self) -> bool:
+        """Shutting down, and no worker left to wait for."""
+        return self.stopping and not self.watcher.workers
+
+    def post(self, event: ev.Event) -> None:
         self.queue.put_nowait(event)
 
-    def later(self, delay: float, event: Event) -> asyncio.TimerHandle:
+    def later(self, delay: float, event: ev.Event) -> asyncio.TimerHandle:
         return self.clock.call_later(delay, self.post, event)
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: ev.Event) -> None:
         """The one catch-all: a bug in a handler must not take the serving workers down with the master."""
         try:
             self.dispatch(event)
         except Exception as exc:
             # Not `event=`: that is structlog's first argument, and the TypeError would end the loop.
             log.exception("handler_failed", handling=type(event).__name__)
-            if isinstance(event, ControlRequest):
+            if isinstance(event, ev.ControlRequest):
                 # Still answer (the client would wait forever) and free the reload slot (every later
                 # request would wait in line behind it).
                 reason = f"internal error: {type(exc).__name__}: {exc} (details in the supervisord log)"
@@ -168,36 +142,40 @@ class Master:
                 else:
                     self.refuse(event, reason)
 
-    def dispatch(self, event: Event) -> None:
+    def dispatch(self, event: ev.Event) -> None:
         match event:
-            case SignalReceived():
+            case ev.SignalReceived():
                 self.on_signal(event.signum)
-            case ControlRequest():
+            case ev.ControlRequest():
                 self.on_request(event)
-            case WorkerExited():
-                self.on_worker_exited(event.worker)
-            case WorkerOutput():
-                self.on_worker_output(event.worker)
-            case NotifyReceived():
-                self.on_notify(event)
-            case ReadinessCheck():
-                self.on_readiness_check(event.worker)
-            case ReadyTimeout():
+            case ev.NotifyReceived():
+                if found := self.watcher.notified(event):
+                    self.worker_ready(*found)
+            case ev.ReadinessCheck():
+                if found := self.watcher.checked(event.worker):
+                    self.worker_ready(*found)
+            case ev.ReadyTimeout():
                 if self.reload is not None and self.reload.id == event.reload_id:
                     self.apply(self.reload.timed_out(event.generation))
-            case WorkerReadyTimeout():
+            case ev.WorkerExited():
+                self.on_worker_exited(event.worker)
+            case ev.WorkerOutput():
+                self.watcher.output(event.worker)
+            case ev.WorkerReadyTimeout():
                 self.on_worker_ready_timeout(event.worker)
-            case StopDue():
+            case ev.StopDue():
                 for w in event.workers:
                     w.stop(event.signum)
-            case GracefulTimeout():
+            case ev.GracefulTimeout():
                 self.on_graceful_timeout(event.workers)
-            case RespawnDue():
-                self.on_respawn_due(event.generation, event.index)
-            case RecycleCheck():
+            case ev.ManageWorkers():
+                self.manage_workers()
+            case ev.RecycleCheck():
                 self.on_recycle_check()
-            case WatchdogDue():
-                self.on_watchdog_due()
+            case ev.WatchdogDue():
+                # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
+                self.systemd.watchdog()
+                self.later(self.systemd.watchdog_interval or 1.0, ev.WatchdogDue())
 
     def enable_migration(self, mode: MigrateMode) -> None:
         """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
@@ -206,160 +184,106 @@ class Master:
         say = log.warning if mode is MigrateMode.PREFER and not self.migration.enabled else log.info
         say("migration", mode=mode.value, enabled=self.migration.enabled, detail=self.migration.reason)
 
-    # -- sockets of the master itself -----------------------------------------------------------------
-
-    def open_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Under systemd, RuntimeDirectory= gives a private folder; elsewhere a fresh one in $TMPDIR.
-        self.runtime_dir = tempfile.mkdtemp(prefix="supervisord.", dir=os.environ.get("RUNTIME_DIRECTORY"))
-        os.chmod(self.runtime_dir, 0o711)  # workers that dropped privileges still reach the notify socket
-        self.notify = notify = NotifySocket(os.path.join(self.runtime_dir, "notify.sock"))
-        self.spawner = self.spawner or ProcessSpawner(notify.path)
-        loop.add_reader(notify.fileno(), self.on_notify_readable)
-
-    def on_notify_readable(self) -> None:
-        assert self.notify is not None
-        for pid, fields in self.notify.receive():
-            self.post(NotifyReceived(pid, fields))
-
-    def control_server(self) -> ControlServer:
-        self.control = ControlServer(self.config.control.socket, self.config.control.mode, self.post)
-        return self.control
-
-    def close_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.control is not None:
-            self.control.close()
-        if self.notify is not None:
-            loop.remove_reader(self.notify.fileno())
-            self.notify.close()
-            self.notify = None
-        if self.runtime_dir:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
     # -- signals and requests ----------------------------------------------------------------------
 
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         log.info("signal", signal=name)
         if signum == signal.SIGHUP:
-            self.on_request(ControlRequest(wire.Reload(), Reply(origin="SIGHUP")))
+            self.on_request(ev.ControlRequest(wire.Reload(), Reply(origin="SIGHUP")))
         elif signum == signal.SIGUSR1:
             logs.reopen()  # workers need nothing: their stderr comes through the master
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-            step = 1 if signum == signal.SIGTTIN else -1
-            for record in self.programs.values():
-                if record.serving is not None:
-                    count = max(1, len(record.serving.active_slots()) + step)
-                    self.on_request(ControlRequest(wire.Scale(record.name, count), Reply(origin=record.name)))
+            for record, gen in serving(self.programs):
+                count = max(1, len(gen.active_slots()) + (1 if signum == signal.SIGTTIN else -1))
+                self.on_request(ev.ControlRequest(wire.Scale(record.name, count), Reply(origin=record.name)))
         else:  # QUIT, or a second TERM/INT: no more waiting
             self.shutdown(Reply(origin=name), fast=signum == signal.SIGQUIT or self.stopping)
 
-    def on_request(self, event: ControlRequest) -> None:
-        reply = event.reply
-        match event.request:
-            case wire.Status():
+    def on_request(self, event: ev.ControlRequest) -> None:
+        request, reply = event.request, event.reply
+        try:
+            if isinstance(request, wire.Status):
                 reply.finish(True, "status", status.snapshot(self))
-            case wire.Shutdown():
+            elif isinstance(request, wire.Shutdown):
                 self.shutdown(reply)
-            case _ if self.stopping:
+            elif self.stopping:
                 reply.finish(False, "supervisord is shutting down")
-            case wire.Scale(program=name, workers=count):
-                try:
-                    self.scale(name, count, reply)
-                except ControlError as exc:
-                    reply.finish(False, str(exc))
-            case _ if self.reload is not None:
+            elif self.reload is not None:  # also `scale`: the generation it would change is being replaced
                 reply.progress(f"waiting for the {self.reload.label} in progress")
                 self.waiting.append(event)
-            case wire.Stop(program=name):
-                try:
-                    self.stop_program(name, reply)
-                except ControlError as exc:
-                    self.refuse(event, str(exc))
-            case wire.Reload() | wire.Start():
-                try:
-                    self.begin_request(event)
-                except (ConfigError, ControlError, migrate.MigrateError) as exc:
-                    self.refuse(event, str(exc))
+            elif isinstance(request, wire.Scale):
+                self.scale(request.program, request.workers, reply)
+            elif isinstance(request, wire.Stop):
+                self.stop_program(request.program, reply)
+            elif isinstance(request, wire.Start):
+                plan = plan_start(self.config, request.program, names(self.programs, running=True),
+                                  names(self.programs, fatal=True))
+                # A start is a new generation: its files are checked (and copied) anew, as at a reload.
+                bundles = reload_module.check(self.config, reply, only=request.program)
+                self.begin(ReloadKind.START, self.config, reply, bundles, plan)
+            elif isinstance(request, wire.Reload):
+                self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
+                config, bundles = reload_module.load_new_config(self.config, reply)
+                self.begin(ReloadKind.RELOAD, config, reply, bundles)
+        except (ConfigError, ControlError, migrate.MigrateError) as exc:
+            self.refuse(event, str(exc))
 
-    def refuse(self, event: ControlRequest, reason: str) -> None:
+    def refuse(self, event: ev.ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""
         event.reply.finish(False, reason)
         if isinstance(event.request, wire.Reload) and not self.stopping:
             # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
-            self.systemd.ready(f"{self.describe()}; last reload failed: {reason}")
+            self.systemd.ready(f"{status.describe(self.programs)}; last reload failed: {reason}")
         self.next_request()
 
     def next_request(self) -> None:
-        """The reload slot is free: the requests that waited for it go back on the queue, in order."""
+        """The reload slot is free: the requests that waited for it go back on the queue, in order.
+
+        Reloads that piled up (a burst of SIGHUPs, several `reload`s) become one, at the place of the
+        first: each caller gets its answer, and it reads the config as it is now.
+        """
+        reloads = [e for e in self.waiting if isinstance(e.request, wire.Reload)]
+        if len(reloads) > 1:
+            merged = ev.ControlRequest(wire.Reload(), Replies([e.reply for e in reloads]))
+            self.waiting = collections.deque(merged if e is reloads[0] else e for e in self.waiting
+                                             if e is reloads[0] or e not in reloads)
         while self.waiting and self.reload is None:
             self.post(self.waiting.popleft())
 
-    def begin_request(self, event: ControlRequest) -> None:
-        """`reload` or `start NAME`: raises the user's error before anything changes."""
-        if isinstance(event.request, wire.Start):
-            name = event.request.program
-            plan = plan_start(self.config, name, self.running_names(), self.fatal_names())
-            # A start is a new generation: its files are checked (and copied) anew, as at a reload.
-            bundles = self.preflight(self.config, event.reply, only=name)
-            self.begin(ReloadKind.START, self.config, event.reply, bundles, plan)
-            return
-        self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
-        config = config_module.load(self.config.path)
-        bundles = self.preflight(config, event.reply)
-        if config.control != self.config.control:
-            event.reply.progress("control socket settings changed: they apply after a restart")
-        if config.migrate != self.config.migrate:
-            # Applied by commit() once the new generations serve: a rollback leaves it as it was.
-            # `require` is checked now, so a reload that could not honour it starts nothing.
-            if problem := preflight.migration_problem(config.migrate):
-                raise migrate.MigrateError(problem)
-            event.reply.progress(f"migrate: {self.config.migrate.value} -> {config.migrate.value} "
-                                 "once the new generation serves")
-        self.begin(ReloadKind.RELOAD, config, event.reply, bundles)
-
-    def preflight(self, config: Config, reply: Reply, only: str | None = None) -> dict[str, tls.Bundle]:
-        """Check `config` (or its program `only`) against the system; raise the problems, say the warnings."""
-        report = preflight.check(config, only)
-        if report.problems:
-            raise ControlError("; ".join(report.problems))
-        for warning in report.warnings:
-            log.warning("preflight_warning", warning=warning)
-            reply.progress(f"warning: {warning}")
-        return report.bundles
-
     # -- reloads: begin, then apply what the reload decides --------------------------------------------
 
-    def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle],
+    def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
               plan: ReloadPlan | None = None) -> None:
-        plan = plan or plan_reload(config, self.running_names(), self.stopped_names())
-        self.reload = reload = Reload(next(self.reload_ids), kind, config, plan, reply, bundles)
+        plan = plan or plan_reload(config, names(self.programs, running=True), names(self.programs, by_hand=True))
+        self.reload = reload = Reload(next(self.reload_ids), kind, config, plan, reply, bundles or {})
         for program in plan.start:
             record = self.programs.setdefault(program.name, ProgramRuntime(program.name))
             try:
-                gen = Generation.create(program, record.next_number(), self.runtime_dir, bundles.get(program.name))
+                gen = Generation.create(program, record.next_number(), self.endpoints.runtime_dir,
+                                        reload.bundles.get(program.name))
             except OSError as exc:
-                self.roll_back(f"{program.name}: tls: cannot copy the certificate and key for the workers: {exc}")
-                return
+                return self.roll_back(f"{program.name}: tls: cannot copy the certificate and key for the workers: "
+                                      f"{exc}")
             record.starting()
             reload.generations.append(gen)
             reply.progress(f"{program.name}: generation {gen.number} starting "
                            f"{program.workers} worker{'s' if program.workers != 1 else ''}")
             try:
-                gen.start(self.spawner_or_fail())
+                gen.start(self.spawner)
             except (OSError, SupervisorError) as exc:
-                self.watch_all(gen)
-                self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
-                return
-            self.watch_all(gen)
-            reload.timers.append(self.later(program.ready_timeout, ReadyTimeout(reload.id, gen)))
+                return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
+            finally:
+                for w in gen.workers:
+                    self.watch(w, gen)
+            reload.timers.append(self.later(program.ready_timeout, ev.ReadyTimeout(reload.id, gen)))
         self.apply(reload.worker_ready())
 
-    def apply(self, decision: Decision) -> None:
-        match decision:
-            case Commit():
-                self.commit()
-            case RollBack(reason=reason):
-                self.roll_back(reason)
+    def apply(self, decision: Commit | RollBack | object) -> None:
+        if isinstance(decision, Commit):
+            self.commit()
+        elif isinstance(decision, RollBack):
+            self.roll_back(decision.reason)
 
     def commit(self) -> None:
         """Every new worker is ready: the new generations serve, the old ones retire at once."""
@@ -370,40 +294,30 @@ class Master:
             try:
                 self.enable_migration(reload.config.migrate)
             except migrate.MigrateError as exc:  # `require` checked at begin, lost since
-                self.roll_back(str(exc))
-                return
+                return self.roll_back(str(exc))
         self.reload = None
         reload.cancel_timers()
         before = migrate.counters()
-        old_gens: list[Generation] = []
+        old_gens: list[Generation | None] = []
         for gen in reload.generations:
             gen.mark_serving()
             reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
-                                  f"{_ms(gen.ready_at, gen.started)} ms")
+                                  f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
             bundle = reload.bundles.get(gen.program.name)
-            old = self.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None)
-            old_gens += [old] if old else []
+            old_gens.append(self.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None))
         for name in reload.plan.removed:  # gone from the config: retire without a successor
-            if (record := self.programs.get(name)) and (old := record.stopping(by_hand=False)):
-                old_gens.append(old)
-        queued = sum(old.queued() for old in old_gens)
-        shut = sum(self.retire(old) for old in old_gens)
+            old_gens.append(self.programs[name].stopping(by_hand=False))
+        retired = [g for g in old_gens if g is not None]
+        queued = sum(old.queued() for old in retired)
+        shut = sum(self.retire(old) for old in retired)
         migrated = (migrate.counters() - before).success
-        for old in old_gens:
+        for old in retired:
             reload.reply.progress(
                 f"{old.program.name}: generation {old.number}: listeners closed, {len(old.live_workers)} old "
                 f"workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
         self.config = reload.config
-        elapsed = _ms(time.monotonic(), reload.started)
-        log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
-                 generations={g.program.name: g.number for g in reload.generations})
-        reload.reply.finish(True, f"{reload.label} done in {elapsed} ms: {shut} old listeners closed, "
-                                  f"{migrated} connections migrated", {
-            "generations": {g.program.name: g.number for g in reload.generations},
-            "retired": {g.program.name: g.number for g in old_gens},
-            "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
-        })
-        self.systemd.ready(self.describe())
+        reload.reply.finish(True, *reload.report(retired, shut, migrated, queued))
+        self.systemd.ready(status.describe(self.programs))
         self.next_request()
 
     def roll_back(self, reason: str) -> None:
@@ -413,9 +327,6 @@ class Master:
         self.reload = None
         reload.cancel_timers()
         for gen in reload.generations:
-            for w in gen.workers:
-                if w.alive and w.pid not in self.workers:
-                    self.watch(w, gen)  # spawned before an error: reap it after the rollback
             self.stop_later(gen.program, gen.rollback())
             self.programs[gen.program.name].rolled_back(gen)
             self.forget_if_finished(gen)
@@ -426,7 +337,7 @@ class Master:
             self.exit_code = EXIT_FAILED
             self.shutdown(Reply(origin="startup failure"))
         elif not self.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
-            self.systemd.ready(f"{self.describe()}; last {reload.label} failed: {reason}")
+            self.systemd.ready(f"{status.describe(self.programs)}; last {reload.label} failed: {reason}")
         self.next_request()
 
     # -- retiring, stopping ---------------------------------------------------------------------------
@@ -449,13 +360,13 @@ class Master:
         if not workers:
             return
         if program.stop_delay:
-            self.later(program.stop_delay, StopDue(tuple(workers), program.stop_signal))
+            self.later(program.stop_delay, ev.StopDue(tuple(workers), program.stop_signal))
         else:
             for w in workers:
                 w.stop(program.stop_signal)
-        self.later(program.stop_delay + program.graceful_timeout, GracefulTimeout(tuple(workers)))
+        self.later(program.stop_delay + program.graceful_timeout, ev.GracefulTimeout(tuple(workers)))
 
-    def record(self, name: str) -> ProgramRuntime:
+    def running(self, name: str) -> ProgramRuntime:
         """The runtime of a running program, or the ControlError a user should see."""
         record = self.programs.get(name)
         if record is not None and record.serving is not None:
@@ -465,7 +376,7 @@ class Master:
         raise ControlError(f"no program named {name!r}")
 
     def stop_program(self, name: str, reply: Reply) -> None:
-        gen = self.record(name).stopping(by_hand=True)
+        gen = self.running(name).stopping(by_hand=True)
         assert gen is not None
         reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
         self.stop_waiters.append((gen, reply))
@@ -483,8 +394,8 @@ class Master:
             for event in self.waiting:
                 event.reply.finish(False, "supervisord is shutting down")
             self.waiting.clear()
-            for record in self.programs.values():
-                if record.running and (gen := record.stopping(by_hand=False)):
+            for record in [r for r in self.programs.values() if r.running]:
+                if gen := record.stopping(by_hand=False):
                     self.retire(gen)
         if fast:
             for record in self.programs.values():
@@ -499,81 +410,6 @@ class Master:
             for w in stubborn:
                 w.kill()
 
-    # -- workers: output, exits, readiness ----------------------------------------------------------
-
-    def watch_all(self, gen: Generation) -> None:
-        for w in gen.workers:
-            self.watch(w, gen)
-
-    def watch(self, w: Worker, gen: Generation) -> None:
-        """Turn the worker's exit (pidfd readable) and its stderr output into events."""
-        self.workers[w.pid] = (w, gen)
-        self.watch_once(w.pidfd, WorkerExited(w))
-        self.watch_once(w.stderr, WorkerOutput(w))
-        if gen.program.ready is not ReadyMode.NOTIFY:
-            self.later(gen.program.settle, ReadinessCheck(w))
-        if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
-            self.later(gen.program.ready_timeout, WorkerReadyTimeout(w))
-
-    def watch_once(self, fd: int, event: Event) -> None:
-        if fd < 0:
-            return  # no such handle (closed, or a worker of the unit tests' fake spawner)
-        loop = asyncio.get_running_loop()
-
-        # Level-triggered readers fire until the condition is handled; post once, re-arm after.
-        def fire() -> None:
-            loop.remove_reader(fd)
-            self.post(event)
-        loop.add_reader(fd, fire)
-
-    def on_worker_output(self, w: Worker) -> None:
-        for line in w.read_stderr():
-            log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
-        self.watch_once(w.stderr, WorkerOutput(w))
-
-    def on_worker_exited(self, w: Worker) -> None:
-        if w.stderr >= 0:
-            asyncio.get_running_loop().remove_reader(w.stderr)
-        was = w.state
-        if not w.reap():
-            self.watch_once(w.pidfd, WorkerExited(w))  # spurious wake-up
-            return
-        self.on_worker_output(w)
-        _, gen = self.workers.pop(w.pid)
-        record = self.programs[gen.program.name]
-        fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
-                  "status": w.describe_exit()}
-        slot = gen.slot_of(w)
-        if self.reload is not None and gen in self.reload.generations:
-            log.error("worker_failed_to_start", **fields)
-            self.apply(self.reload.worker_exited(gen, w))
-        elif gen.state is GenerationState.SERVING and slot and was is not WorkerState.RETIRING:
-            # Its listeners were shut when reaped: their queues moved to its siblings.
-            record.last_exit = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
-            if w is slot.replacement:  # a recycling replacement failed; the old worker serves on
-                log.error("worker_recycle_failed", **fields)
-                slot.replacement_failed(self.clock.time())
-            else:
-                log.error("worker_crashed", **fields, was=was.value)
-                decision = slot.crashed(w, self.clock.time(), record.crash_history(gen.program))
-                self.restart_or_fatal(record, gen, decision, w.index)
-        else:
-            log.info("worker_exited", **fields)
-        gen.worker_gone(w)
-        self.forget_if_finished(gen)
-
-    def restart_or_fatal(self, record: ProgramRuntime, gen: Generation, decision: Restart | Fatal,
-                         index: int) -> None:
-        match decision:
-            case Fatal(why=why, crashes=crashes):
-                record.went_fatal(why)
-                log.error("program_fatal", program=record.name, crashes=crashes, window=gen.program.crash_window,
-                          serving=len(gen.live_workers))
-            case Restart(after=after, restarts=restarts):
-                log.info("worker_respawn_scheduled", program=record.name, worker=index, delay=after,
-                         restarts=restarts)
-                self.later(after, RespawnDue(gen, index))
-
     def forget_if_finished(self, gen: Generation) -> None:
         """A retiring or rolled-back generation stays in `status` until its last worker has exited."""
         if gen.state in (GenerationState.SERVING, GenerationState.STARTING) or not gen.finished():
@@ -585,29 +421,15 @@ class Master:
             self.stop_waiters.remove(waiter)
             waiter[1].finish(True, f"{gen.program.name} stopped")
 
-    def on_notify(self, event: NotifyReceived) -> None:
-        found = readiness.find_worker(self.workers, event.pid)
-        if found is None:
-            log.debug("notify_ignored", pid=event.pid, fields=event.fields)
-            return
-        w, gen = found
-        if event.fields.get("READY") == "1" and gen.program.ready is ReadyMode.NOTIFY:
-            self.worker_ready(w, gen)
+    # -- workers: ready, ended; the slots of serving generations ----------------------------------------
 
-    def on_readiness_check(self, w: Worker) -> None:
-        """`ready: accepting`/`settle`: alive for `settle` seconds, and (accepting) polling its listeners."""
-        found = self.workers.get(w.pid)
-        if found is None or w.state is not WorkerState.STARTING:
-            return
-        gen = found[1]
-        if gen.program.ready is ReadyMode.SETTLE or readiness.polls_listeners(w.pid, w.listeners):
-            self.worker_ready(w, gen)
-        else:
-            self.later(READINESS_POLL, ReadinessCheck(w))
+    def watch(self, w: Worker, gen: Generation) -> None:
+        if not self.watcher.watching(w) and w.alive:
+            self.watcher.watch(w, gen)
+            if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
+                self.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(w))
 
     def worker_ready(self, w: Worker, gen: Generation) -> None:
-        if w.state is not WorkerState.STARTING:
-            return
         w.mark_ready()
         slot = gen.slot_of(w)
         if gen.state is GenerationState.SERVING and slot is not None:
@@ -615,97 +437,91 @@ class Master:
                 old = slot.replacement_ready()
                 log.info("worker_recycled", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
                          old_pid=old.pid if old else None)
-                if old is not None:
-                    self.stop_later(gen.program, gen.leave([old]))
+                self.stop_later(gen.program, gen.leave([old] if old else []))
             else:
                 log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
         if self.reload is not None:
             self.apply(self.reload.worker_ready())
 
+    def on_worker_exited(self, w: Worker) -> None:
+        was = w.state
+        gen = self.watcher.exited(w)
+        if gen is None:
+            return  # a spurious wake-up: still running
+        record, slot, now = self.programs[gen.program.name], gen.slot_of(w), self.clock.time()
+        fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
+                  "status": w.describe_exit()}
+        if self.reload is not None and gen in self.reload.generations:
+            log.error("worker_failed_to_start", **fields)
+            self.apply(self.reload.worker_exited(gen, w))
+        elif gen.state is GenerationState.SERVING and slot and was is not WorkerState.RETIRING:
+            # Its listeners were shut when reaped: their queues moved to its siblings.
+            record.last_exit = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
+            if w is slot.replacement:  # a recycling replacement failed; the old worker serves on
+                log.error("worker_recycle_failed", **fields)
+                slot.replacement_failed(now)
+            else:
+                log.error("worker_crashed", **fields, was=was.value)
+                match slot.crashed(w, now, record.crash_history(gen.program)):
+                    case Fatal(why=why, crashes=crashes):
+                        record.went_fatal(why)
+                        log.error("program_fatal", program=record.name, crashes=crashes,
+                                  window=gen.program.crash_window, serving=len(gen.live_workers))
+                    case Restart(after=after, restarts=restarts):
+                        log.info("worker_respawn_scheduled", program=record.name, worker=w.index, delay=after,
+                                 restarts=restarts)
+                        self.later(after, ev.ManageWorkers())
+        else:
+            log.info("worker_exited", **fields)
+        gen.worker_gone(w)
+        self.forget_if_finished(gen)
+
     def on_worker_ready_timeout(self, w: Worker) -> None:
-        if w.alive and w.state is WorkerState.STARTING:
-            found = self.workers.get(w.pid)
+        gen = self.watcher.generation_of(w)
+        if gen is not None and w.state is WorkerState.STARTING:
             log.error("worker_not_ready", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
-                      timeout=found[1].program.ready_timeout if found else 0)
-            w.kill()  # shuts its listeners first
+                      timeout=gen.program.ready_timeout)
+            w.kill()  # shuts its listeners first; its exit is a crash
 
-    # -- slots of a serving generation: restart, scale, recycle ------------------------------------
+    def manage_workers(self) -> None:
+        """Reconcile, as gunicorn's arbiter does: each empty slot whose time has come gets a worker."""
+        now = self.clock.time()
+        for record, gen in serving(self.programs):
+            if record.fatal is None and not self.stopping:
+                for slot in gen.due(now):
+                    slot.filled(self.spawn(gen, slot.index), now)
+                    if slot.worker is None:
+                        self.later(SPAWN_RETRY, ev.ManageWorkers())
 
-    def on_respawn_due(self, gen: Generation, index: int) -> None:
-        slot = gen.slots.get(index)
-        record = self.programs[gen.program.name]
-        if gen.state is GenerationState.SERVING and not self.stopping and record.fatal is None \
-                and slot is not None and slot.worker is None:
-            slot.worker = self.spawn_into(gen, index, retry=True)
-
-    def spawn_into(self, gen: Generation, index: int, retry: bool) -> Worker | None:
-        """Start one more worker in a serving generation (restart, scale up, recycle) on fresh listeners."""
+    def spawn(self, gen: Generation, index: int) -> Worker | None:
+        """One more worker in a serving generation (restart, scale up, recycle), on fresh listeners."""
         try:
-            w = gen.spawn(self.spawner_or_fail(), index)
+            w = gen.spawn(self.spawner, index)
         except (OSError, SupervisorError) as exc:
             log.error("spawn_failed", program=gen.program.name, worker=index, error=str(exc))
-            if retry:
-                self.later(SPAWN_RETRY, RespawnDue(gen, index))
             return None
         self.watch(w, gen)
         return w
 
     def scale(self, name: str, count: int, reply: Reply) -> None:
         """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes."""
-        gen = self.record(name).serving
+        gen = self.running(name).serving
         assert gen is not None
         if not 1 <= count <= 4096:
             raise ControlError(f"workers must be 1..4096, got {count}")
-        started = gen.scale_up(count)
-        for index in started:
-            gen.slots[index].worker = self.spawn_into(gen, index, retry=True)
-        leaving = gen.leave(gen.scale_down(count))
+        leaving = gen.leave(gen.scale(count, self.clock.time()))
+        started = len(gen.due(self.clock.time()))
+        self.manage_workers()
         self.stop_later(gen.program, leaving)
-        log.info("program_scaled", program=name, workers=count, started=len(started), retiring=len(leaving))
-        reply.finish(True, f"{name}: {count} workers ({len(started)} started, {len(leaving)} retiring)")
+        log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
+        reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring)")
 
     def on_recycle_check(self) -> None:
         """Replace workers over max_rss or max_age: the new one listens first, the old one retires once it is ready."""
         now = self.clock.time()
-        for record in self.programs.values():
-            gen = record.serving
-            if gen is None or (gen.program.max_rss is None and gen.program.max_age is None):
-                continue
-            for slot in [s for s in gen.slots.values() if s.wants_recycling(now)]:
-                assert slot.worker is not None
-                if reason := slot.recycle_reason(gen.program.max_rss, gen.program.max_age, now):
-                    log.info("worker_recycling", program=record.name, gen=gen.number, worker=slot.index,
-                             pid=slot.worker.pid, reason=reason)
-                    slot.replacement = self.spawn_into(gen, slot.index, retry=False)
-        self.later(RECYCLE_POLL, RecycleCheck())
-
-    def on_watchdog_due(self) -> None:
-        # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
-        self.systemd.watchdog()
-        assert self.systemd.watchdog_interval
-        self.later(self.systemd.watchdog_interval, WatchdogDue())
-
-    # -- views of the records ---------------------------------------------------------------------------
-
-    def running_names(self) -> list[str]:
-        return [name for name, r in self.programs.items() if r.serving is not None]
-
-    def stopped_names(self) -> list[str]:
-        return [name for name, r in self.programs.items() if r.stopped_by_hand]
-
-    def fatal_names(self) -> list[str]:
-        return [name for name, r in self.programs.items() if r.fatal is not None]
-
-    def spawner_or_fail(self) -> Spawner:
-        assert self.spawner is not None, "open_sockets() makes the spawner"
-        return self.spawner
-
-    def describe(self) -> str:
-        """One line for `systemctl status`: what serves now."""
-        serving = ", ".join(f"{name}#{r.serving.number} ({len(r.serving.live_workers)} workers)"
-                            for name, r in self.programs.items() if r.serving)
-        return f"serving {serving}" if serving else "no program running"
-
-
-def _ms(end: float | None, start: float) -> int:
-    return round(((end or start) - start) * 1000)
+        for record, gen in serving(self.programs):
+            for slot, reason in gen.recycling(now):
+                log.info("worker_recycling", program=record.name, gen=gen.number, worker=slot.index,
+                         pid=slot.worker.pid if slot.worker else None, reason=reason)
+                slot.replacement = self.spawn(gen, slot.index)
+        self.later(RECYCLE_POLL, ev.RecycleCheck())

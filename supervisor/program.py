@@ -39,6 +39,17 @@ class ProgramState(enum.Enum):
 RUNNING = (ProgramState.SERVING, ProgramState.RELOADING, ProgramState.FATAL)
 
 
+def names(programs: Mapping[str, ProgramRuntime], running: bool = False, by_hand: bool = False,
+          fatal: bool = False) -> list[str]:
+    """Programs with a serving generation, stopped by hand, or FATAL."""
+    return [name for name, r in programs.items() if (running and r.serving is not None)
+            or (by_hand and r.stopped_by_hand) or (fatal and r.fatal is not None)]
+
+
+def serving(programs: Mapping[str, ProgramRuntime]) -> list[tuple[ProgramRuntime, Generation]]:
+    return [(r, r.serving) for r in programs.values() if r.serving is not None]
+
+
 @dataclass(eq=False)
 class ProgramRuntime:
     name: str
@@ -80,9 +91,9 @@ class ProgramRuntime:
 
     def starting(self) -> None:
         """A new generation of it starts (startup, reload, `start`)."""
-        to = {ProgramState.STOPPED: ProgramState.STARTING, ProgramState.SERVING: ProgramState.RELOADING,
-              ProgramState.FATAL: ProgramState.FATAL}.get(self.state, ProgramState.STARTING)
-        self._move(to, ProgramState.STOPPED, ProgramState.SERVING, ProgramState.FATAL)
+        to = {ProgramState.SERVING: ProgramState.RELOADING, ProgramState.FATAL: ProgramState.FATAL}.get(
+            self.state, ProgramState.STARTING)  # also while a stopped generation still finishes
+        self._move(to, ProgramState.STOPPED, ProgramState.STOPPING, ProgramState.SERVING, ProgramState.FATAL)
 
     def committed(self, gen: Generation, certificate: tls.Certificate | None) -> Generation | None:
         """Its new generation serves; returns the one it replaces (to be retired by the master).
@@ -106,7 +117,8 @@ class ProgramRuntime:
         self.retiring.append(gen)
 
     def went_fatal(self, why: str) -> None:
-        self._move(ProgramState.FATAL, ProgramState.SERVING, ProgramState.FATAL)
+        """Its serving generation's workers crashed too often (also while a reload of it waits)."""
+        self._move(ProgramState.FATAL, ProgramState.SERVING, ProgramState.RELOADING, ProgramState.FATAL)
         self.fatal = why
 
     def stopping(self, by_hand: bool) -> Generation | None:

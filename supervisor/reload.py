@@ -11,13 +11,20 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from supervisor import tls
+import structlog
+
+from supervisor import config as config_module
+from supervisor import preflight, tls
 from supervisor.config import Config
+from supervisor.errors import ControlError, MigrateError
 from supervisor.generation import Generation
 from supervisor.plan import ReloadPlan
 from supervisor.reply import Reply
 from supervisor.worker import Worker, WorkerState
+
+log = structlog.get_logger()
 
 
 class ReloadKind(enum.Enum):
@@ -83,10 +90,47 @@ class Reload:
                         f"{gen.program.ready_timeout:g} s ({ready} of {len(workers)} workers ready)"
                         + (stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
 
+    def report(self, retired: list[Generation], shut: int, migrated: int, queued: int) -> tuple[str, dict[str, Any]]:
+        """The final answer of a reload that committed: a line for people, data for --json."""
+        elapsed = round((time.monotonic() - self.started) * 1000)
+        generations = {g.program.name: g.number for g in self.generations}
+        log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
+                 generations=generations)
+        summary = f"{self.label} done in {elapsed} ms: {shut} old listeners closed, {migrated} connections migrated"
+        return summary, {"generations": generations, "retired": {g.program.name: g.number for g in retired},
+                         "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed}
+
     def cancel_timers(self) -> None:
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()
+
+
+def check(config: Config, reply: Reply, only: str | None = None) -> dict[str, tls.Bundle]:
+    """Check `config` (or its program `only`) against the system; raise the problems, say the warnings."""
+    report = preflight.check(config, only)
+    if report.problems:
+        raise ControlError("; ".join(report.problems))
+    for warning in report.warnings:
+        log.warning("preflight_warning", warning=warning)
+        reply.progress(f"warning: {warning}")
+    return report.bundles
+
+
+def load_new_config(current: Config, reply: Reply) -> tuple[Config, dict[str, tls.Bundle]]:
+    """Step 1 of a reload: the config file read and checked again. Raises the user's error (ConfigError,
+    ControlError, MigrateError); nothing has changed then."""
+    config = config_module.load(current.path)
+    bundles = check(config, reply)
+    if config.control != current.control:
+        reply.progress("control socket settings changed: they apply after a restart")
+    if config.migrate != current.migrate:
+        # Applied at the commit, once the new generations serve: a rollback leaves it as it was.
+        # `require` is checked now, so a reload that could not honour it starts nothing.
+        if problem := preflight.migration_problem(config.migrate):
+            raise MigrateError(problem)
+        reply.progress(f"migrate: {current.migrate.value} -> {config.migrate.value} once the new generation serves")
+    return config, bundles
 
 
 def stderr_tail(w: Worker, whose: str = "") -> str:

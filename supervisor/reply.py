@@ -43,3 +43,22 @@ class Reply:
     def _send(self, message: dict[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(wire.encode(message))
+
+
+class Replies(Reply):
+    """One answer for several callers: reloads that waited behind a running one are merged into one."""
+
+    def __init__(self, replies: list[Reply]) -> None:
+        super().__init__(origin="+".join(dict.fromkeys(r.origin for r in replies)))
+        self.replies = replies
+
+    def progress(self, text: str) -> None:
+        log.info("progress", origin=self.origin, text=text)
+        for reply in self.replies:
+            reply._send({"progress": text})
+
+    def finish(self, ok: bool, text: str, data: dict[str, Any] | None = None) -> None:
+        if not self.done:
+            self.done = True
+            for reply in self.replies:
+                reply.finish(ok, text, data)

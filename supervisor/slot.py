@@ -14,6 +14,7 @@ from supervisor.restart import CrashHistory, Decision, Restart
 from supervisor.worker import Worker, WorkerState
 
 RECYCLE_RETRY = 10.0  # after a replacement failed to get ready, leave the old worker this long
+SPAWN_RETRY = 10.0  # after a worker could not be started at all
 
 
 @dataclass(eq=False)
@@ -25,6 +26,7 @@ class Slot:
     last_exit: str | None = None  # how the worker before the current one ended (a crash)
     crashed_generation: int | None = None  # where the last crashed worker ran (a FATAL slot's row)
     recycle_after: float = 0.0  # after a failed replacement, no new one before this time
+    restart_at: float | None = None  # an empty slot gets a worker again at this time
 
     def workers(self) -> list[Worker]:
         return [w for w in (self.worker, self.replacement) if w is not None]
@@ -45,7 +47,17 @@ class Slot:
         decision = history.record(now, now - w.started, self.restarts)
         if isinstance(decision, Restart):
             self.restarts = decision.restarts
+            self.restart_at = now + decision.after
         return decision
+
+    def due(self, now: float) -> bool:
+        """Empty, and its restart (or first start, after `scale`) is due."""
+        return self.worker is None and self.restart_at is not None and now >= self.restart_at
+
+    def filled(self, w: Worker | None, now: float) -> None:
+        """A worker was started in the slot, or (None) could not be: then it is tried again later."""
+        self.worker = w
+        self.restart_at = None if w is not None else now + SPAWN_RETRY
 
     def wants_recycling(self, now: float) -> bool:
         w = self.worker
@@ -77,7 +89,8 @@ class Slot:
         return {"index": self.index, "worker": self.worker.to_json() if self.worker else None,
                 "replacement": self.replacement.to_json() if self.replacement else None,
                 "restarts": self.restarts, "last_exit": self.last_exit,
-                "crashed_generation": self.crashed_generation, "recycle_after": self.recycle_after}
+                "crashed_generation": self.crashed_generation, "recycle_after": self.recycle_after,
+                "restart_at": self.restart_at}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Slot:
@@ -85,4 +98,5 @@ class Slot:
             return Worker.from_json(data[key]) if data[key] is not None else None
         return cls(index=data["index"], worker=worker("worker"), replacement=worker("replacement"),
                    restarts=data["restarts"], last_exit=data["last_exit"],
-                   crashed_generation=data["crashed_generation"], recycle_after=data["recycle_after"])
+                   crashed_generation=data["crashed_generation"], recycle_after=data["recycle_after"],
+                   restart_at=data["restart_at"])

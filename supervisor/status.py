@@ -35,6 +35,13 @@ def snapshot(master: Master) -> dict[str, Any]:
         }
 
 
+def describe(programs: Mapping[str, ProgramRuntime]) -> str:
+    """One line for `systemctl status`: what serves now."""
+    serving = ", ".join(f"{name}#{r.serving.number} ({len(r.serving.live_workers)} workers)"
+                        for name, r in programs.items() if r.serving)
+    return f"serving {serving}" if serving else "no program running"
+
+
 def program_facts(record: ProgramRuntime, starting: list[Generation]) -> dict[str, Any]:
     now = time.monotonic()
     gens = sorted([*record.generations(), *starting], key=lambda g: g.number)

@@ -365,3 +365,16 @@ def test_supervisorctl_timeout(tmp_path: Path) -> None:
         for bad in ("0", "-1", "nan", "soon"):
             refused = sup.ctl("--timeout", bad, "status")
             assert refused.returncode == 2 and "expected a positive number of seconds" in refused.stderr, refused
+
+
+def test_a_second_supervisord_on_the_same_control_socket_exits_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    """The second one exits 1 with one line; the running one keeps its socket (it used to be unlinked)."""
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        (tmp_path / "second").mkdir()
+        second = Supervisor(tmp_path / "second", {"web": program()})
+        second.config.write_text(sup.config.read_text())  # the same control socket (an absolute path)
+        assert second.exit_status_of_refused_start() == 1
+        [failed] = second.events("startup_failed")
+        assert "another supervisord is already running on this control socket" in failed["error"]
+        assert sup.socket.exists() and sup.status()["programs"][0]["state"] == "serving"
+        assert request()[0] == 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from supervisor import wire
+from supervisor import status, wire
 from supervisor.generation import GenerationState
 from supervisor.program import ProgramRuntime, ProgramState
 from supervisor.slot import RECYCLE_RETRY
@@ -79,15 +79,19 @@ class TestReload:
         assert [sig for _, sig, _ in late[1].signals] == ["SIGKILL"]  # never ready: killed at once
         assert s.record().serving is not None and s.record().serving.number == 1
 
-    def test_requests_wait_behind_a_reload_and_run_in_order(self, tmp_path: Path) -> None:
+    def test_requests_wait_behind_a_reload_and_reloads_that_piled_up_become_one(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
         first = s.ask(wire.Reload())
-        second = s.ask(wire.Reload())
-        assert second.lines == ["waiting for the reload in progress"]
+        scale = s.ask(wire.Scale("web", 3))  # it would change the generation being replaced: it waits
+        second, third = s.ask(wire.Reload()), s.ask(wire.Reload())
+        assert [r.lines for r in (scale, second, third)] == [["waiting for the reload in progress"]] * 3
         s.ready(*s.starting())
-        assert first.ok and second.answer is None  # the second one has started generation 3
+        assert first.ok and scale.ok and second.answer is None
+        assert len(s.record().serving.slots) == 3  # type: ignore[union-attr]  # generation 2, scaled
+        s.ready(*s.starting())  # the third worker of generation 2, then one reload for both callers
         s.ready(*s.starting())
-        assert second.ok and s.record().serving.number == 3  # type: ignore[union-attr]
+        assert second.ok and third.ok and second.answer == third.answer
+        assert s.record().serving.number == 3 and s.record().last_number == 3  # type: ignore[union-attr]
 
     def test_stop_during_a_reload_waits_and_shutdown_rolls_it_back(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
@@ -101,6 +105,26 @@ class TestReload:
             if w.alive:
                 s.exit(w, 0)
         assert s.master.done() and s.state() == "stopped" and bye.answer is None  # answered when run() ends
+
+
+    def test_a_program_gone_from_the_config_retires_and_can_come_back_while_it_finishes(
+            self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": program(), "api": program(listen=["127.0.0.1:8001"])})
+        s.start()
+        api = s.serving("api")
+        s.write({"web": program()})
+        s.ask(wire.Reload())
+        s.ready(*s.starting())
+        assert s.state("api") == "stopping" and all(w.state is WorkerState.RETIRING for w in api)
+        assert [p["name"] for p in status.snapshot(s.master)["programs"]] == ["web", "api"]  # until it is gone
+        s.write({"web": program(), "api": program(listen=["127.0.0.1:8001"])})
+        reply = s.ask(wire.Reload())
+        assert s.state("api") == "starting"
+        s.ready(*s.starting())
+        assert reply.ok and s.state("api") == "serving" and s.record("api").serving.number == 2  # type: ignore[union-attr]
+        for w in api:
+            s.exit(w, 0)
+        assert s.state("api") == "serving" and s.record("api").retiring == []
 
 
 class TestSlots:
@@ -121,6 +145,17 @@ class TestSlots:
         reply = s.ask(wire.Start("web"))
         s.ready(*s.starting())
         assert reply.ok and s.state() == "serving" and s.record().fatal is None and s.record().crashes is None
+
+    def test_a_crash_during_a_reload_can_make_the_program_fatal_and_the_reload_still_commits(
+            self, tmp_path: Path) -> None:
+        s = scenario(tmp_path, crash_limit=1)
+        reply = s.ask(wire.Reload())
+        s.exit(s.serving()[0], 9)
+        assert s.state() == "fatal" and s.master.reload is not None
+        snapshot = status.snapshot(s.master)["programs"][0]
+        assert snapshot["state"] == "fatal" and snapshot["fatal"]["workers"][0]["state"] == "fatal"
+        s.ready(*s.starting())
+        assert reply.ok and s.state() == "serving" and s.record().fatal is None
 
     def test_a_recycle_replacement_that_fails_then_one_that_works(self, tmp_path: Path) -> None:
         s = scenario(tmp_path, max_age=100)
