@@ -217,6 +217,7 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     for i, r in enumerate(reloads):
         failures = [f for f in tally.failures if windows[i] <= f[0] < windows[i + 1]]
         r["failed"] = dict(Counter(kind for _t, kind, _d in failures))
+        r["failed_at_ms"] = [ms(at - r["at"]) for at, _kind, _d in failures[:20]]  # after the reload started
         fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
         r["new_serving_ms"] = ms(min(fresh) - r["at"]) if fresh else None
         if r["watch"] is not None:

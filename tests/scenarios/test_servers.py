@@ -6,7 +6,9 @@ assertion is the product's promise: not one failed connection, and the last gene
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness import BIN, DEMO, PYTHON, program, supervisor
+from tests.harness import BIN, DEMO, PYTHON, Supervisor, program, supervisor, wait_for
 from tests.load import Clients, Tally
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -68,6 +70,34 @@ def serving_pids(workers: list[dict[str, Any]]) -> dict[int, set[int]]:
     return found
 
 
+@contextlib.contextmanager
+def no_orphans(sup: Supervisor) -> Iterator[None]:
+    """Kill what supervisord's workers started and left: its SIGKILL kills each worker (parent-death signal)
+    but not a worker's children (gunicorn's workers, uvicorn-worker's never notice their arbiter is gone)."""
+    assert sup.proc is not None
+    tree: list[psutil.Process] = []
+    try:
+        yield
+    finally:
+        try:
+            tree = psutil.Process(sup.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        sup.kill()
+        for proc in tree:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def describe(tally: Tally, reloads: int) -> str:
     examples = sorted({f"{kind}: {detail}" for _at, kind, detail in tally.failures})[:5]
     return f"{tally.connections} connections, {reloads} reloads, failed {tally.failed()} {examples}"
@@ -79,7 +109,7 @@ def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> Non
     settings = program(server.command, graceful_timeout=10, **server.settings)
     if server.cwd:
         settings["cwd"] = str(server.cwd)
-    with supervisor(tmp_path, {"web": settings}) as sup, \
+    with supervisor(tmp_path, {"web": settings}) as sup, no_orphans(sup), \
             Clients("127.0.0.1:8000", concurrency=CONCURRENCY, seconds=RELOADING + 60) as load:
         reloads = 0
         deadline = time.monotonic() + RELOADING
@@ -93,6 +123,10 @@ def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> Non
         time.sleep(1.0)
         answering = serving_pids(last)
         tally = load.finish()
+        assert sup.proc is not None
+        tree = psutil.Process(sup.proc.pid).children(recursive=True)
+        assert sup.stop() == 0  # gracefully: the servers' own stop, gunicorn's arbiters stopping their workers
+        wait_for("every process of the tree to exit", lambda: not [p for p in tree if alive(p)], timeout=10)
     print(f"\n{name}: {describe(tally, reloads)}")
     assert not tally.failures, describe(tally, reloads)
     assert reloads >= 5 and tally.connections > 20 * reloads, describe(tally, reloads)
