@@ -16,6 +16,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +32,16 @@ _FLOAT = "tag:yaml.org,2002:float"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _Choice = TypeVar("_Choice", bound=enum.Enum)
+# libyaml's parser when pyyaml was built with it: the master parses at every reload, in its loop, and
+# libyaml reads a 1 MiB file about five times faster than the pure-Python one.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+MAX_FILE = 1 << 20  # bytes of a config file; larger ones are refused unread
+# A program's command and env after YAML aliases are expanded: an alias repeated a thousand times
+# costs the file a few bytes each but the master a full copy in every worker's argv or environ.
+MAX_ARGUMENT = 128 * 1024 - 1  # what execve() takes for one argument or variable (MAX_ARG_STRLEN)
+MAX_COMMAND_ENV = 1 << 20  # bytes of command and env together
+MAX_EXPANDED = 16 << 20  # the same for every program of the file (aliases can repeat a whole program)
 
 
 class MigrateMode(enum.Enum):
@@ -158,17 +169,60 @@ def control_socket(path: str | os.PathLike[str]) -> str:
 
 
 def _read(path: str | os.PathLike[str]) -> str:
+    """The file's text, read without blocking the master's loop (startup and `reload` both come here).
+
+    A FIFO would block open() until a writer comes, a device may never end (/dev/zero): only a
+    regular file is read, opened with O_NONBLOCK in case it was swapped since the stat, and at most
+    MAX_FILE bytes of it.
+    """
+    name = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(os.fspath(path), 0, "", f"cannot read: {reason}") from None
+        kind = _kind(os.stat(name).st_mode)
+        if kind:
+            raise ConfigError(name, 0, "", f"not a regular file ({kind})")
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            size, kind = info.st_size, _kind(info.st_mode)
+            if kind:
+                raise ConfigError(name, 0, "", f"not a regular file ({kind})")
+            data = _read_at_most(fd, MAX_FILE + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConfigError(name, 0, "", f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(name, 0, "", f"larger than {MAX_FILE >> 20} MiB ({max(size, len(data))} bytes): not read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(name, 0, "", "cannot read: not UTF-8 text") from None
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular one is, for the error; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((text for test, text in kinds if test(mode)), "not a file")
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _compose(text: str, path: str) -> yaml.Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(path, mark.line + 1 if mark else 0, "", f"broken YAML: {exc.problem}") from None
@@ -185,6 +239,7 @@ class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
+        self.expanded = 0  # bytes of command and env of the programs read so far (aliases expanded)
 
     def fail(self, node: yaml.Node | None, key: str, problem: str) -> ConfigError:
         return ConfigError(self.path, node.start_mark.line + 1 if node is not None else 0, key, problem)
@@ -237,6 +292,7 @@ class _Reader:
             if required not in fields:
                 raise self.fail(node, f"{key}.{required}", "required")
         values = {name: readers[name](value, f"{key}.{name}") for name, (_k, value) in fields.items()}
+        self.bounded(key, fields, values["command"], values.get("env", ()))
         if "tls" not in values:
             for placeholder in PLACEHOLDERS:
                 if any(placeholder in arg for arg in values["command"]):
@@ -244,6 +300,36 @@ class _Reader:
                                     f"uses {placeholder} but {key}.tls is not set")
         values.setdefault("cwd", self.folder)  # a worker runs in the config file's folder by default
         return Program(name=name, **values)
+
+    def bounded(self, key: str, fields: Fields, command: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> None:
+        """Refuse a command or env that YAML aliases blow up: what the worker's execve() would get."""
+        sizes: dict[str, int] = {}  # an alias repeats one string object: encode it once
+
+        def size(text: str) -> int:
+            if text not in sizes:
+                sizes[text] = len(text.encode("utf-8", "surrogatepass"))
+            return sizes[text]
+
+        total = 0
+        for i, arg in enumerate(command):
+            if size(arg) > MAX_ARGUMENT:
+                raise self.fail(fields["command"][1], f"{key}.command[{i}]",
+                                f"{size(arg)} bytes; execve() takes at most {MAX_ARGUMENT} per argument")
+            total += size(arg) + 1
+        where = "command"
+        for name, value in env:
+            if size(value) > MAX_ARGUMENT:
+                raise self.fail(fields["env"][1], f"{key}.env.{name}",
+                                f"{size(value)} bytes; execve() takes at most {MAX_ARGUMENT} per variable")
+            if total <= MAX_COMMAND_ENV:
+                where = "env"
+            total += len(name) + size(value) + 2
+        self.expanded += total
+        if total > MAX_COMMAND_ENV or self.expanded > MAX_EXPANDED:
+            whose = "" if total > MAX_COMMAND_ENV else f" (every program so far: {self.expanded})"
+            raise self.fail(fields[where][1], f"{key}.{where}",
+                            f"command and env expand to {total} bytes{whose} with YAML aliases; "
+                            f"at most {MAX_COMMAND_ENV} per program and {MAX_EXPANDED} in all")
 
     def tls(self, node: yaml.Node, key: str) -> Tls:
         fields = self.mapping(node, key, allowed=("cert", "key", "warn_days"))
@@ -325,6 +411,8 @@ class _Reader:
 
     def command(self, node: yaml.Node, key: str) -> tuple[str, ...]:
         if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            if len(node.value) > MAX_COMMAND_ENV:  # before shlex, which takes a second per MiB
+                raise self.fail(node, key, f"{len(node.value)} characters; at most {MAX_COMMAND_ENV}")
             try:
                 argv = shlex.split(node.value)
             except ValueError as exc:

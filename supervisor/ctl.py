@@ -11,6 +11,7 @@ import json
 import math
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ EPILOG = """commands:
   stop PROGRAM        stop a program (its workers finish what they accepted)
   scale PROGRAM N     run N workers of a running program (until the next reload)
   shutdown            stop every program and the daemon
+  upgrade             run the installed code in the same process (same pid; workers and sockets kept)
 
 exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
 3 no supervisord answers on the control socket"""
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scale.add_argument("program")
     scale.add_argument("workers", type=int)
     sub.add_parser("shutdown")
+    sub.add_parser("upgrade")
     return parser.parse_args(argv)
 
 
@@ -87,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supervisorctl: no answer from supervisord at {path} within {args.timeout:g} s "
               f"(the {args.command} may still be in progress; see `status`)", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except PermissionError:
+        # The socket's mode (or a folder's) keeps this user out: a refusal, not a daemon that is gone.
+        print(f"supervisorctl: permission denied on {path} (only root and the user supervisord runs as may "
+              "use it)", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as exc:
         print(f"supervisorctl: cannot reach supervisord at {path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -110,7 +118,7 @@ def exchange(path: str, request: dict[str, Any], timeout: float) -> Iterator[dic
     """Send one request; yield every message of the answer until the daemon closes."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(path)
+        _connect(sock, path, time.monotonic() + timeout)
         sock.sendall(wire.encode(request))
         with sock.makefile("rb") as stream:
             for line in stream:
@@ -118,6 +126,19 @@ def exchange(path: str, request: dict[str, Any], timeout: float) -> Iterator[dic
                 yield message
                 if "ok" in message:
                     return
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """connect(), waiting while the daemon's accept queue is full: a unix socket with a timeout
+    fails at once then (EAGAIN), which is a busy daemon, not an absent one."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(0.01)
 
 
 if __name__ == "__main__":

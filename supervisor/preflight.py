@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from supervisor import accounts, migrate, tls, worker
+from supervisor import accounts, limits, migrate, tls, worker
 from supervisor.config import Config, MigrateMode, Program
 
 
@@ -24,6 +24,8 @@ class Preflight:
 def check(config: Config, only: str | None = None) -> Preflight:
     """Check every program of `config`, or the one named `only` (`supervisorctl start`)."""
     report = Preflight()
+    if fds := limits.problem(config, limits.soft_limit()):  # the whole config runs, whatever `only` starts
+        report.problems.append(fds)
     for program in config.programs:
         if only is not None and program.name != only:
             continue

@@ -7,23 +7,41 @@ worker cannot speak for another, and a message from a process we did not start i
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import psutil
+import structlog
 
 from supervisor.listeners import Listener
 
+log = structlog.get_logger()
 T = TypeVar("T")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_DATAGRAM = 4096
+MAX_PER_WAKEUP = 64  # datagrams taken per call of receive(): a flood waits in the kernel, not in the loop
+WALKS_PER_SECOND = 20  # parent walks for senders that are neither a worker nor in a worker's session
+
+# POSIX ACL as the kernel reads it from the system.posix_acl_access attribute (acl(5),
+# include/uapi/linux/posix_acl_xattr.h): a version, then (tag, permissions, id) entries sorted by tag.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+_RW = 0o6
 
 
 class NotifySocket:
-    """A bound SOCK_DGRAM unix socket; `receive()` drains it without blocking."""
+    """A bound SOCK_DGRAM unix socket; `receive()` takes what is pending without blocking.
+
+    Mode 0600: only root and the master's user may send, until `admit()` lets a worker's user in.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -33,28 +51,38 @@ class NotifySocket:
             if os.path.exists(path):
                 os.unlink(path)
             self.sock.bind(path)
-            # Workers may run as another user (issue: privileges); datagrams carry their own pid.
-            os.chmod(path, 0o666)
+            os.chmod(path, 0o600)  # its path shows in /proc/net/unix: the mode is what keeps others out
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
             raise
 
+    @classmethod
+    def adopt(cls, path: str, fd: int) -> NotifySocket:
+        """The socket a master had before its exec (upgrade), still bound at `path` with its mode."""
+        notify = cls.__new__(cls)
+        notify.path, notify.sock = path, socket.socket(fileno=fd)
+        notify.sock.setblocking(False)
+        return notify
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def receive(self) -> list[tuple[int, dict[str, str]]]:
-        """Every pending (sender pid, fields) pair; datagrams without credentials are dropped."""
+        """Up to MAX_PER_WAKEUP pending (sender pid, fields) pairs; the loop's reader fires again for
+        the rest. Datagrams without the sender's pid are dropped."""
         out: list[tuple[int, dict[str, str]]] = []
-        while True:
+        for _ in range(MAX_PER_WAKEUP):
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
             except (BlockingIOError, InterruptedError):
-                return out
-            pid = next((_UCRED.unpack_from(d)[0] for level, kind, d in ancdata
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
-            if pid is not None:
-                out.append((pid, parse(data)))
+                break
+            creds = next((_UCRED.unpack_from(d) for level, kind, d in ancdata
+                          if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            if creds is None or creds[0] <= 0:  # no pid: a sender in another pid namespace
+                continue
+            out.append((creds[0], parse(data)))
+        return out
 
     def close(self) -> None:
         self.sock.close()
@@ -62,6 +90,42 @@ class NotifySocket:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def admit(path: str, uid: int) -> None:
+    """Let `uid` (a worker's user) send to the notify socket at `path`: one ACL entry more.
+
+    Called before each worker of another user is spawned, so that its READY=1 cannot arrive before
+    it may. Root and the socket's owner (the master) need no entry. Where the file system has no
+    POSIX ACLs the socket becomes 0666 (the old behaviour: unknown pids are still dropped cheaply).
+    """
+    if uid in (0, os.geteuid()):
+        return
+    users = _acl_users(path)
+    if uid in users:
+        return
+    users.add(uid)
+    entries = [(_ACL_USER_OBJ, _RW, _ACL_NO_ID), *((_ACL_USER, _RW, u) for u in sorted(users)),
+               (_ACL_GROUP_OBJ, 0, _ACL_NO_ID), (_ACL_MASK, _RW, _ACL_NO_ID), (_ACL_OTHER, 0, _ACL_NO_ID)]
+    try:
+        # Also sets the mode's group bits to the mask: 0660, the group itself having no entry.
+        os.setxattr(path, _ACL_XATTR, _ACL_HEADER.pack(2) + b"".join(_ACL_ENTRY.pack(*e) for e in entries))
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        log.warning("notify_socket_open_to_all", path=path, reason="no POSIX ACLs on this file system")
+        os.chmod(path, 0o666)
+
+
+def _acl_users(path: str) -> set[int]:
+    """The uids named in the access ACL of `path` (none when it has no ACL)."""
+    try:
+        data = os.getxattr(path, _ACL_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return set()
+        raise
+    return {uid for tag, _perm, uid in _ACL_ENTRY.iter_unpack(data[_ACL_HEADER.size:]) if tag == _ACL_USER}
 
 
 def parse(data: bytes) -> dict[str, str]:
@@ -115,10 +179,46 @@ def _epoll_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def find_worker(workers: Mapping[int, T], pid: int) -> T | None:
-    """The worker that sent a message: the pid itself, or a process started by it (NotifyAccess=all)."""
+class WalkBudget:
+    """A token bucket for parent walks: `rate` a second, as many at once."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.tokens = rate
+        self.last = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+_walks = WalkBudget(WALKS_PER_SECOND)
+
+
+def find_worker(workers: Mapping[int, T], pid: int, walks: WalkBudget | None = None) -> T | None:
+    """The worker that sent a message: the pid itself, or a process started by it (NotifyAccess=all).
+
+    Cheap for every sender: a worker leads its own session (setsid at spawn), so its descendants
+    are found by getsid(). Only a sender outside every worker's session (one that left it with
+    setsid, or a stranger) costs a walk of its parents, and those walks are rationed (`walks`), so a
+    flood of datagrams from unknown pids is dropped for the price of a dict lookup and a syscall.
+    """
     if pid in workers:
         return workers[pid]
+    try:
+        session = os.getsid(pid)
+    except OSError:
+        return None  # gone already
+    if session in workers:
+        return workers[session]
+    if not (walks or _walks).take():
+        return None
     try:
         ancestors = psutil.Process(pid).parents()
     except psutil.Error:

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import structlog
 
-from supervisor import accounts, listeners
+from supervisor import accounts, listeners, readiness
 from supervisor.config import Program
 from supervisor.errors import SpawnError
 from supervisor.listeners import Listener
@@ -27,6 +27,9 @@ from supervisor.listeners import Listener
 log = structlog.get_logger()
 
 STDERR_TAIL = 20  # lines kept for the rollback report
+STDERR_READ = 65536  # bytes read from a worker's stderr per wake-up of the master
+MAX_LINE = 65536  # bytes of one stderr line; a longer one is cut and its rest skipped
+CUT_MARK = b" [cut: line longer than 64 KiB]"
 
 # LISTEN_PID must be the worker's own pid, which posix_spawn cannot know in advance: a one-line
 # shell sets it and execs, so the pid is the shell's and stays the worker's (as systemd does in
@@ -70,8 +73,11 @@ class Worker:
     state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
     status: int | None = None  # raw wait status once reaped
+    stop_at: float | None = None  # retiring: when its stop signal is due (None once sent)
+    kill_at: float | None = None  # retiring: when it is killed if still running (graceful_timeout)
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
     _partial: bytes = b""
+    _skipping: bool = False  # a line was cut: drop what comes up to its newline
 
     @property
     def alive(self) -> bool:
@@ -99,6 +105,7 @@ class Worker:
         """Send the stop signal. Every signal goes out after the shut: a worker that exits at once
         must not close a listener that could still receive migrated connections."""
         self.shut()
+        self.stop_at = None
         self.signal(signum)
 
     def signal(self, signum: int) -> None:
@@ -157,11 +164,17 @@ class Worker:
             self.stderr = -1
 
     def read_stderr(self) -> list[str]:
-        """Drain the stderr pipe without blocking; return complete lines and keep the last ones."""
-        chunks = []
+        """What the worker wrote since the last look, as complete lines; the last ones are kept.
+
+        One read per call (the master's reader fires again while more waits): a worker that writes
+        without pause then waits on the pipe at the master's pace, and the master's loop goes on.
+        A line longer than MAX_LINE is cut there with CUT_MARK and the rest is skipped up to its
+        newline, so what the master holds per worker is bounded whatever the worker writes.
+        """
+        data = b""
         while self.stderr >= 0:
             try:
-                data = os.read(self.stderr, 65536)
+                data = os.read(self.stderr, STDERR_READ)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -171,10 +184,22 @@ class Worker:
             if not data:  # EOF: the worker and every child of it closed their stderr
                 os.close(self.stderr)
                 self.stderr = -1
-                break
-            chunks.append(data)
-        data = self._partial + b"".join(chunks)
-        *lines, self._partial = data.split(b"\n")
+            break
+        lines: list[bytes] = []
+        if data:
+            *complete, rest = data.split(b"\n")
+            for piece in complete:  # each one ended by a newline
+                if self._skipping:  # the rest of a line that was cut
+                    self._skipping = False
+                else:
+                    line = self._partial + piece
+                    lines.append(line[:MAX_LINE] + CUT_MARK if len(line) > MAX_LINE else line)
+                self._partial = b""
+            if not self._skipping:
+                self._partial += rest
+                if len(self._partial) > MAX_LINE:
+                    lines.append(self._partial[:MAX_LINE] + CUT_MARK)
+                    self._partial, self._skipping = b"", True
         if self.stderr < 0 and self._partial:  # the last line of a dead worker has no newline to wait for
             lines.append(self._partial)
             self._partial = b""
@@ -197,7 +222,9 @@ class Worker:
         return {"program": self.program, "generation": self.generation, "index": self.index, "pid": self.pid,
                 "pidfd": self.pidfd, "stderr": self.stderr, "listeners": [s.to_json() for s in self.listeners],
                 "started": self.started, "state": self.state.value, "ready_at": self.ready_at,
-                "status": self.status, "tail": list(self.tail), "partial": self._partial.decode("latin-1")}
+                "status": self.status, "stop_at": self.stop_at, "kill_at": self.kill_at,
+                "tail": list(self.tail), "partial": self._partial.decode("latin-1"),
+                "skipping": self._skipping}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Worker:
@@ -205,8 +232,9 @@ class Worker:
                    pidfd=data["pidfd"], stderr=data["stderr"],
                    listeners=[Listener.from_json(s) for s in data["listeners"]], started=data["started"],
                    state=WorkerState(data["state"]), ready_at=data["ready_at"], status=data["status"],
+                   stop_at=data.get("stop_at"), kill_at=data.get("kill_at"),
                    tail=collections.deque(data["tail"], maxlen=STDERR_TAIL),
-                   _partial=data["partial"].encode("latin-1"))
+                   _partial=data["partial"].encode("latin-1"), _skipping=data.get("skipping", False))
 
 
 class Spawner:
@@ -216,6 +244,8 @@ class Spawner:
         self.notify_socket = notify_socket
 
     def spawn(self, program: Program, generation: int, index: int) -> Worker:
+        if program.user is not None:  # before it exists: its READY=1 must not find the socket closed
+            readiness.admit(self.notify_socket, accounts.account(program.user).pw_uid)
         socks: list[Listener] = []
         try:
             for n, listen in enumerate(program.listen):
