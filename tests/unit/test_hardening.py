@@ -1,0 +1,257 @@
+"""The pure parts of issue 11: config reading bounds, stderr lines, control request parsing, fd
+arithmetic, the notify socket's sender checks. Real files, pipes and sockets; no supervisord."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from supervisor import config, control, limits, readiness
+from supervisor.errors import ConfigError, ControlError
+from supervisor.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
+
+MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
+
+
+def load_error(path: Path | str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    return str(info.value)
+
+
+class TestConfigFiles:
+    def test_only_regular_files_are_opened(self, tmp_path: Path) -> None:
+        """A FIFO would block open() in the master's loop; a device may never end; each is one line."""
+        fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+        os.mkfifo(fifo)
+        folder.mkdir()
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(tmp_path / "sock"))
+        (tmp_path / "zero").symlink_to("/dev/zero")
+        assert load_error(fifo) == f"{fifo}: not a regular file (a FIFO)"
+        assert load_error(folder) == f"{folder}: not a regular file (a directory)"
+        assert load_error(tmp_path / "sock") == f"{tmp_path / 'sock'}: not a regular file (a socket)"
+        assert load_error(tmp_path / "zero") == f"{tmp_path / 'zero'}: not a regular file (a character device)"
+        listener.close()
+
+    def test_size_limit(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(MINIMAL + "#" * (config.MAX_FILE - len(MINIMAL)))
+        assert config.load(path).programs[0].name == "web"  # exactly 1 MiB: read
+        path.write_text(MINIMAL + "#" * (config.MAX_FILE - len(MINIMAL) + 1))
+        assert load_error(path) == f"{path}: larger than 1 MiB ({config.MAX_FILE + 1} bytes): not read"
+
+    def test_aliases_that_blow_up_a_command(self, tmp_path: Path) -> None:
+        """500 references to one 100 kB string: a 100 kB file, a 50 MB argv; refused at its line."""
+        big = "a" * 100_000
+        text = f"programs:\n  web:\n    listen: ['127.0.0.1:8000']\n    command: [&a '{big}'" + ", *a" * 500 + "]\n"
+        assert config.parse(text.replace(", *a" * 500, ", *a"), "c.yaml").programs[0].command == (big, big)
+        with pytest.raises(ConfigError, match=r"^c\.yaml:4: programs\.web\.command: command and env expand to "
+                                              r"50100501 bytes with YAML aliases; at most 1048576 per program"):
+            config.parse(text, "c.yaml")
+
+    def test_aliases_that_blow_up_env_or_repeat_programs(self) -> None:
+        value = "v" * 100_000
+        env = "".join(f"      K{i}: *v\n" for i in range(20))
+        text = MINIMAL + f"    env:\n      V: &v '{value}'\n{env}"
+        with pytest.raises(ConfigError, match=r"^c\.yaml:6: programs\.web\.env: command and env expand to 2100"):
+            config.parse(text, "c.yaml")
+        # Each program under 1 MiB, but an alias repeats the whole program: bounded in all.
+        arg = "a" * 100_000
+        one = f"{{command: [&a '{arg}'" + ", *a" * 9 + "], listen: '127.0.0.1:1'}"
+        many = f"programs:\n  p0: &p {one}\n" + "".join(f"  p{i}: *p\n" for i in range(1, 40))
+        with pytest.raises(ConfigError, match=r"programs\.p16\.command: .*every program so far: 17000170"):
+            config.parse(many, "c.yaml")
+
+    def test_one_argument_or_variable_larger_than_execve_takes(self) -> None:
+        big = "a" * (config.MAX_ARGUMENT + 1)
+        with pytest.raises(ConfigError, match=r"programs\.web\.command\[1\]: 131072 bytes; execve\(\) takes at most"):
+            config.parse(f"programs:\n  web:\n    command: [app, '{big}']\n    listen: '127.0.0.1:1'\n", "c.yaml")
+        with pytest.raises(ConfigError, match=r"programs\.web\.env\.X: 131072 bytes"):
+            config.parse(MINIMAL + f"    env: {{X: '{big}'}}\n", "c.yaml")
+
+
+def pipe_worker() -> tuple[Worker, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(write_end, True)
+    return Worker("web", 1, 0, pid=0, pidfd=-1, stderr=read_end, listeners=[]), write_end
+
+
+class TestStderr:
+    def test_a_long_line_is_cut_and_its_rest_skipped(self) -> None:
+        w, pipe = pipe_worker()
+        lines: list[str] = []
+        os.write(pipe, b"first\n" + b"x" * 40_000)
+        lines += w.read_stderr()
+        for _ in range(10):  # 10 x 40 kB more of the same line: memory stays below MAX_LINE
+            os.write(pipe, b"x" * 40_000)
+            lines += w.read_stderr()
+            assert len(w._partial) <= MAX_LINE
+        os.write(pipe, b"x\nnext\nunfinished")
+        lines += w.read_stderr()
+        assert lines == ["first", "x" * MAX_LINE + CUT_MARK.decode(), "next"]
+        os.close(pipe)
+        assert w.read_stderr() == ["unfinished"]  # EOF: the last line needs no newline
+        assert w.stderr == -1
+
+    def test_a_complete_line_too_long_is_cut_without_skipping_the_next(self) -> None:
+        w, pipe = pipe_worker()
+        os.write(pipe, b"y" * 100 + b"\n")
+        assert w.read_stderr() == ["y" * 100]
+        w._partial = b"z" * (MAX_LINE - 10)
+        os.write(pipe, b"z" * 20 + b"\nafter\n")
+        assert w.read_stderr() == ["z" * MAX_LINE + CUT_MARK.decode(), "after"]
+        os.close(pipe)
+
+    def test_one_read_per_call(self) -> None:
+        """A call takes at most STDERR_READ bytes; the loop's reader fires again for the rest."""
+        w, pipe = pipe_worker()
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 4 * STDERR_READ)
+        os.write(pipe, b"a\n" * STDERR_READ)  # 2 x STDERR_READ bytes
+        assert len(w.read_stderr()) == STDERR_READ // 2
+        assert len(w.read_stderr()) == STDERR_READ // 2
+        assert w.read_stderr() == []
+        os.close(pipe)
+
+
+class TestControlRequests:
+    @pytest.mark.parametrize(("line", "error"), [
+        (b"[" * 60000, "malformed request: nested too deeply"),
+        (b'{"command": "start", "program": "\\udc00x"}', "malformed request: program: an invalid UTF-16 surrogate"),
+        (b'{"command": "scale", "program": "w", "workers": 1' + b"0" * 4400 + b"}",
+         "malformed request: a number with too many digits"),
+        (b'{"command": "scale", "program": "w", "workers": 4294967296}', "malformed request: workers: out of range"),
+        ('{"command": "status"}'.encode("utf-16-le"), "malformed request: a NUL byte"),
+        (b"\xff{}", "malformed request: not UTF-8 text"),
+        (b'{"command": "status", "x": 1}', "status: unknown argument 'x'"),
+    ])
+    def test_malformed(self, line: bytes, error: str) -> None:
+        with pytest.raises(ControlError) as info:
+            control.parse(line)
+        assert str(info.value).startswith(error)
+
+    def test_well_formed(self) -> None:
+        assert control.parse(b'{"command": "scale", "program": "w\\u00e9b", "workers": 3}\n').program == "wéb"
+
+
+class TestLimits:
+    def test_what_a_config_needs(self) -> None:
+        text = MINIMAL.replace("['127.0.0.1:8000']", "['127.0.0.1:8000', '[::1]:8000']") + \
+            "    workers: 10\n  api:\n    command: [api]\n    listen: '127.0.0.1:9000'\n"
+        cfg = config.parse(text, "c.yaml")
+        # web: 10 workers x (2 listeners + pidfd + stderr); api: 1 x 3; two generations of each.
+        assert limits.needed(cfg.programs) == limits.MASTER_FDS + 2 * (10 * 4 + 1 * 3)
+        assert limits.problem(cfg, 1024) is None
+        assert limits.problem(cfg, 200) == (
+            "needs 246 file descriptors (2 generations x [10 x 4 (web) + 1 x 3 (api)] + 160 for the master), "
+            "but the limit (RLIMIT_NOFILE) is 200")
+        assert limits.scale_problem(cfg, "web", 200, limit=1024) == (
+            "scale web 200: needs 1766 file descriptors (2 generations x [200 x 4 (web) + 1 x 3 (api)] "
+            "+ 160 for the master), but the limit (RLIMIT_NOFILE) is 1024")
+        # The counts running now (api scaled to 50) count, not the config's.
+        assert limits.scale_problem(cfg, "web", 10, running={"web": 10, "api": 50}, limit=500) is not None
+        assert limits.scale_problem(cfg, "web", 10, running={"web": 10, "api": 1}, limit=500) is None
+
+    def test_the_soft_limit_is_raised_to_the_hard_one(self) -> None:
+        code = ("import resource; from supervisor import limits\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))\n"
+                "print(limits.raise_soft_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["(2048,", "2048)", "(2048,", "2048)"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestNotifySenders:
+    def test_workers_and_their_session_are_found_without_a_walk(self) -> None:
+        """A child of a worker stays in the worker's session: found by getsid(), no budget spent."""
+        leader = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+        try:
+            child = _wait_child(leader.pid)
+            empty = readiness.WalkBudget(0.0)
+            assert readiness.find_worker({leader.pid: "w"}, leader.pid, empty) == "w"
+            assert readiness.find_worker({leader.pid: "w"}, child, empty) == "w"
+            assert readiness.find_worker({leader.pid: "w"}, os.getpid(), empty) is None
+        finally:
+            leader.kill()
+            leader.wait()
+
+    def test_a_child_that_left_the_session_costs_a_rationed_walk(self) -> None:
+        clock = FakeClock()
+        walks = readiness.WalkBudget(2, clock)
+        parent = os.getpid()  # a "worker" whose child (the test's subprocess) is in another session
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        try:
+            found = [readiness.find_worker({parent: "w"}, child.pid, walks) for _ in range(5)]
+            assert found == ["w", "w", None, None, None]  # 2 walks a second, then dropped
+            clock.now = 0.5
+            assert readiness.find_worker({parent: "w"}, child.pid, walks) == "w"
+        finally:
+            child.kill()
+            child.wait()
+
+    def test_receive_takes_a_bounded_number_per_call(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """(The kernel queues net.unix.max_dgram_qlen datagrams, 10 by default: a sender then waits.)"""
+        monkeypatch.setattr(readiness, "MAX_PER_WAKEUP", 3)
+        notify = readiness.NotifySocket(str(tmp_path / "notify.sock"))
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for _ in range(8):
+            sender.sendto(b"READY=1", notify.path)
+        assert [len(notify.receive()) for _ in range(4)] == [3, 3, 2, 0]
+        assert oct(os.stat(notify.path).st_mode & 0o777) == "0o600"
+        sender.close()
+        notify.close()
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to send as other users")
+    def test_admit_lets_exactly_the_named_users_in(self) -> None:
+        folder = tempfile.TemporaryDirectory(prefix="notify.", dir="/tmp")  # pytest's folders are 0700
+        os.chmod(folder.name, 0o711)
+        notify = readiness.NotifySocket(os.path.join(folder.name, "notify.sock"))
+        try:
+            assert _send_as("nobody", notify.path) == "PermissionError"
+            readiness.admit(notify.path, 65534)
+            readiness.admit(notify.path, 65534)  # once is enough
+            assert readiness._acl_users(notify.path) == {65534}
+            assert _send_as("nobody", notify.path) == "sent"
+            assert _send_as("daemon", notify.path) == "PermissionError"
+            readiness.admit(notify.path, 1)
+            assert _send_as("daemon", notify.path) == "sent" and readiness._acl_users(notify.path) == {1, 65534}
+            assert len(notify.receive()) == 2  # what nobody and daemon sent
+        finally:
+            notify.close()
+            folder.cleanup()
+
+
+def _send_as(user: str, path: str) -> str:
+    code = ("import socket, sys\ntry:\n    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', "
+            "sys.argv[1])\nexcept OSError as exc:\n    print(type(exc).__name__)\nelse:\n    print('sent')")
+    return subprocess.run(["/usr/bin/setpriv", f"--reuid={user}", f"--regid={user if user != 'nobody' else 'nogroup'}",
+                           "--clear-groups", sys.executable, "-S", "-c", code, path],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def _wait_child(pid: int) -> int:
+    import time
+    for _ in range(200):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        time.sleep(0.01)
+    raise AssertionError("no child")
