@@ -12,10 +12,13 @@ The only way round it from user space is that no handshake is completing on an o
 is shut: first steer every new SYN of the group to the new generation, wait until the handshakes
 already started on the old listeners are done (one round trip; loopback: microseconds, but softirq
 processing can lag by milliseconds on a busy machine), shut them, then `detach()` so the kernel
-hashes over the (now only new) listeners again. Measured with `python -m bench.reuseport_race` on 2
-busy shared cores: 14 resets in 7,058 shutdowns without steering, 4 in 25,724 with it (drain 2 or
-20 ms): about 12 times fewer, not none. The kernel fix (migrate the child in that path, as
-inet_csk_listen_stop() does) is the real one.
+hashes over the (now only new) listeners again. Each shutdown reorders the group, so the program is
+rewritten before each one (`GroupOrder.retirement`, `shut_steered`): written once, it let SYNs reach
+the old listeners still to be shut. Measured with `python -m bench.reuseport_race` (2 busy shared
+cores, 6-16k connections/s): 29 resets in 10,722 shutdowns without steering; 4 in 25,724 with a
+program written once; none in 6,586 with `shut_steered` after a 2 ms drain, and no connection left on
+an old listener to migrate (TCPMigrateReqSuccess 0). The kernel fix (migrate the child in that path,
+as inet_csk_listen_stop() does) would make this unnecessary.
 
 A classic BPF program (SO_ATTACH_REUSEPORT_CBPF) needs no privilege. It returns an index into the
 group's array of listening sockets, so the master mirrors that array with `GroupOrder`: the kernel
@@ -32,7 +35,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -64,6 +67,33 @@ class GroupOrder(Generic[M]):
     def indices(self, members: Sequence[M]) -> list[int]:
         return [self.members.index(m) for m in members]
 
+    def retirement(self, old: Sequence[M], new: Sequence[M]) -> list[tuple[M, list[int]]]:
+        """In which order to shut `old`, and where to steer right before each shutdown.
+
+        Each shutdown moves the last member into the hole, so a program written before it can point at
+        an index that no longer exists (the kernel then hashes over every listening member, old ones
+        included) or at another member. Each step's indices hold members of `new` both before and
+        after its shutdown: all of them when the member shut is the last one (nothing moves), else all
+        but the last index. Only one member of `new`, last, and an old one elsewhere: no index is
+        stable, the step steers to where it is before the shutdown (its index is gone for the
+        microseconds until the next step's program).
+        """
+        members = list(self.members)
+        fresh = set(new)
+        steps = []
+        for _ in range(len(old)):
+            left = [m for m in old if m in members]
+            if not left:
+                break
+            last = len(members) - 1
+            gone = members[last] if members[last] in left else left[0]
+            targets = [i for i, m in enumerate(members) if m in fresh and (members[last] is gone or i != last)]
+            steps.append((gone, targets or [i for i, m in enumerate(members) if m in fresh]))
+            i = members.index(gone)
+            members[i] = members[last]
+            members.pop()
+        return steps
+
 
 def program(indices: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """cBPF instructions returning one of `indices` at random (a range: mod and add; else a jump table)."""
@@ -84,6 +114,18 @@ def attach(member: socket.socket, indices: Sequence[int]) -> None:
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in insns))
     fprog = struct.pack("HP", len(insns), ctypes.addressof(code))  # struct sock_fprog, native alignment
     member.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def shut_steered(order: GroupOrder[M], old: Sequence[M], new: Sequence[M], sock: Callable[[M], socket.socket],
+                 shut: Callable[[M], None]) -> None:
+    """Shut the `old` members of one group one by one, new SYNs kept on `new` before and after each.
+
+    `new` must have been steered to (`attach`) long enough before for the handshakes already routed
+    to `old` to be done; `shut(member)` must shut it and call `order.stopped(member)`.
+    """
+    for gone, targets in order.retirement(old, new):
+        attach(sock(new[0]), targets)
+        shut(gone)
 
 
 def detach(member: socket.socket) -> bool:

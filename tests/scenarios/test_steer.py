@@ -95,3 +95,24 @@ def test_no_program_for_no_member_or_too_many() -> None:
         steer.program([])
     with pytest.raises(ValueError):
         steer.program(list(range(1001)))
+
+
+@pytest.mark.parametrize(("old_count", "new_count"), [(2, 2), (3, 1), (2, 4)])
+def test_retirement_keeps_every_new_connection_off_the_old_members(clients: list[socket.socket], old_count: int,
+                                                                    new_count: int) -> None:
+    """Each step's program holds before and after its shutdown (the kernel refills the hole with the last member)."""
+    order: steer.GroupOrder[socket.socket] = steer.GroupOrder()
+    old = [member(order) for _ in range(old_count)]
+    new = [member(order) for _ in range(new_count)]
+    steer.attach(new[0], order.indices(new))
+    for gone, targets in order.retirement(old, new):
+        stable = new_count > 1 or order.members[-1] is gone  # else its index is gone after the shutdown
+        steer.attach(new[0], targets)
+        connect(clients, 20)
+        assert [queued(s) for s in old if s in order.members] == [0] * sum(s in order.members for s in old)
+        gone.shutdown(socket.SHUT_RDWR)
+        order.stopped(gone)
+        if stable:
+            connect(clients, 20)
+            assert [queued(s) for s in old if s in order.members] == [0] * sum(s in order.members for s in old)
+    assert sum(queued(s) for s in new) == len(clients)
