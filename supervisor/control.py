@@ -45,12 +45,18 @@ class ControlServer:
         self.path = path
         self.mode = mode
         self.post = post
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        _refuse_if_in_use(self.path)
-        sock = _listening_unix_socket(self.path, self.mode)
+    async def start(self, adopted: socket.socket | None = None) -> None:
+        """Listen on a new socket, or (after an upgrade) on the one the master had before its exec."""
+        if adopted is None:
+            _refuse_if_in_use(self.path)
+        sock = adopted or _listening_unix_socket(self.path, self.mode)
         self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=wire.MAX_LINE)
+
+    def fileno(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].fileno())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: the peer's uid first (nothing is read from a stranger), then one request."""

@@ -25,6 +25,7 @@ EPILOG = """commands:
   stop PROGRAM        stop a program (its workers finish what they accepted)
   scale PROGRAM N     run N workers of a running program (until the next reload)
   shutdown            stop every program and the daemon
+  upgrade             run the installed code in the same process (same pid; workers and sockets kept)
 
 exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
 3 no supervisord answers on the control socket"""
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scale.add_argument("program")
     scale.add_argument("workers", type=int)
     sub.add_parser("shutdown")
+    sub.add_parser("upgrade")
     return parser.parse_args(argv)
 
 

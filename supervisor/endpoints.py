@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from supervisor.config import Control
 from supervisor.control import ControlServer
@@ -32,6 +34,25 @@ class Endpoints:
         control = ControlServer(self.settings.socket, self.settings.mode, self.post)
         await control.start()
         # Only now: close() unlinks the socket path, which may be another running daemon's.
+        self.control = control
+
+    def kept(self) -> list[int]:
+        """The fds an upgrade keeps open across its exec: the notify socket and the control listener."""
+        assert self.notify is not None and self.control is not None
+        return [self.notify.fileno(), self.control.fileno()]
+
+    def to_json(self) -> dict[str, Any]:
+        assert self.notify is not None and self.control is not None
+        return {"runtime_dir": self.runtime_dir, "notify_path": self.notify.path, "notify_fd": self.notify.fileno(),
+                "control_fd": self.control.fileno()}
+
+    async def adopt(self, data: Mapping[str, Any]) -> None:
+        """After an upgrade: the same sockets, open since before the exec."""
+        self.runtime_dir = data["runtime_dir"]
+        self.notify = NotifySocket.adopt(data["notify_path"], data["notify_fd"])
+        asyncio.get_running_loop().add_reader(self.notify.fileno(), self._notify_readable)
+        control = ControlServer(self.settings.socket, self.settings.mode, self.post)
+        await control.start(socket.socket(fileno=data["control_fd"]))
         self.control = control
 
     @property

@@ -93,10 +93,17 @@ class ManageWorkers:
 
 
 @dataclass(frozen=True)
+class UpgradeChecked:
+    """The new code's check ended (its pidfd is readable), or it ran out of time."""
+
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
 class WatchdogDue:
     """Time to tell systemd the master loop is alive."""
 
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
-         | StopDue | GracefulTimeout | ManageWorkers | WatchdogDue
+         | StopDue | GracefulTimeout | ManageWorkers | UpgradeChecked | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)

@@ -42,7 +42,9 @@ def _read(kind: Any, data: Any) -> Any:
         return tuple(_read(arg, item) for arg, item in zip(args, data, strict=True))
     if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
-        return kind(**{f.name: _read(hints[f.name], data[f.name]) for f in dataclasses.fields(kind)})
+        # A field this code has and the data lacks takes its default; one the data has and this code
+        # does not is dropped: records written by an older or newer version still read.
+        return kind(**{f.name: _read(hints[f.name], data[f.name]) for f in dataclasses.fields(kind) if f.name in data})
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return kind(data)
     return data

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from supervisor import __version__
 
 if TYPE_CHECKING:  # supervisorctl imports this module for render(): keep its start fast
     from supervisor.generation import Generation
@@ -27,6 +30,9 @@ def snapshot(master: Master) -> dict[str, Any]:
         cpu = me.cpu_times()
         return {
             "pid": me.pid, "config": master.config.path, "uptime": time.monotonic() - master.started,
+            "version": __version__, "started_at": _utc(master.started_at),
+            "upgraded": None if master.upgraded is None else {
+                "at": _utc(master.upgraded["at"]), "from": master.upgraded["from"], "to": master.upgraded["to"]},
             "rss": me.memory_info().rss, "cpu": round(cpu.user + cpu.system, 2), "fds": me.num_fds(),
             "migrate": {"mode": master.migration.mode.value, "enabled": master.migration.enabled,
                         "reason": master.migration.reason},
@@ -89,8 +95,11 @@ def fatal_facts(reason: str, serving: Generation | None) -> dict[str, Any]:
 def render(data: Mapping[str, Any]) -> str:
     """The table `supervisorctl status` prints."""
     migrate = data["migrate"]
+    upgraded = data.get("upgraded")
     lines = [
-        f"supervisord pid {data['pid']}, up {_duration(data['uptime'])}, config {data['config']}",
+        f"supervisord {data.get('version', '?')} pid {data['pid']}, up {_duration(data['uptime'])} "
+        f"(since {str(data.get('started_at', '?'))[:19].replace('T', ' ')} UTC), config {data['config']}"
+        + (f"; upgraded from {upgraded['from']} at {upgraded['at'][:19].replace('T', ' ')} UTC" if upgraded else ""),
         f"migration: {migrate['mode']} ({'on' if migrate['enabled'] else 'OFF'}: {migrate['reason']})",
         "",
         f"{'PROGRAM':<16}{'GEN':>5}  {'WORKER':>6}  {'PID':>8}  {'STATE':<10}{'UPTIME':>9}"
@@ -120,6 +129,10 @@ def _worker_line(w: Mapping[str, Any]) -> str:
     rss = "-" if w.get("rss") is None else f"{w['rss'] / 2**20:.1f}M"
     return (f"{'':<16}{shown('generation'):>5}  {w['worker']:>6}  {shown('pid'):>8}  {w['state']:<10}"
             f"{uptime:>9}{rss:>10}{shown('cpu', '{:.2f}s'):>8}{shown('restarts'):>10}  {shown('last_exit')}")
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 
 def _duration(seconds: float) -> str:

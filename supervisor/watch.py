@@ -32,8 +32,8 @@ class Watcher:
 
     def watch(self, w: Worker, gen: Generation) -> None:
         self.workers[w.pid] = (w, gen)
-        self._once(w.pidfd, WorkerExited(w))
-        self._once(w.stderr, WorkerOutput(w))
+        self.once(w.pidfd, WorkerExited(w))
+        self.once(w.stderr, WorkerOutput(w))
         if gen.program.ready is not ReadyMode.NOTIFY:
             self.later(gen.program.settle, ReadinessCheck(w))
 
@@ -66,19 +66,20 @@ class Watcher:
         """Log what the worker wrote to stderr since the last look, then wait for more."""
         for line in w.read_stderr():
             log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
-        self._once(w.stderr, WorkerOutput(w))
+        self.once(w.stderr, WorkerOutput(w))
 
     def exited(self, w: Worker) -> Generation | None:
         """Reap the worker: its generation once it has ended, None for a spurious wake-up."""
         if w.stderr >= 0:
             asyncio.get_running_loop().remove_reader(w.stderr)
         if not w.reap():
-            self._once(w.pidfd, WorkerExited(w))
+            self.once(w.pidfd, WorkerExited(w))
             return None
         self.output(w)
         return self.workers.pop(w.pid)[1]
 
-    def _once(self, fd: int, event: Event) -> None:
+    def once(self, fd: int, event: Event) -> None:
+        """Post `event` once when `fd` becomes readable."""
         if fd < 0:
             return  # no such handle (closed, or a worker of the unit tests' fake spawner)
         loop = asyncio.get_running_loop()

@@ -47,16 +47,27 @@ class Shutdown:
     pass
 
 
-Request = Status | Reload | Start | Stop | Scale | Shutdown
+@dataclass(frozen=True)
+class Upgrade:
+    pass
+
+
+Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade
 # command -> its request type; the type's fields are the arguments it takes
 COMMANDS: dict[str, type[Request]] = {
     "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
+    "upgrade": Upgrade,
 }
 _ARG_TYPES = {"program": str, "workers": int}
 
 
 def command_of(request: Request) -> str:
     return next(name for name, kind in COMMANDS.items() if isinstance(request, kind))
+
+
+def to_message(request: Request) -> dict[str, Any]:
+    """The request as the client sent it (parse_request reads it back)."""
+    return {"command": command_of(request), **{f.name: getattr(request, f.name) for f in fields(request)}}
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -56,6 +56,7 @@ class Supervisor:
         self.socket = folder / "supervisor.sock"
         self.log = folder / "supervisord.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # added to supervisord's environment (and so its workers')
         self.write(programs, migrate)
 
     def write(self, programs: dict[str, dict[str, Any]], migrate: str = "require") -> None:
@@ -63,7 +64,7 @@ class Supervisor:
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def start(self, wait: bool = True) -> Supervisor:
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(self.config), "--log-format", "json"],
                                          stdout=log, stderr=log, env=env)
@@ -108,6 +109,11 @@ class Supervisor:
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
                               capture_output=True, text=True, timeout=timeout)
+
+    def ctl_async(self, *args: str) -> subprocess.Popen[str]:
+        """supervisorctl running in the background (a request that waits); `.wait()` gives its exit status."""
+        return subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def reload(self) -> subprocess.CompletedProcess[str]:
         result = self.ctl("reload")
