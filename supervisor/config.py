@@ -37,6 +37,7 @@ _Choice = TypeVar("_Choice", bound=enum.Enum)
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 MAX_FILE = 1 << 20  # bytes of a config file; larger ones are refused unread
+MAX_EVENTS = 20_000  # YAML parser events (scalars, aliases, starts and ends of collections) in a file
 # A program's command and env after YAML aliases are expanded: an alias repeated a thousand times
 # costs the file a few bytes each but the master a full copy in every worker's argv or environ.
 MAX_ARGUMENT = 128 * 1024 - 1  # what execve() takes for one argument or variable (MAX_ARG_STRLEN)
@@ -222,6 +223,13 @@ def _read_at_most(fd: int, limit: int) -> bytes:
 
 def _compose(text: str, path: str) -> yaml.Node | None:
     try:
+        # Building nodes costs ~10 times what parsing does (pyyaml resolves each scalar's tag in
+        # Python): count first, and compose only a file of sane size.
+        for count, event in enumerate(yaml.parse(text, Loader=_LOADER)):
+            if count >= MAX_EVENTS:
+                line = event.start_mark.line + 1 if event.start_mark else 0
+                raise ConfigError(path, line, "", f"more than {MAX_EVENTS} YAML values and collections: not read "
+                                  "(a config has a few hundred)")
         return yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

@@ -27,7 +27,11 @@ from supervisor.listeners import Listener
 log = structlog.get_logger()
 
 STDERR_TAIL = 20  # lines kept for the rollback report
-STDERR_READ = 65536  # bytes read from a worker's stderr per wake-up of the master
+# Bytes read from a worker's stderr per wake-up of the master: each line is a log call (~50 us), so
+# 1 KiB (at most 512 lines) keeps a worker that floods its stderr with newlines from holding the
+# loop; it then waits on its pipe (64 KiB) at the master's pace.
+STDERR_READ = 1024
+STDERR_AT_EXIT = 1 << 20  # what is read at once from the pipe of a worker that has exited
 MAX_LINE = 65536  # bytes of one stderr line; a longer one is cut and its rest skipped
 CUT_MARK = b" [cut: line longer than 64 KiB]"
 
@@ -166,25 +170,32 @@ class Worker:
     def read_stderr(self) -> list[str]:
         """What the worker wrote since the last look, as complete lines; the last ones are kept.
 
-        One read per call (the master's reader fires again while more waits): a worker that writes
-        without pause then waits on the pipe at the master's pace, and the master's loop goes on.
+        At most STDERR_READ bytes per call (the master's reader fires again while more waits): a
+        worker that writes without pause then waits on the pipe at the master's pace, and the
+        master's loop goes on.
         A line longer than MAX_LINE is cut there with CUT_MARK and the rest is skipped up to its
         newline, so what the master holds per worker is bounded whatever the worker writes.
         """
-        data = b""
-        while self.stderr >= 0:
+        # A worker that has exited: what is left in its pipe (its last words, for the rollback
+        # report), up to STDERR_AT_EXIT; its pipe is closed right after.
+        budget = STDERR_READ if self.alive else STDERR_AT_EXIT
+        chunks: list[bytes] = []
+        while self.stderr >= 0 and budget > 0:
             try:
-                data = os.read(self.stderr, STDERR_READ)
+                chunk = os.read(self.stderr, min(budget, 65536))
             except BlockingIOError:
                 break
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
                 break
-            if not data:  # EOF: the worker and every child of it closed their stderr
+            if not chunk:  # EOF: the worker and every child of it closed their stderr
                 os.close(self.stderr)
                 self.stderr = -1
-            break
+                break
+            chunks.append(chunk)
+            budget -= len(chunk)
+        data = b"".join(chunks)
         lines: list[bytes] = []
         if data:
             *complete, rest = data.split(b"\n")

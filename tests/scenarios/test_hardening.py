@@ -123,7 +123,8 @@ FLOOD = """
 import os, sys, time
 sock = __import__("socket").socket(1, 2)
 sock.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
-chunk, written, deadline = b"x" * 65536, 0, time.monotonic() + float(sys.argv[1])
+chunk = b"x" * 65536 if sys.argv[3] == "one line" else b"y\\n" * 32768
+written, deadline = 0, time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline and written < 2 << 30:
     written += os.write(2, chunk)
 os.write(2, b"\\nafter the flood\\n")
@@ -136,7 +137,8 @@ def test_a_worker_writing_stderr_without_a_newline(tmp_path: Path) -> None:
     """Up to 2 GiB in one 'line' for 3 s: the master reads it at its pace, logs the first 64 KiB
     with a mark, skips the rest, and logs the next line; status stays quick, its RSS flat."""
     written = tmp_path / "written"
-    noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written)], workers=1, listen=["127.0.0.1:8001"])
+    noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written), "one line"], workers=1,
+                    listen=["127.0.0.1:8001"])
     with supervisor(tmp_path, {"web": program(workers=1), "noisy": noisy}) as sup:
         pids, rss_before = serving_pids(sup), master(sup).memory_info().rss
         with watching(sup) as watch:
@@ -149,6 +151,24 @@ def test_a_worker_writing_stderr_without_a_newline(tmp_path: Path) -> None:
     cut = "x" * worker.MAX_LINE + worker.CUT_MARK.decode()
     assert lines == [cut, "after the flood"], [line[-60:] for line in lines]
     print(f"{int(written.read_text()) >> 20} MiB written without a newline; {summary}")
+
+
+def test_a_worker_writing_short_lines_without_pause(tmp_path: Path) -> None:
+    """'y\\n' for 3 s: every line is a log call, so the master reads 1 KiB (512 lines) per wake-up and
+    the worker waits on its pipe; status stays quick."""
+    written = tmp_path / "written"
+    noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written), "lines"], workers=1, listen=["127.0.0.1:8001"])
+    with supervisor(tmp_path, {"web": program(workers=1), "noisy": noisy}) as sup:
+        pids, rss_before = serving_pids(sup), master(sup).memory_info().rss
+        with watching(sup) as watch:
+            wait_for("the flood to end", written.exists, timeout=30)
+            wait_for("the line after it", lambda: any(e["line"] == "after the flood"
+                                                      for e in sup.events("worker_stderr")), timeout=10)
+        summary = watch.check(rss_before)
+        untouched(sup, pids)
+        logged = sum(e["program"] == "noisy" for e in sup.events("worker_stderr"))
+    assert logged == int(written.read_text()) // 2 + 2  # and an empty line, and "after the flood"
+    print(f"{logged} lines logged in 3 s; {summary}")
 
 
 # -- a local user and the notify socket ----------------------------------------------------------------
@@ -312,7 +332,7 @@ def ctl(sup: Supervisor, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_config_files_that_would_block_or_flood_the_master_are_refused_at_reload(tmp_path: Path) -> None:
-    """A FIFO, a device, a directory, a file over 1 MiB and aliases that expand to 50 MB: each reload
+    """A FIFO, a device, a directory, a file over 1 MiB or of 24,000 values, aliases that expand to 50 MB: each reload
     answered within a second with one line; the serving generation never stops."""
     with supervisor(tmp_path, {"web": program(workers=1)}) as sup:
         pids, good = serving_pids(sup), sup.config.read_text()
@@ -323,6 +343,9 @@ def test_config_files_that_would_block_or_flood_the_master_are_refused_at_reload
             "device": (lambda p: os.symlink("/dev/zero", p), "not a regular file (a character device)"),
             "directory": (lambda p: os.mkdir(p), "not a regular file (a directory)"),
             "large": (lambda p: p.write_text(good + "#" * (1 << 20)), "larger than 1 MiB"),
+            "values": (lambda p: p.write_text(good + "  api:\n    command: [api]\n    listen: 127.0.0.1:9\n    env:\n"
+                                              + "".join(f"      K{i}: {i}\n" for i in range(12_000))),
+                       "more than 20000 YAML values"),
             "aliases": (lambda p: p.write_text(good.replace(f"{dash}-m\n", f"{dash}&big '{big}'\n"
                                                                   + f"{dash}*big\n" * 500 + f"{dash}-m\n")),
                         "programs.web.command: command and env expand to 50"),

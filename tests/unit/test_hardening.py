@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import termios
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,14 @@ class TestConfigFiles:
         path.write_text(MINIMAL + "#" * (config.MAX_FILE - len(MINIMAL) + 1))
         assert load_error(path) == f"{path}: larger than 1 MiB ({config.MAX_FILE + 1} bytes): not read"
 
+    def test_too_many_values_are_refused_before_nodes_are_built(self) -> None:
+        """Composing costs ~10 times what parsing does: a file of 30,000 values is refused at the value
+        that crosses the limit, after a parse that costs a few hundredths of a second."""
+        env = "".join(f"      K{i}: {i}\n" for i in range(15_000))
+        with pytest.raises(ConfigError, match=r"^c\.yaml:\d+: more than 20000 YAML values and collections"):
+            config.parse(MINIMAL + "    env:\n" + env, "c.yaml")
+        assert len(config.parse(MINIMAL + "    env:\n" + env[:env.index("K9000:")], "c.yaml").programs[0].env) == 9000
+
     def test_aliases_that_blow_up_a_command(self, tmp_path: Path) -> None:
         """500 references to one 100 kB string: a 100 kB file, a 50 MB argv; refused at its line."""
         big = "a" * 100_000
@@ -84,18 +93,25 @@ def pipe_worker() -> tuple[Worker, int]:
     return Worker("web", 1, 0, pid=0, pidfd=-1, stderr=read_end, listeners=[]), write_end
 
 
+def drain(w: Worker) -> list[str]:
+    """read_stderr() until the pipe is empty, as the master's reader would fire."""
+    lines: list[str] = []
+    while w.stderr >= 0 and int.from_bytes(fcntl.ioctl(w.stderr, termios.FIONREAD, b"\0" * 4), "little"):
+        lines += w.read_stderr()
+        assert len(w._partial) <= MAX_LINE
+    return lines
+
+
 class TestStderr:
     def test_a_long_line_is_cut_and_its_rest_skipped(self) -> None:
         w, pipe = pipe_worker()
-        lines: list[str] = []
         os.write(pipe, b"first\n" + b"x" * 40_000)
-        lines += w.read_stderr()
+        lines = drain(w)
         for _ in range(10):  # 10 x 40 kB more of the same line: memory stays below MAX_LINE
             os.write(pipe, b"x" * 40_000)
-            lines += w.read_stderr()
-            assert len(w._partial) <= MAX_LINE
+            lines += drain(w)
         os.write(pipe, b"x\nnext\nunfinished")
-        lines += w.read_stderr()
+        lines += drain(w)
         assert lines == ["first", "x" * MAX_LINE + CUT_MARK.decode(), "next"]
         os.close(pipe)
         assert w.read_stderr() == ["unfinished"]  # EOF: the last line needs no newline
@@ -110,14 +126,17 @@ class TestStderr:
         assert w.read_stderr() == ["z" * MAX_LINE + CUT_MARK.decode(), "after"]
         os.close(pipe)
 
-    def test_one_read_per_call(self) -> None:
-        """A call takes at most STDERR_READ bytes; the loop's reader fires again for the rest."""
+    def test_a_bounded_read_per_call_and_everything_once_the_worker_has_exited(self) -> None:
+        """A call takes at most STDERR_READ bytes (the loop's reader fires again for the rest); once
+        the worker is gone, what is left in the pipe is read at once (its last words)."""
         w, pipe = pipe_worker()
-        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, 4 * STDERR_READ)
         os.write(pipe, b"a\n" * STDERR_READ)  # 2 x STDERR_READ bytes
         assert len(w.read_stderr()) == STDERR_READ // 2
         assert len(w.read_stderr()) == STDERR_READ // 2
         assert w.read_stderr() == []
+        os.write(pipe, b"b\n" * 20_000)
+        w.status = 0  # reaped
+        assert len(w.read_stderr()) == 20_000 and list(w.tail)[-1] == "b"
         os.close(pipe)
 
 
