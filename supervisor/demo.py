@@ -51,7 +51,12 @@ class BadRequest(Exception):
 
 
 def log(message: str) -> None:
-    print(f"demo pid={os.getpid()} {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"demo pid={os.getpid()} {message}", file=sys.stderr, flush=True)
+    except OSError:
+        # stderr is a pipe to supervisord; when it died (its parent-death signal is how we learn it),
+        # nobody reads it: the stop must go on, not end in BrokenPipeError.
+        pass
 
 
 def notify(message: str) -> None:

@@ -183,6 +183,15 @@ class Generation:
         self._move(GenerationState.RETIRING, GenerationState.SERVING)
         return self._shut_all()
 
+    def hand_over(self) -> list[Worker]:
+        """Retire without shutting anything: the listeners stay open in systemd's fd store for the next
+        start (fdstore.py), so no signal or kill of these workers shuts them either."""
+        self._move(GenerationState.RETIRING, GenerationState.SERVING)
+        for w in self.workers:
+            w.kept = True
+            w.retire()
+        return self.live_workers
+
     def rollback(self) -> list[Worker]:
         """Shut the listeners first (their queues migrate back to the serving generation).
 

@@ -25,12 +25,13 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor import __version__, handover, logs, migrate, status, tls, upgrade, wire
+from supervisor import __version__, fdstore, handover, listeners, logs, migrate, status, tls, upgrade, wire
 from supervisor import events as ev
 from supervisor import reload as reload_module
 from supervisor.config import Config, MigrateMode, Program
 from supervisor.endpoints import Endpoints
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
+from supervisor.fdstore import Adopted, FdStore
 from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
 from supervisor.plan import ReloadPlan, plan_reload, plan_start
@@ -78,6 +79,8 @@ class Master:
         self.reload_ids = itertools.count(1)
         self.endpoints = Endpoints(config.control, self.post)
         self.systemd = Notifier()
+        self.fdstore = FdStore()
+        self.adopted: list[Adopted] = []  # listeners a previous master left in the fd store, until shut
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class Master:
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket,
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
         if adopted is None:
+            self.adopt_stored_listeners()
             self.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
         else:
             await self.adopt(adopted)
@@ -340,6 +344,7 @@ class Master:
         retired = [g for g in old_gens if g is not None]
         queued = sum(old.queued() for old in retired)
         shut = sum(self.retire(old) for old in retired)
+        shut += self.shut_adopted({g.program.name for g in reload.generations})  # a dead master's, if any
         migrated = (migrate.counters() - before).success
         for old in retired:
             reload.reply.progress(
@@ -430,12 +435,37 @@ class Master:
                 event.reply.finish(False, "supervisord is shutting down")
             self.waiting.clear()
             for record in [r for r in self.programs.values() if r.running]:
-                if gen := record.stopping(by_hand=False):
+                if (gen := record.stopping(by_hand=False)) and self.fdstore.enabled:
+                    # Under systemd's fd store a stop is a restart to be: the listeners stay open
+                    # there, unshut, and their queues wait for the next start (fdstore.py).
+                    self.stop_later(gen.program, gen.hand_over())
+                    self.forget_if_finished(gen)
+                elif gen:
                     self.retire(gen)
         if fast:
             for record in self.programs.values():
                 for gen in record.retiring:
                     gen.kill()
+
+    def adopt_stored_listeners(self) -> None:
+        """Listeners a master that died or stopped left in systemd's fd store: a generation without
+        workers, whose queues the first new generation takes over (shut_adopted)."""
+        self.adopted, dropped = fdstore.inherited(self.config)
+        self.fdstore.remove(dropped)
+        for listener in self.adopted:
+            record = self.programs[listener.program]
+            record.last_number = max(record.last_number, listener.generation)
+        if self.adopted or dropped:
+            log.info("fdstore_adopted", listeners=[a.name for a in self.adopted], dropped=dropped)
+
+    def shut_adopted(self, programs: set[str]) -> int:
+        """The programs' new generations serve: shut what was adopted (queues migrate), forget it."""
+        done = [a for a in self.adopted if a.program in programs]
+        for a in done:
+            listeners.close(a.listener)
+        self.fdstore.remove([a.name for a in done])
+        self.adopted = [a for a in self.adopted if a.program not in programs]
+        return len(done)
 
     def on_graceful_timeout(self, workers: tuple[Worker, ...]) -> None:
         stubborn = [w for w in workers if w.alive]
@@ -461,6 +491,8 @@ class Master:
     def watch(self, w: Worker, gen: Generation) -> None:
         if not self.watcher.watching(w) and w.alive:
             self.watcher.watch(w, gen)
+            self.fdstore.keep([(fdstore.name(w.program, w.generation, w.index, n), listener.fileno())
+                               for n, listener in enumerate(w.listeners)])
             if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
                 self.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(w))
 
@@ -480,9 +512,11 @@ class Master:
 
     def on_worker_exited(self, w: Worker) -> None:
         was = w.state
+        stored = [] if w.kept else [fdstore.name(w.program, w.generation, w.index, n) for n in range(len(w.listeners))]
         gen = self.watcher.exited(w)
         if gen is None:
             return  # a spurious wake-up: still running
+        self.fdstore.remove(stored)
         record, slot, now = self.programs[gen.program.name], gen.slot_of(w), self.clock.time()
         fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
                   "status": w.describe_exit()}

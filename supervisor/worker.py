@@ -79,6 +79,7 @@ class Worker:
     status: int | None = None  # raw wait status once reaped
     stop_at: float | None = None  # retiring: when its stop signal is due (None once sent)
     kill_at: float | None = None  # retiring: when it is killed if still running (graceful_timeout)
+    kept: bool = False  # its listeners stay open for the next master (fd store): never shut them
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
     _partial: bytes = b""
     _skipping: bool = False  # a line was cut: drop what comes up to its newline
@@ -96,6 +97,8 @@ class Worker:
 
     def shut(self) -> None:
         """Shut this worker's listeners: with migration the kernel moves their queues to the group."""
+        if self.kept:
+            return
         for listener in self.listeners:
             listeners.shut(listener)
 
@@ -158,7 +161,10 @@ class Worker:
     def release(self) -> None:
         """Close the master's listener copies and process handles (the worker is gone)."""
         for listener in self.listeners:
-            listeners.close(listener)
+            if self.kept:
+                listener.sock.close()  # the fd store keeps it open and listening for the next master
+            else:
+                listeners.close(listener)
         self.listeners = []
         if self.pidfd >= 0:
             os.close(self.pidfd)
@@ -233,7 +239,7 @@ class Worker:
         return {"program": self.program, "generation": self.generation, "index": self.index, "pid": self.pid,
                 "pidfd": self.pidfd, "stderr": self.stderr, "listeners": [s.to_json() for s in self.listeners],
                 "started": self.started, "state": self.state.value, "ready_at": self.ready_at,
-                "status": self.status, "stop_at": self.stop_at, "kill_at": self.kill_at,
+                "status": self.status, "stop_at": self.stop_at, "kill_at": self.kill_at, "kept": self.kept,
                 "tail": list(self.tail), "partial": self._partial.decode("latin-1"),
                 "skipping": self._skipping}
 
@@ -243,7 +249,7 @@ class Worker:
                    pidfd=data["pidfd"], stderr=data["stderr"],
                    listeners=[Listener.from_json(s) for s in data["listeners"]], started=data["started"],
                    state=WorkerState(data["state"]), ready_at=data["ready_at"], status=data["status"],
-                   stop_at=data.get("stop_at"), kill_at=data.get("kill_at"),
+                   stop_at=data.get("stop_at"), kill_at=data.get("kill_at"), kept=data.get("kept", False),
                    tail=collections.deque(data["tail"], maxlen=STDERR_TAIL),
                    _partial=data["partial"].encode("latin-1"), _skipping=data.get("skipping", False))
 
@@ -336,8 +342,12 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
 
 
 def privileges(program: Program) -> list[str]:
-    """The setpriv prefix: parent-death signal always, user and group when the program names them."""
-    argv = [SETPRIV, "--pdeathsig", "KILL"]
+    """The setpriv prefix: parent-death signal always, user and group when the program names them.
+
+    The parent-death signal is the program's stop signal: however the master dies, its workers
+    finish what they accepted (systemd's KillMode=mixed and TimeoutStopSec= bound the stragglers).
+    """
+    argv = [SETPRIV, "--pdeathsig", program.stop_signal.name.removeprefix("SIG")]
     if program.user is not None:
         # The user's primary group unless one is named; supplementary groups from /etc/group.
         argv += [f"--reuid={program.user}", f"--regid={program.group or accounts.account(program.user).pw_gid}",

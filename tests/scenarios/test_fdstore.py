@@ -1,0 +1,107 @@
+"""systemd's fd store (with a small stand-in for systemd, tests/servicemanager.py): a crash or a
+restart of supervisord loses no connection, because its listeners wait in the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import Supervisor, program, wait_for
+from tests.load import Clients
+from tests.servicemanager import ServiceManager
+
+pytestmark = pytest.mark.usefixtures("netns")
+
+
+def service(tmp_path: Path) -> tuple[ServiceManager, Supervisor]:
+    manager = ServiceManager(tmp_path)
+    sup = Supervisor(tmp_path, {"web": program(graceful_timeout=5)})
+    sup.env = {"RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()
+    return manager, sup
+
+
+def serving_listeners(sup: Supervisor) -> list[str]:
+    """The store names of the serving generation's listeners (one address: n is 0)."""
+    return sorted(f"web.{w['generation']}.{w['worker']}.0" for w in sup.workers() if w["state"] == "ready")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how: str) -> None:
+    """64 connections in flight; supervisord killed (or stopped) and started again by the manager."""
+    manager, sup = service(tmp_path)
+    try:
+        manager.start(sup)
+        assert manager.stored() == serving_listeners(sup) == ["web.1.0.0", "web.1.1.0"]
+        with Clients("127.0.0.1:8000", concurrency=64, seconds=60, timeout=10) as load:
+            time.sleep(1.0)
+            assert sup.proc is not None
+            old_workers = [w["pid"] for w in sup.workers()]
+            sup.proc.send_signal(getattr(signal, how))
+            sup.proc.wait(timeout=30)
+            manager.start(sup)
+            assert sup.generation() == 2  # numbering goes on from the adopted generation
+            time.sleep(1.5)
+            tally = load.finish()
+        assert tally.ok > 500 and not tally.failures, tally.failed()
+        wait_for("the store to hold the serving listeners only",
+                 lambda: manager.stored() == serving_listeners(sup), timeout=10)
+        # Their stop signal came as the parent-death signal (or from the stopping master): they finish and exit.
+        wait_for("the old workers to exit", lambda: not [pid for pid in old_workers if _running(pid)], timeout=15)
+        adopted = sup.events("fdstore_adopted")[-1]
+        assert sorted(adopted["listeners"]) == ["web.1.0.0", "web.1.1.0"]
+    finally:
+        sup.kill()
+        manager.close()
+
+
+def test_ten_kills_leave_the_store_and_the_runtime_folder_clean(tmp_path: Path) -> None:
+    manager, sup = service(tmp_path)
+    try:
+        for cycle in range(10):
+            manager.start(sup)
+            wait_for("the store to hold the serving listeners only",
+                     lambda: manager.stored() == serving_listeners(sup), timeout=10)
+            assert len(os.listdir(tmp_path / "run")) == 1  # the live master's folder, nothing a dead one left
+            assert sup.proc is not None
+            if cycle < 9:
+                sup.proc.kill()
+                sup.proc.wait()
+        assert sup.generation() == 10
+    finally:
+        sup.kill()
+        manager.close()
+
+
+def test_unknown_and_unusable_fds_are_closed_and_the_start_is_clean(tmp_path: Path) -> None:
+    """A UDP socket, a listener on an address the config does not have, and a listener of a program
+    that is gone: all dropped (and removed from the store), the program starts as usual."""
+    manager, sup = service(tmp_path)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other = socket.create_server(("127.0.0.1", 9000))
+    gone = socket.create_server(("127.0.0.1", 8001))
+    try:
+        manager.start(sup, extra={"mystery": udp.fileno(), "web.3.0.0": other.fileno(), "api.2.0.0": gone.fileno()})
+        assert sup.generation() == 1 and sup.serving()
+        dropped = sup.events("fdstore_adopted")[0]
+        assert sorted(dropped["dropped"]) == ["api.2.0.0", "mystery", "web.3.0.0"] and dropped["listeners"] == []
+        assert [f for f in os.listdir(f"/proc/{sup.proc.pid}/fd")  # type: ignore[union-attr]
+                if os.readlink(f"/proc/{sup.proc.pid}/fd/{f}").startswith("socket:")]  # it runs; its own sockets
+    finally:
+        sup.kill()
+        manager.close()
+        for sock in (udp, other, gone):
+            sock.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
