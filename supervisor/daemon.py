@@ -68,11 +68,13 @@ async def _serve(cfg: config.Config) -> int:
 
 async def _adopt(state_fd: int) -> int:
     """After `supervisorctl upgrade`: the same pid, its workers and sockets, and the state it wrote."""
+    from supervisor import handover
     from supervisor.master import Master
 
     try:
         state = upgrade.read_state(state_fd)
-        master = Master.from_state(state)
+        master = Master(handover.config_of(state))
+        handover.restore(master, state)
     except Exception:
         # The check step makes this unlikely. The workers are this process's children and die with it
         # (parent-death signal): stay alive, say so loudly, and let the operator decide (TERM ends all).

@@ -6,6 +6,7 @@ event and put it on the queue; the master loop alone acts on them.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,11 @@ if TYPE_CHECKING:
     from supervisor.reply import Reply
     from supervisor.wire import Request
     from supervisor.worker import Worker
+
+
+# The signals the master acts on (README, "Commands"); each arrives as a SignalReceived.
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """The master's state across an in-place upgrade: written as plain data before the exec, adopted after.
 
+`begin` (supervisorctl upgrade, SIGUSR2) starts the check of the installed code (upgrade.Check);
+`checked` refuses or execs; in the new process `restore` and `adopt` take everything over and
+answer the waiting client. upgrade.py holds the process mechanics (check child, memfd, exec).
+
 What crosses the exec: every program record (generations, slots, workers by pid and fd numbers,
 crash history, FATAL, certificates), the config in force, the master's sockets, the requests that
 were waiting (their clients' connections kept open), and the deadlines still to come (stop signals,
@@ -9,17 +13,25 @@ after the exec.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+import signal
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from supervisor import __version__, plain, upgrade, wire
-from supervisor.config import Config
+import structlog
+
+from supervisor import __version__, migrate, plain, status, upgrade, wire
+from supervisor import events as ev
+from supervisor.config import Config, MigrateMode
 from supervisor.generation import GenerationState
 from supervisor.program import ProgramRuntime
 from supervisor.reply import Reply
 from supervisor.worker import WorkerState
+
+log = structlog.get_logger()
 
 if TYPE_CHECKING:
     from supervisor.events import ControlRequest
@@ -67,8 +79,6 @@ def programs_of(state: dict[str, Any]) -> dict[str, ProgramRuntime]:
 
 async def requests_of(state: dict[str, Any]) -> list[tuple[wire.Request, Reply]]:
     """The requests that waited, the first one the upgrade's own, with their clients' connections."""
-    import asyncio
-
     out = []
     for handed in state["requests"]:
         writer = None
@@ -94,3 +104,90 @@ def starting_in_serving(programs: dict[str, ProgramRuntime]) -> list[tuple[Any, 
     ready timeout goes on."""
     return [(w, gen) for r in programs.values() for gen in r.generations()
             if gen.state is GenerationState.SERVING for w in gen.live_workers if w.state is WorkerState.STARTING]
+
+
+# -- the upgrade as the master applies it --------------------------------------------------------
+
+def begin(master: Master, reply: Reply) -> None:
+    """Check the installed code in a child first: after the exec there is no way back."""
+    try:
+        check = upgrade.Check()
+    except OSError as exc:
+        reply.finish(False, f"upgrade refused, nothing changed: cannot run the new code: {exc}")
+        return master.next_request()
+    reply.progress(f"checking the installed code: {' '.join(upgrade.command())}")
+    master.upgrade = check, reply, master.later(upgrade.CHECK_TIMEOUT, ev.UpgradeChecked(timed_out=True))
+    master.watcher.once(check.pidfd, ev.UpgradeChecked())
+
+def checked(master: Master, timed_out: bool, refuse: str | None = None) -> None:
+    """The check ended (or timed out, or a shutdown abandons it): exec, or refuse and go on."""
+    if master.upgrade is None:
+        return
+    (check, reply, timer), master.upgrade = master.upgrade, None
+    timer.cancel()
+    asyncio.get_running_loop().remove_reader(check.pidfd)
+    if timed_out:
+        passed, answer = False, f"it did not finish within {upgrade.CHECK_TIMEOUT:g} s"
+    else:
+        passed, answer = check.result()
+    check.close()
+    if refuse or not passed:
+        log.error("upgrade_refused", reason=refuse or answer)
+        reply.finish(False, refuse or f"upgrade refused, nothing changed: the new code failed its check: {answer}")
+        return master.next_request()
+    _exec(master, ev.ControlRequest(wire.Upgrade(), reply), answer)
+
+def _exec(master: Master, request: ControlRequest, new_version: str) -> None:
+    """Write the state, keep its fds open, and exec the installed code in this same process."""
+    log.info("upgrading", version=__version__, to=new_version, pid=os.getpid())
+    request.reply.progress(f"new code {new_version} checked; handing over")
+    master.systemd.reloading()
+    # Blocked from here into the new code's run(): a HUP or TERM in between would end the process
+    # (default action) and take the workers with it. The mask survives exec; pending ones wait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, ev.HANDLED_SIGNALS)
+    state, kept = dump(master, [request, *master.waiting], new_version)
+    state_fd = upgrade.write_state(state)
+    try:
+        upgrade.exec_with(state_fd, kept)
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)
+        os.close(state_fd)
+        log.error("upgrade_failed", error=str(exc))
+        request.reply.finish(False, f"upgrade failed, nothing changed: exec: {exc}")
+        master.systemd.ready(status.describe(master.programs))
+        master.next_request()
+
+async def adopt(master: Master, state: dict[str, Any]) -> None:
+    """The new code's first step: watch every live worker again, re-arm the deadlines, answer."""
+    now = master.clock.time()
+    for record in master.programs.values():
+        for gen in record.generations():
+            for w in gen.live_workers:
+                master.watcher.watch(w, gen)
+                if w.stop_at is not None:
+                    master.later(max(0.0, w.stop_at - now), ev.StopDue((w,), gen.program.stop_signal))
+                if w.kill_at is not None:
+                    master.later(max(0.0, w.kill_at - now), ev.GracefulTimeout((w,)))
+                elif w.state is WorkerState.STARTING and gen.state is GenerationState.SERVING:
+                    master.later(max(0.0, w.started + gen.program.ready_timeout - now), ev.WorkerReadyTimeout(w))
+            if gen.state is GenerationState.SERVING and any(s.restart_at is not None for s in gen.slots.values()):
+                master.post(ev.ManageWorkers())
+            master.forget_if_finished(gen)
+    (request, reply), *waiting = await requests_of(state)
+    text = summary(state, master.programs)
+    log.info("upgraded", text=text)
+    reply.finish(True, text, {"from": state["version"], "to": __version__})
+    master.systemd.ready(status.describe(master.programs))
+    for request, reply in waiting:
+        master.post(ev.ControlRequest(request, reply))
+
+
+def restore(master: Master, state: dict[str, Any]) -> None:
+    """A master made from the handed-over config takes the records; run(adopted=state) its sockets."""
+    master.programs = programs_of(state)
+    master.reload_ids = itertools.count(state["next_reload_id"])
+    master.started, master.started_at = state["started"], state["started_at"]
+    master.upgraded = {"at": time.time(), "from": state["version"], "to": __version__}
+    migration = state["migration"]
+    master.migration = migrate.MigrateStatus(MigrateMode(migration["mode"]), migration["enabled"], migration["reason"])
+

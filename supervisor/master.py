@@ -46,8 +46,6 @@ from supervisor.worker import Worker, WorkerState
 
 log = structlog.get_logger()
 
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 RECYCLE_POLL = 1.0  # seconds between looks for workers over max_rss / max_age
 
 
@@ -84,19 +82,6 @@ class Master:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Master:
-        """The master an upgrade handed over (see handover.py); run(adopted=state) takes its sockets."""
-        master = cls(handover.config_of(state))
-        master.programs = handover.programs_of(state)
-        master.reload_ids = itertools.count(state["next_reload_id"])
-        master.started, master.started_at = state["started"], state["started_at"]
-        master.upgraded = {"at": time.time(), "from": state["version"], "to": __version__}
-        migration = state["migration"]
-        master.migration = migrate.MigrateStatus(MigrateMode(migration["mode"]), migration["enabled"],
-                                                 migration["reason"])
-        return master
-
     async def run(self, bundles: dict[str, tls.Bundle] | None = None, adopted: dict[str, Any] | None = None) -> int:
         """Serve until shut down: a config that passed its preflight (`bundles`: its checked certificates),
         or the state a master handed over before its exec (`adopted`)."""
@@ -113,16 +98,16 @@ class Master:
             self.endpoints.close()
             return EXIT_FAILED
         self._spawner = self._spawner or ProcessSpawner(self.endpoints.notify_path)
-        for signum in HANDLED_SIGNALS:
+        for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked across an upgrade's exec
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)  # blocked across an upgrade's exec
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket,
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
         if adopted is None:
             self.adopt_stored_listeners()
             self.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
         else:
-            await self.adopt(adopted)
+            await handover.adopt(self, adopted)
         self.post(ev.RecycleCheck())
         if self.systemd.watchdog_interval:
             self.post(ev.WatchdogDue())
@@ -130,7 +115,7 @@ class Master:
             while not self.done():
                 self.handle(await self.queue.get())
         finally:
-            for signum in HANDLED_SIGNALS:
+            for signum in ev.HANDLED_SIGNALS:
                 loop.remove_signal_handler(signum)
             for reply in self.shutdown_replies:
                 reply.finish(True, "supervisord stopped")
@@ -201,7 +186,7 @@ class Master:
             case ev.RecycleCheck():
                 self.on_recycle_check()
             case ev.UpgradeChecked():
-                self.on_upgrade_checked(event.timed_out)
+                handover.checked(self, event.timed_out)
             case ev.WatchdogDue():
                 # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
                 self.systemd.watchdog()
@@ -245,7 +230,7 @@ class Master:
                 reply.progress(f"waiting for the {self.reload.label if self.reload else 'upgrade'} in progress")
                 self.waiting.append(event)
             elif isinstance(request, wire.Upgrade):
-                self.begin_upgrade(reply)
+                handover.begin(self, reply)
             elif isinstance(request, wire.Scale):
                 self.scale(request.program, request.workers, reply)
             elif isinstance(request, wire.Stop):
@@ -430,7 +415,7 @@ class Master:
             if self.reload is not None:
                 self.roll_back("supervisord is shutting down")
             if self.upgrade is not None:
-                self.on_upgrade_checked(timed_out=False, refuse="supervisord is shutting down")
+                handover.checked(self, timed_out=False, refuse="supervisord is shutting down")
             for event in self.waiting:
                 event.reply.finish(False, "supervisord is shutting down")
             self.waiting.clear()
@@ -594,77 +579,3 @@ class Master:
                          pid=slot.worker.pid if slot.worker else None, reason=reason)
                 slot.replacement = self.spawn(gen, slot.index)
         self.later(RECYCLE_POLL, ev.RecycleCheck())
-
-    # -- upgrading the master in place (upgrade.py, handover.py) ------------------------------------
-
-    def begin_upgrade(self, reply: Reply) -> None:
-        """Check the installed code in a child first: after the exec there is no way back."""
-        try:
-            check = upgrade.Check()
-        except OSError as exc:
-            reply.finish(False, f"upgrade refused, nothing changed: cannot run the new code: {exc}")
-            return self.next_request()
-        reply.progress(f"checking the installed code: {' '.join(upgrade.command())}")
-        self.upgrade = check, reply, self.later(upgrade.CHECK_TIMEOUT, ev.UpgradeChecked(timed_out=True))
-        self.watcher.once(check.pidfd, ev.UpgradeChecked())
-
-    def on_upgrade_checked(self, timed_out: bool, refuse: str | None = None) -> None:
-        if self.upgrade is None:
-            return
-        (check, reply, timer), self.upgrade = self.upgrade, None
-        timer.cancel()
-        asyncio.get_running_loop().remove_reader(check.pidfd)
-        if timed_out:
-            passed, answer = False, f"it did not finish within {upgrade.CHECK_TIMEOUT:g} s"
-        else:
-            passed, answer = check.result()
-        check.close()
-        if refuse or not passed:
-            log.error("upgrade_refused", reason=refuse or answer)
-            reply.finish(False, refuse or f"upgrade refused, nothing changed: the new code failed its check: {answer}")
-            return self.next_request()
-        self.exec_upgrade(ev.ControlRequest(wire.Upgrade(), reply), answer)
-
-    def exec_upgrade(self, request: ev.ControlRequest, new_version: str) -> None:
-        """Write the state, keep its fds open, and exec the installed code in this same process."""
-        log.info("upgrading", version=__version__, to=new_version, pid=os.getpid())
-        request.reply.progress(f"new code {new_version} checked; handing over")
-        self.systemd.reloading()
-        # Blocked from here into the new code's run(): a HUP or TERM in between would end the process
-        # (default action) and take the workers with it. The mask survives exec; pending ones wait.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        state, kept = handover.dump(self, [request, *self.waiting], new_version)
-        state_fd = upgrade.write_state(state)
-        try:
-            upgrade.exec_with(state_fd, kept)
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            os.close(state_fd)
-            log.error("upgrade_failed", error=str(exc))
-            request.reply.finish(False, f"upgrade failed, nothing changed: exec: {exc}")
-            self.systemd.ready(status.describe(self.programs))
-            self.next_request()
-
-    async def adopt(self, state: dict[str, Any]) -> None:
-        """The new code's first step: watch every live worker again, re-arm the deadlines, answer."""
-        now = self.clock.time()
-        for record in self.programs.values():
-            for gen in record.generations():
-                for w in gen.live_workers:
-                    self.watcher.watch(w, gen)
-                    if w.stop_at is not None:
-                        self.later(max(0.0, w.stop_at - now), ev.StopDue((w,), gen.program.stop_signal))
-                    if w.kill_at is not None:
-                        self.later(max(0.0, w.kill_at - now), ev.GracefulTimeout((w,)))
-                    elif w.state is WorkerState.STARTING and gen.state is GenerationState.SERVING:
-                        self.later(max(0.0, w.started + gen.program.ready_timeout - now), ev.WorkerReadyTimeout(w))
-                if gen.state is GenerationState.SERVING and any(s.restart_at is not None for s in gen.slots.values()):
-                    self.post(ev.ManageWorkers())
-                self.forget_if_finished(gen)
-        (request, reply), *waiting = await handover.requests_of(state)
-        text = handover.summary(state, self.programs)
-        log.info("upgraded", text=text)
-        reply.finish(True, text, {"from": state["version"], "to": __version__})
-        self.systemd.ready(status.describe(self.programs))
-        for request, reply in waiting:
-            self.post(ev.ControlRequest(request, reply))
