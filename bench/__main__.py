@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.scenario import STOP_DELAYS, SYSTEMS
+from bench.scenario import STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair the comparison is about
+QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
+PARTS = ("reload", "stop_delay", "upgrade", "scaling", "throughput")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where results go")
-    parser.add_argument("--only", choices=("reload", "stop_delay", "scaling", "throughput"), action="append",
+    parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only these parts (repeatable; default: all)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
     parser.add_argument("--reloads", type=int, default=20, help="reloads per system and mode")
@@ -43,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delay-reloads", type=int, default=20, help="stop_delay comparison: reloads per run")
     parser.add_argument("--delay-concurrency", type=int, default=64,
                         help="stop_delay comparison: connections in flight (one load process)")
+    parser.add_argument("--upgrades", type=int, default=10,
+                        help="upgrade part: in-place upgrades (and restarts, to compare) per run, --interval s apart")
+    parser.add_argument("--upgrade-runs", type=int, default=3, help="upgrade part: runs per system")
+    parser.add_argument("--upgrade-systems", default=",".join(UPGRADES), help="upgrade part: from "
+                        + ", ".join(UPGRADES))
     parser.add_argument("--scaling-workers", default="1,2,4,16,64")
     parser.add_argument("--scaling-addresses", default="1,4,16")
     parser.add_argument("--scaling-reloads", type=int, default=10)
@@ -56,14 +63,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
-    unknown = set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
+        args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
+    unknown = (set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
+               | set(args.upgrade_systems.split(",")) - set(UPGRADES))
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     return args
 
 
 def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    parts = args.only or ["reload", "stop_delay", "scaling", "throughput"]
+    parts = args.only or PARTS
     load = {"clients": args.clients, "concurrency": args.concurrency, "backlog": args.backlog}
     reload_load = {**load, "timeout": args.timeout}
     out: list[dict[str, Any]] = []
@@ -77,6 +86,11 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "reloads": args.delay_reloads, "interval": args.interval, "warmup": min(1.0, args.interval),
                  "clients": 1, "concurrency": args.delay_concurrency, "backlog": args.backlog, "timeout": args.timeout}
                 for run in range(1, args.delay_runs + 1) for system in args.delay_systems.split(",")]
+    if "upgrade" in parts:  # in-place upgrades against restarts, under the reload part's load, run by run in turn
+        out += [{"scenario": "upgrade", "system": system, "run": run, "workers": args.workers,
+                 "upgrades": args.upgrades, "interval": args.interval, "warmup": min(1.0, args.interval),
+                 **reload_load}
+                for run in range(1, args.upgrade_runs + 1) for system in args.upgrade_systems.split(",")]
     if "scaling" in parts:
         out += [{"scenario": "scaling", "workers": int(w), "addresses": 1, "reloads": args.scaling_reloads,
                  "backlog": args.backlog} for w in args.scaling_workers.split(",")]

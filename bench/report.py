@@ -9,15 +9,15 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from bench.scenario import CPU_WINDOW
+from bench.scenario import BASELINE_ROUND, CPU_WINDOW, summary
 from tests.load import KINDS
 
 
 def describe(spec: dict[str, Any]) -> str:
     if spec["scenario"] == "reload":
         return f"reload: {spec['system']}, {mode(spec)}"
-    if spec["scenario"] == "stop_delay":
-        return f"stop_delay: {spec['system']}, run {spec['run']}"
+    if spec["scenario"] in ("stop_delay", "upgrade"):
+        return f"{spec['scenario']}: {spec['system']}, run {spec['run']}"
     if spec["scenario"] == "scaling":
         return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
     return f"throughput: {spec['workers']} workers"
@@ -82,6 +82,9 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         out.append(table(["system", "runs", "connections", "reloads", "failed", *KINDS, "per reload",
                           "reloads with a failure", "failed per run", "old worker CPU % of a core",
                           "old worker CPU ms until exit"], rows))
+    upgrades = [r for r in ok if r["scenario"] == "upgrade"]
+    if upgrades:
+        out.append(upgrade_table(upgrades, args))
     if scaling:
         out.append("\nThis supervisor as it grows: reload (command to old listeners closed) and master memory:\n\n")
         out.append(table(
@@ -97,6 +100,42 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if "error" in r:
             out.append(f"\nFAILED {describe(r)}: {r['error']}\n")
     return "".join(out)
+
+
+def upgrade_table(upgrades: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """`supervisorctl upgrade` against a restart of supervisord, run by run pooled per system."""
+    rows = []
+    for system in dict.fromkeys(r["system"] for r in upgrades):
+        runs = [r for r in upgrades if r["system"] == system]
+        per = [n for r in runs for n in r["failed_per_upgrade"]]
+        failed = {k: sum(r["failed"][k] for r in runs) for k in KINDS}
+        rounds = [u for r in runs for u in r["per_upgrade"]]
+
+        def pooled(key: str, rounds: list[dict[str, Any]] = rounds) -> str:
+            return p50_p99(summary([u[key] for u in rounds if u.get(key) is not None]))
+
+        def before_after(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            return ", ".join(f"{r['master']['before'][key]:g} → {r['master']['after'][key]:g}" for r in runs)
+
+        connections = sum(r["connections"] for r in runs)
+        rows.append([system, len(runs), connections, len(per), sum(failed.values()), *failed.values(),
+                     f"{sum(per) / max(1, len(per)):.1f} ({max(per, default=0)})",
+                     f"{100_000 * sum(failed.values()) / max(1, connections):.1f}",
+                     pooled("command_ms") if runs[0]["how"] != "none" else "-", pooled("daemon_ms"),
+                     pooled("no_answer_ms") if runs[0]["how"] == "restart" else "-",
+                     f"{sum(r['master_pid_kept'] for r in runs)}/{len(runs)}",
+                     f"{sum(r['workers_kept'] for r in runs)}/{len(runs)}",
+                     before_after("rss_mib"), before_after("fds")])
+    return (f"\nIn-place upgrade (`supervisorctl upgrade`, the same code re-exec'd) against a restart (SIGTERM, "
+            f"wait for the exit, start, until every worker is ready) and against no command at all (rounds of "
+            f"{BASELINE_ROUND:g} s), {upgrades[0]['workers']} workers, load "
+            f"{upgrades[0]['clients']} x {upgrades[0]['concurrency']} connections in flight, one every "
+            f"{args.interval:g} s or when the last one is done; times in ms, p50 / p99 over all runs; master "
+            f"RSS MiB and fds before the first and after the last, per run:\n\n"
+            + table(["system", "runs", "connections", "commands", "failed", *KINDS, "per command (max)",
+                     "failed per 100k connections", "command to answer", "exec to answer (daemon)",
+                     "no answer (restart)", "master pid kept (runs)", "worker pids kept (runs)", "master RSS MiB",
+                     "master fds"], rows))
 
 
 def chart(results: list[dict[str, Any]], path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -47,6 +48,11 @@ STOP_DELAYS: dict[str, dict[str, Any]] = {
     "demo stop_delay=0": {"stop_delay": 0},
     "demo stop_delay=0.5": {"stop_delay": 0.5},
 }
+# The upgrade part: supervisor migrate=on, the demo, upgraded in place or, for comparison, restarted, or left
+# alone under the same load (what fails anyway on this machine)
+UPGRADES = {"supervisor upgrade": "upgrade", "supervisor restart (TERM + start)": "restart",
+            "supervisor no command (baseline)": "none"}
+BASELINE_ROUND = 2.5  # seconds a round of the baseline lasts: about what an upgrade took under this load on 2 cores
 CPU_WINDOW = 0.4  # seconds after a reload returned over which the old workers' CPU is measured (< stop_delay)
 
 STALL_AFTER = 0.5  # seconds stalled workers stay stopped after the reload command returned
@@ -298,7 +304,91 @@ def stop_delay(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                         "until_exit_ms": round(statistics.fmean(c["until_exit_ms"] for c in cpu), 1)}}
 
 
-SCENARIOS = {"stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling, "throughput": throughput}
+def upgrade_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`upgrades` in-place upgrades (`supervisorctl upgrade`: the same installed code, checked in a child, then
+    exec'd in the master's own process), `interval` s apart, under the reload part's load; or, for comparison,
+    as many plain restarts: SIGTERM to supervisord, wait for its exit, start it again until every worker is ready;
+    or, as a baseline, as many rounds of BASELINE_ROUND s with no command at all. What failed, how long the
+    command took, and whether the master's pid and the workers stayed."""
+    how = UPGRADES[spec["system"]]
+    kernel.set_migrate(1)
+    server = systems.Supervisor(folder, workers=spec["workers"], backlog=spec["backlog"])
+    with running(server):
+        net_before = kernel.netstat()
+        with ExitStack() as stack:
+            most = 2 * spec["warmup"] + spec["upgrades"] * (spec["interval"] + 120)  # a bound, not the plan
+            load = stack.enter_context(Clients(server.address, spec["clients"], spec["concurrency"], seconds=most,
+                                               timeout=spec["timeout"]))
+            time.sleep(spec["warmup"])
+            first_master, first_workers = server.master_pid, server.worker_pids()
+            before = master_use(first_master)
+            rounds = []
+            for _ in range(spec["upgrades"]):
+                master, old = server.master_pid, server.worker_pids()
+                started = time.monotonic()
+                if how == "upgrade":
+                    message = server.request("upgrade")["message"]
+                    found = re.search(r" in (\d+) ms", message)
+                    daemon_ms = float(found.group(1)) if found else None
+                elif how == "restart":
+                    server.stop()
+                    server.start()
+                    daemon_ms = None
+                else:
+                    time.sleep(BASELINE_ROUND)
+                    daemon_ms = None
+                returned = time.monotonic()
+                assert server.sup is not None
+                rounds.append({"at": started, "old": old, "command_ms": ms(returned - started), "daemon_ms": daemon_ms,
+                               "master_pid_kept": server.sup.status()["pid"] == master,
+                               "workers_kept": server.worker_pids() == old, **master_use(server.master_pid)})
+                time.sleep(max(0.0, started + spec["interval"] - time.monotonic()))
+            time.sleep(spec["warmup"])
+            after = master_use(server.master_pid)
+            pid_kept = server.master_pid == first_master and all(r["master_pid_kept"] for r in rounds)
+            workers_kept = server.worker_pids() == first_workers and all(r["workers_kept"] for r in rounds)
+            tally = load.finish()
+        # Workers replaced when nothing should have replaced them: what supervisord said about it
+        unexpected = [line for line in server.log.read_text(errors="replace").splitlines()
+                      if '"level": "info"' not in line] if how != "restart" and not workers_kept else []
+        net = {k: v - net_before[k] for k, v in kernel.netstat().items()}
+    windows = [r["at"] for r in rounds] + [float("inf")]
+    for i, r in enumerate(rounds):
+        failures = [f for f in tally.failures if windows[i] <= f[0] < windows[i + 1]]
+        r["failed"] = dict(Counter(kind for _t, kind, _d in failures))
+        r["failed_at_ms"] = [ms(at - r["at"]) for at, _kind, _d in failures[:20]]
+        # Between the last answer of a worker of before and the first of one started since (restarts only)
+        fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
+        last_old = max((last for pid, (_first, last, _n) in tally.pids.items() if pid in r["old"]), default=None)
+        r["no_answer_ms"] = ms(min(fresh) - last_old) if fresh and last_old is not None else None
+    failed = Counter(kind for _t, kind, _d in tally.failures)
+    seconds = tally.ended - tally.started
+    return {
+        "scenario": "upgrade", "system": spec["system"], "how": how, "run": spec["run"], "workers": spec["workers"],
+        "backlog": spec["backlog"], "clients": spec["clients"], "concurrency": spec["concurrency"],
+        "upgrades": len(rounds), "seconds": round(seconds, 1),
+        "connections": tally.ok + len(tally.failures), "ok": tally.ok,
+        "failed": {kind: failed.get(kind, 0) for kind in KINDS},
+        "failed_per_upgrade": [sum(r["failed"].values()) for r in rounds],
+        "failed_before_first_upgrade": sum(1 for f in tally.failures if f[0] < windows[0]),
+        "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally.failures})[:5],
+        "conn_per_s": round(tally.ok / seconds), "netstat": net,
+        "latency_ms": {key: summary([r[key] for r in rounds if r.get(key) is not None])
+                       for key in ("command_ms", "daemon_ms", "no_answer_ms")},
+        "master_pid_kept": pid_kept, "workers_kept": workers_kept, "log_unexpected": unexpected[-30:],
+        "master": {"before": before, "after": after},
+        "per_upgrade": [{k: v for k, v in r.items() if k not in ("at", "old")} for r in rounds],
+    }
+
+
+def master_use(pid: int) -> dict[str, float]:
+    """The master's resident memory (MiB) and open fds now."""
+    proc = psutil.Process(pid)
+    return {"rss_mib": round(proc.memory_info().rss / 2**20, 1), "fds": proc.num_fds()}
+
+
+SCENARIOS = {"upgrade": upgrade_under_load, "stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling,
+             "throughput": throughput}
 
 
 def main(argv: list[str]) -> int:

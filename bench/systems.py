@@ -11,20 +11,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from bench import kernel
-from supervisor.ctl import exchange
+from tests import harness
+from tests.harness import BIN, PYTHON
 
-PYTHON = sys.executable
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
@@ -118,46 +115,41 @@ class Server:
 
 @dataclass
 class Supervisor(Server):
-    """This project: supervisord running the demo app (or `program`'s command), reloaded through its control socket."""
+    """This project: supervisord running the demo app (or `program`'s command), reloaded through its control socket.
+
+    Written, started, waited for and asked the way the tests do it (tests/harness.py), in a session of its own.
+    """
 
     migrate: str = "require"
     addresses: int = 1  # listen on `port`, `port + 1`, ...
     program: dict[str, Any] = field(default_factory=dict)  # more program settings: command, ready, stop_delay...
+    sup: harness.Supervisor | None = field(default=None, init=False)
 
-    label = "supervisord"
+    label = "supervisord"  # its log: harness.Supervisor's
 
-    @property
-    def config(self) -> Path:
-        return self.folder / "supervisor.yaml"
-
-    def prepare(self) -> None:
-        program = {"command": [PYTHON, "-m", "supervisor.demo"], "workers": self.workers,
-                   "listen": [f"{HOST}:{self.port + i}" for i in range(self.addresses)],
-                   "backlog": self.backlog, "ready_timeout": 60, "graceful_timeout": 10,
-                   **self.program}
-        doc = {"control": {"socket": str(self.folder / "supervisor.sock")}, "migrate": self.migrate,
-               "programs": {"web": program}}
-        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-    def command(self) -> list[str]:
-        return [str(BIN / "supervisord"), "-c", str(self.config), "--log-format", "json"]
+    def start(self, timeout: float = 60.0) -> None:
+        """Start supervisord and wait until the start-up generation serves (every worker ready)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        listen = [f"{HOST}:{self.port + i}" for i in range(self.addresses)]
+        program = harness.program(workers=self.workers, listen=listen, backlog=self.backlog, ready_timeout=60,
+                                  graceful_timeout=10, **self.program)
+        self.sup = harness.Supervisor(self.folder, {"web": program}, self.migrate)
+        self.sup.new_session = True
+        try:
+            self.sup.start(timeout=timeout)
+        except AssertionError as exc:
+            raise StartFailed(f"{str(exc).splitlines()[0]} | {self.log_tail()}") from None
+        finally:
+            self.proc = self.sup.proc
 
     def request(self, command: str) -> dict[str, Any]:
-        """One control request (what `supervisorctl` sends, without its interpreter start-up)."""
-        final: dict[str, Any] = {}
-        for message in exchange(str(self.folder / "supervisor.sock"), {"command": command}, 300):
-            final = message
+        """One control request (what `supervisorctl` sends, without its interpreter start-up): its data, and
+        its message as `message`."""
+        assert self.sup is not None
+        final = self.sup.request(command)
         if not final.get("ok"):
             raise StartFailed(f"supervisorctl {command}: {final.get('error')} | {self.log_tail()}")
-        return dict(final.get("data") or {})
-
-    def wait_serving(self, timeout: float = 60.0) -> None:
-        super().wait_serving(timeout)
-        deadline = time.monotonic() + timeout
-        while self.request("status")["reloading"]:  # the start-up generation commits
-            if time.monotonic() > deadline:
-                raise StartFailed(f"supervisord still starting after {timeout:g} s")
-            time.sleep(0.05)
+        return {**(final.get("data") or {}), "message": final.get("message", "")}
 
     def reload(self) -> dict[str, Any]:
         data = self.request("reload")

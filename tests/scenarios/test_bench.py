@@ -44,12 +44,22 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     for r in delays:
         assert r["connections"] > 0 and len(r["per_reload"]) == 2 and r["old_cpu"]["until_exit_ms"] >= 0, r
 
+    upgrades = {r["how"]: r for r in results if r["scenario"] == "upgrade"}
+    assert sorted(upgrades) == ["restart", "upgrade"]
+    for r in upgrades.values():
+        assert r["connections"] > 0 and set(r["failed"]) == set(KINDS) and len(r["per_upgrade"]) == 2, r
+        assert r["latency_ms"]["command_ms"]["n"] == 2 and r["master"]["after"]["fds"] > 0, r
+    assert upgrades["upgrade"]["master_pid_kept"] and upgrades["upgrade"]["workers_kept"], upgrades["upgrade"]
+    assert upgrades["upgrade"]["latency_ms"]["daemon_ms"]["n"] == 2, upgrades["upgrade"]
+    assert not upgrades["restart"]["master_pid_kept"] and not upgrades["restart"]["workers_kept"]
+
     assert {r["workers"] for r in results if r["scenario"] == "scaling"} == {1, 2}
     throughput = next(r for r in results if r["scenario"] == "throughput")
     assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
 
     table = (tmp_path / "table.md").read_text()
-    assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS)) and "ratio" in table
+    assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *(r["system"] for r in upgrades.values())))
+    assert "ratio" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 
