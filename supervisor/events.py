@@ -99,6 +99,11 @@ class ManageWorkers:
 
 
 @dataclass(frozen=True)
+class SwitchDue:
+    """A committed reload's new connections have gone to the new generations for SWITCH_DRAIN: shut the old."""
+
+
+@dataclass(frozen=True)
 class UpgradeChecked:
     """The new code's check ended (its pidfd is readable), or it ran out of time."""
 
@@ -111,5 +116,5 @@ class WatchdogDue:
 
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
-         | StopDue | GracefulTimeout | ManageWorkers | UpgradeChecked | WatchdogDue
+         | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)

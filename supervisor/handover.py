@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from supervisor import __version__, migrate, plain, status, upgrade, wire
+from supervisor import __version__, listeners, migrate, plain, status, upgrade, wire
 from supervisor import events as ev
 from supervisor.config import Config, MigrateMode
 from supervisor.generation import GenerationState
@@ -59,6 +59,9 @@ def dump(master: Master, requests: list[ControlRequest], new_version: str) -> tu
                                                   "enabled": master.migration.enabled,
                                                   "reason": master.migration.reason},
         "endpoints": master.endpoints.to_json(), "requests": handed,
+        # Each reuseport group's order as the kernel keeps it (steer.py), by listener fd.
+        "orders": {address: None if order is None else [m.fileno() for m in order.members]
+                   for address, order in listeners.ORDERS.items()},
     }
     return state, [fd for fd in kept if fd >= 0]
 
@@ -159,6 +162,14 @@ def _exec(master: Master, request: ControlRequest, new_version: str) -> None:
 
 async def adopt(master: Master, state: dict[str, Any]) -> None:
     """The new code's first step: watch every live worker again, re-arm the deadlines, answer."""
+    restored = {listener.fileno(): listener for r in master.programs.values() for gen in r.generations()
+                for w in gen.live_workers for listener in w.listeners}
+    for address, fds in state.get("orders", {}).items():
+        if fds is None or any(fd not in restored for fd in fds):
+            listeners.ORDERS[address] = None  # not all found: no steering rather than a wrong one
+        else:
+            for fd in fds:
+                listeners.known(restored[fd])
     now = master.clock.time()
     for record in master.programs.values():
         for gen in record.generations():

@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor import steer
 from supervisor.config import Listen, parse_listen
+
+# The kernel's order of each reuseport group's listening members (steer.py), as this process made
+# them: appended at listen(), moved by shut(). None: a group with members of unknown position (left
+# by a dead master in the fd store): not steered for this master's life, since a wrong mirror would
+# steer new connections onto the old listeners.
+ORDERS: dict[str, steer.GroupOrder[Listener] | None] = {}
 
 
 @dataclass(eq=False)
@@ -60,7 +67,21 @@ def open_listener(listen: Listen, name: str, backlog: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
-    return Listener(listen=listen, name=name, sock=sock)
+    listener = Listener(listen=listen, name=name, sock=sock)
+    if (order := ORDERS.setdefault(str(listen), steer.GroupOrder())) is not None:
+        order.listening(listener)
+    return listener
+
+
+def known(listener: Listener) -> None:
+    """A listener kept across an upgrade joins the mirror of its group again, in the order given."""
+    if (order := ORDERS.setdefault(str(listener.listen), steer.GroupOrder())) is not None:
+        order.listening(listener)
+
+
+def unknown(listen: Listen) -> None:
+    """The group of `listen` has members whose place in it nobody knows (adopted from the fd store)."""
+    ORDERS[str(listen)] = None
 
 
 def shut(listener: Listener) -> None:
@@ -78,6 +99,56 @@ def shut(listener: Listener) -> None:
         # ENOTCONN: already out of LISTEN (e.g. the worker called shutdown itself); nothing to migrate.
         if exc.errno != errno.ENOTCONN:
             raise
+    finally:
+        if (order := ORDERS.get(str(listener.listen))) is not None:
+            order.stopped(listener)
+
+
+def steer_to(fresh: list[Listener]) -> list[Listener]:
+    """Send every new connection of the groups of `fresh` to them (steer.py: the kernel race of a
+    shutdown during a handshake); returns one member per steered group, for `unsteer`."""
+    steered = []
+    for address, members in _by_address(fresh).items():
+        order = ORDERS.get(address)
+        try:
+            if order is not None:
+                steer.attach(members[0].sock, order.indices(members))
+                steered.append(members[0])
+        except (OSError, ValueError):
+            pass  # not steered: the shutdown below is the plain one, as without steering
+    return steered
+
+
+def shut_steered(old: list[Listener], fresh: list[Listener]) -> int:
+    """Shut `old`, one group at a time, the program rewritten before each shutdown; returns how many."""
+    count = 0
+    fresh_by = _by_address(fresh)
+    for address, members in _by_address([listener for listener in old if not listener.shut]).items():
+        order, new = ORDERS.get(address), fresh_by.get(address)
+        try:
+            if order is not None and new and all(m in order.members for m in [*members, *new]):
+                steer.shut_steered(order, members, new, lambda m: m.sock, shut)
+        except (OSError, ValueError):
+            pass
+        for listener in members:  # whatever the steering did not shut
+            shut(listener)
+        count += len(members)
+    return count
+
+
+def unsteer(steered: list[Listener]) -> None:
+    for listener in steered:
+        try:
+            steer.detach(listener.sock)
+        except OSError:
+            pass
+
+
+def _by_address(listeners: list[Listener]) -> dict[str, list[Listener]]:
+    out: dict[str, list[Listener]] = {}
+    for listener in listeners:
+        out.setdefault(str(listener.listen), []).append(listener)
+    return out
 
 
 def close(listener: Listener) -> None:

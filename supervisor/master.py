@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor import __version__, fdstore, handover, listeners, logs, migrate, status, tls, upgrade, wire
+from supervisor import __version__, fdstore, handover, limits, listeners, logs, migrate, status, tls, upgrade, wire
 from supervisor import events as ev
 from supervisor import reload as reload_module
 from supervisor.config import Config, MigrateMode, Program
@@ -36,7 +36,7 @@ from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
 from supervisor.plan import ReloadPlan, plan_reload, plan_start
 from supervisor.program import ProgramRuntime, names, serving
-from supervisor.reload import Commit, Reload, ReloadKind, RollBack
+from supervisor.reload import SWITCH_DRAIN, Commit, Reload, ReloadKind, RollBack, Switch
 from supervisor.reply import Replies, Reply
 from supervisor.restart import Fatal, Restart
 from supervisor.slot import SPAWN_RETRY
@@ -47,6 +47,7 @@ from supervisor.worker import Worker, WorkerState
 log = structlog.get_logger()
 
 RECYCLE_POLL = 1.0  # seconds between looks for workers over max_rss / max_age
+TIMER_SLACK = 0.005  # seconds a timer may fire early (see manage_workers)
 
 
 class Clock(Protocol):
@@ -66,6 +67,7 @@ class Master:
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
         self.watcher = Watcher(self.post, self.later)
         self.reload: Reload | None = None
+        self.switch: Switch | None = None  # a committed reload whose old listeners wait SWITCH_DRAIN
         self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the reload
         self.stop_waiters: list[tuple[Generation, Reply]] = []
         self.shutdown_replies: list[Reply] = []
@@ -185,6 +187,9 @@ class Master:
                 self.manage_workers()
             case ev.RecycleCheck():
                 self.on_recycle_check()
+            case ev.SwitchDue():
+                if self.switch is not None:
+                    self.finish_switch()
             case ev.UpgradeChecked():
                 handover.checked(self, event.timed_out)
             case ev.WatchdogDue():
@@ -225,7 +230,7 @@ class Master:
                 self.shutdown(reply)
             elif self.stopping:
                 reply.finish(False, "supervisord is shutting down")
-            elif self.reload is not None or self.upgrade is not None:
+            elif self.reload is not None or self.upgrade is not None or self.switch is not None:
                 # Also `scale`: the generation it would change is being replaced.
                 reply.progress(f"waiting for the {self.reload.label if self.reload else 'upgrade'} in progress")
                 self.waiting.append(event)
@@ -267,7 +272,7 @@ class Master:
             merged = ev.ControlRequest(wire.Reload(), Replies([e.reply for e in reloads]))
             self.waiting = collections.deque(merged if e is reloads[0] else e for e in self.waiting
                                              if e is reloads[0] or e not in reloads)
-        while self.waiting and self.reload is None and self.upgrade is None:
+        while self.waiting and self.reload is None and self.upgrade is None and self.switch is None:
             self.post(self.waiting.popleft())
 
     # -- reloads: begin, then apply what the reload decides --------------------------------------------
@@ -327,16 +332,36 @@ class Master:
         for name in reload.plan.removed:  # gone from the config: retire without a successor
             old_gens.append(self.programs[name].stopping(by_hand=False))
         retired = [g for g in old_gens if g is not None]
-        queued = sum(old.queued() for old in retired)
-        shut = sum(self.retire(old) for old in retired)
-        shut += self.shut_adopted({g.program.name for g in reload.generations})  # a dead master's, if any
-        migrated = (migrate.counters() - before).success
-        for old in retired:
-            reload.reply.progress(
-                f"{old.program.name}: generation {old.number}: listeners closed, {len(old.live_workers)} old "
-                f"workers stopping (graceful timeout {old.program.graceful_timeout:g} s)")
         self.config = reload.config
-        reload.reply.finish(True, *reload.report(retired, shut, migrated, queued))
+        fresh = [listener for g in reload.generations for w in g.workers for listener in w.listeners]
+        # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
+        # that no handshake is completing on an old listener when it is shut (steer.py: the kernel
+        # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
+        steered = listeners.steer_to(fresh) if retired or self.adopted else []
+        self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
+        if steered:
+            self.later(SWITCH_DRAIN, ev.SwitchDue())
+        else:
+            self.finish_switch()
+
+    def finish_switch(self) -> None:
+        """Step two: shut every old listener (steered away, one group at a time), stop the old workers."""
+        switch, self.switch = self.switch, None
+        assert switch is not None
+        reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
+        old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
+        old += [a.listener for a in self.adopted if a.program in programs]  # a dead master's, if any
+        shut = listeners.shut_steered(old, switch.fresh)
+        for gen in switch.retired:
+            self.retire(gen)
+        self.shut_adopted(programs)
+        listeners.unsteer(switch.steered)
+        migrated = (migrate.counters() - switch.before).success
+        for gen in switch.retired:
+            reload.reply.progress(
+                f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
+                f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
+        reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
         self.systemd.ready(status.describe(self.programs))
         self.next_request()
 
@@ -414,6 +439,8 @@ class Master:
             self.stopping = True
             if self.reload is not None:
                 self.roll_back("supervisord is shutting down")
+            if self.switch is not None:
+                self.finish_switch()
             if self.upgrade is not None:
                 handover.checked(self, timed_out=False, refuse="supervisord is shutting down")
             for event in self.waiting:
@@ -437,6 +464,8 @@ class Master:
         workers, whose queues the first new generation takes over (shut_adopted)."""
         self.adopted, dropped = fdstore.inherited(self.config)
         self.fdstore.remove(dropped)
+        for a in self.adopted:
+            listeners.unknown(a.listener.listen)  # their order in the group is the dead master's
         for listener in self.adopted:
             record = self.programs[listener.program]
             record.last_number = max(record.last_number, listener.generation)
@@ -539,7 +568,9 @@ class Master:
 
     def manage_workers(self) -> None:
         """Reconcile, as gunicorn's arbiter does: each empty slot whose time has come gets a worker."""
-        now = self.clock.time()
+        # uvloop may run a timer a little before its time (loop.time() just short of the deadline):
+        # without this slack, a restart due "now" would wait for a wake-up that never comes.
+        now = self.clock.time() + TIMER_SLACK
         for record, gen in serving(self.programs):
             if record.fatal is None and not self.stopping:
                 for slot in gen.due(now):
@@ -563,12 +594,17 @@ class Master:
         assert gen is not None
         if not 1 <= count <= 4096:
             raise ControlError(f"workers must be 1..4096, got {count}")
+        running = {r.name: len(g.active_slots()) for r, g in serving(self.programs)}
+        if problem := limits.scale_problem(self.config, name, count, running):
+            raise ControlError(problem)
         leaving = gen.leave(gen.scale(count, self.clock.time()))
-        started = len(gen.due(self.clock.time()))
+        due = gen.due(self.clock.time())
         self.manage_workers()
+        started = sum(slot.worker is not None for slot in due)  # what really started, not what was tried
+        failed = f", {len(due) - started} could not start (retried in {SPAWN_RETRY:g} s)" if started < len(due) else ""
         self.stop_later(gen.program, leaving)
         log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
-        reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring)")
+        reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{failed})")
 
     def on_recycle_check(self) -> None:
         """Replace workers over max_rss or max_age: the new one listens first, the old one retires once it is ready."""

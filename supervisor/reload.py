@@ -16,10 +16,11 @@ from typing import Any
 import structlog
 
 from supervisor import config as config_module
-from supervisor import preflight, tls
+from supervisor import migrate, preflight, tls
 from supervisor.config import Config
 from supervisor.errors import ControlError, MigrateError
 from supervisor.generation import Generation
+from supervisor.listeners import Listener
 from supervisor.plan import ReloadPlan
 from supervisor.reply import Reply
 from supervisor.worker import Worker, WorkerState
@@ -104,6 +105,21 @@ class Reload:
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()
+
+
+SWITCH_DRAIN = 0.02  # seconds between steering new connections away from old listeners and shutting them
+
+
+@dataclass(eq=False)
+class Switch:
+    """A committed reload between steering new connections to its generations and shutting the old."""
+
+    reload: Reload
+    retired: list[Generation]  # the generations it replaces, listeners still open
+    fresh: list[Listener]  # its generations' listeners, where new connections go
+    steered: list[Listener]  # one per group with a steering program, to detach it after
+    before: migrate.Counters  # the kernel's counters before any old listener was shut
+    queued: int  # connections waiting in the old listeners when it committed
 
 
 def check(config: Config, reply: Reply, only: str | None = None) -> dict[str, tls.Bundle]:

@@ -414,7 +414,6 @@ def test_the_soft_fd_limit_is_raised_and_configs_that_cannot_fit_are_refused(tmp
     assert f"needs {need} file descriptors" in failed["problem"]
 
 
-@pytest.mark.xfail(strict=True, reason="master.scale must call limits.scale_problem and count what it started")
 def test_a_scale_that_cannot_fit_is_refused_with_the_numbers(tmp_path: Path) -> None:
     need = limits.MASTER_FDS + 2 * 200 * 3
     sup = start_with_nofile(Supervisor(tmp_path, {"web": program(workers=2)}), 1024, 1024)

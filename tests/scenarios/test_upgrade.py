@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -161,7 +162,8 @@ def test_an_upgrade_waits_for_a_reload_and_a_hup_during_it_reloads_after(tmp_pat
         os.kill(sup.proc.pid, signal.SIGUSR2)
         time.sleep(0.05)
         os.kill(sup.proc.pid, signal.SIGHUP)  # during the check or the exec: one reload once it is done
-        wait_for("generation 3 serving", lambda: sup.serving() and sup.generation() == 3, timeout=30)
+        # A status connection the old code accepted in the instant of the exec gets no answer (README).
+        wait_for("generation 3 serving", lambda: _quietly(lambda: sup.serving() and sup.generation() == 3), timeout=30)
         assert len(sup.events("upgraded")) == 2
     finally:
         sup.kill()
@@ -182,3 +184,10 @@ def test_term_during_an_upgrade_stops_cleanly(tmp_path: Path) -> None:
         assert not [pid for pid in workers if psutil.pid_exists(pid)]
     finally:
         sup.kill()
+
+
+def _quietly(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except ValueError:  # an empty answer: that connection was accepted just before the exec
+        return False
