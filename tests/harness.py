@@ -312,3 +312,17 @@ def collect(socks: list[socket.socket], timeout: float = 15) -> tuple[Counter[st
         finally:
             sock.close()
     return outcomes, generations
+
+
+def kernel_counters() -> dict[str, int]:
+    """The kernel's counters a lost connection shows in: TcpExt's listen and migration counters, and
+    Tcp OutRsts (the only one the shutdown-during-handshake race moves, see README "How it works")."""
+    from supervisor import migrate
+
+    table = migrate.tcp_ext()
+    counters = {key: table.get(key, 0) for key in ("ListenOverflows", "ListenDrops", "TCPMigrateReqSuccess",
+                                                     "TCPMigrateReqFailure")}
+    with open("/proc/net/snmp") as f:
+        tcp = [line.split() for line in f if line.startswith("Tcp:")]
+    counters["OutRsts"] = int(dict(zip(tcp[0], tcp[1], strict=True)).get("OutRsts", 0))
+    return counters

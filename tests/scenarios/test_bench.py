@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import QUICK_DELAYS
-from bench.scenario import SYSTEMS
 from tests.load import KINDS, BadAnswer, answer_pid
 
 ROOT = Path(__file__).resolve().parents[2]
+# What `python -m bench --quick` promises to report (the tests do not import bench/: they read its output).
+SYSTEMS = ("supervisor migrate=on", "supervisor migrate=off", "nginx reuseport migrate=1", "nginx reuseport migrate=0",
+           "nginx shared listener", "gunicorn --reuse-port migrate=0", "gunicorn --reuse-port migrate=1")
+QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")
 
 
 def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:

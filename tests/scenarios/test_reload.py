@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel import netstat
-from tests.harness import PYTHON, Load, Supervisor, collect, open_requests, program, request, supervisor, wait_for
+from tests.harness import (
+    PYTHON,
+    Load,
+    Supervisor,
+    collect,
+    kernel_counters,
+    open_requests,
+    program,
+    request,
+    supervisor,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("netns")
 
@@ -55,7 +65,7 @@ def test_without_migration_the_same_reload_loses_connections(tmp_path: Path) -> 
 
 def test_reload_under_load_fails_no_connection(tmp_path: Path) -> None:
     """New connections all the time, a reload every 0.5 s for ~10 s: zero failures, every generation serves."""
-    before = netstat()
+    before = kernel_counters()
     with supervisor(tmp_path, {"web": program()}) as sup, Load(threads=4, seconds=30) as load:
         deadline = time.monotonic() + 10
         reloads = 0
@@ -64,7 +74,7 @@ def test_reload_under_load_fails_no_connection(tmp_path: Path) -> None:
             sup.reload()
             reloads += 1
         wait_for("answers from the last generation", lambda: load.generations.get(reloads + 1))
-    kernel = {key: value - before[key] for key, value in netstat().items()}  # what the kernel saw, if it fails
+    kernel = {key: value - before[key] for key, value in kernel_counters().items()}  # what the kernel saw, if it fails
     assert load.failed == 0, (load.outcomes, load.errors, kernel)
     assert load.total > 1000
     served = set(load.generations)
