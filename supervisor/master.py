@@ -123,6 +123,7 @@ class Master:
                 reply.finish(True, "supervisord stopped")
             self.endpoints.close()
             self.systemd.close()
+            self.fdstore.close()
         log.info("supervisord_stopped", exit_code=self.exit_code)
         return self.exit_code
 
