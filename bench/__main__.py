@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.scenario import STOP_DELAYS, SYSTEMS, UPGRADES
+from bench.scenario import RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair the comparison is about
 QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
-PARTS = ("reload", "stop_delay", "upgrade", "scaling", "throughput")
+# the store's pair (the plain start is what every other part does)
+QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
+PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--upgrade-runs", type=int, default=3, help="upgrade part: runs per system")
     parser.add_argument("--upgrade-systems", default=",".join(UPGRADES), help="upgrade part: from "
                         + ", ".join(UPGRADES))
+    parser.add_argument("--restarts", type=int, default=10,
+                        help="restart-fdstore part: supervisord killed (or stopped) and started again, per run")
+    parser.add_argument("--restart-runs", type=int, default=3, help="restart-fdstore part: runs per system")
+    parser.add_argument("--restart-systems", default=",".join(RESTARTS), help="restart-fdstore part: from "
+                        + ", ".join(RESTARTS))
     parser.add_argument("--scaling-workers", default="1,2,4,16,64")
     parser.add_argument("--scaling-addresses", default="1,4,16")
     parser.add_argument("--scaling-reloads", type=int, default=10)
@@ -64,8 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
+        args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
     unknown = (set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
-               | set(args.upgrade_systems.split(",")) - set(UPGRADES))
+               | set(args.upgrade_systems.split(",")) - set(UPGRADES)
+               | set(args.restart_systems.split(",")) - set(RESTARTS))
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     return args
@@ -91,6 +100,10 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "upgrades": args.upgrades, "interval": args.interval, "warmup": min(1.0, args.interval),
                  **reload_load}
                 for run in range(1, args.upgrade_runs + 1) for system in args.upgrade_systems.split(",")]
+    if "restart-fdstore" in parts:  # kill (or stop) and start, with and without the fd store, run by run in turn
+        out += [{"scenario": "restart", "system": system, "run": run, "workers": args.workers,
+                 "restarts": args.restarts, "warmup": min(1.0, args.interval), **reload_load}
+                for run in range(1, args.restart_runs + 1) for system in args.restart_systems.split(",")]
     if "scaling" in parts:
         out += [{"scenario": "scaling", "workers": int(w), "addresses": 1, "reloads": args.scaling_reloads,
                  "backlog": args.backlog} for w in args.scaling_workers.split(",")]

@@ -9,14 +9,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from bench.scenario import BASELINE_ROUND, CPU_WINDOW, summary
+from bench.scenario import BASELINE_ROUND, CPU_WINDOW, RESTART_SETTLE, summary
 from tests.load import KINDS
 
 
 def describe(spec: dict[str, Any]) -> str:
     if spec["scenario"] == "reload":
         return f"reload: {spec['system']}, {mode(spec)}"
-    if spec["scenario"] in ("stop_delay", "upgrade"):
+    if spec["scenario"] in ("stop_delay", "upgrade", "restart"):
         return f"{spec['scenario']}: {spec['system']}, run {spec['run']}"
     if spec["scenario"] == "scaling":
         return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
@@ -85,6 +85,9 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     upgrades = [r for r in ok if r["scenario"] == "upgrade"]
     if upgrades:
         out.append(upgrade_table(upgrades, args))
+    restarts = [r for r in ok if r["scenario"] == "restart"]
+    if restarts:
+        out.append(restart_table(restarts))
     if scaling:
         out.append("\nThis supervisor as it grows: reload (command to old listeners closed) and master memory:\n\n")
         out.append(table(
@@ -136,6 +139,39 @@ def upgrade_table(upgrades: list[dict[str, Any]], args: argparse.Namespace) -> s
                      "failed per 100k connections", "command to answer", "exec to answer (daemon)",
                      "no answer (restart)", "master pid kept (runs)", "worker pids kept (runs)", "master RSS MiB",
                      "master fds"], rows))
+
+
+def restart_table(restarts: list[dict[str, Any]]) -> str:
+    """supervisord killed or stopped and started again at once, with and without the fd store, runs pooled."""
+    rows = []
+    for system in dict.fromkeys(r["system"] for r in restarts):
+        runs = [r for r in restarts if r["system"] == system]
+        per = [n for r in runs for n in r["failed_per_restart"]]
+        failed = {k: sum(r["failed"][k] for r in runs) for k in KINDS}
+        rounds = [u for r in runs for u in r["per_restart"]]
+
+        def pooled(key: str, rounds: list[dict[str, Any]] = rounds) -> str:
+            return p50_p99(summary([u[key] for u in rounds if u.get(key) is not None]))
+
+        store = (f"{sum(1 for u in rounds if u['store_ok'])}/{len(rounds)}" if runs[0]["fd_store"] else "-")
+        rows.append([system, len(runs), sum(r["connections"] for r in runs), len(per), sum(failed.values()),
+                     *failed.values(), f"{sum(per) / max(1, len(per)):.1f} ({max(per, default=0)})",
+                     sum(1 for n in per if n), pooled("exit_ms"), pooled("restart_ms"), pooled("new_answers_ms"),
+                     pooled("no_answer_ms"), store,
+                     f"{sum(1 for u in rounds if u['new_master_pid'] != u['master_pid'])}/{len(rounds)}",
+                     f"{sum(1 for u in rounds if not set(u['new_workers']) & set(u['old_workers']))}/{len(rounds)}",
+                     max((u["old_workers_left"] for u in rounds), default=0)])
+    first = restarts[0]
+    return (f"\nsupervisord killed (SIGKILL) or stopped (SIGTERM, a `systemctl restart`) and started again as soon as "
+            f"it exited, with systemd's fd store (the stand-in of tests/servicemanager.py) and without; "
+            f"{first['workers']} workers, load {first['clients']} x {first['concurrency']} connections in flight, "
+            f"client timeout {first['timeout']:g} s, {RESTART_SETTLE:g} s of serving after each restart; failures "
+            f"counted against the restart during which the connection started; times in ms from the signal ('no "
+            f"answer': from the old workers' last answer to the new ones' first), p50 / p99 over all runs:\n\n"
+            + table(["system", "runs", "connections", "restarts", "failed", *KINDS, "per restart (max)",
+                     "restarts with a failure", "signal to exit", "signal to every worker ready",
+                     "signal to a new worker's first answer", "no answer", "store = serving listeners",
+                     "new master pid", "all workers new", "old workers left after 1 s (max)"], rows))
 
 
 def chart(results: list[dict[str, Any]], path: Path) -> None:

@@ -20,13 +20,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from bench import kernel, systems
+from tests import harness
+from tests.harness import wait_for
 from tests.load import KINDS, Clients
+from tests.servicemanager import ServiceManager
 
 # The systems of the reload comparison: name -> (server class, settings, net.ipv4.tcp_migrate_req)
 SYSTEMS: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
@@ -52,6 +56,15 @@ STOP_DELAYS: dict[str, dict[str, Any]] = {
 # alone under the same load (what fails anyway on this machine)
 UPGRADES = {"supervisor upgrade": "upgrade", "supervisor restart (TERM + start)": "restart",
             "supervisor no command (baseline)": "none"}
+# The restart part: supervisor migrate=on, the demo; supervisord sent this signal and started again at once, under
+# the stand-in for systemd's notify socket and fd store (tests/servicemanager.py) or plainly
+RESTARTS: dict[str, tuple[str, bool]] = {
+    "supervisor SIGKILL + start with fd store": ("SIGKILL", True),
+    "supervisor SIGKILL + start without store": ("SIGKILL", False),
+    "supervisor SIGTERM + start with fd store": ("SIGTERM", True),
+    "supervisor SIGTERM + start without store": ("SIGTERM", False),
+}
+RESTART_SETTLE = 1.0  # seconds of serving after each restart (and its store check) before the next one
 BASELINE_ROUND = 2.5  # seconds a round of the baseline lasts: about what an upgrade took under this load on 2 cores
 CPU_WINDOW = 0.4  # seconds after a reload returned over which the old workers' CPU is measured (< stop_delay)
 
@@ -381,13 +394,124 @@ def upgrade_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     }
 
 
+def restart_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`restarts` times, under the reload part's load: supervisord gets SIGKILL (a crash) or SIGTERM (`systemctl
+    restart`), and as soon as it has exited it is started again, under the stand-in for systemd's fd store (the
+    stored listeners passed back as LISTEN_FDS) or plainly; then RESTART_SETTLE s of serving. What failed, by kind,
+    counted against the restart during which the connection started (a timeout started `timeout` s before it was
+    counted); when answers came from the new workers; the pids; the store's contents against the serving listeners."""
+    signame, with_store = RESTARTS[spec["system"]]
+    kernel.set_migrate(1)
+    runtime = folder / "run"  # RUNTIME_DIRECTORY=: what a killed master left there is cleared at the next start
+    runtime.mkdir(parents=True, exist_ok=True)
+    manager = ServiceManager(folder) if with_store else None
+    server = systems.Supervisor(folder, workers=spec["workers"], backlog=spec["backlog"], manager=manager,
+                                env={"RUNTIME_DIRECTORY": str(runtime)})
+    try:
+        with running(server):
+            net_before = kernel.netstat()
+            first_store = manager.stored() if manager else None
+            with ExitStack() as stack:
+                most = 2 * spec["warmup"] + spec["restarts"] * (RESTART_SETTLE + 120)  # a bound, not the plan
+                load = stack.enter_context(Clients(server.address, spec["clients"], spec["concurrency"],
+                                                   seconds=most, timeout=spec["timeout"]))
+                time.sleep(spec["warmup"])
+                rounds: list[dict[str, Any]] = []
+                for _ in range(spec["restarts"]):
+                    assert server.sup is not None and server.sup.proc is not None
+                    master, old = server.master_pid, server.worker_pids()
+                    old_listeners = serving_listeners(server.sup)
+                    started = time.monotonic()
+                    os.kill(master, getattr(signal, signame))
+                    server.sup.proc.wait(timeout=60)
+                    exited = time.monotonic()
+                    server.start()
+                    serving = time.monotonic()
+                    listeners = serving_listeners(server.sup)
+                    store = store_ms = None
+                    if manager is not None:  # the adopted listeners go once the new generation is ready
+                        try:
+                            wait_for("the store to hold the serving listeners",
+                                     partial(store_holds, manager, listeners), timeout=10, interval=0.005)
+                            store_ms = ms(time.monotonic() - serving)
+                        except AssertionError:
+                            pass
+                        store = manager.stored()
+                    rounds.append({"at": started, "old": old, "master_pid": master,
+                                   "new_master_pid": server.master_pid, "old_workers": sorted(old),
+                                   "new_workers": sorted(server.worker_pids()), "old_listeners": old_listeners,
+                                   "listeners": listeners, "store": store, "store_ms": store_ms,
+                                   "store_ok": None if store is None else store == listeners,
+                                   "exit_ms": ms(exited - started), "start_ms": ms(serving - exited),
+                                   "restart_ms": ms(serving - started), "runtime_folders": len(os.listdir(runtime))})
+                    time.sleep(RESTART_SETTLE)
+                    rounds[-1]["old_workers_left"] = sum(1 for pid in old if alive(pid))
+                time.sleep(spec["warmup"])
+                tally = load.finish()
+            net = {k: v - net_before[k] for k, v in kernel.netstat().items()}
+            adopted = [e.get("listeners") for e in server.sup.events("fdstore_adopted")] if server.sup else []
+    finally:
+        if manager is not None:
+            manager.close()
+    windows = [r["at"] for r in rounds] + [float("inf")]
+
+    def began(failure: tuple[float, str, str]) -> float:  # when the failed connection started, about
+        return failure[0] - spec["timeout"] if failure[1] == "timeout" else failure[0]
+
+    for i, r in enumerate(rounds):
+        failures = [f for f in tally.failures if windows[i] <= began(f) < windows[i + 1]]
+        r["failed"] = {kind: n for kind, n in Counter(kind for _t, kind, _d in failures).items()}
+        r["failed_at_ms"] = [ms(at - r["at"]) for at, _kind, _d in failures[:20]]  # when counted, after the signal
+        fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
+        last_old = max((last for pid, (_first, last, _n) in tally.pids.items() if pid in r["old"]), default=None)
+        r["new_answers_ms"] = ms(min(fresh) - r["at"]) if fresh else None  # signal to the new workers' first answer
+        r["no_answer_ms"] = ms(min(fresh) - last_old) if fresh and last_old is not None else None
+        r["last_old_answer_ms"] = ms(last_old - r["at"]) if last_old is not None else None
+    failed = Counter(kind for _t, kind, _d in tally.failures)
+    seconds = tally.ended - tally.started
+    return {
+        "scenario": "restart", "system": spec["system"], "signal": signame, "fd_store": with_store, "run": spec["run"],
+        "workers": spec["workers"], "backlog": spec["backlog"], "clients": spec["clients"],
+        "concurrency": spec["concurrency"], "timeout": spec["timeout"], "restarts": len(rounds),
+        "seconds": round(seconds, 1), "connections": tally.ok + len(tally.failures), "ok": tally.ok,
+        "failed": {kind: failed.get(kind, 0) for kind in KINDS},
+        "failed_per_restart": [sum(r["failed"].values()) for r in rounds],
+        "failed_before_first_restart": sum(1 for f in tally.failures if began(f) < windows[0]),
+        "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally.failures})[:5],
+        "conn_per_s": round(tally.ok / seconds), "netstat": net,
+        "latency_ms": {key: summary([r[key] for r in rounds if r.get(key) is not None])
+                       for key in ("exit_ms", "start_ms", "restart_ms", "new_answers_ms", "no_answer_ms", "store_ms")},
+        "store_first": first_store, "store_ok": sum(1 for r in rounds if r["store_ok"]),
+        "adopted": adopted,
+        "per_restart": [{k: v for k, v in r.items() if k not in ("at", "old")} for r in rounds],
+    }
+
+
+def store_holds(manager: ServiceManager, names: list[str]) -> bool:
+    return manager.stored() == names
+
+
+def serving_listeners(sup: harness.Supervisor) -> list[str]:
+    """The fd-store names of the serving workers' listeners (`program.generation.worker.n`; one address: n is 0)."""
+    return sorted(f"{p['name']}.{w['generation']}.{w['worker']}.0" for p in sup.status()["programs"]
+                  for w in p["workers"] if w["state"] == "ready")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def master_use(pid: int) -> dict[str, float]:
     """The master's resident memory (MiB) and open fds now."""
     proc = psutil.Process(pid)
     return {"rss_mib": round(proc.memory_info().rss / 2**20, 1), "fds": proc.num_fds()}
 
 
-SCENARIOS = {"upgrade": upgrade_under_load, "stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling,
+SCENARIOS = {"restart": restart_under_load, "upgrade": upgrade_under_load,
+             "stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling,
              "throughput": throughput}
 
 

@@ -21,6 +21,7 @@ import psutil
 from bench import kernel
 from tests import harness
 from tests.harness import BIN, PYTHON
+from tests.servicemanager import ServiceManager
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -123,6 +124,8 @@ class Supervisor(Server):
     migrate: str = "require"
     addresses: int = 1  # listen on `port`, `port + 1`, ...
     program: dict[str, Any] = field(default_factory=dict)  # more program settings: command, ready, stop_delay...
+    manager: ServiceManager | None = None  # start it under this stand-in for systemd (notify socket, fd store)
+    env: dict[str, str] = field(default_factory=dict)  # added to supervisord's environment
     sup: harness.Supervisor | None = field(default=None, init=False)
 
     label = "supervisord"  # its log: harness.Supervisor's
@@ -135,8 +138,12 @@ class Supervisor(Server):
                                   graceful_timeout=10, **self.program)
         self.sup = harness.Supervisor(self.folder, {"web": program}, self.migrate)
         self.sup.new_session = True
+        self.sup.env = dict(self.env)
         try:
-            self.sup.start(timeout=timeout)
+            if self.manager is not None:  # with the stored listeners as LISTEN_FDS, NOTIFY_SOCKET and FDSTORE set
+                self.manager.start(self.sup, timeout=timeout)
+            else:
+                self.sup.start(timeout=timeout)
         except AssertionError as exc:
             raise StartFailed(f"{str(exc).splitlines()[0]} | {self.log_tail()}") from None
         finally:

@@ -61,9 +61,10 @@ class ServiceManager:
         with self.lock:
             return sorted(self.store)
 
-    def start(self, sup: Supervisor, extra: dict[str, int] | None = None) -> Supervisor:
+    def start(self, sup: Supervisor, extra: dict[str, int] | None = None, timeout: float = 20) -> Supervisor:
         """Start supervisord as a `Type=notify` service with `FileDescriptorStoreMax=`; `extra`: more
-        named fds to pass along (as if left in the store by something else)."""
+        named fds to pass along (as if left in the store by something else); `timeout`: for every
+        program to serve (Supervisor.start's)."""
         with self.lock:
             named = [(name, fd) for name, fds in self.store.items() for fd in fds] + list((extra or {}).items())
         count = len(named)
@@ -83,7 +84,7 @@ class ServiceManager:
         sup.pass_fds = tuple(parked)
         sup.env = {**sup.env, "NOTIFY_SOCKET": str(self.path), "FDSTORE": "64"}
         try:
-            return sup.start()
+            return sup.start(timeout=timeout)
         finally:
             for fd in parked:
                 os.close(fd)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("supervisor migrate=on", "supervisor migrate=off", "nginx reuseport migrate=1", "nginx reuseport migrate=0",
            "nginx shared listener", "gunicorn --reuse-port migrate=0", "gunicorn --reuse-port migrate=1")
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")
+QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 
 
 def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
@@ -55,12 +56,22 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     assert upgrades["upgrade"]["latency_ms"]["daemon_ms"]["n"] == 2, upgrades["upgrade"]
     assert not upgrades["restart"]["master_pid_kept"] and not upgrades["restart"]["workers_kept"]
 
+    restarts = [r for r in results if r["scenario"] == "restart"]
+    assert sorted(r["system"] for r in restarts) == sorted(QUICK_RESTARTS)
+    for r in restarts:
+        assert r["connections"] > 0 and set(r["failed"]) == set(KINDS) and len(r["per_restart"]) == 1, r
+        one = r["per_restart"][0]
+        assert one["new_master_pid"] != one["master_pid"] and not set(one["new_workers"]) & set(one["old_workers"]), r
+        assert r["fd_store"] and one["store_ok"] and one["store"] == one["listeners"] != one["old_listeners"], r
+        assert r["latency_ms"]["new_answers_ms"]["n"] == 1, r
+
     assert {r["workers"] for r in results if r["scenario"] == "scaling"} == {1, 2}
     throughput = next(r for r in results if r["scenario"] == "throughput")
     assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
 
     table = (tmp_path / "table.md").read_text()
-    assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *(r["system"] for r in upgrades.values())))
+    assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
+                                              *(r["system"] for r in upgrades.values())))
     assert "ratio" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
