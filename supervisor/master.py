@@ -3,7 +3,9 @@
 `run()` is the table of contents: open the sockets, start the first generations, then take events
 one at a time and dispatch them. The state is a record per program (`program.ProgramRuntime`), the
 reload in progress (`reload.Reload`) and the requests waiting behind it; the records decide
-(`reload.Commit`, `restart.Restart`, ...) and the master applies. A reload (shared/DESIGN.md):
+(`reload.Commit`, `restart.Restart`, ...) and the master applies, in its loop, through the module of
+each concept: `reload` (begin, commit, switch, roll back), `workers` (ready, ended, restarts, scale,
+recycling), `handover` (upgrade in place). A reload (shared/DESIGN.md):
 1. load and check the new config; any error is the reply and nothing changes;
 2. start a new generation of every program: new listeners join the same reuseport groups;
 3. wait until every new worker is ready, or one exits, or `ready_timeout` passes;
@@ -25,29 +27,25 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor import __version__, fdstore, handover, limits, listeners, logs, migrate, status, tls, upgrade, wire
+from supervisor import __version__, fdstore, handover, listeners, logs, migrate, status, tls, upgrade, wire, workers
 from supervisor import events as ev
-from supervisor import reload as reload_module
+from supervisor import reload as reloading
 from supervisor.config import Config, MigrateMode, Program
 from supervisor.endpoints import Endpoints
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.fdstore import Adopted, FdStore
 from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
-from supervisor.plan import ReloadPlan, plan_reload, plan_start
+from supervisor.plan import plan_start
 from supervisor.program import ProgramRuntime, names, serving
-from supervisor.reload import SWITCH_DRAIN, Commit, Reload, ReloadKind, RollBack, Switch
+from supervisor.reload import Reload, ReloadKind, Switch
 from supervisor.reply import Replies, Reply
-from supervisor.restart import Fatal, Restart
-from supervisor.slot import SPAWN_RETRY
 from supervisor.watch import Watcher
 from supervisor.worker import Spawner as ProcessSpawner
-from supervisor.worker import Worker, WorkerState
+from supervisor.worker import Worker
 
 log = structlog.get_logger()
 
-RECYCLE_POLL = 1.0  # seconds between looks for workers over max_rss / max_age
-TIMER_SLACK = 0.005  # seconds a timer may fire early (see manage_workers)
 
 
 class Clock(Protocol):
@@ -107,7 +105,7 @@ class Master:
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
         if adopted is None:
             self.adopt_stored_listeners()
-            self.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
+            reloading.begin(self, ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
         else:
             await handover.adopt(self, adopted)
         self.post(ev.RecycleCheck())
@@ -154,7 +152,7 @@ class Master:
                 # request would wait in line behind it).
                 reason = f"internal error: {type(exc).__name__}: {exc} (details in the supervisord log)"
                 if self.reload is not None and self.reload.reply is event.reply:
-                    self.roll_back(reason)
+                    reloading.roll_back(self, reason)
                 else:
                     self.refuse(event, reason)
 
@@ -166,31 +164,31 @@ class Master:
                 self.on_request(event)
             case ev.NotifyReceived():
                 if found := self.watcher.notified(event):
-                    self.worker_ready(*found)
+                    workers.worker_ready(self, *found)
             case ev.ReadinessCheck():
                 if found := self.watcher.checked(event.worker):
-                    self.worker_ready(*found)
+                    workers.worker_ready(self, *found)
             case ev.ReadyTimeout():
                 if self.reload is not None and self.reload.id == event.reload_id:
-                    self.apply(self.reload.timed_out(event.generation))
+                    reloading.apply(self, self.reload.timed_out(event.generation))
             case ev.WorkerExited():
-                self.on_worker_exited(event.worker)
+                workers.worker_exited(self, event.worker)
             case ev.WorkerOutput():
                 self.watcher.output(event.worker)
             case ev.WorkerReadyTimeout():
-                self.on_worker_ready_timeout(event.worker)
+                workers.ready_timeout(self, event.worker)
             case ev.StopDue():
                 for w in event.workers:
                     w.stop(event.signum)
             case ev.GracefulTimeout():
                 self.on_graceful_timeout(event.workers)
             case ev.ManageWorkers():
-                self.manage_workers()
+                workers.manage(self)
             case ev.RecycleCheck():
-                self.on_recycle_check()
+                workers.recycle_check(self)
             case ev.SwitchDue():
                 if self.switch is not None:
-                    self.finish_switch()
+                    reloading.finish_switch(self)
             case ev.UpgradeChecked():
                 handover.checked(self, event.timed_out)
             case ev.WatchdogDue():
@@ -238,19 +236,19 @@ class Master:
             elif isinstance(request, wire.Upgrade):
                 handover.begin(self, reply)
             elif isinstance(request, wire.Scale):
-                self.scale(request.program, request.workers, reply)
+                workers.scale(self, request.program, request.workers, reply)
             elif isinstance(request, wire.Stop):
                 self.stop_program(request.program, reply)
             elif isinstance(request, wire.Start):
                 plan = plan_start(self.config, request.program, names(self.programs, running=True),
                                   names(self.programs, fatal=True))
                 # A start is a new generation: its files are checked (and copied) anew, as at a reload.
-                bundles = reload_module.check(self.config, reply, only=request.program)
-                self.begin(ReloadKind.START, self.config, reply, bundles, plan)
+                bundles = reloading.check(self.config, reply, only=request.program)
+                reloading.begin(self, ReloadKind.START, self.config, reply, bundles, plan)
             elif isinstance(request, wire.Reload):
                 self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
-                config, bundles = reload_module.load_new_config(self.config, reply)
-                self.begin(ReloadKind.RELOAD, config, reply, bundles)
+                config, bundles = reloading.load_new_config(self.config, reply)
+                reloading.begin(self, ReloadKind.RELOAD, config, reply, bundles)
         except (ConfigError, ControlError, migrate.MigrateError) as exc:
             self.refuse(event, str(exc))
 
@@ -277,114 +275,6 @@ class Master:
             self.post(self.waiting.popleft())
 
     # -- reloads: begin, then apply what the reload decides --------------------------------------------
-
-    def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
-              plan: ReloadPlan | None = None) -> None:
-        plan = plan or plan_reload(config, names(self.programs, running=True), names(self.programs, by_hand=True))
-        self.reload = reload = Reload(next(self.reload_ids), kind, config, plan, reply, bundles or {})
-        for program in plan.start:
-            record = self.programs.setdefault(program.name, ProgramRuntime(program.name))
-            try:
-                gen = Generation.create(program, record.next_number(), self.endpoints.runtime_dir,
-                                        reload.bundles.get(program.name))
-            except OSError as exc:
-                return self.roll_back(f"{program.name}: tls: cannot copy the certificate and key for the workers: "
-                                      f"{exc}")
-            record.starting()
-            reload.generations.append(gen)
-            reply.progress(f"{program.name}: generation {gen.number} starting "
-                           f"{program.workers} worker{'s' if program.workers != 1 else ''}")
-            try:
-                gen.start(self.spawner)
-            except (OSError, SupervisorError) as exc:
-                return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
-            finally:
-                for w in gen.workers:
-                    self.watch(w, gen)
-            reload.timers.append(self.later(program.ready_timeout, ev.ReadyTimeout(reload.id, gen)))
-        self.apply(reload.worker_ready())
-
-    def apply(self, decision: Commit | RollBack | object) -> None:
-        if isinstance(decision, Commit):
-            self.commit()
-        elif isinstance(decision, RollBack):
-            self.roll_back(decision.reason)
-
-    def commit(self) -> None:
-        """Every new worker is ready: the new generations serve, the old ones retire at once."""
-        reload = self.reload
-        assert reload is not None
-        if reload.config.migrate != self.config.migrate:
-            # Before the old listeners are shut, so that their queues migrate under the new mode.
-            try:
-                self.enable_migration(reload.config.migrate)
-            except migrate.MigrateError as exc:  # `require` checked at begin, lost since
-                return self.roll_back(str(exc))
-        self.reload = None
-        reload.cancel_timers()
-        before = migrate.counters()
-        old_gens: list[Generation | None] = []
-        for gen in reload.generations:
-            gen.mark_serving()
-            reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
-                                  f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
-            bundle = reload.bundles.get(gen.program.name)
-            old_gens.append(self.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None))
-        for name in reload.plan.removed:  # gone from the config: retire without a successor
-            old_gens.append(self.programs[name].stopping(by_hand=False))
-        retired = [g for g in old_gens if g is not None]
-        self.config = reload.config
-        fresh = [listener for g in reload.generations for w in g.workers for listener in w.listeners]
-        # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
-        # that no handshake is completing on an old listener when it is shut (steer.py: the kernel
-        # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
-        steered = listeners.steer_to(fresh) if retired or self.adopted else []
-        self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
-        if steered:
-            self.later(SWITCH_DRAIN, ev.SwitchDue())
-        else:
-            self.finish_switch()
-
-    def finish_switch(self) -> None:
-        """Step two: shut every old listener (steered away, one group at a time), stop the old workers."""
-        switch, self.switch = self.switch, None
-        assert switch is not None
-        reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
-        old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
-        old += [a.listener for a in self.adopted if a.program in programs]  # a dead master's, if any
-        shut = listeners.shut_steered(old, switch.fresh)
-        for gen in switch.retired:
-            self.retire(gen)
-        self.shut_adopted(programs)
-        listeners.unsteer(switch.steered)
-        migrated = (migrate.counters() - switch.before).success
-        for gen in switch.retired:
-            reload.reply.progress(
-                f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
-                f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
-        reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
-        self.systemd.ready(status.describe(self.programs))
-        self.next_request()
-
-    def roll_back(self, reason: str) -> None:
-        """Roll back the reload in progress: the serving generations were never touched."""
-        reload = self.reload
-        assert reload is not None
-        self.reload = None
-        reload.cancel_timers()
-        for gen in reload.generations:
-            self.stop_later(gen.program, gen.rollback())
-            self.programs[gen.program.name].rolled_back(gen)
-            self.forget_if_finished(gen)
-        still = ", ".join(f"{name}#{r.serving.number}" for name, r in self.programs.items() if r.serving)
-        log.error("reload_failed", reason=reason)
-        reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else ""))
-        if reload.kind is ReloadKind.STARTUP:
-            self.exit_code = EXIT_FAILED
-            self.shutdown(Reply(origin="startup failure"))
-        elif not self.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
-            self.systemd.ready(f"{status.describe(self.programs)}; last {reload.label} failed: {reason}")
-        self.next_request()
 
     # -- retiring, stopping ---------------------------------------------------------------------------
 
@@ -439,9 +329,9 @@ class Master:
             self.systemd.stopping()
             self.stopping = True
             if self.reload is not None:
-                self.roll_back("supervisord is shutting down")
+                reloading.roll_back(self, "supervisord is shutting down")
             if self.switch is not None:
-                self.finish_switch()
+                reloading.finish_switch(self)
             if self.upgrade is not None:
                 handover.checked(self, timed_out=False, refuse="supervisord is shutting down")
             for event in self.waiting:
@@ -503,116 +393,10 @@ class Master:
 
     # -- workers: ready, ended; the slots of serving generations ----------------------------------------
 
-    def watch(self, w: Worker, gen: Generation) -> None:
-        if not self.watcher.watching(w) and w.alive:
-            self.watcher.watch(w, gen)
-            self.fdstore.keep([(fdstore.name(w.program, w.generation, w.index, n), listener.fileno())
-                               for n, listener in enumerate(w.listeners)])
-            if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
-                self.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(w))
 
-    def worker_ready(self, w: Worker, gen: Generation) -> None:
-        w.mark_ready()
-        slot = gen.slot_of(w)
-        if gen.state is GenerationState.SERVING and slot is not None:
-            if w is slot.replacement:
-                old = slot.replacement_ready()
-                log.info("worker_recycled", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
-                         old_pid=old.pid if old else None)
-                self.stop_later(gen.program, gen.leave([old] if old else []))
-            else:
-                log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
-        if self.reload is not None:
-            self.apply(self.reload.worker_ready())
 
-    def on_worker_exited(self, w: Worker) -> None:
-        was = w.state
-        stored = [] if w.kept else [fdstore.name(w.program, w.generation, w.index, n) for n in range(len(w.listeners))]
-        gen = self.watcher.exited(w)
-        if gen is None:
-            return  # a spurious wake-up: still running
-        self.fdstore.remove(stored)
-        record, slot, now = self.programs[gen.program.name], gen.slot_of(w), self.clock.time()
-        fields = {"program": w.program, "gen": w.generation, "worker": w.index, "pid": w.pid,
-                  "status": w.describe_exit()}
-        if self.reload is not None and gen in self.reload.generations:
-            log.error("worker_failed_to_start", **fields)
-            self.apply(self.reload.worker_exited(gen, w))
-        elif gen.state is GenerationState.SERVING and slot and was is not WorkerState.RETIRING:
-            # Its listeners were shut when reaped: their queues moved to its siblings.
-            record.last_exit = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
-            if w is slot.replacement:  # a recycling replacement failed; the old worker serves on
-                log.error("worker_recycle_failed", **fields)
-                slot.replacement_failed(now)
-            else:
-                log.error("worker_crashed", **fields, was=was.value)
-                match slot.crashed(w, now, record.crash_history(gen.program)):
-                    case Fatal(why=why, crashes=crashes):
-                        record.went_fatal(why)
-                        log.error("program_fatal", program=record.name, crashes=crashes,
-                                  window=gen.program.crash_window, serving=len(gen.live_workers))
-                    case Restart(after=after, restarts=restarts):
-                        log.info("worker_respawn_scheduled", program=record.name, worker=w.index, delay=after,
-                                 restarts=restarts)
-                        self.later(after, ev.ManageWorkers())
-        else:
-            log.info("worker_exited", **fields)
-        gen.worker_gone(w)
-        self.forget_if_finished(gen)
 
-    def on_worker_ready_timeout(self, w: Worker) -> None:
-        gen = self.watcher.generation_of(w)
-        if gen is not None and w.state is WorkerState.STARTING:
-            log.error("worker_not_ready", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
-                      timeout=gen.program.ready_timeout)
-            w.kill()  # shuts its listeners first; its exit is a crash
 
-    def manage_workers(self) -> None:
-        """Reconcile, as gunicorn's arbiter does: each empty slot whose time has come gets a worker."""
-        # uvloop may run a timer a little before its time (loop.time() just short of the deadline):
-        # without this slack, a restart due "now" would wait for a wake-up that never comes.
-        now = self.clock.time() + TIMER_SLACK
-        for record, gen in serving(self.programs):
-            if record.fatal is None and not self.stopping:
-                for slot in gen.due(now):
-                    slot.filled(self.spawn(gen, slot.index), now)
-                    if slot.worker is None:
-                        self.later(SPAWN_RETRY, ev.ManageWorkers())
 
-    def spawn(self, gen: Generation, index: int) -> Worker | None:
-        """One more worker in a serving generation (restart, scale up, recycle), on fresh listeners."""
-        try:
-            w = gen.spawn(self.spawner, index)
-        except (OSError, SupervisorError) as exc:
-            log.error("spawn_failed", program=gen.program.name, worker=index, error=str(exc))
-            return None
-        self.watch(w, gen)
-        return w
 
-    def scale(self, name: str, count: int, reply: Reply) -> None:
-        """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes."""
-        gen = self.running(name).serving
-        assert gen is not None
-        if not 1 <= count <= 4096:
-            raise ControlError(f"workers must be 1..4096, got {count}")
-        running = {r.name: len(g.active_slots()) for r, g in serving(self.programs)}
-        if problem := limits.scale_problem(self.config, name, count, running):
-            raise ControlError(problem)
-        leaving = gen.leave(gen.scale(count, self.clock.time()))
-        due = gen.due(self.clock.time())
-        self.manage_workers()
-        started = sum(slot.worker is not None for slot in due)  # what really started, not what was tried
-        failed = f", {len(due) - started} could not start (retried in {SPAWN_RETRY:g} s)" if started < len(due) else ""
-        self.stop_later(gen.program, leaving)
-        log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
-        reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{failed})")
 
-    def on_recycle_check(self) -> None:
-        """Replace workers over max_rss or max_age: the new one listens first, the old one retires once it is ready."""
-        now = self.clock.time()
-        for record, gen in serving(self.programs):
-            for slot, reason in gen.recycling(now):
-                log.info("worker_recycling", program=record.name, gen=gen.number, worker=slot.index,
-                         pid=slot.worker.pid if slot.worker else None, reason=reason)
-                slot.replacement = self.spawn(gen, slot.index)
-        self.later(RECYCLE_POLL, ev.RecycleCheck())

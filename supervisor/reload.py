@@ -11,19 +11,24 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from supervisor import config as config_module
-from supervisor import migrate, preflight, tls
+from supervisor import events as ev
+from supervisor import listeners, migrate, preflight, status, tls, workers
 from supervisor.config import Config
-from supervisor.errors import ControlError, MigrateError
+from supervisor.errors import EXIT_FAILED, ControlError, MigrateError, SupervisorError
 from supervisor.generation import Generation
 from supervisor.listeners import Listener
-from supervisor.plan import ReloadPlan
+from supervisor.plan import ReloadPlan, plan_reload
+from supervisor.program import ProgramRuntime, names
 from supervisor.reply import Reply
 from supervisor.worker import Worker, WorkerState
+
+if TYPE_CHECKING:
+    from supervisor.master import Master
 
 log = structlog.get_logger()
 
@@ -153,3 +158,117 @@ def stderr_tail(w: Worker, whose: str = "") -> str:
     """The worker's last stderr lines, for the reason of a rollback."""
     tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
     return f"; last stderr lines{whose}:{tail}" if tail else ""
+
+# -- as the master applies it ----------------------------------------------------------------------
+
+def begin(master: Master, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
+          plan: ReloadPlan | None = None) -> None:
+    plan = plan or plan_reload(config, names(master.programs, running=True), names(master.programs, by_hand=True))
+    master.reload = reload = Reload(next(master.reload_ids), kind, config, plan, reply, bundles or {})
+    for program in plan.start:
+        record = master.programs.setdefault(program.name, ProgramRuntime(program.name))
+        try:
+            gen = Generation.create(program, record.next_number(), master.endpoints.runtime_dir,
+                                    reload.bundles.get(program.name))
+        except OSError as exc:
+            return roll_back(master, f"{program.name}: tls: cannot copy the certificate and key for the workers: "
+                                  f"{exc}")
+        record.starting()
+        reload.generations.append(gen)
+        reply.progress(f"{program.name}: generation {gen.number} starting "
+                       f"{program.workers} worker{'s' if program.workers != 1 else ''}")
+        try:
+            gen.start(master.spawner)
+        except (OSError, SupervisorError) as exc:
+            return roll_back(master, f"{program.name}: generation {gen.number}: {exc}")
+        finally:
+            for w in gen.workers:
+                workers.watch_worker(master, w, gen)
+        reload.timers.append(master.later(program.ready_timeout, ev.ReadyTimeout(reload.id, gen)))
+    apply(master, reload.worker_ready())
+
+
+def apply(master: Master, decision: Commit | RollBack | object) -> None:
+    if isinstance(decision, Commit):
+        commit(master)
+    elif isinstance(decision, RollBack):
+        roll_back(master, decision.reason)
+
+
+def commit(master: Master) -> None:
+    """Every new worker is ready: the new generations serve, the old ones retire at once."""
+    reload = master.reload
+    assert reload is not None
+    if reload.config.migrate != master.config.migrate:
+        # Before the old listeners are shut, so that their queues migrate under the new mode.
+        try:
+            master.enable_migration(reload.config.migrate)
+        except migrate.MigrateError as exc:  # `require` checked at begin, lost since
+            return roll_back(master, str(exc))
+    master.reload = None
+    reload.cancel_timers()
+    before = migrate.counters()
+    old_gens: list[Generation | None] = []
+    for gen in reload.generations:
+        gen.mark_serving()
+        reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
+                              f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
+        bundle = reload.bundles.get(gen.program.name)
+        old_gens.append(master.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None))
+    for name in reload.plan.removed:  # gone from the config: retire without a successor
+        old_gens.append(master.programs[name].stopping(by_hand=False))
+    retired = [g for g in old_gens if g is not None]
+    master.config = reload.config
+    fresh = [listener for g in reload.generations for w in g.workers for listener in w.listeners]
+    # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
+    # that no handshake is completing on an old listener when it is shut (steer.py: the kernel
+    # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
+    steered = listeners.steer_to(fresh) if retired or master.adopted else []
+    master.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
+    if steered:
+        master.later(SWITCH_DRAIN, ev.SwitchDue())
+    else:
+        finish_switch(master)
+
+
+def finish_switch(master: Master) -> None:
+    """Step two: shut every old listener (steered away, one group at a time), stop the old workers."""
+    switch, master.switch = master.switch, None
+    assert switch is not None
+    reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
+    old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
+    old += [a.listener for a in master.adopted if a.program in programs]  # a dead master's, if any
+    shut = listeners.shut_steered(old, switch.fresh)
+    for gen in switch.retired:
+        master.retire(gen)
+    master.shut_adopted(programs)
+    listeners.unsteer(switch.steered)
+    migrated = (migrate.counters() - switch.before).success
+    for gen in switch.retired:
+        reload.reply.progress(
+            f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
+            f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
+    reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
+    master.systemd.ready(status.describe(master.programs))
+    master.next_request()
+
+
+def roll_back(master: Master, reason: str) -> None:
+    """Roll back the reload in progress: the serving generations were never touched."""
+    reload = master.reload
+    assert reload is not None
+    master.reload = None
+    reload.cancel_timers()
+    for gen in reload.generations:
+        master.stop_later(gen.program, gen.rollback())
+        master.programs[gen.program.name].rolled_back(gen)
+        master.forget_if_finished(gen)
+    still = ", ".join(f"{name}#{r.serving.number}" for name, r in master.programs.items() if r.serving)
+    log.error("reload_failed", reason=reason)
+    reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else ""))
+    if reload.kind is ReloadKind.STARTUP:
+        master.exit_code = EXIT_FAILED
+        master.shutdown(Reply(origin="startup failure"))
+    elif not master.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
+        master.systemd.ready(f"{status.describe(master.programs)}; last {reload.label} failed: {reason}")
+    master.next_request()

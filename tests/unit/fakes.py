@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from supervisor import config, wire
+from supervisor import reload as reloading
 from supervisor.config import Listen, Program
 from supervisor.errors import SpawnError
 from supervisor.events import ControlRequest, NotifyReceived, RecycleCheck, WorkerExited
@@ -158,7 +159,7 @@ class Scenario:
 
     def start(self, ready: bool = True) -> HeardReply:
         reply = HeardReply()
-        self.master.begin(ReloadKind.STARTUP, self.master.config, reply, {})
+        reloading.begin(self.master, ReloadKind.STARTUP, self.master.config, reply, {})
         self.drain()
         if ready:
             self.ready(*self.starting())
