@@ -159,6 +159,7 @@ def stderr_tail(w: Worker, whose: str = "") -> str:
     tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
     return f"; last stderr lines{whose}:{tail}" if tail else ""
 
+
 # -- as the master applies it ----------------------------------------------------------------------
 
 def begin(master: Master, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
@@ -196,7 +197,8 @@ def apply(master: Master, decision: Commit | RollBack | object) -> None:
 
 
 def commit(master: Master) -> None:
-    """Every new worker is ready: the new generations serve, the old ones retire at once."""
+    """Every new worker is ready: the new generations serve; new connections go to them at once and the
+    old listeners are shut SWITCH_DRAIN later (finish_switch), all of them in one step."""
     reload = master.reload
     assert reload is not None
     if reload.config.migrate != master.config.migrate:
