@@ -68,7 +68,7 @@ def worker_exited(master: Master, w: Worker) -> None:
     if master.reload is not None and gen in master.reload.generations:
         log.error("worker_failed_to_start", **fields)
         reloading.apply(master, master.reload.worker_exited(gen, w))
-    elif gen.state is GenerationState.SERVING and slot and was is not WorkerState.RETIRING:
+    elif gen is record.serving and slot and was is not WorkerState.RETIRING:  # not one being switched out
         # Its listeners were shut when reaped: their queues moved to its siblings.
         record.last_exit = f"worker {w.index} (pid {w.pid}) {w.describe_exit()}"
         if w is slot.replacement:  # a recycling replacement failed; the old worker serves on
