@@ -11,7 +11,6 @@ generation serves, as at a reload. Without $FDSTORE every call here is a no-op.
 
 from __future__ import annotations
 
-import array
 import os
 import re
 import socket
@@ -22,6 +21,7 @@ import structlog
 
 from supervisor.config import Config, Listen
 from supervisor.listeners import Listener
+from supervisor.notify import Notifier
 
 log = structlog.get_logger()
 
@@ -36,35 +36,21 @@ def name(program: str, generation: int, worker: int, n: int) -> str:
 
 
 class FdStore:
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        path = env.get("NOTIFY_SOCKET", "")
-        self.address = "\0" + path[1:] if path.startswith("@") else path
-        limit = env.get("FDSTORE", "")
-        self.enabled = bool(self.address) and limit.isdigit() and int(limit) > 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self.enabled else None
+    """Sends over the daemon's own sd_notify socket (a failure is logged: the listener still works,
+    only a restart would not find it)."""
+
+    def __init__(self, notifier: Notifier, environ: Mapping[str, str] | None = None) -> None:
+        limit = (os.environ if environ is None else environ).get("FDSTORE", "")
+        self.notifier = notifier
+        self.enabled = notifier.sock is not None and limit.isdigit() and int(limit) > 0
 
     def keep(self, names_and_fds: list[tuple[str, int]]) -> None:
-        for fdname, fd in names_and_fds:
-            self._send(f"FDSTORE=1\nFDNAME={fdname}", [fd])
+        for fdname, fd in names_and_fds if self.enabled else ():
+            self.notifier.send_with_fds(f"FDSTORE=1\nFDNAME={fdname}", [fd])
 
     def remove(self, names: list[str]) -> None:
-        for fdname in names:
-            self._send(f"FDSTOREREMOVE=1\nFDNAME={fdname}", [])
-
-    def _send(self, message: str, fds: list[int]) -> None:
-        if self.sock is None:
-            return
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        try:
-            self.sock.sendmsg([message.encode()], ancillary, 0, self.address)
-        except OSError as exc:  # the listener still works; only a restart would not find it
-            log.warning("fdstore_failed", message=message.replace("\n", " "), error=str(exc))
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        for fdname in names if self.enabled else ():
+            self.notifier.send_with_fds(f"FDSTOREREMOVE=1\nFDNAME={fdname}")
 
 
 @dataclass(frozen=True)

@@ -102,13 +102,6 @@ def summary(state: dict[str, Any], programs: dict[str, ProgramRuntime]) -> str:
             f"{'s' if running != 1 else ''}, {workers} worker{'s' if workers != 1 else ''} kept")
 
 
-def starting_in_serving(programs: dict[str, ProgramRuntime]) -> list[tuple[Any, Any]]:
-    """Workers started outside a reload (restart, scale, recycle) that were not ready yet: their
-    ready timeout goes on."""
-    return [(w, gen) for r in programs.values() for gen in r.generations()
-            if gen.state is GenerationState.SERVING for w in gen.live_workers if w.state is WorkerState.STARTING]
-
-
 # -- the upgrade as the master applies it --------------------------------------------------------
 
 def begin(master: Master, reply: Reply) -> None:

@@ -77,7 +77,7 @@ class Master:
         self.reload_ids = itertools.count(1)
         self.endpoints = Endpoints(config.control, self.post)
         self.systemd = Notifier()
-        self.fdstore = FdStore()
+        self.fdstore = FdStore(self.systemd)
         self.adopted: list[Adopted] = []  # listeners a previous master left in the fd store, until shut
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -121,7 +121,6 @@ class Master:
                 reply.finish(True, "supervisord stopped")
             self.endpoints.close()
             self.systemd.close()
-            self.fdstore.close()
         log.info("supervisord_stopped", exit_code=self.exit_code)
         return self.exit_code
 

@@ -9,10 +9,11 @@ $WATCHDOG_USEC while the master loop turns.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import structlog
 
@@ -41,11 +42,18 @@ class Notifier:
         if self.sock is None:
             return
         # One line per field: a newline in a value (a rollback reason quoting stderr) would end it.
-        message = "\n".join(f"{key}={' '.join(str(value).split())}" for key, value in fields.items())
+        self.send_with_fds("\n".join(f"{key}={' '.join(str(value).split())}" for key, value in fields.items()))
+
+    def send_with_fds(self, message: str, fds: Sequence[int] = ()) -> None:
+        """One datagram, with `fds` as SCM_RIGHTS (the fd store); a failure is logged, never raised."""
+        if self.sock is None:
+            return
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            self.sock.sendto(message.encode(), self.address)
+            self.sock.sendmsg([message.encode()], ancillary, 0, self.address)
         except OSError as exc:
-            log.warning("sd_notify_failed", socket=self.address.replace("\0", "@"), error=str(exc))
+            log.warning("sd_notify_failed", socket=self.address.replace("\0", "@"), message=message.split("\n")[0],
+                        error=str(exc))
 
     def ready(self, status: str) -> None:
         self.send(READY=1, STATUS=status, MAINPID=os.getpid())

@@ -24,7 +24,6 @@ class Slot:
     replacement: Worker | None = None  # recycling: takes over once ready, then the old one retires
     restarts: int = 0  # consecutive crash restarts of this slot's worker
     last_exit: str | None = None  # how the worker before the current one ended (a crash)
-    crashed_generation: int | None = None  # where the last crashed worker ran (a FATAL slot's row)
     recycle_after: float = 0.0  # after a failed replacement, no new one before this time
     restart_at: float | None = None  # an empty slot gets a worker again at this time
 
@@ -43,7 +42,6 @@ class Slot:
         """The slot's worker ended unasked: restart it after a backoff, or the program is FATAL."""
         self.worker = None
         self.last_exit = w.describe_exit()
-        self.crashed_generation = w.generation
         decision = history.record(now, now - w.started, self.restarts)
         if isinstance(decision, Restart):
             self.restarts = decision.restarts
@@ -89,7 +87,7 @@ class Slot:
         return {"index": self.index, "worker": self.worker.to_json() if self.worker else None,
                 "replacement": self.replacement.to_json() if self.replacement else None,
                 "restarts": self.restarts, "last_exit": self.last_exit,
-                "crashed_generation": self.crashed_generation, "recycle_after": self.recycle_after,
+                "recycle_after": self.recycle_after,
                 "restart_at": self.restart_at}
 
     @classmethod
@@ -98,5 +96,5 @@ class Slot:
             return Worker.from_json(data[key]) if data[key] is not None else None
         return cls(index=data["index"], worker=worker("worker"), replacement=worker("replacement"),
                    restarts=data["restarts"], last_exit=data["last_exit"],
-                   crashed_generation=data["crashed_generation"], recycle_after=data["recycle_after"],
+                   recycle_after=data["recycle_after"],
                    restart_at=data["restart_at"])

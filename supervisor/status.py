@@ -87,7 +87,7 @@ def fatal_facts(reason: str, serving: Generation | None) -> dict[str, Any]:
     worker that last crashed in it. Its other workers serve on and keep their own state."""
     empty = [slot for index, slot in sorted(serving.slots.items()) if not slot.active] if serving else []
     workers = [{"worker": slot.index, "pid": None, "state": "fatal",
-                "generation": slot.crashed_generation or (serving.number if serving else None),
+                "generation": serving.number if serving else None,
                 "restarts": slot.restarts, "last_exit": slot.last_exit} for slot in empty]
     return {"reason": reason, "workers": workers}
 

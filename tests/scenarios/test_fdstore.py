@@ -91,8 +91,11 @@ def test_unknown_and_unusable_fds_are_closed_and_the_start_is_clean(tmp_path: Pa
         assert sup.generation() == 1 and sup.serving()
         dropped = sup.events("fdstore_adopted")[0]
         assert sorted(dropped["dropped"]) == ["api.2.0.0", "mystery", "web.3.0.0"] and dropped["listeners"] == []
-        assert [f for f in os.listdir(f"/proc/{sup.proc.pid}/fd")  # type: ignore[union-attr]
-                if os.readlink(f"/proc/{sup.proc.pid}/fd/{f}").startswith("socket:")]  # it runs; its own sockets
+        assert sup.proc is not None
+        held = {os.readlink(f"/proc/{sup.proc.pid}/fd/{f}") for f in os.listdir(f"/proc/{sup.proc.pid}/fd")}
+        passed = {f"socket:[{os.fstat(sock.fileno()).st_ino}]" for sock in (udp, other, gone)}
+        assert not held & passed, "supervisord kept an fd it did not adopt"
+        assert other.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0  # shut: it was ours, address gone
     finally:
         sup.kill()
         manager.close()

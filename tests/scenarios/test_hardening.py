@@ -133,12 +133,12 @@ time.sleep(600)
 """
 
 
-def test_a_worker_writing_stderr_without_a_newline(tmp_path: Path) -> None:
-    """Up to 2 GiB in one 'line' for 3 s: the master reads it at its pace, logs the first 64 KiB
-    with a mark, skips the rest, and logs the next line; status stays quick, its RSS flat."""
+def flood_stderr(tmp_path: Path, mode: str) -> tuple[list[str], str, int]:
+    """A worker of its own program floods stderr for 3 s (FLOOD `mode`), then writes "after the flood";
+    status must stay quick, the master's RSS flat and the other program untouched meanwhile. Returns
+    the lines logged for it, the watch's summary and how much it wrote."""
     written = tmp_path / "written"
-    noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written), "one line"], workers=1,
-                    listen=["127.0.0.1:8001"])
+    noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written), mode], workers=1, listen=["127.0.0.1:8001"])
     with supervisor(tmp_path, {"web": program(workers=1), "noisy": noisy}) as sup:
         pids, rss_before = serving_pids(sup), master(sup).memory_info().rss
         with watching(sup) as watch:
@@ -148,27 +148,24 @@ def test_a_worker_writing_stderr_without_a_newline(tmp_path: Path) -> None:
         summary = watch.check(rss_before)
         untouched(sup, pids)
         lines = [e["line"] for e in sup.events("worker_stderr") if e["program"] == "noisy"]
+    return lines, summary, int(written.read_text())
+
+
+def test_a_worker_writing_stderr_without_a_newline(tmp_path: Path) -> None:
+    """Up to 2 GiB in one 'line' for 3 s: the master reads it at its pace, logs the first 64 KiB
+    with a mark, skips the rest, and logs the next line; status stays quick, its RSS flat."""
+    lines, summary, written = flood_stderr(tmp_path, "one line")
     cut = "x" * worker.MAX_LINE + worker.CUT_MARK.decode()
     assert lines == [cut, "after the flood"], [line[-60:] for line in lines]
-    print(f"{int(written.read_text()) >> 20} MiB written without a newline; {summary}")
+    print(f"{written >> 20} MiB written without a newline; {summary}")
 
 
 def test_a_worker_writing_short_lines_without_pause(tmp_path: Path) -> None:
     """'y\\n' for 3 s: every line is a log call, so the master reads 1 KiB (512 lines) per wake-up and
     the worker waits on its pipe; status stays quick."""
-    written = tmp_path / "written"
-    noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written), "lines"], workers=1, listen=["127.0.0.1:8001"])
-    with supervisor(tmp_path, {"web": program(workers=1), "noisy": noisy}) as sup:
-        pids, rss_before = serving_pids(sup), master(sup).memory_info().rss
-        with watching(sup) as watch:
-            wait_for("the flood to end", written.exists, timeout=30)
-            wait_for("the line after it", lambda: any(e["line"] == "after the flood"
-                                                      for e in sup.events("worker_stderr")), timeout=10)
-        summary = watch.check(rss_before)
-        untouched(sup, pids)
-        logged = sum(e["program"] == "noisy" for e in sup.events("worker_stderr"))
-    assert logged == int(written.read_text()) // 2 + 2  # and an empty line, and "after the flood"
-    print(f"{logged} lines logged in 3 s; {summary}")
+    lines, summary, written = flood_stderr(tmp_path, "lines")
+    assert len(lines) == written // 2 + 2  # and an empty line, and "after the flood"
+    print(f"{len(lines)} lines logged in 3 s; {summary}")
 
 
 # -- a local user and the notify socket ----------------------------------------------------------------

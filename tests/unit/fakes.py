@@ -19,7 +19,7 @@ import yaml
 
 from supervisor import config, wire
 from supervisor import reload as reloading
-from supervisor.config import Listen, Program
+from supervisor.config import Program
 from supervisor.errors import SpawnError
 from supervisor.events import ControlRequest, NotifyReceived, RecycleCheck, WorkerExited
 from supervisor.listeners import Listener
@@ -201,7 +201,3 @@ class Scenario:
 
     def state(self, name: str = "web") -> str:
         return self.record(name).state.value
-
-
-def listen(text: str) -> Listen:
-    return config.parse_listen(text)
