@@ -142,7 +142,10 @@ class Supervisor:
         return next(p for p in self.status()["programs"] if p["name"] == name)["workers"]
 
     def generation(self, name: str = "web") -> int:
-        return max(w["generation"] for w in self.workers(name))
+        """The number of the generation that serves (0 if none does). Workers of other generations
+        (a rolled-back one in its stop_delay, a retiring one) may still be alive."""
+        program = next(p for p in self.status()["programs"] if p["name"] == name)
+        return next((g["generation"] for g in program["generations"] if g["state"] == "serving"), 0)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
