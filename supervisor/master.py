@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor import __version__, fdstore, handover, listeners, logs, migrate, status, tls, upgrade, wire, workers
+from supervisor import __version__, fdstore, handover, listeners, logs, migrate, reaper, status, tls, upgrade, wire, workers
 from supervisor import events as ev
 from supervisor import reload as reloading
 from supervisor.config import Config, MigrateMode, Program
@@ -97,6 +97,7 @@ class Master:
                       error=str(exc))
             self.endpoints.close()
             return EXIT_FAILED
+        reaper.become_subreaper()  # descendants that leave a worker's session stay ours to reap and kill
         self._spawner = self._spawner or ProcessSpawner(self.endpoints.notify_path)
         for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
