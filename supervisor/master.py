@@ -27,7 +27,20 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor import __version__, fdstore, handover, listeners, logs, migrate, reaper, status, tls, upgrade, wire, workers
+from supervisor import (
+    __version__,
+    fdstore,
+    handover,
+    listeners,
+    logs,
+    migrate,
+    reaper,
+    status,
+    tls,
+    upgrade,
+    wire,
+    workers,
+)
 from supervisor import events as ev
 from supervisor import reload as reloading
 from supervisor.config import Config, MigrateMode, Program
