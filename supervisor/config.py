@@ -125,6 +125,7 @@ class Config:
     control: Control
     migrate: MigrateMode = MigrateMode.REQUIRE
     programs: tuple[Program, ...] = ()
+    watch: tuple[str, ...] = ()  # files whose new content means a reload (filewatch.py)
 
     def program(self, name: str) -> Program:
         for program in self.programs:
@@ -253,7 +254,7 @@ class _Reader:
         return ConfigError(self.path, node.start_mark.line + 1 if node is not None else 0, key, problem)
 
     def config(self, root: yaml.Node | None) -> Config:
-        fields = self.mapping(root, "", allowed=("control", "migrate", "programs"), optional=True)
+        fields = self.mapping(root, "", allowed=("control", "migrate", "programs", "watch"), optional=True)
         control = Control(socket=self.resolve(DEFAULT_SOCKET))
         if "control" in fields:
             control = self.control(fields["control"][1])
@@ -268,7 +269,25 @@ class _Reader:
         if not programs:
             raise self.fail(programs_node, "programs", "at least one program is required")
         self.check_shared_addresses(programs, programs_node)
-        return Config(path=os.path.abspath(self.path), control=control, migrate=migrate, programs=programs)
+        watch = self.watch(fields["watch"][1]) if "watch" in fields else ()
+        return Config(path=os.path.abspath(self.path), control=control, migrate=migrate, programs=programs,
+                      watch=watch)
+
+    def watch(self, node: yaml.Node) -> tuple[str, ...]:
+        """Files to watch: each must be there now, and a regular file once symlinks are followed."""
+        items = [node] if isinstance(node, yaml.ScalarNode) else self.sequence(node, "watch")
+        paths = []
+        for i, item in enumerate(items):
+            key = f"watch[{i}]" if isinstance(node, yaml.SequenceNode) else "watch"
+            path = self.path_value(item, key)
+            try:
+                kind = _kind(os.stat(path).st_mode)
+            except OSError as exc:
+                raise self.fail(item, key, f"{path}: {exc.strerror}") from None
+            if kind:
+                raise self.fail(item, key, f"{path}: not a regular file ({kind})")
+            paths.append(path)
+        return tuple(dict.fromkeys(paths))
 
     def control(self, node: yaml.Node) -> Control:
         fields = self.mapping(node, "control", allowed=("socket", "mode"), optional=True)

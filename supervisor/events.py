@@ -111,10 +111,20 @@ class UpgradeChecked:
 
 
 @dataclass(frozen=True)
+class ChildrenChanged:
+    """SIGCHLD, or a worker ended: reap and sort the children the master did not start (orphans.py)."""
+
+
+@dataclass(frozen=True)
+class FilesCheck:
+    """Time to look whether a `watch:` file changed (filewatch.py)."""
+
+
+@dataclass(frozen=True)
 class WatchdogDue:
     """Time to tell systemd the master loop is alive."""
 
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
-         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)
+         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck)

@@ -30,10 +30,12 @@ import structlog
 from supervisor import (
     __version__,
     fdstore,
+    filewatch,
     handover,
     listeners,
     logs,
     migrate,
+    orphans,
     reaper,
     status,
     tls,
@@ -47,6 +49,7 @@ from supervisor.config import Config, MigrateMode, Program
 from supervisor.endpoints import Endpoints
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.fdstore import Adopted, FdStore
+from supervisor.filewatch import Files
 from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
 from supervisor.plan import plan_start
@@ -92,6 +95,8 @@ class Master:
         self.systemd = Notifier()
         self.fdstore = FdStore(self.systemd)
         self.adopted: list[Adopted] = []  # listeners a previous master left in the fd store, until shut
+        self.orphans = orphans.Orphans(lambda: self.post(ev.ChildrenChanged()))
+        self.files = Files(config.watch)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class Master:
         self._spawner = self._spawner or ProcessSpawner(self.endpoints.notify_path)
         for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
+        self.orphans.open(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)  # blocked across an upgrade's exec
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket,
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
@@ -123,6 +129,8 @@ class Master:
         else:
             await handover.adopt(self, adopted)
         self.post(ev.RecycleCheck())
+        self.post(ev.ChildrenChanged())  # orphans a previous master (an upgrade) left unreaped
+        self.later(filewatch.INTERVAL, ev.FilesCheck())
         if self.systemd.watchdog_interval:
             self.post(ev.WatchdogDue())
         try:
@@ -131,6 +139,8 @@ class Master:
         finally:
             for signum in ev.HANDLED_SIGNALS:
                 loop.remove_signal_handler(signum)
+            self.orphans.close(loop)
+            self.orphans.stop(self.own_children())
             for reply in self.shutdown_replies:
                 reply.finish(True, "supervisord stopped")
             self.endpoints.close()
@@ -204,10 +214,30 @@ class Master:
                     reloading.finish_switch(self)
             case ev.UpgradeChecked():
                 handover.checked(self, event.timed_out)
+            case ev.ChildrenChanged():
+                self.check_children()
+            case ev.FilesCheck():
+                self.check_files()
             case ev.WatchdogDue():
                 # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
                 self.systemd.watchdog()
                 self.later(self.systemd.watchdog_interval or 1.0, ev.WatchdogDue())
+
+    def own_children(self) -> set[int]:
+        """The children the master started: its workers, and the upgrade check."""
+        return set(self.watcher.workers) | ({self.upgrade[0].proc.pid} if self.upgrade else set())
+
+    def check_children(self) -> None:
+        self.orphans.check(self.own_children(), {pid for pid, (w, _) in self.watcher.workers.items() if w.alive})
+
+    def check_files(self) -> None:
+        """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would."""
+        self.check_children()  # in case a SIGCHLD went astray
+        self.files.follow(self.config.watch)
+        if (changed := self.files.check()) and not self.stopping:
+            log.info("watch_changed", paths=changed)
+            self.on_request(ev.ControlRequest(wire.Reload(), Reply(origin="watch")))
+        self.later(filewatch.INTERVAL, ev.FilesCheck())
 
     def enable_migration(self, mode: MigrateMode) -> None:
         """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
@@ -403,13 +433,3 @@ class Master:
         for waiter in [(g, r) for g, r in self.stop_waiters if g is gen]:
             self.stop_waiters.remove(waiter)
             waiter[1].finish(True, f"{gen.program.name} stopped")
-
-    # -- workers: ready, ended; the slots of serving generations ----------------------------------------
-
-
-
-
-
-
-
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import signal
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
@@ -21,3 +22,32 @@ def become_subreaper() -> None:
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(errno)}")
+
+
+SFD_NONBLOCK = os.O_NONBLOCK
+SFD_CLOEXEC = os.O_CLOEXEC
+_SIGINFO_SIZE = 128  # struct signalfd_siginfo
+_libc.signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+
+
+def child_signals() -> int:
+    """SIGCHLD as a readable fd (signalfd) for the event loop, which must not run a Python handler for
+    it (uvloop keeps SIGCHLD for itself). SIGCHLD is blocked in this thread so that it queues on the fd;
+    posix_spawn gives workers an empty mask again."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    mask = (ctypes.c_uint64 * 16)()  # sigset_t: 1024 bits
+    mask[0] = 1 << (signal.SIGCHLD - 1)
+    fd = int(_libc.signalfd(-1, ctypes.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC))
+    if fd < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"signalfd(SIGCHLD): {os.strerror(errno)}")
+    return fd
+
+
+def drain(fd: int) -> None:
+    """Empty the signalfd (each read returns one pending SIGCHLD; many coalesce into one)."""
+    try:
+        while os.read(fd, _SIGINFO_SIZE * 16):
+            pass
+    except BlockingIOError:
+        pass

@@ -89,6 +89,7 @@ def worker_exited(master: Master, w: Worker) -> None:
         log.info("worker_exited", **fields)
     gen.worker_gone(w)
     master.forget_if_finished(gen)
+    master.check_children()  # what left the worker's session is now the master's: gone with the worker
 
 
 def ready_timeout(master: Master, w: Worker) -> None:

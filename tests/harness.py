@@ -62,10 +62,11 @@ class Supervisor:
         self.new_session = False  # start supervisord in a session of its own (killpg reaches its whole tree)
         self.prefix: list[str] = []  # run before supervisord's command line (a service manager's trampoline)
         self.pass_fds: tuple[int, ...] = ()  # fds supervisord inherits (a service manager's LISTEN_FDS)
+        self.top: dict[str, Any] = {}  # more top-level keys of the config (watch:)
         self.write(programs, migrate)
 
     def write(self, programs: dict[str, dict[str, Any]], migrate: str = "require") -> None:
-        doc = {"control": {"socket": str(self.socket)}, "migrate": migrate, "programs": programs}
+        doc = {"control": {"socket": str(self.socket)}, "migrate": migrate, "programs": programs, **self.top}
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def start(self, wait: bool = True, timeout: float = 20) -> Supervisor:

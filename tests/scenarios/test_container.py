@@ -1,0 +1,128 @@
+"""In a container: supervisord as PID 1 (and as a plain subreaper) reaps orphans and kills what a
+worker left behind when that worker goes; the Dockerfile and the Kubernetes example say what they must."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.harness import PYTHON, Supervisor, program, request, wait_for
+
+pytestmark = pytest.mark.usefixtures("netns")
+ROOT = Path(__file__).resolve().parents[2]
+APPS = ROOT / "tests" / "apps"
+# A PID namespace of its own with /proc to match; supervisord is its PID 1. --kill-child: a test that
+# kills unshare takes the namespace (and so everything in it) down with it.
+PID1 = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+def escaped(folder: Path) -> set[int]:
+    """The live processes the escaper workers left behind (host pids): each runs `escaper.py FOLDER`."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if str(folder) in cmdline and any(arg.endswith("escaper.py") for arg in cmdline) \
+                and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.add(proc.pid)
+    return found
+
+
+def zombies(around: int) -> list[int]:
+    """Zombies among the descendants of `around` (host pid): nobody reaped them."""
+    try:
+        tree = psutil.Process(around).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p.pid for p in tree if _status(p) == psutil.STATUS_ZOMBIE]
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return proc.status()
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+def listening(port: int) -> int:
+    """Sockets in LISTEN on the port in this network namespace (one per serving worker, if none rejoined)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def host_pid(inner: int, ns_pid: int) -> int:
+    """The host pid of the process that is `ns_pid` in the PID namespace of `inner` (a host pid)."""
+    namespace = os.readlink(f"/proc/{inner}/ns/pid")
+    for proc in psutil.Process(inner).children(recursive=True):
+        with open(f"/proc/{proc.pid}/status") as f:
+            ids = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+        if int(ids[-1]) == ns_pid and os.readlink(f"/proc/{proc.pid}/ns/pid") == namespace:
+            return proc.pid
+    raise AssertionError(f"no process {ns_pid} in the namespace of {inner}")
+
+
+@pytest.mark.parametrize("pid1", [True, False], ids=["pid1", "subreaper"])
+def test_what_a_worker_left_behind_goes_with_it(tmp_path: Path, pid1: bool) -> None:
+    """A worker that double-forks a `setsid` child keeping its listener: after a reload and after a
+    crash that child is gone within the graceful timeout and has not rejoined the reuseport group; an
+    orphan that exits is reaped; TERM ends supervisord with exit status 0 and nothing left behind."""
+    escaper = program([PYTHON, str(APPS / "escaper.py"), str(tmp_path)], graceful_timeout=3)
+    sup = Supervisor(tmp_path, {"web": escaper})
+    if pid1:
+        sup.prefix = PID1
+    try:
+        sup.start()
+        assert sup.proc is not None
+        daemon = psutil.Process(sup.proc.pid).children()[0].pid if pid1 else sup.proc.pid
+        first = wait_for("a lingerer per worker", lambda: len(escaped(tmp_path)) == 2 and escaped(tmp_path))
+        wait_for("the short orphans reaped (no zombies)", lambda: not zombies(daemon))
+        assert sup.events("orphan_reaped"), "the short-lived orphans were reaped by someone else"
+
+        sup.reload()
+        wait_for("generation 1's lingerers gone", lambda: not first & escaped(tmp_path), timeout=3 + 2)
+        wait_for("one listener per serving worker", lambda: listening(8000) == 2)
+        assert request()[0] == 200
+        killed = sup.events("orphan_killed")
+        assert len(killed) == 2 and all("is gone" in e["reason"] for e in killed), killed
+
+        second = escaped(tmp_path)
+        victim = sup.workers()[0]["pid"]
+        os.kill(host_pid(daemon, victim) if pid1 else victim, signal.SIGKILL)
+        wait_for("the crashed worker's lingerer gone", lambda: len(second & escaped(tmp_path)) == 1, timeout=3 + 2)
+        wait_for("the slot restarted", lambda: sup.serving() and victim not in {w["pid"] for w in sup.workers()})
+        wait_for("one listener per serving worker", lambda: listening(8000) == 2)
+        wait_for("no zombies", lambda: not zombies(daemon))
+
+        os.kill(daemon, signal.SIGTERM)  # unshare does not pass signals on: to PID 1 itself
+        assert sup.proc.wait(timeout=30) == 0  # unshare exits as its child did
+        assert not escaped(tmp_path), "supervisord stopped and left its workers' descendants running"
+    finally:
+        sup.kill()
+
+
+def test_the_dockerfile_runs_supervisord_as_pid_1() -> None:
+    """Its entrypoint is supervisord (exec form: PID 1, signals reach it), and what it copies exists."""
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT"))
+    assert entrypoint.startswith('ENTRYPOINT ["supervisord"'), entrypoint
+    for line in lines:
+        if line.startswith("COPY") and "--from" not in line:
+            *sources, _target = line.split()[1:]
+            for source in sources:
+                assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repository"
+
+
+def test_the_kubernetes_example_sets_the_sysctl_and_probes() -> None:
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text()) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "net.ipv4.tcp_migrate_req", "value": "1"} in pod["securityContext"]["sysctls"]
+    container = pod["containers"][0]
+    assert container["livenessProbe"] and container["readinessProbe"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["supervisor.yaml"]
+    assert yaml.safe_load(config)["watch"], "the example reloads when its mounted Secret changes"
