@@ -68,8 +68,11 @@ class Orphans:
             self._post()
 
     def check(self, ours: Collection[int], live_workers: Collection[int]) -> None:
-        """Reap the orphans that exited, adopt new ones, kill those whose worker is gone."""
+        """Reap the orphans that exited, adopt new ones, kill those whose worker is gone. Only once the
+        loop runs (open()): a master driven by the unit tests' fake spawner has no processes of its own."""
         self._posted = False
+        if self._signals < 0:
+            return
         current = children()
         for pid in current - set(ours):
             if reap(pid):
@@ -89,7 +92,7 @@ class Orphans:
             del self.known[pid]
 
     def stop(self, ours: Collection[int]) -> None:
-        """The master stops: kill every orphan left and reap them (at most STOP_WAIT), and theirs."""
+        """The master stops (after close()): kill every orphan left and reap them (at most STOP_WAIT), and theirs."""
         deadline = time.monotonic() + STOP_WAIT
         while time.monotonic() < deadline:
             left = children() - set(ours)

@@ -84,6 +84,13 @@ class TestExample:
         assert cfg.control.socket == str(ROOT / "config" / "supervisor.sock") and cfg.control.mode == 0o600
         assert config.control_socket(path) == cfg.control.socket
 
+    def test_the_container_config_serves_on_every_interface(self) -> None:
+        """config/container.yaml (the Dockerfile's): the demo on 0.0.0.0:8000, socket in /run/supervisor."""
+        cfg = config.load(ROOT / "config" / "container.yaml")
+        [web] = cfg.programs
+        assert [str(a) for a in web.listen] == ["0.0.0.0:8000"] and cfg.migrate is MigrateMode.PREFER
+        assert cfg.control.socket == "/run/supervisor/supervisor.sock"
+
 
 class TestErrors:
     @pytest.mark.parametrize(("change", "expected"), [
