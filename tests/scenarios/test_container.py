@@ -83,7 +83,11 @@ def test_what_a_worker_left_behind_goes_with_it(tmp_path: Path, pid1: bool) -> N
         wait_for("the short orphans reaped (no zombies)", lambda: not zombies(daemon))
         assert sup.events("orphan_reaped"), "the short-lived orphans were reaped by someone else"
 
-        sup.reload()
+        if pid1:  # HUP reloads: PID 1 has a handler for it (the kernel would drop it otherwise)
+            os.kill(daemon, signal.SIGHUP)
+            wait_for("the HUP reload", lambda: sup.generation() == 2 and sup.serving(), timeout=20)
+        else:
+            sup.reload()
         wait_for("generation 1's lingerers gone", lambda: not first & escaped(tmp_path), timeout=3 + 2)
         wait_for("one listener per serving worker", lambda: listening(8000) == 2)
         assert request()[0] == 200
