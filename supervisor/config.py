@@ -120,11 +120,19 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """`metrics:` the HTTP endpoint of /metrics, /healthz and /readyz (off unless set)."""
+
+    listen: Listen
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     control: Control
     migrate: MigrateMode = MigrateMode.REQUIRE
     programs: tuple[Program, ...] = ()
+    metrics: Metrics | None = None
 
     def program(self, name: str) -> Program:
         for program in self.programs:
@@ -253,7 +261,7 @@ class _Reader:
         return ConfigError(self.path, node.start_mark.line + 1 if node is not None else 0, key, problem)
 
     def config(self, root: yaml.Node | None) -> Config:
-        fields = self.mapping(root, "", allowed=("control", "migrate", "programs"), optional=True)
+        fields = self.mapping(root, "", allowed=("control", "metrics", "migrate", "programs"), optional=True)
         control = Control(socket=self.resolve(DEFAULT_SOCKET))
         if "control" in fields:
             control = self.control(fields["control"][1])
@@ -268,7 +276,11 @@ class _Reader:
         if not programs:
             raise self.fail(programs_node, "programs", "at least one program is required")
         self.check_shared_addresses(programs, programs_node)
-        return Config(path=os.path.abspath(self.path), control=control, migrate=migrate, programs=programs)
+        metrics = self.metrics(fields["metrics"][1]) if "metrics" in fields else None
+        if metrics is not None and (owner := next((p.name for p in programs if metrics.listen in p.listen), None)):
+            raise self.fail(fields["metrics"][1], "metrics.listen", f"{metrics.listen} is used by program {owner}")
+        return Config(path=os.path.abspath(self.path), control=control, migrate=migrate, programs=programs,
+                      metrics=metrics)
 
     def control(self, node: yaml.Node) -> Control:
         fields = self.mapping(node, "control", allowed=("socket", "mode"), optional=True)
@@ -276,6 +288,12 @@ class _Reader:
             self.resolve(DEFAULT_SOCKET)
         mode = self.octal(fields["mode"][1], "control.mode", 0o777) if "mode" in fields else 0o600
         return Control(socket=sock, mode=mode)
+
+    def metrics(self, node: yaml.Node) -> Metrics:
+        fields = self.mapping(node, "metrics", allowed=("listen",))
+        if "listen" not in fields:
+            raise self.fail(node, "metrics.listen", 'required (an address such as "127.0.0.1:9150")')
+        return Metrics(listen=self.address(fields["listen"][1], "metrics.listen"))
 
     def program(self, name: str, key_node: yaml.Node, node: yaml.Node) -> Program:
         key = f"programs.{name}"

@@ -9,7 +9,7 @@ and closes the connection.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from supervisor.errors import ControlError
@@ -23,7 +23,7 @@ class Status:
 
 @dataclass(frozen=True)
 class Reload:
-    pass
+    programs: tuple[str, ...] = ()  # only these programs; none: every program
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,22 @@ class Upgrade:
     pass
 
 
-Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade
-# command -> its request type; the type's fields are the arguments it takes
+@dataclass(frozen=True)
+class Tail:
+    """The last `lines` stderr lines of a program's workers; `follow`: then every new one, until the client leaves."""
+
+    program: str
+    lines: int = 10
+    follow: bool = False
+
+
+Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade | Tail
+# command -> its request type; the type's fields are the arguments it takes (those with a default may be left out)
 COMMANDS: dict[str, type[Request]] = {
     "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
-    "upgrade": Upgrade,
+    "upgrade": Upgrade, "tail": Tail,
 }
-_ARG_TYPES = {"program": str, "workers": int}
+_ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "programs": list, "lines": int, "follow": bool}
 
 
 def command_of(request: Request) -> str:
@@ -92,12 +101,16 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
     kind = COMMANDS[command]
     expected = {f.name: _ARG_TYPES[f.name] for f in fields(kind)}
-    for name, value in message.items():
+    for name, value in list(message.items()):
         if name not in expected:
             raise ControlError(f"{command}: unknown argument {name!r}")
-        if not isinstance(value, expected[name]) or isinstance(value, bool):
+        if not isinstance(value, expected[name]) or (isinstance(value, bool) and expected[name] is not bool):
             raise ControlError(f"{command}: {name} must be a {expected[name].__name__}")
-    missing = [name for name in expected if name not in message]
+        if isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                raise ControlError(f"{command}: {name} must be a list of strings")
+            message[name] = tuple(value)
+    missing = [f.name for f in fields(kind) if f.name not in message and f.default is MISSING]
     if missing:
         raise ControlError(f"{command}: missing argument {missing[0]!r}")
     return kind(**message)
