@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.harness import BIN, Supervisor, program, wait_for
 from tests.load import Clients
+from tests.scenarios.test_tls import tls_program, write_cert
 
 pytestmark = pytest.mark.usefixtures("netns")
 
@@ -74,3 +76,20 @@ def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:
     finally:
         sup.kill()
 
+
+
+def test_cryptography_is_loaded_only_once_a_program_has_tls(tmp_path: Path) -> None:
+    """The master maps cryptography's library only when a `tls:` program is checked (at a reload here)."""
+    sup = Supervisor(tmp_path, {"web": program(workers=1)}).start()
+    try:
+        assert sup.proc is not None
+        maps = Path(f"/proc/{sup.proc.pid}/maps")
+        assert "/cryptography/" not in maps.read_text()
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        write_cert(trustme.CA(), certs)
+        sup.write({"web": program(workers=1), "secure": tls_program(certs, workers=1, listen=["127.0.0.1:8443"])})
+        sup.reload()
+        assert "/cryptography/" in maps.read_text()
+    finally:
+        sup.kill()
