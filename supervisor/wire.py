@@ -3,18 +3,18 @@
 The client sends one request, `{"command": "reload"}` (plus arguments such as "program" or
 "workers"). The daemon answers with any number of `{"progress": "text"}` lines and then exactly one
 final line, `{"ok": true, "message": "...", "data": {...}}` or `{"ok": false, "error": "..."}`,
+(`tail` sends `{"line": "text"}` messages before it; with `follow`, until the client leaves),
 and closes the connection.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from supervisor.errors import ControlError
+from supervisor.framing import MAX_LINE, decode, encode  # noqa: F401 (wire.MAX_LINE, wire.encode: the API)
 
-MAX_LINE = 64 * 1024
 
 @dataclass(frozen=True)
 class Status:
@@ -77,20 +77,6 @@ def command_of(request: Request) -> str:
 def to_message(request: Request) -> dict[str, Any]:
     """The request as the client sent it (parse_request reads it back)."""
     return {"command": command_of(request), **{f.name: getattr(request, f.name) for f in fields(request)}}
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def decode(line: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ControlError(f"malformed message: {exc}") from None
-    if not isinstance(message, dict):
-        raise ControlError("malformed message: expected a JSON object")
-    return message
 
 
 def parse_request(line: bytes) -> Request:
