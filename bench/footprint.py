@@ -26,8 +26,10 @@ def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
             rss[mode].append(master_rss(folder / f"{mode}-{run}", tls=mode == "tls"))
     (folder / "ctl").mkdir()
     sup = harness.Supervisor(folder / "ctl", {"web": harness.program(workers=1)}).start()
+    ctl = str(harness.BIN / "supervisorctl")
     commands = {"python -c pass": [harness.PYTHON, "-c", "pass"],
-                "supervisorctl status": [str(harness.BIN / "supervisorctl"), "-c", str(sup.config), "status"]}
+                "supervisorctl status": [ctl, "-c", str(sup.config), "status"],
+                "supervisorctl -s SOCKET status": [ctl, "-s", str(sup.socket), "status"]}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     try:
         for _ in range(spec["runs"]):  # interleaved: both see the same load on the machine
@@ -39,10 +41,13 @@ def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     ms = {name: {f"{kind}_{stat}": round(fn([t[i] for t in runs]) * 1000, 1)
                  for i, kind in enumerate(("wall", "cpu")) for stat, fn in (("min", min), ("p50", statistics.median))}
           for name, runs in times.items()}
-    bare, status = ms["python -c pass"], ms["supervisorctl status"]
+    bare = ms["python -c pass"]
     return {"scenario": "footprint", "rounds": spec["rounds"], "runs": spec["runs"],
             "master_rss_mib": {mode: round(statistics.median(v) / 2**20, 1) for mode, v in rss.items()},
-            "ctl_ms": ms, "status_to_bare": {key: round(status[key] / bare[key], 2) for key in bare}}
+            "ctl_ms": ms,
+            "status_to_bare": {key: round(ms["supervisorctl status"][key] / bare[key], 2) for key in bare},
+            "socket_status_to_bare": {key: round(ms["supervisorctl -s SOCKET status"][key] / bare[key], 2)
+                                      for key in bare}}
 
 
 def master_rss(folder: Path, tls: bool) -> float:

@@ -119,7 +119,8 @@ def footprint_table(r: dict[str, Any]) -> str:
             f"(ms; CPU = user + system of the process):\n\n"
             + table(["command", "wall min", "wall p50", "CPU min", "CPU p50"],
                     [[name, *(v[k] for k in keys)] for name, v in ms.items()]
-                    + [["ratio status / bare", *(ratio[k] for k in keys)]]))
+                    + [["ratio status / bare", *(ratio[k] for k in keys)],
+                       ["ratio -s status / bare", *(r["socket_status_to_bare"][k] for k in keys)]]))
 
 
 def upgrade_table(upgrades: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -13,10 +13,9 @@ import socket
 import sys
 import time
 
-# Only what a command needs: the control socket's path (yamlfile, not the config model), the
-# framing (not wire's dataclasses), the table (status, without psutil). `supervisorctl status`
-# then costs about twice a bare interpreter start (bench: "supervisorctl status").
-from supervisor import framing, status, yamlfile
+# Only what a command needs: the framing (not wire's dataclasses), the table (status, without
+# psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
+from supervisor import framing, status
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
@@ -83,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
     try:
-        path = args.socket or yamlfile.control_socket(args.config)
+        if args.socket:
+            path = args.socket
+        else:
+            from supervisor import yamlfile  # pyyaml is about half of this command's start
+
+            path = yamlfile.control_socket(args.config)
     except ConfigError as exc:
         print(f"supervisorctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
