@@ -13,10 +13,12 @@ import pytest
 
 from supervisor import config, output, wire
 from supervisor.errors import ConfigError, ControlError
-from supervisor.metrics import Tally
+from supervisor.metrics import Tally, not_ready
 from supervisor.plan import plan_reload, select
 from supervisor.reply import Reply
 from supervisor.worker import Worker
+from tests.unit.fakes import Scenario
+from tests.unit.fakes import program as fake_program
 
 TWO = ("programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
        "  api:\n    command: [app]\n    listen: ['127.0.0.1:8001']\n")
@@ -123,3 +125,37 @@ class TestOutput:
             assert out.followers["web"] == [] and writer.is_closing()
         finally:
             theirs.close()
+
+
+class TestDecisions:
+    """`reload PROGRAM` and the counts /metrics shows, with the fake spawner and clock."""
+
+    def test_named_reloads_wait_merge_and_leave_the_others_alone(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": fake_program(), "api": fake_program(listen=["127.0.0.1:8001"])})
+        assert s.start().ok and not_ready(s.master) == []
+        api = s.serving("api")
+        first = s.ask(wire.Reload(("web",)))
+        assert {w.program for w in s.starting()} == {"web"} and not_ready(s.master) == []  # reloading serves
+        second, third = s.ask(wire.Reload(("api",))), s.ask(wire.Reload(("web",)))
+        s.ready(*s.starting())
+        assert first.ok and s.serving("api") == api and s.record("web").serving.number == 2  # type: ignore[union-attr]
+        # The two that waited became one reload of both programs.
+        assert {w.program for w in s.starting()} == {"web", "api"}
+        s.ready(*s.starting())
+        assert second.ok and third.ok and second.answer == third.answer
+        assert (s.record("web").serving.number, s.record("api").serving.number) == (3, 2)  # type: ignore[union-attr]
+        refused = s.ask(wire.Reload(("nosuch",)))
+        assert refused.ok is False and "no program named 'nosuch'" in refused.answer["error"]  # type: ignore[index]
+        assert s.master.tally.reloads == {"done": 2, "rolled_back": 0, "refused": 1}
+
+    def test_readiness_names_what_is_not_serving(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": fake_program(crash_limit=1)})
+        s.start(ready=False)
+        assert not_ready(s.master) == ["web: starting"]
+        s.ready(*s.starting())
+        s.exit(s.serving()[0])
+        assert not_ready(s.master) == ["web: fatal (1 crashes within 60 s)"]
+        assert s.master.tally.restarts == {}  # FATAL: no restart
+        assert s.ask(wire.Start("web")).answer is None
+        s.ready(*s.starting())
+        assert not_ready(s.master) == []
