@@ -229,7 +229,7 @@ class MetricsServer:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
         self.settings = settings
         if settings is not None:
-            self.server = await asyncio.start_server(self._handle, sock=bind(settings))
+            self.server = await asyncio.start_server(self._handle, sock=bind(settings), limit=MAX_HEAD)
             log.info("metrics_listening", address=str(settings.listen))
 
     def move(self, settings: Metrics | None) -> str | None:
@@ -247,7 +247,7 @@ class MetricsServer:
         if sock is not None:
             loop = asyncio.get_running_loop()
             # The socket listens already: connections wait in its queue until the server takes them.
-            task = loop.create_task(asyncio.start_server(self._handle, sock=sock))
+            task = loop.create_task(asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD))
             task.add_done_callback(self._started)
         return f"metrics: now on {settings.listen}" if settings else "metrics: off"
 

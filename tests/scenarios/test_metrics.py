@@ -46,6 +46,15 @@ def get(path: str, address: tuple[str, int] = METRICS) -> tuple[int, str]:
     return code, raw.partition(b"\r\n\r\n")[2].decode()
 
 
+def raw(request: bytes) -> bytes:
+    with socket.create_connection(METRICS, timeout=10) as sock:
+        sock.sendall(request)
+        try:
+            return read_all(sock)
+        except ConnectionResetError:  # closed with the rest of the request unread
+            return b""
+
+
 def scrape(address: tuple[str, int] = METRICS) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics: (name, sorted labels) -> value."""
     code, body = get("/metrics", address)
@@ -139,6 +148,9 @@ def test_readyz_follows_fatal_stop_and_start(tmp_path: Path) -> None:
         assert get("/healthz") == (200, "ok\n")
         assert get("/readyz") == (200, "ready\n")
         assert get("/nothing")[0] == 404
+        assert raw(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+        assert raw(b"HEAD /healthz HTTP/1.1\r\n\r\n").endswith(b"Connection: close\r\n\r\n")
+        assert raw(b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\n\r\n") == b""  # a head over 8 KiB: closed unanswered
         os.kill(sup.workers("api")[0]["pid"], signal.SIGKILL)
         wait_for("api FATAL", lambda: get("/readyz")[0] == 503)
         assert get("/readyz")[1].startswith("api: fatal (1 crashes within")
