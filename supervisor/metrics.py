@@ -147,7 +147,7 @@ def families(master: Master) -> list[Any]:
                             "live workers, summed (falls when a worker exits)", labels=["program"])
     expiry = GaugeMetricFamily("supervisor_tls_cert_not_after_timestamp_seconds", "When the certificate "
                                "the serving workers were given expires (Unix time)", labels=["program"])
-    starting = [g for g in master.reload.generations] if master.reload else []
+    starting = list(master.reload.generations) if master.reload else []
     for name in names:
         record = master.programs.get(name)
         if record is None:
