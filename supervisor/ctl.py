@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 EPILOG = """commands:
   status [--json]     programs, generations, workers (pid, state, uptime, RSS, CPU), migration mode
-  reload [PROGRAM ...]  start new generations (of these programs only, if named), wait until
-                      ready, close the old listeners; other programs keep theirs
+  reload [PROGRAM ...]
+                      start new generations (of the named programs only, if any; the others keep
+                      theirs), wait until ready, close the old listeners
   start PROGRAM       start a stopped or FATAL program
   stop PROGRAM        stop a program (its workers finish what they accepted)
   scale PROGRAM N     run N workers of a running program (until the next reload)
