@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import trustme
 
+from supervisor import output
 from tests.harness import BIN, Supervisor, program, wait_for
 from tests.load import Clients
 from tests.scenarios.test_tls import tls_program, write_cert
@@ -91,5 +94,25 @@ def test_cryptography_is_loaded_only_once_a_program_has_tls(tmp_path: Path) -> N
         sup.write({"web": program(workers=1), "secure": tls_program(certs, workers=1, listen=["127.0.0.1:8443"])})
         sup.reload()
         assert "/cryptography/" in maps.read_text()
+    finally:
+        sup.kill()
+
+
+# A worker that writes 1 KB stderr lines without pause (its readiness: alive for 0.2 s).
+FLOOD = [sys.executable, "-S", "-c", "import sys\nwhile True: sys.stderr.write('x' * 1000 + '\\n')"]
+
+
+def test_a_tail_follower_that_does_not_read_is_dropped_and_the_master_answers_on(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, {"flood": program(FLOOD, workers=1, ready="settle", settle=0.2)}).start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as follower:
+            follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            follower.connect(str(sup.socket))
+            follower.sendall(b'{"command":"tail","program":"flood","lines":0,"follow":true}\n')
+            # Never read: what waits for it grows until supervisord gives up on it.
+            dropped = wait_for("the follower dropped", lambda: sup.events("tail_follower_dropped"), timeout=30)
+            assert dropped[0]["buffered"] <= output.FOLLOWER_BUFFER
+            assert sup.status()["programs"][0]["state"] == "serving"
+            assert len(sup.ctl("tail", "-n", "3", "flood").stdout.splitlines()) == 3
     finally:
         sup.kill()
