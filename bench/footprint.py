@@ -8,22 +8,25 @@ import os
 import statistics
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trustme
+import yaml
 
 from tests import harness
 
+METRICS_PORT = 9150
 SETTLE = 1.0  # seconds a started master runs before its RSS is read (the first status, imports done)
 
 
 def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
-    rss: dict[str, list[float]] = {"plain": [], "tls": []}
+    rss: dict[str, list[float]] = {"plain": [], "tls": [], "metrics": []}
     for run in range(spec["rounds"]):
         for mode in rss:
-            rss[mode].append(master_rss(folder / f"{mode}-{run}", tls=mode == "tls"))
+            rss[mode].append(master_rss(folder / f"{mode}-{run}", mode))
     (folder / "ctl").mkdir()
     sup = harness.Supervisor(folder / "ctl", {"web": harness.program(workers=1)}).start()
     ctl = str(harness.BIN / "supervisorctl")
@@ -50,17 +53,24 @@ def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                                       for key in bare}}
 
 
-def master_rss(folder: Path, tls: bool) -> float:
-    """The resident bytes of a master serving one demo worker (with a certificate when `tls`)."""
+def master_rss(folder: Path, mode: str) -> float:
+    """The resident bytes of a master serving one demo worker: `plain`; `tls` (with a certificate);
+    `metrics` (with the metrics endpoint, scraped once: prometheus_client loaded)."""
     folder.mkdir(parents=True)
     settings: dict[str, Any] = {"workers": 1}
-    if tls:
+    if mode == "tls":
         leaf = trustme.CA().issue_cert("localhost")
         leaf.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
         leaf.private_key_pem.write_to_path(str(folder / "key.pem"))
         settings["tls"] = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem")}
-    sup = harness.Supervisor(folder, {"web": harness.program(**settings)}).start()
+    sup = harness.Supervisor(folder, {"web": harness.program(**settings)})
+    if mode == "metrics":
+        doc = yaml.safe_load(sup.config.read_text())
+        sup.config.write_text(yaml.safe_dump({**doc, "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"}}))
+    sup.start()
     try:
+        if mode == "metrics":
+            urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read()
         time.sleep(SETTLE)
         assert sup.proc is not None
         return float(psutil.Process(sup.proc.pid).memory_info().rss)

@@ -114,7 +114,8 @@ def footprint_table(r: dict[str, Any]) -> str:
     rss, ms, ratio = r["master_rss_mib"], r["ctl_ms"], r["status_to_bare"]
     keys = ("wall_min", "wall_p50", "cpu_min", "cpu_p50")
     return (f"\nThe master's RSS serving one demo worker (median of {r['rounds']}): {rss['plain']} MiB, "
-            f"{rss['tls']} MiB with a `tls:` program (cryptography loaded).\n\n"
+            f"{rss['tls']} MiB with a `tls:` program (cryptography loaded), {rss['metrics']} MiB with `metrics:` "
+            f"after a scrape (prometheus_client loaded).\n\n"
             f"`supervisorctl status` against the same interpreter's bare start, {r['runs']} runs each, interleaved "
             f"(ms; CPU = user + system of the process):\n\n"
             + table(["command", "wall min", "wall p50", "CPU min", "CPU p50"],
