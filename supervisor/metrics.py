@@ -223,6 +223,8 @@ class MetricsServer:
         self.post = post
         self.settings: Metrics | None = None
         self.server: asyncio.Server | None = None
+        # The server of the last move while it starts, and its socket (closed here if it never starts).
+        self.starting: tuple[asyncio.Task[asyncio.Server], socket.socket] | None = None
         self.clients = 0
 
     async def open(self, settings: Metrics | None) -> None:
@@ -248,18 +250,26 @@ class MetricsServer:
             loop = asyncio.get_running_loop()
             # The socket listens already: connections wait in its queue until the server takes them.
             task = loop.create_task(asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD))
+            self.starting = task, sock
             task.add_done_callback(self._started)
         return f"metrics: now on {settings.listen}" if settings else "metrics: off"
 
     def _started(self, task: asyncio.Task[asyncio.Server]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            log.error("metrics_failed", error=str(task.exception()))
+        if task.cancelled():  # closed (moved again, or stopping) before it started
             return
-        if self.server is not None:
-            self.server.close()
-        self.server = task.result()
+        if task.exception() is not None:
+            log.error("metrics_failed", error=str(task.exception()))
+        elif self.starting is None or task is not self.starting[0]:  # moved again meanwhile
+            task.result().close()
+        else:
+            self.server, self.starting = task.result(), None
 
     def close(self) -> None:
+        if self.starting is not None:
+            task, sock = self.starting
+            task.cancel()
+            sock.close()
+            self.starting = None
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -290,7 +300,7 @@ class MetricsServer:
         except TimeoutError:
             code, kind, body = 503, TEXT, b"the master's loop did not answer in time\n"
         _respond(writer, code, kind, body, head=parts[0] == b"HEAD")
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), timeout=REQUEST_TIMEOUT)  # a client that does not read: closed
 
 
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
