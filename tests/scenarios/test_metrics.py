@@ -105,6 +105,8 @@ def test_metrics_follow_reloads_crashes_and_scale_under_load(tmp_path: Path) -> 
         victim = next(w["pid"] for w in sup.workers() if w["generation"] == 2 and w["state"] == "ready")
         os.kill(victim, signal.SIGSTOP)
         socks = open_requests(150)
+        # What hashed to the frozen worker's listener waits in its accept queue, as the kernel says.
+        frozen = value(scrape(), "supervisor_listen_queue", program="web", address="127.0.0.1:8000")
         os.kill(victim, signal.SIGKILL)
         outcomes, _ = collect(socks)
         wait_for("the crashed worker replaced", lambda: sup.serving() and len(sup.workers()) == 3
@@ -119,6 +121,7 @@ def test_metrics_follow_reloads_crashes_and_scale_under_load(tmp_path: Path) -> 
         sup.kill()
     assert not tally.failures and tally.ok > 100, tally.failures[:5]
     assert dict(outcomes) == {"ok": 150}
+    assert 0 < frozen <= 150
     assert value(after_reload, "supervisor_reloads_total", result="done") == 1
     assert value(after_reload, "supervisor_reload_duration_seconds_count") == 1
     assert 0 < value(after_reload, "supervisor_reload_duration_seconds_sum") < 30
