@@ -21,7 +21,7 @@ QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair th
 QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
 # the store's pair (the plain start is what every other part does)
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
-PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput")
+PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling-reloads", type=int, default=10)
     parser.add_argument("--throughput-rounds", type=int, default=3)
     parser.add_argument("--throughput-seconds", type=float, default=5.0)
+    parser.add_argument("--footprint-rounds", type=int, default=3, help="footprint part: masters started per mode")
+    parser.add_argument("--footprint-runs", type=int, default=30,
+                        help="footprint part: `supervisorctl status` and `python -c pass` runs, interleaved")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
@@ -69,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
+        args.footprint_rounds, args.footprint_runs = 1, 3
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
@@ -112,6 +116,8 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "throughput" in parts:
         out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
                     "seconds": args.throughput_seconds, **load})
+    if "footprint" in parts:
+        out.append({"scenario": "footprint", "rounds": args.footprint_rounds, "runs": args.footprint_runs})
     return out
 
 

@@ -20,6 +20,8 @@ def describe(spec: dict[str, Any]) -> str:
         return f"{spec['scenario']}: {spec['system']}, run {spec['run']}"
     if spec["scenario"] == "scaling":
         return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
+    if spec["scenario"] == "footprint":
+        return "footprint: master RSS, supervisorctl status"
     return f"throughput: {spec['workers']} workers"
 
 
@@ -99,10 +101,27 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         out.append(f"\nConnections per second through the demo app, median of {r['rounds']} runs of "
                    f"{r['seconds']:g} s: directly {r['direct_conn_per_s']}, under the supervisor "
                    f"{r['supervised_conn_per_s']}, ratio {r['ratio']}.\n")
+    for r in ok:
+        if r["scenario"] == "footprint":
+            out.append(footprint_table(r))
     for r in results:
         if "error" in r:
             out.append(f"\nFAILED {describe(r)}: {r['error']}\n")
     return "".join(out)
+
+
+def footprint_table(r: dict[str, Any]) -> str:
+    rss, ms, ratio = r["master_rss_mib"], r["ctl_ms"], r["status_to_bare"]
+    keys = ("wall_min", "wall_p50", "cpu_min", "cpu_p50")
+    return (f"\nThe master's RSS serving one demo worker (median of {r['rounds']}): {rss['plain']} MiB, "
+            f"{rss['tls']} MiB with a `tls:` program (cryptography loaded), {rss['metrics']} MiB with `metrics:` "
+            f"after a scrape (prometheus_client loaded).\n\n"
+            f"`supervisorctl status` against the same interpreter's bare start, {r['runs']} runs each, interleaved "
+            f"(ms; CPU = user + system of the process):\n\n"
+            + table(["command", "wall min", "wall p50", "CPU min", "CPU p50"],
+                    [[name, *(v[k] for k in keys)] for name, v in ms.items()]
+                    + [["ratio status / bare", *(ratio[k] for k in keys)],
+                       ["ratio -s status / bare", *(r["socket_status_to_bare"][k] for k in keys)]]))
 
 
 def upgrade_table(upgrades: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 from bench import kernel, systems
+from bench.footprint import footprint
 from tests import harness
 from tests.harness import wait_for
 from tests.load import KINDS, Clients
@@ -512,7 +513,7 @@ def master_use(pid: int) -> dict[str, float]:
 
 SCENARIOS = {"restart": restart_under_load, "upgrade": upgrade_under_load,
              "stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling,
-             "throughput": throughput}
+             "throughput": throughput, "footprint": footprint}
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,6 @@ import re
 import shlex
 import signal
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,20 +23,16 @@ from typing import Any, TypeVar
 import yaml
 
 from supervisor.errors import ConfigError
+from supervisor.yamlfile import DEFAULT_SOCKET, MAX_FILE, control_socket, file_kind  # noqa: F401 (config.MAX_FILE, config.control_socket)
+from supervisor.yamlfile import compose as _compose
+from supervisor.yamlfile import read as _read
 
-DEFAULT_SOCKET = "./supervisor.sock"
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _Choice = TypeVar("_Choice", bound=enum.Enum)
-# libyaml's parser when pyyaml was built with it: the master parses at every reload, in its loop, and
-# libyaml reads a 1 MiB file about five times faster than the pure-Python one.
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-MAX_FILE = 1 << 20  # bytes of a config file; larger ones are refused unread
-MAX_EVENTS = 20_000  # YAML parser events (scalars, aliases, starts and ends of collections) in a file
 # A program's command and env after YAML aliases are expanded: an alias repeated a thousand times
 # costs the file a few bytes each but the master a full copy in every worker's argv or environ.
 MAX_ARGUMENT = 128 * 1024 - 1  # what execve() takes for one argument or variable (MAX_ARG_STRLEN)
@@ -120,12 +115,20 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """`metrics:` the HTTP endpoint of /metrics, /healthz and /readyz (off unless set)."""
+
+    listen: Listen
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     control: Control
     migrate: MigrateMode = MigrateMode.REQUIRE
     programs: tuple[Program, ...] = ()
     watch: tuple[str, ...] = ()  # files whose new content means a reload (filewatch.py)
+    metrics: Metrics | None = None
 
     def program(self, name: str) -> Program:
         for program in self.programs:
@@ -160,85 +163,6 @@ def parse(text: str, path: str) -> Config:
     return _Reader(path).config(_compose(text, path))
 
 
-def control_socket(path: str | os.PathLike[str]) -> str:
-    """Only the control socket's path: the client must find the daemon even if the rest is wrong."""
-    reader = _Reader(os.fspath(path))
-    root = _compose(_read(path), reader.path)
-    fields = reader.mapping(root, "", optional=True)
-    control = reader.mapping(fields["control"][1], "control", optional=True) if "control" in fields else {}
-    node = control["socket"][1] if "socket" in control else None
-    return reader.path_value(node, "control.socket") if node is not None else reader.resolve(DEFAULT_SOCKET)
-
-
-def _read(path: str | os.PathLike[str]) -> str:
-    """The file's text, read without blocking the master's loop (startup and `reload` both come here).
-
-    A FIFO would block open() until a writer comes, a device may never end (/dev/zero): only a
-    regular file is read, opened with O_NONBLOCK in case it was swapped since the stat, and at most
-    MAX_FILE bytes of it.
-    """
-    name = os.fspath(path)
-    try:
-        kind = _kind(os.stat(name).st_mode)
-        if kind:
-            raise ConfigError(name, 0, "", f"not a regular file ({kind})")
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        try:
-            info = os.fstat(fd)
-            size, kind = info.st_size, _kind(info.st_mode)
-            if kind:
-                raise ConfigError(name, 0, "", f"not a regular file ({kind})")
-            data = _read_at_most(fd, MAX_FILE + 1)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise ConfigError(name, 0, "", f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE:
-        raise ConfigError(name, 0, "", f"larger than {MAX_FILE >> 20} MiB ({max(size, len(data))} bytes): not read")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(name, 0, "", "cannot read: not UTF-8 text") from None
-
-
-def _kind(mode: int) -> str | None:
-    """What a file that is not a regular one is, for the error; None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    return next((text for test, text in kinds if test(mode)), "not a file")
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, min(65536, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _compose(text: str, path: str) -> yaml.Node | None:
-    try:
-        # Building nodes costs ~10 times what parsing does (pyyaml resolves each scalar's tag in
-        # Python): count first, and compose only a file of sane size.
-        for count, event in enumerate(yaml.parse(text, Loader=_LOADER)):
-            if count >= MAX_EVENTS:
-                line = event.start_mark.line + 1 if event.start_mark else 0
-                raise ConfigError(path, line, "", f"more than {MAX_EVENTS} YAML values and collections: not read "
-                                  "(a config has a few hundred)")
-        return yaml.compose(text, Loader=_LOADER)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise ConfigError(path, mark.line + 1 if mark else 0, "", f"broken YAML: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, 0, "", f"broken YAML: {exc}") from None
-
-
 Fields = dict[str, tuple[yaml.Node, yaml.Node]]  # key -> (key node, value node)
 
 
@@ -254,7 +178,8 @@ class _Reader:
         return ConfigError(self.path, node.start_mark.line + 1 if node is not None else 0, key, problem)
 
     def config(self, root: yaml.Node | None) -> Config:
-        fields = self.mapping(root, "", allowed=("control", "migrate", "programs", "watch"), optional=True)
+        fields = self.mapping(root, "", allowed=("control", "metrics", "migrate", "programs", "watch"),
+                              optional=True)
         control = Control(socket=self.resolve(DEFAULT_SOCKET))
         if "control" in fields:
             control = self.control(fields["control"][1])
@@ -269,9 +194,12 @@ class _Reader:
         if not programs:
             raise self.fail(programs_node, "programs", "at least one program is required")
         self.check_shared_addresses(programs, programs_node)
+        metrics = self.metrics(fields["metrics"][1]) if "metrics" in fields else None
+        if metrics is not None and (owner := next((p.name for p in programs if metrics.listen in p.listen), None)):
+            raise self.fail(fields["metrics"][1], "metrics.listen", f"{metrics.listen} is used by program {owner}")
         watch = self.watch(fields["watch"][1]) if "watch" in fields else ()
         return Config(path=os.path.abspath(self.path), control=control, migrate=migrate, programs=programs,
-                      watch=watch)
+                      metrics=metrics, watch=watch)
 
     def watch(self, node: yaml.Node) -> tuple[str, ...]:
         """Files to watch: each must be there now, and a regular file once symlinks are followed."""
@@ -281,7 +209,7 @@ class _Reader:
             key = f"watch[{i}]" if isinstance(node, yaml.SequenceNode) else "watch"
             path = self.path_value(item, key)
             try:
-                kind = _kind(os.stat(path).st_mode)
+                kind = file_kind(os.stat(path).st_mode)
             except OSError as exc:
                 raise self.fail(item, key, f"{path}: {exc.strerror}") from None
             if kind:
@@ -295,6 +223,12 @@ class _Reader:
             self.resolve(DEFAULT_SOCKET)
         mode = self.octal(fields["mode"][1], "control.mode", 0o777) if "mode" in fields else 0o600
         return Control(socket=sock, mode=mode)
+
+    def metrics(self, node: yaml.Node) -> Metrics:
+        fields = self.mapping(node, "metrics", allowed=("listen",))
+        if "listen" not in fields:
+            raise self.fail(node, "metrics.listen", 'required (an address such as "127.0.0.1:9150")')
+        return Metrics(listen=self.address(fields["listen"][1], "metrics.listen"))
 
     def program(self, name: str, key_node: yaml.Node, node: yaml.Node) -> Program:
         key = f"programs.{name}"

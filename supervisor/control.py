@@ -95,6 +95,13 @@ class ControlServer:
             writer.close()
             return
         self.post(ControlRequest(request, reply))
+        if isinstance(request, wire.Tail) and request.follow:
+            # A follower sends nothing more: its end of file is the user's Ctrl-C. Without this read its
+            # connection would stay half-open, and counted, until the program writes its next line.
+            with contextlib.suppress(OSError):
+                while await reader.read(4096):
+                    pass
+            writer.close()
         # Counted as open until the master's answer closes it (or the client leaves).
         with contextlib.suppress(OSError):
             await writer.wait_closed()
@@ -164,12 +171,12 @@ def parse(line: bytes) -> wire.Request:
     except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
         raise ControlError("malformed request: a number with too many digits") from None
     for name, value in vars(request).items():
-        if isinstance(value, str):
+        for text in value if isinstance(value, tuple) else [value] if isinstance(value, str) else []:
             try:
-                value.encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError:  # "\ud800": JSON allows a lone UTF-16 surrogate, no file name does
                 raise ControlError(f"malformed request: {name}: an invalid UTF-16 surrogate escape") from None
-        elif isinstance(value, int) and not -MAX_NUMBER <= value <= MAX_NUMBER:
+        if isinstance(value, int) and not isinstance(value, bool) and not -MAX_NUMBER <= value <= MAX_NUMBER:
             raise ControlError(f"malformed request: {name}: out of range")
     return request
 

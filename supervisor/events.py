@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import asyncio
+
     from supervisor.generation import Generation
     from supervisor.reply import Reply
     from supervisor.wire import Request
@@ -125,6 +127,14 @@ class WatchdogDue:
     """Time to tell systemd the master loop is alive."""
 
 
+@dataclass(frozen=True)
+class Scrape:
+    """A GET on the metrics endpoint (`path`): the master sets `answered` to (status, content type, body)."""
+
+    path: str
+    answered: asyncio.Future[tuple[int, str, bytes]]
+
+
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
-         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck)
+         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck | Scrape)

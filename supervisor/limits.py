@@ -15,8 +15,9 @@ from supervisor.config import Config, Program
 
 GENERATIONS = 2  # the serving generation and the one that replaces it, during a reload
 # The master's own: stdio, log file, event loop, signal wake-up, notify and control sockets, control
-# connections (control.MAX_CONNECTIONS + MAX_REFUSING), what a spawn opens for a moment (/dev/null,
-# a pipe, a new worker's listeners), certificates read at a reload; rounded up.
+# connections (control.MAX_CONNECTIONS + MAX_REFUSING), the metrics endpoint and its clients
+# (metrics.MAX_CLIENTS), what a spawn opens for a moment (/dev/null, a pipe, a new worker's
+# listeners), certificates read at a reload; rounded up.
 MASTER_FDS = 160
 NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for RLIMIT_NOFILE
 

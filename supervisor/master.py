@@ -34,8 +34,10 @@ from supervisor import (
     handover,
     listeners,
     logs,
+    metrics,
     migrate,
     orphans,
+    output,
     reaper,
     status,
     tls,
@@ -52,7 +54,8 @@ from supervisor.fdstore import Adopted, FdStore
 from supervisor.filewatch import Files
 from supervisor.generation import Generation, GenerationState, Spawner
 from supervisor.notify import Notifier
-from supervisor.plan import plan_start
+from supervisor.output import Output
+from supervisor.plan import plan_reload, plan_start
 from supervisor.program import ProgramRuntime, names, serving
 from supervisor.reload import Reload, ReloadKind, Switch
 from supervisor.reply import Replies, Reply
@@ -79,7 +82,8 @@ class Master:
         self._spawner = spawner  # made by run() once the notify socket exists, unless a test gives one
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
-        self.watcher = Watcher(self.post, self.later)
+        self.output = Output()  # the last stderr lines of each program, and `tail -f` followers
+        self.watcher = Watcher(self.post, self.later, self.output.record)
         self.reload: Reload | None = None
         self.switch: Switch | None = None  # a committed reload whose old listeners wait SWITCH_DRAIN
         self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the reload
@@ -97,6 +101,8 @@ class Master:
         self.adopted: list[Adopted] = []  # listeners a previous master left in the fd store, until shut
         self.orphans = orphans.Orphans(lambda: self.post(ev.ChildrenChanged()))
         self.files = Files(config.watch)
+        self.tally = metrics.Tally()  # reloads and restarts, for /metrics
+        self.metrics = metrics.MetricsServer(self.post)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -108,6 +114,7 @@ class Master:
             if adopted is None:
                 self.enable_migration(self.config.migrate)
                 await self.endpoints.open()
+                await self.metrics.open(self.config.metrics)
             else:
                 await self.endpoints.adopt(adopted["endpoints"])
         except (OSError, SupervisorError) as exc:
@@ -115,6 +122,11 @@ class Master:
                       error=str(exc))
             self.endpoints.close()
             return EXIT_FAILED
+        if adopted is not None:
+            try:  # the exec closed the old endpoint; the workers serve on whatever happens to it
+                await self.metrics.open(self.config.metrics)
+            except SupervisorError as exc:
+                log.error("metrics_unavailable", error=str(exc))
         reaper.become_subreaper()  # descendants that leave a worker's session stay ours to reap and kill
         self._spawner = self._spawner or ProcessSpawner(self.endpoints.notify_path)
         for signum in ev.HANDLED_SIGNALS:
@@ -141,8 +153,10 @@ class Master:
                 loop.remove_signal_handler(signum)
             self.orphans.close(loop)
             self.orphans.stop(self.own_children())
+            self.output.close("supervisord stopped")
             for reply in self.shutdown_replies:
                 reply.finish(True, "supervisord stopped")
+            self.metrics.close()
             self.endpoints.close()
             self.systemd.close()
         log.info("supervisord_stopped", exit_code=self.exit_code)
@@ -218,6 +232,8 @@ class Master:
                 self.check_children()
             case ev.FilesCheck():
                 self.check_files()
+            case ev.Scrape():
+                metrics.answer_scrape(self, event)
             case ev.WatchdogDue():
                 # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
                 self.systemd.watchdog()
@@ -268,6 +284,8 @@ class Master:
         try:
             if isinstance(request, wire.Status):
                 reply.finish(True, "status", status.snapshot(self))
+            elif isinstance(request, wire.Tail):
+                self.tail(request, reply)
             elif isinstance(request, wire.Shutdown):
                 self.shutdown(reply)
             elif self.stopping:
@@ -290,14 +308,32 @@ class Master:
                 reloading.begin(self, ReloadKind.START, self.config, reply, bundles, plan)
             elif isinstance(request, wire.Reload):
                 self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
-                config, bundles = reloading.load_new_config(self.config, reply)
-                reloading.begin(self, ReloadKind.RELOAD, config, reply, bundles)
+                config, bundles = reloading.load_new_config(self.config, reply, request.programs)
+                plan = plan_reload(config, names(self.programs, running=True), names(self.programs, by_hand=True),
+                                   request.programs)
+                if moved := self.metrics.move(config.metrics):
+                    reply.progress(moved)
+                reloading.begin(self, ReloadKind.RELOAD, config, reply, bundles, plan)
         except (ConfigError, ControlError, migrate.MigrateError) as exc:
             self.refuse(event, str(exc))
+
+    def tail(self, request: wire.Tail, reply: Reply) -> None:
+        """`tail [-n N] [-f] PROGRAM`: its last stderr lines; with -f the reply stays open for new ones."""
+        if request.program not in self.programs and request.program not in {p.name for p in self.config.programs}:
+            raise ControlError(f"no program named {request.program!r}")
+        if not 0 <= request.lines <= output.LINES:
+            raise ControlError(f"lines must be 0..{output.LINES}, got {request.lines}")
+        self.output.tail(request.program, request.lines, reply)
+        if request.follow and not self.stopping:
+            self.output.follow(request.program, reply)
+        else:
+            reply.finish(True, "")
 
     def refuse(self, event: ev.ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""
         event.reply.finish(False, reason)
+        if isinstance(event.request, wire.Reload):
+            self.tally.reloaded("refused")
         if isinstance(event.request, wire.Reload) and not self.stopping:
             # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
             self.systemd.ready(f"{status.describe(self.programs)}; last reload failed: {reason}")
@@ -311,7 +347,9 @@ class Master:
         """
         reloads = [e for e in self.waiting if isinstance(e.request, wire.Reload)]
         if len(reloads) > 1:
-            merged = ev.ControlRequest(wire.Reload(), Replies([e.reply for e in reloads]))
+            wanted = [e.request.programs for e in reloads if isinstance(e.request, wire.Reload)]
+            only = () if not all(wanted) else tuple(dict.fromkeys(name for names in wanted for name in names))
+            merged = ev.ControlRequest(wire.Reload(only), Replies([e.reply for e in reloads]))
             self.waiting = collections.deque(merged if e is reloads[0] else e for e in self.waiting
                                              if e is reloads[0] or e not in reloads)
         while self.waiting and self.reload is None and self.upgrade is None and self.switch is None:

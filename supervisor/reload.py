@@ -22,7 +22,7 @@ from supervisor.config import Config
 from supervisor.errors import EXIT_FAILED, ControlError, MigrateError, SupervisorError
 from supervisor.generation import Generation
 from supervisor.listeners import Listener
-from supervisor.plan import ReloadPlan, plan_reload
+from supervisor.plan import ReloadPlan, plan_reload, select
 from supervisor.program import ProgramRuntime, names
 from supervisor.reply import Reply
 from supervisor.worker import Worker, WorkerState
@@ -138,10 +138,17 @@ def check(config: Config, reply: Reply, only: str | None = None) -> dict[str, tl
     return report.bundles
 
 
-def load_new_config(current: Config, reply: Reply) -> tuple[Config, dict[str, tls.Bundle]]:
+def load_new_config(current: Config, reply: Reply, only: tuple[str, ...] = ()) -> tuple[Config, dict[str, tls.Bundle]]:
     """Step 1 of a reload: the config file read and checked again. Raises the user's error (ConfigError,
-    ControlError, MigrateError); nothing has changed then."""
+    ControlError, MigrateError); nothing has changed then. `only`: the reload of these programs, which
+    takes only their settings from the file (plan.select)."""
     config = config_module.load(current.path)
+    if only:
+        config = select(current, config, only)
+        bundles: dict[str, tls.Bundle] = {}
+        for name in only:
+            bundles.update(check(config, reply, only=name))
+        return config, bundles
     bundles = check(config, reply)
     if config.control != current.control:
         reply.progress("control socket settings changed: they apply after a restart")
@@ -251,6 +258,8 @@ def finish_switch(master: Master) -> None:
             f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
             f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
     reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
+    if reload.kind is ReloadKind.RELOAD:
+        master.tally.reloaded("done", time.monotonic() - reload.started)
     master.systemd.ready(status.describe(master.programs))
     master.next_request()
 
@@ -267,6 +276,8 @@ def roll_back(master: Master, reason: str) -> None:
         master.forget_if_finished(gen)
     still = ", ".join(f"{name}#{r.serving.number}" for name, r in master.programs.items() if r.serving)
     log.error("reload_failed", reason=reason)
+    if reload.kind is ReloadKind.RELOAD:
+        master.tally.reloaded("rolled_back")
     reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else ""))
     if reload.kind is ReloadKind.STARTUP:
         master.exit_code = EXIT_FAILED

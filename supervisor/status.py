@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-import psutil
 
 from supervisor import __version__
 
-if TYPE_CHECKING:  # supervisorctl imports this module for render(): keep its start fast
+# supervisorctl imports this module for render(): keep its start fast (psutil and datetime are
+# imported where the master calls them; typing not at all).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
+if TYPE_CHECKING:
+    from typing import Any
+
     from supervisor.generation import Generation
     from supervisor.master import Master
     from supervisor.program import ProgramRuntime
@@ -20,6 +21,8 @@ if TYPE_CHECKING:  # supervisorctl imports this module for render(): keep its st
 
 def snapshot(master: Master) -> dict[str, Any]:
     """What `status` answers: a view of the master's records and nothing else."""
+    import psutil
+
     starting: dict[str, list[Generation]] = {}
     for gen in master.reload.generations if master.reload else []:
         starting.setdefault(gen.program.name, []).append(gen)
@@ -71,6 +74,8 @@ def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
     if w.alive:
+        import psutil
+
         try:
             proc = psutil.Process(w.pid)
             with proc.oneshot():
@@ -132,6 +137,8 @@ def _worker_line(w: Mapping[str, Any]) -> str:
 
 
 def _utc(timestamp: float) -> str:
+    import datetime
+
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 

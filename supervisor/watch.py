@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -25,9 +26,11 @@ Found = tuple[Worker, Generation]
 
 
 class Watcher:
-    def __init__(self, post: Callable[[Event], None], later: Callable[[float, Event], object]) -> None:
+    def __init__(self, post: Callable[[Event], None], later: Callable[[float, Event], object],
+                 sink: Callable[[Worker, list[str]], Any] | None = None) -> None:
         self.post = post
         self.later = later
+        self.sink = sink  # also given each worker's stderr lines (output.Output: `tail`)
         self.workers: dict[int, Found] = {}  # live workers by pid
 
     def watch(self, w: Worker, gen: Generation) -> None:
@@ -64,8 +67,11 @@ class Watcher:
 
     def output(self, w: Worker) -> None:
         """Log what the worker wrote to stderr since the last look, then wait for more."""
-        for line in w.read_stderr():
+        lines = w.read_stderr()
+        for line in lines:
             log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
+        if self.sink is not None:
+            self.sink(w, lines)
         self.once(w.stderr, WorkerOutput(w))
 
     def exited(self, w: Worker) -> Generation | None:

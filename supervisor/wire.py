@@ -3,18 +3,18 @@
 The client sends one request, `{"command": "reload"}` (plus arguments such as "program" or
 "workers"). The daemon answers with any number of `{"progress": "text"}` lines and then exactly one
 final line, `{"ok": true, "message": "...", "data": {...}}` or `{"ok": false, "error": "..."}`,
+(`tail` sends `{"line": "text"}` messages before it; with `follow`, until the client leaves),
 and closes the connection.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from supervisor.errors import ControlError
+from supervisor.framing import MAX_LINE, decode, encode  # noqa: F401 (wire.MAX_LINE, wire.encode: the API)
 
-MAX_LINE = 64 * 1024
 
 @dataclass(frozen=True)
 class Status:
@@ -23,7 +23,7 @@ class Status:
 
 @dataclass(frozen=True)
 class Reload:
-    pass
+    programs: tuple[str, ...] = ()  # only these programs; none: every program
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,22 @@ class Upgrade:
     pass
 
 
-Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade
-# command -> its request type; the type's fields are the arguments it takes
+@dataclass(frozen=True)
+class Tail:
+    """The last `lines` stderr lines of a program's workers; `follow`: then every new one, until the client leaves."""
+
+    program: str
+    lines: int = 10
+    follow: bool = False
+
+
+Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade | Tail
+# command -> its request type; the type's fields are the arguments it takes (those with a default may be left out)
 COMMANDS: dict[str, type[Request]] = {
     "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
-    "upgrade": Upgrade,
+    "upgrade": Upgrade, "tail": Tail,
 }
-_ARG_TYPES = {"program": str, "workers": int}
+_ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "programs": list, "lines": int, "follow": bool}
 
 
 def command_of(request: Request) -> str:
@@ -70,20 +79,6 @@ def to_message(request: Request) -> dict[str, Any]:
     return {"command": command_of(request), **{f.name: getattr(request, f.name) for f in fields(request)}}
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def decode(line: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ControlError(f"malformed message: {exc}") from None
-    if not isinstance(message, dict):
-        raise ControlError("malformed message: expected a JSON object")
-    return message
-
-
 def parse_request(line: bytes) -> Request:
     """Validate a request line into its typed request; ControlError names what is wrong."""
     message = decode(line)
@@ -92,12 +87,16 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
     kind = COMMANDS[command]
     expected = {f.name: _ARG_TYPES[f.name] for f in fields(kind)}
-    for name, value in message.items():
+    for name, value in list(message.items()):
         if name not in expected:
             raise ControlError(f"{command}: unknown argument {name!r}")
-        if not isinstance(value, expected[name]) or isinstance(value, bool):
+        if not isinstance(value, expected[name]) or (isinstance(value, bool) and expected[name] is not bool):
             raise ControlError(f"{command}: {name} must be a {expected[name].__name__}")
-    missing = [name for name in expected if name not in message]
+        if isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                raise ControlError(f"{command}: {name} must be a list of strings")
+            message[name] = tuple(value)
+    missing = [f.name for f in fields(kind) if f.name not in message and f.default is MISSING]
     if missing:
         raise ControlError(f"{command}: missing argument {missing[0]!r}")
     return kind(**message)

@@ -82,6 +82,7 @@ def worker_exited(master: Master, w: Worker) -> None:
                     log.error("program_fatal", program=record.name, crashes=crashes,
                               window=gen.program.crash_window, serving=len(gen.live_workers))
                 case Restart(after=after, restarts=restarts):
+                    master.tally.restarted(record.name)
                     log.info("worker_respawn_scheduled", program=record.name, worker=w.index, delay=after,
                              restarts=restarts)
                     master.later(after, ev.ManageWorkers())

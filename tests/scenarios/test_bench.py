@@ -69,10 +69,14 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     throughput = next(r for r in results if r["scenario"] == "throughput")
     assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
 
+    footprint = next(r for r in results if r["scenario"] == "footprint")
+    assert footprint["master_rss_mib"]["tls"] > footprint["master_rss_mib"]["plain"] > 0, footprint
+    assert footprint["ctl_ms"]["supervisorctl status"]["cpu_min"] > 0 and footprint["status_to_bare"]["wall_p50"] > 0
+
     table = (tmp_path / "table.md").read_text()
     assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
                                               *(r["system"] for r in upgrades.values())))
-    assert "ratio" in table
+    assert "ratio" in table and "ratio status / bare" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 

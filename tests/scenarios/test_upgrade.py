@@ -189,5 +189,7 @@ def test_term_during_an_upgrade_stops_cleanly(tmp_path: Path) -> None:
 def _quietly(check: Callable[[], bool]) -> bool:
     try:
         return check()
-    except ValueError:  # an empty answer: that connection was accepted just before the exec
+    except (ValueError, ConnectionResetError):
+        # Accepted just before the exec: an empty answer, or a reset when its request was still unread
+        # (closing a socket with unread data sends RST); seen on main too under CPU contention.
         return False

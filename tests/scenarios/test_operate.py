@@ -1,0 +1,118 @@
+"""Operating one program: `reload PROGRAM` leaves the others alone; `tail [-n N] [-f] PROGRAM`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from supervisor import output
+from tests.harness import BIN, Supervisor, program, wait_for
+from tests.load import Clients
+from tests.scenarios.test_tls import tls_program, write_cert
+
+pytestmark = pytest.mark.usefixtures("netns")
+
+
+def test_reload_of_one_program_leaves_the_other_alone_under_load(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, {"web": program(), "api": program(listen=["127.0.0.1:8001"])}).start()
+    try:
+        api_pids = {w["pid"] for w in sup.workers("api")}
+        # The file now says something new for both: only web takes it.
+        sup.write({"web": program(workers=3), "api": program(workers=1, listen=["127.0.0.1:8001"])})
+        with Clients("127.0.0.1:8000", seconds=60) as web, Clients("127.0.0.1:8001", seconds=60) as api:
+            wait_for("the load", lambda: sup.ctl("status").returncode == 0)
+            reloaded = sup.ctl("reload", "web")
+            time.sleep(0.5)  # the retired generation's last answers
+            tallies = web.finish(), api.finish()
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert "web: generation 2 starting 3 workers" in reloaded.stdout and "api" not in reloaded.stdout
+        assert (sup.generation("web"), sup.generation("api")) == (2, 1)
+        assert {w["pid"] for w in sup.workers("api")} == api_pids
+        assert all(not t.failures and t.ok > 100 for t in tallies), [t.failures[:3] for t in tallies]
+
+        unknown = sup.ctl("reload", "nosuch")
+        assert (unknown.returncode, unknown.stderr) == (
+            1, f"supervisorctl: reload failed: no program named 'nosuch' in {sup.config}\n")
+        # Now without a name: every program, with what the file says.
+        sup.reload()
+        assert (sup.generation("web"), sup.generation("api")) == (3, 2)
+        wait_for("api's old workers gone, one new left", lambda: len(sup.workers("api")) == 1)
+    finally:
+        sup.kill()
+
+
+def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, {"web": program(workers=2)}).start()
+    try:
+        pids = [w["pid"] for w in sup.workers()]
+        last = sup.ctl("tail", "-n", "1", "web")
+        assert last.returncode == 0 and len(last.stdout.splitlines()) == 1, last
+        assert last.stdout.startswith("web#1 worker ") and " pid " in last.stdout and "generation=1" in last.stdout
+        both = sup.ctl("tail", "web").stdout
+        assert all(f"pid {pid}: demo pid={pid} generation=1" in both for pid in pids), both
+
+        follower = subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(sup.config), "tail", "-n", "1", "-f",
+                                     "web"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert follower.stdout is not None
+            # The last line comes in the same step as the follow begins: once it is read, the follow is on.
+            assert follower.stdout.readline() == last.stdout
+            os.kill(pids[0], signal.SIGKILL)  # its replacement writes its first line after the follow began
+            line = follower.stdout.readline()
+            replacement = wait_for("the replacement", lambda: [w["pid"] for w in sup.workers() if w["pid"] not in pids])
+            assert line.startswith(f"web#1 worker 0 pid {replacement[0]}: demo pid={replacement[0]} generation=1"), line
+        finally:
+            follower.send_signal(signal.SIGINT)
+            assert follower.wait(timeout=10) == 0
+        assert sup.ctl("status").returncode == 0  # the follower's connection ended with it
+
+        unknown = sup.ctl("tail", "nosuch")
+        assert (unknown.returncode, unknown.stderr) == (1, "supervisorctl: tail failed: no program named 'nosuch'\n")
+    finally:
+        sup.kill()
+
+
+
+def test_cryptography_is_loaded_only_once_a_program_has_tls(tmp_path: Path) -> None:
+    """The master maps cryptography's library only when a `tls:` program is checked (at a reload here)."""
+    sup = Supervisor(tmp_path, {"web": program(workers=1)}).start()
+    try:
+        assert sup.proc is not None
+        maps = Path(f"/proc/{sup.proc.pid}/maps")
+        assert "/cryptography/" not in maps.read_text()
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        write_cert(trustme.CA(), certs)
+        sup.write({"web": program(workers=1), "secure": tls_program(certs, workers=1, listen=["127.0.0.1:8443"])})
+        sup.reload()
+        assert "/cryptography/" in maps.read_text()
+    finally:
+        sup.kill()
+
+
+# A worker that writes 1 KB stderr lines without pause (its readiness: alive for 0.2 s).
+FLOOD = [sys.executable, "-S", "-c", "import sys\nwhile True: sys.stderr.write('x' * 1000 + '\\n')"]
+
+
+def test_a_tail_follower_that_does_not_read_is_dropped_and_the_master_answers_on(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, {"flood": program(FLOOD, workers=1, ready="settle", settle=0.2)}).start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as follower:
+            follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            follower.connect(str(sup.socket))
+            follower.sendall(b'{"command":"tail","program":"flood","lines":0,"follow":true}\n')
+            # Never read: what waits for it grows until supervisord gives up on it.
+            dropped = wait_for("the follower dropped", lambda: sup.events("tail_follower_dropped"), timeout=30)
+            assert dropped[0]["buffered"] <= output.FOLLOWER_BUFFER
+            assert sup.status()["programs"][0]["state"] == "serving"
+            assert len(sup.ctl("tail", "-n", "3", "flood").stdout.splitlines()) == 3
+    finally:
+        sup.kill()

@@ -1,0 +1,161 @@
+"""The pieces of issue 12 that need no process: `metrics:` in the config, the requests `reload
+PROGRAM...` and `tail`, the config a partial reload runs, and the bounds of the stderr ring and its
+followers (a real socket pair, a real event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from supervisor import config, output, wire
+from supervisor.errors import ConfigError, ControlError
+from supervisor.metrics import Tally, not_ready
+from supervisor.plan import plan_reload, select
+from supervisor.reply import Reply
+from supervisor.worker import Worker
+from tests.unit.fakes import Scenario
+from tests.unit.fakes import program as fake_program
+
+TWO = ("programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
+       "  api:\n    command: [app]\n    listen: ['127.0.0.1:8001']\n")
+
+
+def parse_error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "conf.yaml")
+    return str(info.value)
+
+
+class TestMetricsConfig:
+    def test_off_unless_set(self) -> None:
+        assert config.parse(TWO, "conf.yaml").metrics is None
+        on = config.parse("metrics: {listen: '[::1]:9150'}\n" + TWO, "conf.yaml").metrics
+        assert on is not None and str(on.listen) == "[::1]:9150"
+
+    @pytest.mark.parametrize(("text", "message"), [
+        ("metrics: {}\n", 'conf.yaml:1: metrics.listen: required (an address such as "127.0.0.1:9150")'),
+        ("metrics: {listen: 9150}\n", 'conf.yaml:1: metrics.listen: expected a non-empty string, got 9150'),
+        ("metrics: {listen: '127.0.0.1:9150', path: /m}\n", "conf.yaml:1: metrics.path: unknown key; "
+         "expected one of: listen"),
+        ("metrics: {listen: '127.0.0.1:8001'}\n", "conf.yaml:1: metrics.listen: 127.0.0.1:8001 is used by program api"),
+    ])
+    def test_errors_name_the_line_and_key(self, text: str, message: str) -> None:
+        assert parse_error(text + TWO) == message
+
+
+class TestRequests:
+    def test_reload_of_named_programs_and_tail(self) -> None:
+        assert wire.parse_request(b'{"command":"reload","programs":["web","api"]}') == wire.Reload(("web", "api"))
+        assert wire.parse_request(b'{"command":"tail","program":"web"}') == wire.Tail("web", 10, False)
+        assert wire.parse_request(wire.encode(wire.to_message(wire.Tail("web", 3, True)))) == wire.Tail("web", 3, True)
+
+    @pytest.mark.parametrize(("line", "message"), [
+        (b'{"command":"reload","programs":"web"}', "reload: programs must be a list"),
+        (b'{"command":"reload","programs":[1]}', "reload: programs must be a list of strings"),
+        (b'{"command":"tail","program":"web","follow":1}', "tail: follow must be a bool"),
+        (b'{"command":"tail","program":"web","lines":true}', "tail: lines must be a int"),
+        (b'{"command":"tail"}', "tail: missing argument 'program'"),
+    ])
+    def test_malformed(self, line: bytes, message: str) -> None:
+        with pytest.raises(ControlError, match=message):
+            wire.parse_request(line)
+
+
+class TestPartialReload:
+    def test_only_the_named_programs_take_the_new_settings(self, tmp_path: Path) -> None:
+        current = config.parse(TWO, str(tmp_path / "s.yaml"))
+        new = config.parse(TWO.replace("[app]", "[app2]") + "migrate: off\n", str(tmp_path / "s.yaml"))
+        merged = select(current, new, ("web",))
+        assert [(p.name, p.command) for p in merged.programs] == [("web", ("app2",)), ("api", ("app",))]
+        assert merged.migrate is current.migrate
+        plan = plan_reload(merged, running=["web", "api"], stopped=[], only=("web",))
+        assert [p.name for p in plan.start] == ["web"] and plan.retire == ("web",) and plan.removed == ()
+
+    def test_refusals(self, tmp_path: Path) -> None:
+        current = config.parse(TWO, str(tmp_path / "s.yaml"))
+        with pytest.raises(ControlError, match=re.escape(f"no program named 'db' in {tmp_path / 's.yaml'}")):
+            select(current, current, ("db",))
+        moved = config.parse(TWO.replace("8000", "8002").replace("8001", "8000"), str(tmp_path / "s.yaml"))
+        with pytest.raises(ControlError, match=r"api: 127\.0\.0\.1:8000 is used by program web as it runs now"):
+            select(current, moved, ("api",))
+        with pytest.raises(ControlError, match="web: stopped by hand; `start` it instead"):
+            plan_reload(current, running=["api"], stopped=["web"], only=("web",))
+
+
+def test_reload_durations_fill_the_histogram_buckets() -> None:
+    tally = Tally()
+    tally.reloaded("done", 0.3)
+    tally.reloaded("rolled_back")
+    assert tally.reloads == {"done": 1, "rolled_back": 1, "refused": 0}
+    assert tally.buckets == [0, 0, 1, 1, 1, 1, 1, 1, 1] and tally.seconds == 0.3
+
+
+def worker(pid: int = 100) -> Worker:
+    return Worker(program="web", generation=2, index=1, pid=pid, pidfd=-1, stderr=-1, listeners=[])
+
+
+class TestOutput:
+    def test_the_ring_is_bounded_in_lines_and_bytes(self) -> None:
+        out = output.Output()
+        out.record(worker(), [f"line {i}" for i in range(output.LINES + 5)])
+        assert len(out.rings["web"]) == output.LINES and out.rings["web"][0].text == "line 5"
+        out.record(worker(), ["x" * 65536] * 10)
+        assert out.sizes["web"] <= output.BYTES and len(out.rings["web"]) == output.BYTES // 65536
+        assert out.sizes["web"] == sum(len(line.text) for line in out.rings["web"])
+
+    def test_a_follower_that_does_not_read_is_dropped(self) -> None:
+        asyncio.run(self._slow_follower())
+
+    async def _slow_follower(self) -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        try:
+            _reader, writer = await asyncio.open_connection(sock=ours)
+            reply, out = Reply(writer), output.Output()
+            out.follow("web", reply)
+            out.record(worker(), ["first"])
+            await asyncio.sleep(0.01)
+            assert theirs.recv(4096) == wire.encode({"line": "web#2 worker 1 pid 100: first"})
+            for _ in range(output.FOLLOWER_BUFFER // 60000 + 20):  # never read from here on
+                out.record(worker(), ["y" * 60000])
+            assert out.followers["web"] == [] and writer.is_closing()
+        finally:
+            theirs.close()
+
+
+class TestDecisions:
+    """`reload PROGRAM` and the counts /metrics shows, with the fake spawner and clock."""
+
+    def test_named_reloads_wait_merge_and_leave_the_others_alone(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": fake_program(), "api": fake_program(listen=["127.0.0.1:8001"])})
+        assert s.start().ok and not_ready(s.master) == []
+        api = s.serving("api")
+        first = s.ask(wire.Reload(("web",)))
+        assert {w.program for w in s.starting()} == {"web"} and not_ready(s.master) == []  # reloading serves
+        second, third = s.ask(wire.Reload(("api",))), s.ask(wire.Reload(("web",)))
+        s.ready(*s.starting())
+        assert first.ok and s.serving("api") == api and s.record("web").serving.number == 2  # type: ignore[union-attr]
+        # The two that waited became one reload of both programs.
+        assert {w.program for w in s.starting()} == {"web", "api"}
+        s.ready(*s.starting())
+        assert second.ok and third.ok and second.answer == third.answer
+        assert (s.record("web").serving.number, s.record("api").serving.number) == (3, 2)  # type: ignore[union-attr]
+        refused = s.ask(wire.Reload(("nosuch",)))
+        assert refused.ok is False and "no program named 'nosuch'" in refused.answer["error"]  # type: ignore[index]
+        assert s.master.tally.reloads == {"done": 2, "rolled_back": 0, "refused": 1}
+
+    def test_readiness_names_what_is_not_serving(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": fake_program(crash_limit=1)})
+        s.start(ready=False)
+        assert not_ready(s.master) == ["web: starting"]
+        s.ready(*s.starting())
+        s.exit(s.serving()[0])
+        assert not_ready(s.master) == ["web: fatal (1 crashes within 60 s)"]
+        assert s.master.tally.restarts == {}  # FATAL: no restart
+        assert s.ask(wire.Start("web")).answer is None
+        s.ready(*s.starting())
+        assert not_ready(s.master) == []
