@@ -12,6 +12,7 @@ import psutil
 import pytest
 import yaml
 
+from supervisor.config import parse
 from tests.harness import PYTHON, Supervisor, program, request, wait_for
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -121,7 +122,8 @@ def test_the_dockerfile_runs_supervisord_as_pid_1() -> None:
                 assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repository"
 
 
-def test_the_kubernetes_example_sets_the_sysctl_and_probes() -> None:
+def test_the_kubernetes_example_sets_the_sysctl_and_probes(tmp_path: Path) -> None:
+    """The manifest names the sysctl and the probes, and its supervisor.yaml is a valid config."""
     docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text()) if d]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -130,3 +132,9 @@ def test_the_kubernetes_example_sets_the_sysctl_and_probes() -> None:
     assert container["livenessProbe"] and container["readinessProbe"]
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["supervisor.yaml"]
     assert yaml.safe_load(config)["watch"], "the example reloads when its mounted Secret changes"
+    for name in ("tls.crt", "tls.key"):  # the Secret's files, mounted at /etc/tls in the pod
+        (tmp_path / name).write_text("PEM")
+    parsed = parse(config.replace("/etc/tls/", f"{tmp_path}/"), str(tmp_path / "supervisor.yaml"))
+    assert parsed.metrics is not None and str(parsed.metrics.listen) == "0.0.0.0:9150"
+    assert {probe["httpGet"]["path"] for probe in (container["livenessProbe"], container["readinessProbe"])} \
+        == {"/healthz", "/readyz"}
