@@ -104,6 +104,14 @@ class SwitchDue:
 
 
 @dataclass(frozen=True)
+class RollDue:
+    """A rolling reload's batch is ready and its old listeners steered away from: shut them, next batch."""
+
+    reload_id: int
+    program: str
+
+
+@dataclass(frozen=True)
 class UpgradeChecked:
     """The new code's check ended (its pidfd is readable), or it ran out of time."""
 
@@ -117,4 +125,4 @@ class WatchdogDue:
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
-         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck)
+         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | RollDue)

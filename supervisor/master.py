@@ -199,6 +199,8 @@ class Master:
                 workers.manage(self)
             case ev.RecycleCheck():
                 workers.recycle_check(self)
+            case ev.RollDue():
+                reloading.roll_due(self, event.reload_id, event.program)
             case ev.SwitchDue():
                 if self.switch is not None:
                     reloading.finish_switch(self)
@@ -294,7 +296,8 @@ class Master:
     def retire(self, gen: Generation) -> int:
         """Shut every listener of `gen` at once; its workers' stop signals follow after stop_delay."""
         closed = gen.retire()
-        self.stop_later(gen.program, gen.live_workers)
+        # Those that left it before (scaled down, recycled, rolled out) were given their stop already.
+        self.stop_later(gen.program, [w for w in gen.live_workers if w not in gen.leaving])
         log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
                  workers=len(gen.live_workers))
         self.forget_if_finished(gen)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # supervisorctl imports this module for render(): keep its st
     from supervisor.generation import Generation
     from supervisor.master import Master
     from supervisor.program import ProgramRuntime
+    from supervisor.rolling import Roll
     from supervisor.worker import Worker
 
 
@@ -37,7 +38,8 @@ def snapshot(master: Master) -> dict[str, Any]:
             "migrate": {"mode": master.migration.mode.value, "enabled": master.migration.enabled,
                         "reason": master.migration.reason},
             "reloading": master.reload is not None,
-            "programs": [program_facts(master.programs[name], starting.get(name, [])) for name in names],
+            "programs": [program_facts(master.programs[name], starting.get(name, []),
+                                       master.reload.rolls.get(name) if master.reload else None) for name in names],
         }
 
 
@@ -48,7 +50,7 @@ def describe(programs: Mapping[str, ProgramRuntime]) -> str:
     return f"serving {serving}" if serving else "no program running"
 
 
-def program_facts(record: ProgramRuntime, starting: list[Generation]) -> dict[str, Any]:
+def program_facts(record: ProgramRuntime, starting: list[Generation], roll: Roll | None = None) -> dict[str, Any]:
     now = time.monotonic()
     gens = sorted([*record.generations(), *starting], key=lambda g: g.number)
     cert = record.certificate
@@ -60,6 +62,7 @@ def program_facts(record: ProgramRuntime, starting: list[Generation]) -> dict[st
         "last_exit": record.last_exit,
         "tls": cert.as_dict() if cert else None,
         "fatal": fatal_facts(record.fatal, record.serving) if record.fatal is not None else None,
+        "roll": roll.facts() if roll else None,
     }
 
 
@@ -109,6 +112,9 @@ def render(data: Mapping[str, Any]) -> str:
         gens = ", ".join(f"#{g['generation']} {g['state']}" for g in program["generations"])
         fatal = program.get("fatal")
         state = f"FATAL ({fatal['reason']}: no restarts until reload or start)" if fatal else program["state"]
+        if roll := program.get("roll"):
+            state += (f" (rolling #{roll['from']} -> #{roll['to']}: {roll['replaced']} of {roll['of']} slots "
+                      f"replaced, {roll['batch']} at a time)")
         lines.append(f"{program['name']:<16}{state}" + (f"  ({gens})" if gens else ""))
         for w in [*program["workers"], *(fatal["workers"] if fatal else [])]:
             lines.append(_worker_line(w))

@@ -1,0 +1,93 @@
+"""`strategy: rolling` with real workers, sockets and the kernel's migration, under load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import DEMO, Supervisor, program, request, supervisor
+from tests.load import Clients
+
+pytestmark = pytest.mark.usefixtures("netns")
+
+# Worker 2 of a generation started with FAIL=1 exits before it is ready; the others are the demo.
+FAILS_AT_SLOT_2 = ["/bin/sh", "-c", '[ -n "$FAIL" ] && [ "$SUPERVISOR_WORKER" = 2 ] && '
+                   '{ echo "slot 2 cannot load its model" >&2; exit 3; }; exec "$@"', "worker", *DEMO]
+
+
+def rolling(**settings: object) -> dict[str, object]:
+    return program(workers=4, strategy="rolling", stop_delay=0.2, graceful_timeout=2, **settings)
+
+
+class Sampler:
+    """Counts the master's live worker processes every few milliseconds while it runs."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        assert sup.proc is not None
+        self.master = psutil.Process(sup.proc.pid)
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                alive = [p for p in self.master.children() if p.status() != psutil.STATUS_ZOMBIE]
+            except psutil.Error:
+                continue
+            self.peak, self.samples = max(self.peak, len(alive)), self.samples + 1
+            time.sleep(0.005)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def test_a_rolling_reload_under_load_fails_nothing_and_never_runs_more_than_n_plus_k(tmp_path: Path) -> None:
+    """4 workers, batch 1 then batch 2, 64 connections in flight: 0 failed, at most 5 (then 6) workers alive."""
+    with supervisor(tmp_path, {"web": rolling()}) as sup, Clients("127.0.0.1:8000", seconds=60) as load:
+        time.sleep(0.5)
+        for generation, batch in ((2, 1), (3, 2)):
+            sup.write({"web": rolling(batch=batch)})  # the batch of the config being rolled in counts
+            with Sampler(sup) as sampler:
+                out = sup.reload().stdout
+            assert sampler.samples > 50 and sampler.peak == 4 + batch, (sampler.peak, out)
+            assert f"web: slots 3 now on generation {generation}" in out or \
+                f"web: slots 2, 3 now on generation {generation}" in out, out
+            assert sup.generation() == generation
+            assert {w["generation"] for w in sup.workers() if w["state"] == "ready"} == {generation}
+        time.sleep(0.3)
+        tally = load.finish()
+    assert not tally.failures, tally.failed()
+    assert tally.ok > 1000
+
+
+def test_a_replacement_that_fails_halfway_leaves_the_program_serving_on_the_old_config(tmp_path: Path) -> None:
+    """Slots 0 and 1 rolled, slot 2 fails: they go back to generation 1, which serves; 0 failed under load."""
+    with supervisor(tmp_path, {"web": rolling(command=FAILS_AT_SLOT_2)}) as sup, \
+            Clients("127.0.0.1:8000", seconds=60) as load:
+        time.sleep(0.5)
+        sup.write({"web": rolling(command=FAILS_AT_SLOT_2, env={"FAIL": "1"})})
+        result = sup.ctl("reload")
+        assert result.returncode == 1, result.stdout
+        assert "generation 2 worker 2" in result.stderr and "slot 2 cannot load its model" in result.stderr
+        assert "still serving: web#1; web: slots 0, 1 rolled back to generation 1" in result.stderr
+        sup_serving = sup.serving
+        deadline = time.monotonic() + 10
+        while not (sup_serving() and len(sup.workers()) == 4) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sup.generation() == 1
+        assert sorted((w["worker"], w["generation"]) for w in sup.workers()) == [(i, 1) for i in range(4)]
+        tally = load.finish()
+        assert request()[1]["generation"] == 1
+    assert not tally.failures, tally.failed()
+    assert tally.ok > 500
