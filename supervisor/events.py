@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from supervisor.generation import Generation
     from supervisor.reply import Reply
+    from supervisor.template import Template
     from supervisor.wire import Request
     from supervisor.worker import Worker
 
@@ -112,6 +113,27 @@ class RollDue:
 
 
 @dataclass(frozen=True)
+class TemplateMessage:
+    """A preload template's socket is readable: it is ready, or it forked a worker (or could not)."""
+
+    template: Template
+
+
+@dataclass(frozen=True)
+class TemplateExited:
+    """A preload template's pidfd is readable."""
+
+    template: Template
+
+
+@dataclass(frozen=True)
+class TemplateOutput:
+    """A preload template wrote to its stderr (an import's traceback)."""
+
+    template: Template
+
+
+@dataclass(frozen=True)
 class UpgradeChecked:
     """The new code's check ended (its pidfd is readable), or it ran out of time."""
 
@@ -125,4 +147,5 @@ class WatchdogDue:
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
-         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | RollDue)
+         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | RollDue | TemplateMessage | TemplateExited
+         | TemplateOutput)

@@ -103,8 +103,9 @@ class Reload:
     def worker_exited(self, gen: Generation, w: Worker) -> Decision:
         if gen not in self.generations:
             return Pending()
-        return RollBack(f"{w.program}: generation {gen.number} worker {w.index} (pid {w.pid}) "
-                        f"{w.describe_exit()} before it was ready" + stderr_tail(w))
+        how = f"(pid {w.pid}) {w.describe_exit()}" if w.forked else "was not forked"  # preload
+        return RollBack(f"{w.program}: generation {gen.number} worker {w.index} {how} before it was ready"
+                        + stderr_tail(w, lines=20 if not w.forked else 10))
 
     def timed_out(self, gen: Generation) -> Decision:
         """`gen` has had `ready_timeout` seconds since it started."""
@@ -175,9 +176,9 @@ def load_new_config(current: Config, reply: Reply) -> tuple[Config, dict[str, tl
     return config, bundles
 
 
-def stderr_tail(w: Worker, whose: str = "") -> str:
+def stderr_tail(w: Worker, whose: str = "", lines: int = 10) -> str:
     """The worker's last stderr lines, for the reason of a rollback."""
-    tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
+    tail = "".join(f"\n  {line}" for line in list(w.tail)[-lines:])
     return f"; last stderr lines{whose}:{tail}" if tail else ""
 
 
@@ -312,6 +313,7 @@ def roll_back(master: Master, reason: str) -> None:
     put_back = [said for roll in reload.rolls.values() if (said := rolling.put_back(master, roll))]
     for gen in reload.generations:
         master.stop_later(gen.program, gen.rollback())
+        master.generation_over(gen)
         master.programs[gen.program.name].rolled_back(gen)
         master.forget_if_finished(gen)
     still = ", ".join(f"{name}#{r.serving.number}" for name, r in master.programs.items() if r.serving)

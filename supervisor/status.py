@@ -73,7 +73,7 @@ def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
         "uptime": round(now - w.started, 1), "restarts": slot.restarts if slot else None, "rss": None,
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
-    if w.alive:
+    if w.alive and w.forked:
         try:
             proc = psutil.Process(w.pid)
             with proc.oneshot():
