@@ -21,7 +21,7 @@ QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair th
 QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
 # the store's pair (the plain start is what every other part does)
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
-PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput")
+PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "preload")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling-reloads", type=int, default=10)
     parser.add_argument("--throughput-rounds", type=int, default=3)
     parser.add_argument("--throughput-seconds", type=float, default=5.0)
+    parser.add_argument("--preload-workers", default="1,2,4,16,64", help="preload part: worker counts")
+    parser.add_argument("--preload-reloads", type=int, default=5, help="preload part: reloads per row")
+    parser.add_argument("--memory-workers", type=int, default=4, help="preload part: workers of the memory rows")
+    parser.add_argument("--memory-model", type=int, default=64, help="preload part: MiB each worker loads")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
@@ -69,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
+        args.preload_workers, args.preload_reloads, args.memory_workers, args.memory_model = "2", 1, 2, 8
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
@@ -109,6 +114,12 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "backlog": args.backlog} for w in args.scaling_workers.split(",")]
         out += [{"scenario": "scaling", "workers": args.workers, "addresses": int(a), "reloads": args.scaling_reloads,
                  "backlog": args.backlog} for a in args.scaling_addresses.split(",") if int(a) != 1]
+    if "preload" in parts:  # reload time spawned vs forked, then memory per strategy
+        out += [{"scenario": "preload_reload", "workers": int(w), "preload": forked, "reloads": args.preload_reloads,
+                 "backlog": args.backlog} for w in args.preload_workers.split(",") for forked in (False, True)]
+        out += [{"scenario": "memory", "mode": mode, "workers": args.memory_workers, "model_mib": args.memory_model,
+                 "reloads": max(1, args.preload_reloads // 2), "backlog": args.backlog}
+                for mode in ("all-at-once", "rolling", "preload")]
     if "throughput" in parts:
         out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
                     "seconds": args.throughput_seconds, **load})
