@@ -3,7 +3,7 @@ forking workers from a per-generation template (`preload:`) and with `strategy: 
 
 - `preload_reload`: reload time (the daemon's own: from the request to the old listeners closed) of
   the demo app with 1..64 workers, spawned (`python -m supervisor.demo` each) or forked from a
-  template that imported the demo.
+  template that imported the demo; each reload starts once the last one's old workers have exited.
 - `memory`: a worker that holds a 64 MiB read-only "model" (`bench.bigmodel`), N workers; the
   program's memory as the sum of the proportional set size (PSS, /proc/PID/smaps_rollup) of every
   process below the master (workers, and the template under preload), sampled every 20 ms during
@@ -35,7 +35,11 @@ def preload_reload(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     server = systems.Supervisor(folder, workers=spec["workers"], backlog=spec["backlog"], program=program)
     server.start()
     try:
-        times = [server.reload()["daemon_ms"] for _ in range(spec["reloads"])]
+        times = []
+        for _ in range(spec["reloads"]):
+            # Each reload on a quiet program: the last one's old workers (and template) gone first.
+            steady(server, spec["workers"])
+            times.append(server.reload()["daemon_ms"])
     finally:
         server.stop()
     return {"scenario": "preload_reload", "workers": spec["workers"], "preload": spec["preload"],

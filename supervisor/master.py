@@ -323,7 +323,7 @@ class Master:
     def generation_over(self, gen: Generation) -> None:
         """`gen` starts no more workers: its preload template, if any, exits."""
         if self.templates is not None:
-            self.templates.retire(gen.program.name, gen.number)
+            self.templates.retire(self, gen.program.name, gen.number)
 
     def stop_later(self, program: Program, workers: list[Worker]) -> None:
         """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.

@@ -16,10 +16,12 @@ generation starts a new template.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ class Template:
     control: socket.socket  # the master's end of the protocol socket
     pending: dict[int, Worker] = field(default_factory=dict)  # fork id -> the worker being forked
     ready_ms: int | None = None  # how long its imports took, once it said so
+    retiring: bool = False  # its generation forks no more: closed once nothing is pending
 
     @property
     def alive(self) -> bool:
@@ -132,10 +135,17 @@ class Templates:
                  preload=list(program.preload))
         return template
 
-    def retire(self, program: str, generation: int) -> None:
-        """The generation forks no more: close the socket, the template exits on its EOF."""
-        template = self.running.pop((program, generation), None)
-        if template is not None:
+    def retire(self, master: Master, program: str, generation: int) -> None:
+        """The generation forks no more: once every fork asked for is answered, the socket is closed and
+        the template exits on its EOF. One that has not finished its imports forks nothing: killed."""
+        template = self.running.get((program, generation))
+        if template is None or template.retiring:
+            return
+        template.retiring = True
+        message(master, template)  # its "ready" may be waiting: it may have forked since
+        if template.ready_ms is None:
+            template.process.kill()  # still importing (or stuck there); its pending workers fail when it is reaped
+        elif not template.pending:
             close(template)
 
     def names(self) -> list[str]:
@@ -178,14 +188,18 @@ def message(master: Master, template: Template) -> None:
                      import_ms=answer["ready"])
             continue
         w = template.pending.pop(answer.get("forked") or answer.get("failed"), None)
-        if w is None:
+        if w is None:  # not expected: a worker nobody watches must not serve
             for fd in fds:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
                 os.close(fd)
             continue
         if "forked" in answer and fds:
             forked(master, w, answer["pid"], fds[0])
         else:
             not_forked(master, w, [f"its preload template could not fork it: {answer.get('error', 'no pidfd')}"])
+        if template.retiring and not template.pending:
+            return close(template)
 
 
 def forked(master: Master, w: Worker, pid: int, pidfd: int) -> None:

@@ -30,6 +30,7 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import runpy  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -53,6 +54,9 @@ def main() -> int:
     started = time.monotonic()
     for module in spec["preload"]:
         importlib.import_module(module)  # a failure: traceback on stderr, exit status 1
+    # The intermediates are reaped by the kernel: the template forks the next worker without waiting
+    # for the last intermediate to exit. Each child sets SIGCHLD back to the default first thing.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     control.send(json.dumps({"ready": round((time.monotonic() - started) * 1000)}).encode())
     while True:
         message, fds, _flags, _address = socket.recv_fds(control, 65536, 256)
@@ -73,11 +77,12 @@ def fork(control: socket.socket, request: dict[str, Any], fds: list[int],
     """Fork one worker through an intermediate; returns in the worker only (what to run), else None."""
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)  # the intermediate exits as soon as it has reported
-        return None
+    if os.fork():
+        return None  # the intermediate reports and exits; the kernel reaps it (SIGCHLD ignored)
     try:
+        # Before the worker exists: with SIGCHLD ignored the kernel would reap it, and the master
+        # would never see its exit status.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         worker = os.fork()
         if worker == 0:
             try:

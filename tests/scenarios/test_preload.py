@@ -151,3 +151,14 @@ def test_a_dead_template_is_started_again_for_the_next_restart_and_upgrade_is_re
         result = sup.ctl("upgrade")
         assert result.returncode == 1
         assert "upgrade refused, nothing changed: web preload from a template process" in result.stderr
+
+
+def test_a_template_stuck_in_its_imports_is_killed_when_its_generation_times_out(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(120)\n")
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"])}) as sup:
+        sup.write({"web": program(preload=["slow"], cwd=str(tmp_path), ready_timeout=1.5)})
+        result = sup.ctl("reload")
+        assert result.returncode == 1 and "web: generation 2 not ready within 1.5 s" in result.stderr
+        wait_for("the stuck template killed", lambda: [e["status"] for e in sup.events("template_exited")]
+                 == ["killed by SIGKILL"])
+        assert len(templates(sup)) == 1 and request()[1]["generation"] == 1
