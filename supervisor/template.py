@@ -242,5 +242,5 @@ def output(master: Master, template: Template) -> None:
     process = template.process
     for line in process.read_stderr():
         log.info("template_stderr", program=template.program, gen=template.generation, pid=process.pid, line=line)
-    if process.alive:
+    if process.alive and process.stderr >= 0:  # at EOF read_stderr closed it: its pidfd says the rest
         _once(process.stderr, ev.TemplateOutput(template), master.post)

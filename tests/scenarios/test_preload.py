@@ -147,10 +147,12 @@ def test_a_dead_template_is_started_again_for_the_next_restart_and_upgrade_is_re
         psutil.Process(victim).kill()
         wait_for("the restarted worker", lambda: sup.serving() and len(sup.workers()) == 2
                  and victim not in [w["pid"] for w in sup.workers()])
-        assert len(sup.events("template_started")) == 2 and request()[1]["generation"] == 1
+        wait_for("a second template", lambda: len(sup.events("template_started")) == 2)
+        assert request()[1]["generation"] == 1
         result = sup.ctl("upgrade")
         assert result.returncode == 1
         assert "upgrade refused, nothing changed: web preload from a template process" in result.stderr
+        assert not sup.events("handler_failed")
 
 
 def test_a_template_stuck_in_its_imports_is_killed_when_its_generation_times_out(tmp_path: Path) -> None:
@@ -162,3 +164,23 @@ def test_a_template_stuck_in_its_imports_is_killed_when_its_generation_times_out
         wait_for("the stuck template killed", lambda: [e["status"] for e in sup.events("template_exited")]
                  == ["killed by SIGKILL"])
         assert len(templates(sup)) == 1 and request()[1]["generation"] == 1
+        assert not sup.events("handler_failed")
+
+
+def test_reloads_leak_no_fd_and_no_template(tmp_path: Path) -> None:
+    """Each reload starts a template and ends the last one: the master's fds come back to the same count."""
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"], stop_delay=0.1)}) as sup:
+        assert sup.proc is not None
+        master = psutil.Process(sup.proc.pid)
+
+        def settled() -> int:
+            wait_for("only the serving generation left", lambda: len(sup.workers()) == 2 and len(templates(sup)) == 1)
+            time.sleep(0.2)
+            return master.num_fds()
+
+        sup.reload()
+        before = settled()
+        for _ in range(8):
+            sup.reload()
+        assert settled() == before
+        assert len(sup.events("template_exited")) == 9 and not sup.events("handler_failed")
