@@ -127,8 +127,7 @@ class Templates:
         mine.setblocking(False)
         template = Template(program.name, generation, process, mine)
         self.running[(program.name, generation)] = template
-        loop = asyncio.get_running_loop()
-        loop.add_reader(mine.fileno(), self.post, ev.TemplateMessage(template))
+        _once(mine.fileno(), ev.TemplateMessage(template), self.post)
         _once(process.pidfd, ev.TemplateExited(template), self.post)
         _once(process.stderr, ev.TemplateOutput(template), self.post)
         log.info("template_started", program=program.name, gen=generation, pid=process.pid,
@@ -175,7 +174,7 @@ def message(master: Master, template: Template) -> None:
         try:
             data, fds, _flags, _address = socket.recv_fds(template.control, MAX_MESSAGE, 1)
         except (BlockingIOError, InterruptedError):
-            return
+            return _once(template.control.fileno(), ev.TemplateMessage(template), master.post)  # for the next ones
         except OSError as exc:
             log.error("template_socket_failed", program=template.program, gen=template.generation, error=str(exc))
             return close(template)
@@ -213,6 +212,7 @@ def forked(master: Master, w: Worker, pid: int, pidfd: int) -> None:
 
 def not_forked(master: Master, w: Worker, why: list[str]) -> None:
     """The template could not fork it, or ended first: it ends as a worker that exited before it was ready."""
+    log.error("worker_not_forked", program=w.program, gen=w.generation, worker=w.index, why=why[0])
     w.tail.extend(why)
     w.status = EXIT_NOT_FORKED
     master.post(ev.WorkerExited(w))

@@ -81,7 +81,12 @@ def fork(control: socket.socket, request: dict[str, Any], fds: list[int],
     """Fork one worker through an intermediate; returns in the worker only (what to run), else None."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.fork():
+    try:
+        intermediate = os.fork()
+    except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max), ENOMEM: this worker fails, the template stays
+        control.send(json.dumps({"failed": request["fork"], "error": f"fork: {exc}"}).encode())
+        return None
+    if intermediate:
         return None  # the intermediate reports and exits; the kernel reaps it (SIGCHLD ignored)
     try:
         # Before the worker exists: with SIGCHLD ignored the kernel would reap it, and the master

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -184,3 +185,19 @@ def test_reloads_leak_no_fd_and_no_template(tmp_path: Path) -> None:
             sup.reload()
         assert settled() == before
         assert len(sup.events("template_exited")) == 9 and not sup.events("handler_failed")
+
+
+def test_a_fork_the_template_cannot_make_fails_that_worker_only(tmp_path: Path) -> None:
+    """The template's user may run no more processes (RLIMIT_NPROC): a restart's fork fails with EAGAIN,
+    is reported for that worker (a crash, retried with backoff), and the template and the others serve on."""
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"], user="nobody", cwd="/",
+                                              listen=["127.0.0.1:443"])}) as sup:
+        [template] = templates(sup)
+        # nobody runs 3 processes already; as nobody, since root may lack CAP_SYS_RESOURCE in a container
+        subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "prlimit",
+                        f"--pid={template.pid}", "--nproc=1:1"], check=True)
+        victim, survivor = (w["pid"] for w in sup.workers())
+        psutil.Process(victim).kill()
+        wait_for("the fork's failure", lambda: sup.events("worker_not_forked"))
+        assert "its preload template could not fork it: fork: [Errno 11]" in sup.events("worker_not_forked")[0]["why"]
+        assert _alive(template.pid) and _alive(survivor) and not sup.events("handler_failed")
