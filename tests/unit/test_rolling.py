@@ -117,6 +117,18 @@ class TestRolling:
         assert sorted(w.index for w in s.serving()) == [0, 1, 2, 3]
         assert s.record().retiring[0].state is GenerationState.ROLLED_BACK
 
+    def test_a_replacement_that_dies_during_its_switch_leaves_the_old_worker_serving(self, tmp_path: Path) -> None:
+        s = rolling(tmp_path)
+        old = {w.index: w for w in s.serving()}
+        reply = s.ask(wire.Reload())
+        [fresh] = s.starting()
+        s.ready(fresh)  # steered away from the old worker; its shut is due on a later turn
+        s.exit(fresh)
+        assert reply.ok is False and "generation 2 worker 0" in reply.answer["error"]  # type: ignore[index]
+        s.advance(1)  # the switch that was due finds no roll: nothing is shut
+        assert not any(x.shut for x in old[0].listeners) and old[0].state is WorkerState.READY
+        assert old[0].signals == [] and sorted(w.index for w in s.serving()) == [0, 1, 2, 3]
+
     def test_a_batch_not_ready_in_time_rolls_back(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, workers=2)
         reply = s.ask(wire.Reload())
