@@ -69,7 +69,7 @@ def program_facts(record: ProgramRuntime, starting: list[Generation], roll: Roll
 def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
     slot = gen.slot_of(w)
     facts: dict[str, Any] = {
-        "worker": w.index, "pid": w.pid, "state": w.state.value, "generation": w.generation,
+        "worker": w.index, "pid": w.pid if w.forked else None, "state": w.state.value, "generation": w.generation,
         "uptime": round(now - w.started, 1), "restarts": slot.restarts if slot else None, "rss": None,
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
