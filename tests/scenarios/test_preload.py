@@ -72,8 +72,7 @@ def test_a_reload_loads_the_changed_module_and_restarts_fork_the_same_code(tmp_p
         (tmp_path / "greeting.py").write_text('WORD = "two"\n')
         victim = sup.workers()[0]["pid"]
         psutil.Process(victim).kill()
-        wait_for("the restarted worker", lambda: sup.serving() and len(sup.workers()) == 2
-                 and victim not in [w["pid"] for w in sup.workers()])
+        wait_for("the restarted worker", lambda: restarted(sup, victim))
         wait_for("three workers of generation 1", lambda: [
             e["line"] for e in sup.events("worker_stderr") if "greeting=" in e["line"]] == [
             "greeting=one argv=['--flag']"] * 3)
@@ -130,6 +129,13 @@ def test_user_umask_env_cwd_and_parent_death_signal_hold_in_forked_workers(tmp_p
     shutil.rmtree(shared)
 
 
+def restarted(sup: Supervisor, victim: int) -> bool:
+    """Both workers ready and `victim` replaced, in one status snapshot."""
+    workers = sup.workers()
+    return len(workers) == 2 and victim not in {w["pid"] for w in workers} and all(
+        w["state"] == "ready" for w in workers)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -146,8 +152,7 @@ def test_a_dead_template_is_started_again_for_the_next_restart_and_upgrade_is_re
         wait_for("the template's exit in the log", lambda: sup.events("template_exited"))
         victim = sup.workers()[0]["pid"]
         psutil.Process(victim).kill()
-        wait_for("the restarted worker", lambda: sup.serving() and len(sup.workers()) == 2
-                 and victim not in [w["pid"] for w in sup.workers()])
+        wait_for("the restarted worker", lambda: restarted(sup, victim))
         wait_for("a second template", lambda: len(sup.events("template_started")) == 2)
         assert request()[1]["generation"] == 1
         result = sup.ctl("upgrade")

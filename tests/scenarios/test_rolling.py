@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import DEMO, Supervisor, program, request, supervisor
+from tests.harness import DEMO, Supervisor, program, request, supervisor, wait_for
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -91,12 +91,10 @@ def test_a_replacement_that_fails_halfway_leaves_the_program_serving_on_the_old_
         assert result.returncode == 1, result.stdout
         assert "generation 2 worker 2" in result.stderr and "slot 2 cannot load its model" in result.stderr
         assert "still serving: web#1; web: slots 0, 1 rolled back to generation 1" in result.stderr
-        sup_serving = sup.serving
-        deadline = time.monotonic() + 10
-        while not (sup_serving() and len(sup.workers()) == 4) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Generation 2's ready workers stop after stop_delay; the put-back ones get ready.
+        wait_for("4 ready workers of generation 1", lambda: sorted(
+            (w["worker"], w["generation"], w["state"]) for w in sup.workers()) == [(i, 1, "ready") for i in range(4)])
         assert sup.generation() == 1
-        assert sorted((w["worker"], w["generation"]) for w in sup.workers()) == [(i, 1) for i in range(4)]
         tally = load.finish()
         assert request()[1]["generation"] == 1
     assert not tally.failures, tally.failed()
