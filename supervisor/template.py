@@ -57,6 +57,9 @@ class Template:
     pending: dict[int, Worker] = field(default_factory=dict)  # fork id -> the worker being forked
     ready_ms: int | None = None  # how long its imports took, once it said so
     retiring: bool = False  # its generation forks no more: closed once nothing is pending
+    # Fork requests the socket had no room for (a template still importing holds ~160 in its socket
+    # buffer): sent as it answers. Each: the message, the worker's stderr write end, its listeners.
+    outbox: list[tuple[bytes, int, list[int]]] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -87,11 +90,9 @@ class Templates:
             read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             fork_id = next(self.ids)
             env = worker.socket_env(program, generation, index, socks)
-            try:
-                socket.send_fds(template.control, [json.dumps({"fork": fork_id, "env": env}).encode()],
-                                [write_end, *(s.fileno() for s in socks)])
-            finally:
-                os.close(write_end)
+            template.outbox.append((json.dumps({"fork": fork_id, "env": env}).encode(), write_end,
+                                    [s.fileno() for s in socks]))
+            send(template)
         except BaseException as exc:
             for sock in socks:
                 listeners.close(sock)
@@ -151,7 +152,26 @@ class Templates:
         return sorted({t.program for t in self.running.values() if t.alive})
 
 
+def send(template: Template) -> None:
+    """Send the waiting fork requests until the socket is full (never blocks: it is non-blocking).
+    The rest go as the template answers (`message`): each request it reads gets an answer."""
+    while template.outbox and template.control.fileno() >= 0:
+        data, stderr, fds = template.outbox[0]
+        try:
+            socket.send_fds(template.control, [data], [stderr, *fds])
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EPIPE: it died; its pidfd tells, and its workers fail then (`exited`)
+            log.warning("template_unreachable", program=template.program, gen=template.generation, error=str(exc))
+            return
+        template.outbox.pop(0)
+        os.close(stderr)  # the worker's copy travelled with the message
+
+
 def close(template: Template) -> None:
+    for _data, stderr, _fds in template.outbox:  # their workers fail as not forked when it is reaped
+        os.close(stderr)
+    template.outbox.clear()
     if template.control.fileno() >= 0:
         asyncio.get_running_loop().remove_reader(template.control.fileno())
         template.control.close()
@@ -174,6 +194,7 @@ def message(master: Master, template: Template) -> None:
         try:
             data, fds, _flags, _address = socket.recv_fds(template.control, MAX_MESSAGE, 1)
         except (BlockingIOError, InterruptedError):
+            send(template)  # it has read some requests: room for more
             return _once(template.control.fileno(), ev.TemplateMessage(template), master.post)  # for the next ones
         except OSError as exc:
             log.error("template_socket_failed", program=template.program, gen=template.generation, error=str(exc))

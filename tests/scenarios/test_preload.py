@@ -206,3 +206,18 @@ def test_a_fork_the_template_cannot_make_fails_that_worker_only(tmp_path: Path) 
         wait_for("the fork's failure", lambda: sup.events("worker_not_forked"))
         assert "its preload template could not fork it: fork: [Errno 11]" in sup.events("worker_not_forked")[0]["why"]
         assert _alive(template.pid) and _alive(survivor) and not sup.events("handler_failed")
+
+
+def test_more_fork_requests_than_the_socket_holds_wait_for_the_template(tmp_path: Path) -> None:
+    """A template still importing while 320 workers are asked for: its socket holds about 280 requests
+    (the sender's buffer), the rest are sent as it answers; every worker starts."""
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(1)\n")
+    (tmp_path / "idle.py").write_text(  # a worker that costs nothing: READY=1, then waits for its stop signal
+        "import os, socket, time\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "time.sleep(300)\n")
+    settings = program([PYTHON, "-m", "idle"], workers=320, preload=["slow"], cwd=str(tmp_path), ready_timeout=60,
+                       stop_delay=0, graceful_timeout=1)
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        assert len(sup.workers()) == 320
+        assert not sup.events("handler_failed") and not sup.events("template_unreachable")
