@@ -21,7 +21,7 @@ QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair th
 QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
 # the store's pair (the plain start is what every other part does)
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
-PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint")
+PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint", "preload")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--footprint-rounds", type=int, default=3, help="footprint part: masters started per mode")
     parser.add_argument("--footprint-runs", type=int, default=30,
                         help="footprint part: `supervisorctl status` and `python -c pass` runs, interleaved")
+    parser.add_argument("--preload-workers", default="1,2,4,16,64", help="preload part: worker counts")
+    parser.add_argument("--preload-reloads", type=int, default=5, help="preload part: reloads per row")
+    parser.add_argument("--memory-workers", type=int, default=4, help="preload part: workers of the memory rows")
+    parser.add_argument("--memory-model", type=int, default=64, help="preload part: MiB each worker loads")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
@@ -73,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
         args.footprint_rounds, args.footprint_runs = 1, 3
+        args.preload_workers, args.preload_reloads, args.memory_workers, args.memory_model = "2", 1, 2, 8
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
@@ -113,6 +118,12 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "backlog": args.backlog} for w in args.scaling_workers.split(",")]
         out += [{"scenario": "scaling", "workers": args.workers, "addresses": int(a), "reloads": args.scaling_reloads,
                  "backlog": args.backlog} for a in args.scaling_addresses.split(",") if int(a) != 1]
+    if "preload" in parts:  # reload time spawned vs forked, then memory per strategy
+        out += [{"scenario": "preload_reload", "workers": int(w), "preload": forked, "reloads": args.preload_reloads,
+                 "backlog": args.backlog} for w in args.preload_workers.split(",") for forked in (False, True)]
+        out += [{"scenario": "memory", "mode": mode, "workers": args.memory_workers, "model_mib": args.memory_model,
+                 "reloads": max(1, args.preload_reloads // 2), "backlog": args.backlog}
+                for mode in ("all-at-once", "rolling", "preload")]
     if "throughput" in parts:
         out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
                     "seconds": args.throughput_seconds, **load})

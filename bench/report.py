@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from bench import preload
 from bench.scenario import BASELINE_ROUND, CPU_WINDOW, RESTART_SETTLE, summary
 from tests.load import KINDS
 
@@ -22,6 +23,10 @@ def describe(spec: dict[str, Any]) -> str:
         return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
     if spec["scenario"] == "footprint":
         return "footprint: master RSS, supervisorctl status"
+    if spec["scenario"] == "preload_reload":
+        return f"preload: {spec['workers']} workers, {'forked from a template' if spec['preload'] else 'spawned'}"
+    if spec["scenario"] == "memory":
+        return f"memory: {spec['mode']}, {spec['workers']} workers"
     return f"throughput: {spec['workers']} workers"
 
 
@@ -97,6 +102,7 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
              "master fds"],
             [[r["workers"], r["addresses"], p50_p99(r["reload_ms"]), r["master"]["rss_mib_start"],
               r["master"]["rss_mib_end"], r["master"]["fds"]] for r in scaling]))
+    out.append(preload.tables(ok, table))
     for r in throughput:
         out.append(f"\nConnections per second through the demo app, median of {r['rounds']} runs of "
                    f"{r['seconds']:g} s: directly {r['direct_conn_per_s']}, under the supervisor "

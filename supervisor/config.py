@@ -32,6 +32,8 @@ _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PYTHON = re.compile(r"python[0-9.]*")
 _Choice = TypeVar("_Choice", bound=enum.Enum)
 # A program's command and env after YAML aliases are expanded: an alias repeated a thousand times
 # costs the file a few bytes each but the master a full copy in every worker's argv or environ.
@@ -77,6 +79,13 @@ class ReadyMode(enum.Enum):
     SETTLE = "settle"  # alive for `settle` s: the weakest, for servers that use neither
 
 
+class Strategy(enum.Enum):
+    """How a reload replaces a program's workers (README, "Rolling reloads")."""
+
+    ALL_AT_ONCE = "all-at-once"  # a whole new generation, then the old one retires: peak 2N workers
+    ROLLING = "rolling"  # `batch` workers at a time: peak N+batch workers
+
+
 # Placeholders a command may contain; replaced per worker when it starts.
 PLACEHOLDERS = ("{tls.cert}", "{tls.key}")
 
@@ -106,6 +115,9 @@ class Program:
     crash_window: float = 60.0
     max_rss: int | None = None  # bytes; a worker above it is replaced (zero-loss recycling)
     max_age: float | None = None  # seconds; a worker older than this is replaced
+    strategy: Strategy = Strategy.ALL_AT_ONCE
+    batch: int = 1  # workers replaced at a time by a rolling reload
+    preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,18 @@ def parse_listen(text: str) -> Listen:
         raise ValueError(f"port must be 1..65535 (every worker binds the same port), got {port!r}")
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     return Listen(str(ip), int(port), family)
+
+
+def python_main(command: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]] | None:
+    """What a `python -m MODULE ARGS` or `python SCRIPT.py ARGS` command runs as __main__:
+    ("module" | "script", the module or script, its arguments); None for any other command."""
+    if len(command) < 2 or not _PYTHON.fullmatch(os.path.basename(command[0])):
+        return None
+    if command[1] == "-m" and len(command) >= 3 and _MODULE.fullmatch(command[2]):
+        return "module", command[2], command[3:]
+    if command[1].endswith(".py"):
+        return "script", command[1], command[2:]
+    return None
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -247,6 +271,8 @@ class _Reader:
             "crash_limit": lambda n, k: self.integer(n, k, 1, 1000),
             "crash_window": lambda n, k: self.number(n, k, positive=True),
             "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
+            "strategy": lambda n, k: self.choice(n, k, Strategy), "batch": lambda n, k: self.integer(n, k, 1, 4096),
+            "preload": self.modules,
         }
         fields = self.mapping(node, key, allowed=tuple(sorted(readers)))
         for required in ("command", "listen"):
@@ -259,6 +285,9 @@ class _Reader:
                 if any(placeholder in arg for arg in values["command"]):
                     raise self.fail(fields["command"][1], f"{key}.command",
                                     f"uses {placeholder} but {key}.tls is not set")
+        if values.get("preload") and python_main(values["command"]) is None:
+            raise self.fail(fields["preload"][1], f"{key}.preload",
+                            "needs a command that runs Python: `python -m MODULE ...` or `python SCRIPT.py ...`")
         values.setdefault("cwd", self.folder)  # a worker runs in the config file's folder by default
         return Program(name=name, **values)
 
@@ -383,6 +412,14 @@ class _Reader:
         if not argv:
             raise self.fail(node, key, "expected a non-empty command")
         return tuple(argv)
+
+    def modules(self, node: yaml.Node, key: str) -> tuple[str, ...]:
+        items = [node] if isinstance(node, yaml.ScalarNode) else self.sequence(node, key)
+        names = tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(items))
+        for i, name in enumerate(names):
+            if not _MODULE.fullmatch(name):
+                raise self.fail(items[i], f"{key}[{i}]", f'expected a module name such as "myapp.models", got "{name}"')
+        return names
 
     def sequence(self, node: yaml.Node, key: str) -> list[yaml.Node]:
         if not isinstance(node, yaml.SequenceNode):

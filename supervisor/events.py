@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from supervisor.generation import Generation
     from supervisor.reply import Reply
+    from supervisor.template import Template
     from supervisor.wire import Request
     from supervisor.worker import Worker
 
@@ -106,6 +107,35 @@ class SwitchDue:
 
 
 @dataclass(frozen=True)
+class RollDue:
+    """A rolling reload's batch is ready and its old listeners steered away from: shut them, next batch."""
+
+    reload_id: int
+    program: str
+
+
+@dataclass(frozen=True)
+class TemplateMessage:
+    """A preload template's socket is readable: it is ready, or it forked a worker (or could not)."""
+
+    template: Template
+
+
+@dataclass(frozen=True)
+class TemplateExited:
+    """A preload template's pidfd is readable."""
+
+    template: Template
+
+
+@dataclass(frozen=True)
+class TemplateOutput:
+    """A preload template wrote to its stderr (an import's traceback)."""
+
+    template: Template
+
+
+@dataclass(frozen=True)
 class UpgradeChecked:
     """The new code's check ended (its pidfd is readable), or it ran out of time."""
 
@@ -137,4 +167,5 @@ class Scrape:
 
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
-         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck | Scrape)
+         | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck | Scrape
+         | RollDue | TemplateMessage | TemplateExited | TemplateOutput)

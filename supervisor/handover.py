@@ -106,6 +106,10 @@ def summary(state: dict[str, Any], programs: dict[str, ProgramRuntime]) -> str:
 
 def begin(master: Master, reply: Reply) -> None:
     """Check the installed code in a child first: after the exec there is no way back."""
+    if master.templates is not None and (preloading := master.templates.names()):
+        reply.finish(False, f"upgrade refused, nothing changed: {', '.join(preloading)} preload from a template "
+                            "process that an upgrade cannot hand over; reload without preload: first")
+        return master.next_request()
     try:
         check = upgrade.Check()
     except OSError as exc:

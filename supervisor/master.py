@@ -40,6 +40,7 @@ from supervisor import (
     output,
     reaper,
     status,
+    template,
     tls,
     upgrade,
     wire,
@@ -80,6 +81,7 @@ class Master:
         self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.clock: Clock = clock or asyncio.get_running_loop()
         self._spawner = spawner  # made by run() once the notify socket exists, unless a test gives one
+        self.templates: template.Templates | None = None  # preload templates, by program and generation
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
         self.output = Output()  # the last stderr lines of each program, and `tail -f` followers
@@ -128,7 +130,8 @@ class Master:
             except SupervisorError as exc:
                 log.error("metrics_unavailable", error=str(exc))
         reaper.become_subreaper()  # descendants that leave a worker's session stay ours to reap and kill
-        self._spawner = self._spawner or ProcessSpawner(self.endpoints.notify_path)
+        if self._spawner is None:
+            self._spawner = self.templates = template.Templates(ProcessSpawner(self.endpoints.notify_path), self.post)
         for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
         self.orphans.open(loop)
@@ -169,7 +172,7 @@ class Master:
 
     def done(self) -> bool:
         """Shutting down, and no worker left to wait for."""
-        return self.stopping and not self.watcher.workers
+        return self.stopping and not self.watcher.workers and not self.watcher.pending
 
     def post(self, event: ev.Event) -> None:
         self.queue.put_nowait(event)
@@ -200,7 +203,14 @@ class Master:
             case ev.ControlRequest():
                 self.on_request(event)
             case ev.NotifyReceived():
-                if found := self.watcher.notified(event):
+                found = self.watcher.notified(event)
+                if found is None and self.watcher.pending and self.templates:
+                    # A preload worker's READY=1 may be read before its template's "forked" message,
+                    # sent before the worker could run: read those, then look again.
+                    for t in list(self.templates.running.values()):
+                        template.message(self, t)
+                    found = self.watcher.notified(event)
+                if found:
                     workers.worker_ready(self, *found)
             case ev.ReadinessCheck():
                 if found := self.watcher.checked(event.worker):
@@ -223,9 +233,17 @@ class Master:
                 workers.manage(self)
             case ev.RecycleCheck():
                 workers.recycle_check(self)
+            case ev.RollDue():
+                reloading.roll_due(self, event.reload_id, event.program)
             case ev.SwitchDue():
                 if self.switch is not None:
                     reloading.finish_switch(self)
+            case ev.TemplateMessage():
+                template.message(self, event.template)
+            case ev.TemplateExited():
+                template.exited(self, event.template)
+            case ev.TemplateOutput():
+                template.output(self, event.template)
             case ev.UpgradeChecked():
                 handover.checked(self, event.timed_out)
             case ev.ChildrenChanged():
@@ -240,11 +258,19 @@ class Master:
                 self.later(self.systemd.watchdog_interval or 1.0, ev.WatchdogDue())
 
     def own_children(self) -> set[int]:
-        """The children the master started: its workers, and the upgrade check."""
-        return set(self.watcher.workers) | ({self.upgrade[0].proc.pid} if self.upgrade else set())
+        """The children the master started: its workers, preload templates, and the upgrade check."""
+        templates = {t.process.pid for t in self.templates.running.values()} if self.templates else set()
+        return set(self.watcher.workers) | templates | ({self.upgrade[0].proc.pid} if self.upgrade else set())
 
     def check_children(self) -> None:
-        self.orphans.check(self.own_children(), {pid for pid, (w, _) in self.watcher.workers.items() if w.alive})
+        """Orphans (orphans.py). A worker a template forked is the master's child before its pid is
+        known (the template's answer is on its way): while forks are pending, unknown children wait
+        for the next check. One forked from a template carries the template's LISTEN_PID: a live
+        template counts as the owner a live worker is."""
+        templates = list(self.templates.running.values()) if self.templates else []
+        owners = {pid for pid, (w, _) in self.watcher.workers.items() if w.alive}
+        self.orphans.check(self.own_children(), owners | {t.process.pid for t in templates if t.alive},
+                           hold=any(t.pending for t in templates))
 
     def check_files(self) -> None:
         """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would."""
@@ -362,11 +388,18 @@ class Master:
     def retire(self, gen: Generation) -> int:
         """Shut every listener of `gen` at once; its workers' stop signals follow after stop_delay."""
         closed = gen.retire()
-        self.stop_later(gen.program, gen.live_workers)
+        self.generation_over(gen)
+        # Those that left it before (scaled down, recycled, rolled out) were given their stop already.
+        self.stop_later(gen.program, [w for w in gen.live_workers if w not in gen.leaving])
         log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
                  workers=len(gen.live_workers))
         self.forget_if_finished(gen)
         return closed
+
+    def generation_over(self, gen: Generation) -> None:
+        """`gen` starts no more workers: its preload template, if any, exits."""
+        if self.templates is not None:
+            self.templates.retire(self, gen.program.name, gen.number)
 
     def stop_later(self, program: Program, workers: list[Worker]) -> None:
         """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
@@ -423,6 +456,7 @@ class Master:
                     # Under systemd's fd store a stop is a restart to be: the listeners stay open
                     # there, unshut, and their queues wait for the next start (fdstore.py).
                     self.stop_later(gen.program, gen.hand_over())
+                    self.generation_over(gen)
                     self.forget_if_finished(gen)
                 elif gen:
                     self.retire(gen)

@@ -67,11 +67,11 @@ class Orphans:
             self._posted = True
             self._post()
 
-    def check(self, ours: Collection[int], live_workers: Collection[int]) -> None:
+    def check(self, ours: Collection[int], live_workers: Collection[int], hold: bool = False) -> None:
         """Reap the orphans that exited, adopt new ones, kill those whose worker is gone. Only once the
         loop runs (open()): a master driven by the unit tests' fake spawner has no processes of its own."""
         self._posted = False
-        if self._signals < 0:
+        if self._signals < 0 or hold:  # hold: a child may be ours before we know its pid; look later
             return
         current = children()
         for pid in current - set(ours):

@@ -17,13 +17,13 @@ import structlog
 
 from supervisor import config as config_module
 from supervisor import events as ev
-from supervisor import listeners, migrate, preflight, status, tls, workers
-from supervisor.config import Config
+from supervisor import listeners, migrate, preflight, rolling, status, tls, workers
+from supervisor.config import Config, Strategy
 from supervisor.errors import EXIT_FAILED, ControlError, MigrateError, SupervisorError
 from supervisor.generation import Generation
 from supervisor.listeners import Listener
 from supervisor.plan import ReloadPlan, plan_reload, select
-from supervisor.program import ProgramRuntime, names
+from supervisor.program import ProgramRuntime, ProgramState, names
 from supervisor.reply import Reply
 from supervisor.worker import Worker, WorkerState
 
@@ -54,7 +54,21 @@ class RollBack:
     reason: str
 
 
-Decision = Pending | Commit | RollBack
+@dataclass(frozen=True)
+class SwitchBatch:
+    """A rolling program's batch is ready: switch its slots to the new generation."""
+
+    roll: rolling.Roll
+
+
+@dataclass(frozen=True)
+class NextBatch:
+    """A rolling program's last batch is switched and its old workers have exited: start the next one."""
+
+    roll: rolling.Roll
+
+
+Decision = Pending | Commit | RollBack | SwitchBatch | NextBatch
 
 
 @dataclass(eq=False)
@@ -66,6 +80,7 @@ class Reload:
     reply: Reply
     bundles: dict[str, tls.Bundle]  # program -> the certificate and key its new generation is given
     generations: list[Generation] = field(default_factory=list)
+    rolls: dict[str, rolling.Roll] = field(default_factory=dict)  # program -> its roll (strategy: rolling)
     timers: list[asyncio.Handle] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -77,13 +92,20 @@ class Reload:
         return "reload"
 
     def worker_ready(self) -> Decision:
-        return Commit() if all(g.all_ready() for g in self.generations) else Pending()
+        for roll in self.rolls.values():
+            if roll.batch_ready():
+                return SwitchBatch(roll)
+            if roll.next_due():
+                return NextBatch(roll)
+        done = all(g.all_ready() for g in self.generations) and all(r.done for r in self.rolls.values())
+        return Commit() if done else Pending()
 
     def worker_exited(self, gen: Generation, w: Worker) -> Decision:
         if gen not in self.generations:
             return Pending()
-        return RollBack(f"{w.program}: generation {gen.number} worker {w.index} (pid {w.pid}) "
-                        f"{w.describe_exit()} before it was ready" + stderr_tail(w))
+        how = f"(pid {w.pid}) {w.describe_exit()}" if w.forked else "was not forked"  # preload
+        return RollBack(f"{w.program}: generation {gen.number} worker {w.index} {how} before it was ready"
+                        + stderr_tail(w, lines=20 if not w.forked else 10))
 
     def timed_out(self, gen: Generation) -> Decision:
         """`gen` has had `ready_timeout` seconds since it started."""
@@ -161,9 +183,9 @@ def load_new_config(current: Config, reply: Reply, only: tuple[str, ...] = ()) -
     return config, bundles
 
 
-def stderr_tail(w: Worker, whose: str = "") -> str:
+def stderr_tail(w: Worker, whose: str = "", lines: int = 10) -> str:
     """The worker's last stderr lines, for the reason of a rollback."""
-    tail = "".join(f"\n  {line}" for line in list(w.tail)[-10:])
+    tail = "".join(f"\n  {line}" for line in list(w.tail)[-lines:])
     return f"; last stderr lines{whose}:{tail}" if tail else ""
 
 
@@ -183,9 +205,16 @@ def begin(master: Master, kind: ReloadKind, config: Config, reply: Reply, bundle
                                   f"{exc}")
         record.starting()
         reload.generations.append(gen)
-        reply.progress(f"{program.name}: generation {gen.number} starting "
-                       f"{program.workers} worker{'s' if program.workers != 1 else ''}")
+        old = record.serving if record.state is ProgramState.RELOADING else None
+        rolls = program.strategy is Strategy.ROLLING and old is not None
+        reply.progress(f"{program.name}: generation {gen.number} " + (
+            f"rolling in, {program.batch} worker{'s' if program.batch != 1 else ''} at a time" if rolls else
+            f"starting {program.workers} worker{'s' if program.workers != 1 else ''}"))
         try:
+            if rolls:
+                assert old is not None
+                reload.rolls[program.name] = rolling.Roll.of(old, gen)
+                continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
             gen.start(master.spawner)
         except (OSError, SupervisorError) as exc:
             return roll_back(master, f"{program.name}: generation {gen.number}: {exc}")
@@ -196,11 +225,29 @@ def begin(master: Master, kind: ReloadKind, config: Config, reply: Reply, bundle
     apply(master, reload.worker_ready())
 
 
-def apply(master: Master, decision: Commit | RollBack | object) -> None:
+def apply(master: Master, decision: Decision) -> None:
     if isinstance(decision, Commit):
         commit(master)
     elif isinstance(decision, RollBack):
         roll_back(master, decision.reason)
+    elif isinstance(decision, SwitchBatch | NextBatch) and (reload := master.reload) is not None:
+        try:
+            if isinstance(decision, SwitchBatch):
+                rolling.steer(master, reload, decision.roll, SWITCH_DRAIN)
+            else:
+                rolling.start_batch(master, reload, decision.roll)
+        except (OSError, SupervisorError) as exc:
+            return roll_back(master, str(exc))
+        apply(master, reload.worker_ready())
+
+
+def roll_due(master: Master, reload_id: int, program: str) -> None:
+    """A batch's old listeners were steered away from SWITCH_DRAIN ago: shut them and stop their workers."""
+    reload = master.reload
+    if reload is None or reload.id != reload_id or program not in reload.rolls:
+        return  # rolled back meanwhile
+    rolling.switch(master, reload, reload.rolls[program])
+    apply(master, reload.worker_ready())
 
 
 def commit(master: Master) -> None:
@@ -270,15 +317,20 @@ def roll_back(master: Master, reason: str) -> None:
     assert reload is not None
     master.reload = None
     reload.cancel_timers()
+    # Before the new generations' listeners are shut: their queues then migrate to the old config's
+    # workers, those put back included.
+    put_back = [said for roll in reload.rolls.values() if (said := rolling.put_back(master, roll))]
     for gen in reload.generations:
         master.stop_later(gen.program, gen.rollback())
+        master.generation_over(gen)
         master.programs[gen.program.name].rolled_back(gen)
         master.forget_if_finished(gen)
     still = ", ".join(f"{name}#{r.serving.number}" for name, r in master.programs.items() if r.serving)
     log.error("reload_failed", reason=reason)
     if reload.kind is ReloadKind.RELOAD:
         master.tally.reloaded("rolled_back")
-    reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else ""))
+    reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
+                        + "".join(f"; {said}" for said in put_back))
     if reload.kind is ReloadKind.STARTUP:
         master.exit_code = EXIT_FAILED
         master.shutdown(Reply(origin="startup failure"))

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from supervisor.generation import Generation
     from supervisor.master import Master
     from supervisor.program import ProgramRuntime
+    from supervisor.rolling import Roll
     from supervisor.worker import Worker
 
 
@@ -40,7 +41,8 @@ def snapshot(master: Master) -> dict[str, Any]:
             "migrate": {"mode": master.migration.mode.value, "enabled": master.migration.enabled,
                         "reason": master.migration.reason},
             "reloading": master.reload is not None,
-            "programs": [program_facts(master.programs[name], starting.get(name, [])) for name in names],
+            "programs": [program_facts(master.programs[name], starting.get(name, []),
+                                       master.reload.rolls.get(name) if master.reload else None) for name in names],
         }
 
 
@@ -51,7 +53,7 @@ def describe(programs: Mapping[str, ProgramRuntime]) -> str:
     return f"serving {serving}" if serving else "no program running"
 
 
-def program_facts(record: ProgramRuntime, starting: list[Generation]) -> dict[str, Any]:
+def program_facts(record: ProgramRuntime, starting: list[Generation], roll: Roll | None = None) -> dict[str, Any]:
     now = time.monotonic()
     gens = sorted([*record.generations(), *starting], key=lambda g: g.number)
     cert = record.certificate
@@ -63,17 +65,18 @@ def program_facts(record: ProgramRuntime, starting: list[Generation]) -> dict[st
         "last_exit": record.last_exit,
         "tls": cert.as_dict() if cert else None,
         "fatal": fatal_facts(record.fatal, record.serving) if record.fatal is not None else None,
+        "roll": roll.facts() if roll else None,
     }
 
 
 def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
     slot = gen.slot_of(w)
     facts: dict[str, Any] = {
-        "worker": w.index, "pid": w.pid, "state": w.state.value, "generation": w.generation,
+        "worker": w.index, "pid": w.pid if w.forked else None, "state": w.state.value, "generation": w.generation,
         "uptime": round(now - w.started, 1), "restarts": slot.restarts if slot else None, "rss": None,
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
-    if w.alive:
+    if w.alive and w.forked:
         import psutil
 
         try:
@@ -114,6 +117,9 @@ def render(data: Mapping[str, Any]) -> str:
         gens = ", ".join(f"#{g['generation']} {g['state']}" for g in program["generations"])
         fatal = program.get("fatal")
         state = f"FATAL ({fatal['reason']}: no restarts until reload or start)" if fatal else program["state"]
+        if roll := program.get("roll"):
+            state += (f" (rolling #{roll['from']} -> #{roll['to']}: {roll['replaced']} of {roll['of']} slots "
+                      f"replaced, {roll['batch']} at a time)")
         lines.append(f"{program['name']:<16}{state}" + (f"  ({gens})" if gens else ""))
         for w in [*program["workers"], *(fatal["workers"] if fatal else [])]:
             lines.append(_worker_line(w))

@@ -32,18 +32,32 @@ class Watcher:
         self.later = later
         self.sink = sink  # also given each worker's stderr lines (output.Output: `tail`)
         self.workers: dict[int, Found] = {}  # live workers by pid
+        self.pending: dict[Worker, Generation] = {}  # preload: workers their template has not forked yet
 
     def watch(self, w: Worker, gen: Generation) -> None:
+        self.once(w.stderr, WorkerOutput(w))
+        if not w.forked:
+            self.pending[w] = gen
+            return
         self.workers[w.pid] = (w, gen)
         self.once(w.pidfd, WorkerExited(w))
-        self.once(w.stderr, WorkerOutput(w))
+        if gen.program.ready is not ReadyMode.NOTIFY:
+            self.later(gen.program.settle, ReadinessCheck(w))
+
+    def forked(self, w: Worker) -> None:
+        """A preload worker has its pid and pidfd now: watched as a spawned one."""
+        gen = self.pending.pop(w)
+        self.workers[w.pid] = (w, gen)
+        self.once(w.pidfd, WorkerExited(w))
         if gen.program.ready is not ReadyMode.NOTIFY:
             self.later(gen.program.settle, ReadinessCheck(w))
 
     def watching(self, w: Worker) -> bool:
-        return self.workers.get(w.pid, (None,))[0] is w
+        return w in self.pending or self.workers.get(w.pid, (None,))[0] is w
 
     def generation_of(self, w: Worker) -> Generation | None:
+        if w in self.pending:
+            return self.pending[w]
         return self.workers[w.pid][1] if self.watching(w) else None
 
     def notified(self, event: NotifyReceived) -> Found | None:
@@ -78,6 +92,9 @@ class Watcher:
         """Reap the worker: its generation once it has ended, None for a spurious wake-up."""
         if w.stderr >= 0:
             asyncio.get_running_loop().remove_reader(w.stderr)
+        if w in self.pending:  # its template never forked it
+            w.abandon()
+            return self.pending.pop(w)
         if not w.reap():
             self.once(w.pidfd, WorkerExited(w))
             return None

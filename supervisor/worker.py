@@ -80,6 +80,7 @@ class Worker:
     stop_at: float | None = None  # retiring: when its stop signal is due (None once sent)
     kill_at: float | None = None  # retiring: when it is killed if still running (graceful_timeout)
     kept: bool = False  # its listeners stay open for the next master (fd store): never shut them
+    doomed: bool = False  # preload: killed before its template forked it; killed once it has
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
     _partial: bytes = b""
     _skipping: bool = False  # a line was cut: drop what comes up to its newline
@@ -115,9 +116,17 @@ class Worker:
         self.stop_at = None
         self.signal(signum)
 
+    @property
+    def forked(self) -> bool:
+        """It has a process: spawned, or (preload) forked by its template; pid 0 until then."""
+        return self.pid != 0
+
     def signal(self, signum: int) -> None:
         """Send a signal to the worker; a worker that is already gone is not an error."""
         if not self.alive:
+            return
+        if not self.forked:  # its listeners are shut already (stop, kill): it will not serve
+            self.doomed = True
             return
         try:
             signal.pidfd_send_signal(self.pidfd, signum)
@@ -129,6 +138,9 @@ class Worker:
         if not self.alive:
             return
         self.shut()
+        if not self.forked:  # never pid 0 to psutil or killpg: that is the master's own group
+            self.doomed = True
+            return
         try:
             tree = psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
@@ -157,6 +169,12 @@ class Worker:
         self.read_stderr()
         self.release()
         return True
+
+    def abandon(self) -> None:
+        """A preload worker its template never forked: ended, its listeners and stderr closed."""
+        self.state = WorkerState.FAILED
+        self.read_stderr()
+        self.release()
 
     def release(self) -> None:
         """Close the master's listener copies and process handles (the worker is gone)."""
@@ -229,6 +247,8 @@ class Worker:
 
     def rss(self) -> int | None:
         """Resident memory in bytes, None once it is gone."""
+        if not self.forked:
+            return None
         try:
             return int(psutil.Process(self.pid).memory_info().rss)
         except psutil.Error:
@@ -292,8 +312,9 @@ def describe_status(status: int | None) -> str:
 
 
 def spawn(program: Program, generation: int, index: int, socks: list[Listener], notify_socket: str,
-          cwd: str, base_env: Mapping[str, str] | None = None) -> Worker:
-    """Start one worker: its listeners become fds 3.., with the socket-activation variables.
+          cwd: str, base_env: Mapping[str, str] | None = None, extra_fds: Iterable[int] = ()) -> Worker:
+    """Start one worker: its listeners become fds 3.., with the socket-activation variables (then
+    `extra_fds`, as a preload template's protocol socket).
 
     posix_spawn (vfork+exec in glibc) instead of fork: the master runs an event loop, and nothing
     but exec may happen in its child (STYLE.md traps).
@@ -304,25 +325,15 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     if program.user is not None:
         user = accounts.account(program.user)
         env.update(USER=user.pw_name, LOGNAME=user.pw_name, HOME=user.pw_dir)
-    command = list(program.command)
+    command = tls_command(program)
     if program.tls is not None:
         env.update(SUPERVISOR_TLS_CERT=program.tls.cert, SUPERVISOR_TLS_KEY=program.tls.key)
-        command = [arg.replace("{tls.cert}", program.tls.cert).replace("{tls.key}", program.tls.key)
-                   for arg in command]
-    env.update(
-        LISTEN_FDS=str(len(socks)),
-        LISTEN_FDNAMES=":".join(s.name for s in socks),
-        NOTIFY_SOCKET=notify_socket,
-        SUPERVISOR_PROGRAM=program.name,
-        SUPERVISOR_GENERATION=str(generation),
-        SUPERVISOR_WORKER=str(index),
-        SUPERVISOR_BACKLOG=str(program.backlog),
-    )
+    env.update(NOTIFY_SOCKET=notify_socket, **socket_env(program, generation, index, socks))
     read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     os.set_blocking(write_end, True)
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        actions = _fd_actions([s.fileno() for s in socks], devnull, write_end)
+        actions = _fd_actions([*(s.fileno() for s in socks), *extra_fds], devnull, write_end)
         umask = f"umask {program.umask:03o}; " if program.umask is not None else ""
         argv = [_SHELL, "-c", _TRAMPOLINE.format(umask=umask), program.name, cwd, *privileges(program), *command]
         try:
@@ -339,6 +350,21 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
         os.close(devnull)
     return Worker(program=program.name, generation=generation, index=index, pid=pid, pidfd=pidfd,
                   stderr=read_end, listeners=socks)
+
+
+def tls_command(program: Program) -> tuple[str, ...]:
+    """The command with its `{tls.cert}`/`{tls.key}` placeholders replaced."""
+    if program.tls is None:
+        return program.command
+    return tuple(arg.replace("{tls.cert}", program.tls.cert).replace("{tls.key}", program.tls.key)
+                 for arg in program.command)
+
+
+def socket_env(program: Program, generation: int, index: int, socks: list[Listener]) -> dict[str, str]:
+    """What tells a worker its listeners (fds 3..) and who it is; set per worker."""
+    return {"LISTEN_FDS": str(len(socks)), "LISTEN_FDNAMES": ":".join(s.name for s in socks),
+            "SUPERVISOR_PROGRAM": program.name, "SUPERVISOR_GENERATION": str(generation),
+            "SUPERVISOR_WORKER": str(index), "SUPERVISOR_BACKLOG": str(program.backlog)}
 
 
 def privileges(program: Program) -> list[str]:

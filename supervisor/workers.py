@@ -90,6 +90,8 @@ def worker_exited(master: Master, w: Worker) -> None:
         log.info("worker_exited", **fields)
     gen.worker_gone(w)
     master.forget_if_finished(gen)
+    if master.reload is not None and master.reload.rolls and gen not in master.reload.generations:
+        reloading.apply(master, master.reload.worker_ready())  # a rolled-out worker gone: the next batch may start
     master.check_children()  # what left the worker's session is now the master's: gone with the worker
 
 

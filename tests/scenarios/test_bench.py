@@ -66,6 +66,12 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
         assert r["latency_ms"]["new_answers_ms"]["n"] == 1, r
 
     assert {r["workers"] for r in results if r["scenario"] == "scaling"} == {1, 2}
+    forked = [r for r in results if r["scenario"] == "preload_reload"]
+    assert sorted((r["workers"], r["preload"]) for r in forked) == [(2, False), (2, True)]
+    assert all(r["reload_ms"]["median"] > 0 for r in forked), forked
+    memory = {r["mode"]: r for r in results if r["scenario"] == "memory"}
+    assert sorted(memory) == ["all-at-once", "preload", "rolling"]
+    assert all(r["peak_pss_mib"] >= r["steady_pss_mib"] > 0 for r in memory.values()), memory
     throughput = next(r for r in results if r["scenario"] == "throughput")
     assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
 
@@ -76,7 +82,7 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
                                               *(r["system"] for r in upgrades.values())))
-    assert "ratio" in table and "ratio status / bare" in table
+    assert "ratio" in table and "ratio status / bare" in table and "| preload | 2 |" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 

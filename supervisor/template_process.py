@@ -1,0 +1,160 @@
+"""The preload template (`preload:`): run by the program's own Python as a script, one per generation.
+
+It imports the program's `preload` modules once, then forks a worker each time the master asks. It
+starts no thread and no event loop: only a single-threaded process can fork safely. Only the standard
+library here: the program's interpreter need not have supervisor installed.
+
+Protocol (README, "Preloading"), on a SOCK_SEQPACKET socket at fd 3, one JSON object per message:
+- template -> master: {"ready": ms} once the modules are imported. An import that fails prints its
+  traceback to stderr and exits 1: the generation fails with that traceback.
+- master -> template: {"fork": id, "env": {...}} with, as SCM_RIGHTS, the worker's stderr and its
+  listeners (they become fds 2 and 3..). EOF: the generation is over, the template exits.
+- intermediate -> master: {"forked": id, "pid": pid} with a pidfd of the worker, or {"failed": id,
+  "error": "..."}. The template forks an intermediate that forks the worker and exits: the worker is
+  reparented to the master (PR_SET_CHILD_SUBREAPER), which learns its pid from a pidfd opened while the
+  intermediate was still its parent (the pid cannot be reused before the master reaps it).
+
+The worker waits until the master is its parent, sets its parent-death signal (tied to the parent at
+the time it is set: prctl(2)), checks the master is still its parent, then runs the command's module
+or script as `__main__` with its arguments, as `python -m` or `python script.py` would.
+"""
+
+import sys
+
+# Run as a script: its own folder (supervisor/) is sys.path[0]; the program must not import
+# supervisor's modules as top-level ones (`config`, `status`, ...). Set as the command's would be below.
+del sys.path[0]
+
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import runpy  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+CONTROL_FD = 3
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+REPARENT_TIMEOUT = 5.0  # seconds a worker waits for the intermediate to exit (it does so at once)
+EXIT_ORPHAN = 70  # the worker's exit status when the master is gone before it could run
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    kind, target, args = spec["main"]
+    sys.path.insert(0, os.getcwd() if kind == "module" else os.path.dirname(os.path.abspath(target)))
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):  # the workers get their own
+        os.environ.pop(name, None)
+    control = socket.socket(fileno=CONTROL_FD)
+    started = time.monotonic()
+    for module in spec["preload"]:
+        importlib.import_module(module)  # a failure: traceback on stderr, exit status 1
+    # What the imports created is never collected in a worker: the collector would write to every
+    # object's header and so copy every shared page (gc.freeze, Python 3.7).
+    gc.freeze()
+    # The intermediates are reaped by the kernel: the template forks the next worker without waiting
+    # for the last intermediate to exit. Each child sets SIGCHLD back to the default first thing.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    control.send(json.dumps({"ready": round((time.monotonic() - started) * 1000)}).encode())
+    while True:
+        message, fds, _flags, _address = socket.recv_fds(control, 65536, 256)
+        if not message:
+            return 0  # the master closed its end: the generation is over
+        request = json.loads(message)
+        run = fork(control, request, fds, spec)
+        if run is not None:  # in the worker, with the template's frames left behind
+            control.detach()  # its fd number now holds the worker's first listener
+            break
+        for fd in fds:
+            os.close(fd)
+    return run(kind, target, args)
+
+
+def fork(control: socket.socket, request: dict[str, Any], fds: list[int],
+         spec: dict[str, Any]) -> Callable[[str, str, list[str]], int] | None:
+    """Fork one worker through an intermediate; returns in the worker only (what to run), else None."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        intermediate = os.fork()
+    except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max), ENOMEM: this worker fails, the template stays
+        control.send(json.dumps({"failed": request["fork"], "error": f"fork: {exc}"}).encode())
+        return None
+    if intermediate:
+        return None  # the intermediate reports and exits; the kernel reaps it (SIGCHLD ignored)
+    try:
+        # Before the worker exists: with SIGCHLD ignored the kernel would reap it, and the master
+        # would never see its exit status.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        worker = os.fork()
+        if worker == 0:
+            try:
+                become_worker(request, fds, spec)
+            except BaseException:  # its stderr is the worker's: the master reports it
+                traceback.print_exc()
+                os._exit(1)
+            return run_main
+        pidfd = os.pidfd_open(worker)
+        socket.send_fds(control, [json.dumps({"forked": request["fork"], "pid": worker}).encode()], [pidfd])
+    except BaseException as exc:  # reported to the master, whatever it is
+        try:
+            control.send(json.dumps({"failed": request["fork"], "error": f"{type(exc).__name__}: {exc}"}).encode())
+        finally:
+            os._exit(1)
+    os._exit(0)
+
+
+def become_worker(request: dict[str, Any], fds: list[int], spec: dict[str, Any]) -> None:
+    """What the spawn chain does for a spawned worker: session, parent-death signal, fds, environment."""
+    os.setsid()
+    master = spec["master"]
+    deadline = time.monotonic() + REPARENT_TIMEOUT
+    while os.getppid() != master:  # the intermediate exits right after sending our pid
+        if time.monotonic() > deadline:
+            os._exit(EXIT_ORPHAN)
+        time.sleep(0.0002)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, spec["pdeathsig"], 0, 0, 0) != 0 or os.getppid() != master:
+        os._exit(EXIT_ORPHAN)  # the master died before the signal was set: nobody would stop us
+    listeners = fds[1:]
+    # Park every received fd above where they go, then place them: a received fd may sit in 3..3+n.
+    park = max([*fds, CONTROL_FD, 2 + len(listeners)]) + 1
+    parked = [os.dup2(fd, park + i, inheritable=False) for i, fd in enumerate(fds)]
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(parked[0], 2)
+    for i, fd in enumerate(parked[1:]):
+        os.dup2(fd, 3 + i)  # inheritable, as a spawned worker's are; fd 3 was the control socket
+    for fd in {*fds, *parked, devnull} - set(range(3 + len(listeners))):
+        os.close(fd)
+    os.environ.update(request["env"])
+    os.environ["LISTEN_PID"] = str(os.getpid())
+
+
+def run_main(kind: str, target: str, args: list[str]) -> int:
+    """Run the command's module or script as __main__, as the interpreter would have."""
+    # runpy warns when the module was imported before (preloaded): here that is the point.
+    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+    if kind == "module":
+        sys.argv = [target, *args]  # runpy puts the module's path in argv[0]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [target, *args]
+        runpy.run_path(target, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,223 @@
+"""`preload:` with real processes: each generation's workers forked from a template that imported the code once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import DEMO, PYTHON, Supervisor, program, request, supervisor, wait_for
+from tests.load import Clients
+
+pytestmark = pytest.mark.usefixtures("netns")
+ROOT = Path(__file__).resolve().parents[2]  # uvicorn imports `tests.apps.asgi` from here
+APPS = ROOT / "tests" / "apps"
+PRELOADED = {
+    "demo": (DEMO, {"preload": ["supervisor.demo"]}),
+    "uvicorn": ([PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "tests.apps.asgi:app"],
+                {"preload": ["uvicorn.main", "tests.apps.asgi"], "ready": "accepting", "settle": 0.2,
+                 "stop_delay": 0.5, "cwd": str(ROOT)}),
+}
+
+
+def templates(sup: Supervisor) -> list[psutil.Process]:
+    """The master's children that are preload templates (its workers forked from one have its command line)."""
+    assert sup.proc is not None
+    workers = {w["pid"] for w in sup.workers()}
+    return [p for p in psutil.Process(sup.proc.pid).children() if p.pid not in workers
+            and "template_process.py" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("name", PRELOADED)
+def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> None:
+    """Reloads of forked workers while 64 connections are in flight: 0 failed; each generation has its
+    own template, its workers are the master's children, the retired generations' templates exit."""
+    command, settings = PRELOADED[name]
+    with supervisor(tmp_path, {"web": program(command, graceful_timeout=5, **settings)}) as sup, \
+            Clients("127.0.0.1:8000", seconds=60) as load:
+        assert sup.proc is not None
+        reloads = 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            sup.reload()
+            reloads += 1
+        for w in sup.workers():
+            assert psutil.Process(w["pid"]).ppid() == sup.proc.pid  # reparented: the master reaps it
+        wait_for("one template left", lambda: len(templates(sup)) == 1)
+        assert sup.generation() == reloads + 1
+        time.sleep(0.3)
+        tally = load.finish()
+    assert not tally.failures, tally.failed()
+    assert reloads >= 3 and tally.ok > 20 * reloads
+
+
+def test_a_reload_loads_the_changed_module_and_restarts_fork_the_same_code(tmp_path: Path) -> None:
+    """`python script.py` with a preloaded module: a reload serves its new text; a crash restart is
+    forked from the generation's template, so it still has the code its siblings have."""
+    (tmp_path / "greeting.py").write_text('WORD = "one"\n')
+    (tmp_path / "app.py").write_text(
+        "import sys\nimport greeting\nfrom supervisor import demo\n"
+        "print(f'greeting={greeting.WORD} argv={sys.argv[1:]}', file=sys.stderr, flush=True)\n"
+        "sys.exit(demo.main([]))\n")
+    settings = program([PYTHON, str(tmp_path / "app.py"), "--flag"], preload=["greeting"])
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        (tmp_path / "greeting.py").write_text('WORD = "two"\n')
+        victim = sup.workers()[0]["pid"]
+        psutil.Process(victim).kill()
+        wait_for("the restarted worker", lambda: restarted(sup, victim))
+        wait_for("three workers of generation 1", lambda: [
+            e["line"] for e in sup.events("worker_stderr") if "greeting=" in e["line"]] == [
+            "greeting=one argv=['--flag']"] * 3)
+        sup.reload()
+        wait_for("two workers of generation 2 with the new code", lambda: [
+            e["line"] for e in sup.events("worker_stderr") if "greeting=" in e["line"] and e["gen"] == 2] == [
+            "greeting=two argv=['--flag']"] * 2)
+        assert request()[1]["generation"] == 2
+
+
+def test_a_template_whose_import_fails_is_rolled_back_with_its_traceback(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("import json\nraise RuntimeError('the model file is missing')\n")
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"])}) as sup:
+        sup.write({"web": program(preload=["supervisor.demo", "broken"], cwd=str(tmp_path))})
+        result = sup.ctl("reload")
+        assert result.returncode == 1, result.stdout
+        assert "web: generation 2 worker 0 was not forked before it was ready" in result.stderr
+        assert "its preload template (pid" in result.stderr and "exit status 1" in result.stderr
+        assert "Traceback (most recent call last):" in result.stderr
+        assert "RuntimeError: the model file is missing" in result.stderr
+        assert "rolled back, still serving: web#1" in result.stderr
+        assert request()[1]["generation"] == 1 and sup.serving()
+
+
+def test_user_umask_env_cwd_and_parent_death_signal_hold_in_forked_workers(tmp_path: Path) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="preload-"))  # pytest's folders are root's alone: nobody's cwd is here
+    shared.chmod(0o755)
+    out = shared / "out"
+    out.mkdir()
+    out.chmod(0o777)  # nobody writes its facts there
+    (shared / "app").mkdir()
+    recorder = [PYTHON, str(APPS / "recorder.py"), str(out)]
+    settings = program(recorder, workers=2, preload=["json"], user="nobody", umask="027", cwd=str(shared / "app"),
+                       env={"APP_ENV": "production"}, listen=["127.0.0.1:443"])
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        assert sup.proc is not None
+        workers = [w["pid"] for w in sup.workers()]
+        facts = [json.loads((out / f"{pid}.json").read_text()) for pid in workers]
+        for pid, fact in zip(workers, facts, strict=True):
+            proc = psutil.Process(pid)
+            assert proc.username() == "nobody" and proc.ppid() == sup.proc.pid
+            assert "Umask:\t0027" in Path(f"/proc/{pid}/status").read_text()
+            assert fact["cwd"] == str(shared / "app") and fact["environ"]["APP_ENV"] == "production"
+            assert fact["environ"]["USER"] == "nobody" and fact["environ"]["LISTEN_PID"] == str(pid)
+            assert fact["environ"]["LISTEN_FDS"] == "1" and fact["environ"]["LISTEN_FDNAMES"] == "web.0"
+            assert os.getsid(pid) == pid  # its own session, as a spawned worker
+        assert sorted(fact["environ"]["SUPERVISOR_WORKER"] for fact in facts) == ["0", "1"]
+        [template] = templates(sup)
+        assert template.username() == "nobody"
+        sup.proc.kill()
+        sup.proc.wait()
+        wait_for("forked workers and the template to die with the master",
+                 lambda: not any(_alive(pid) for pid in [*workers, template.pid]))
+    shutil.rmtree(shared)
+
+
+def restarted(sup: Supervisor, victim: int) -> bool:
+    """Both workers ready and `victim` replaced, in one status snapshot."""
+    workers = sup.workers()
+    return len(workers) == 2 and victim not in {w["pid"] for w in workers} and all(
+        w["state"] == "ready" for w in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_dead_template_is_started_again_for_the_next_restart_and_upgrade_is_refused(tmp_path: Path) -> None:
+    """The template of the serving generation is killed: the workers serve on, a crash restart starts a
+    new template for the generation. `upgrade` cannot hand a template over: refused, nothing changes."""
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"])}) as sup:
+        [template] = templates(sup)
+        template.kill()
+        wait_for("the template's exit in the log", lambda: sup.events("template_exited"))
+        victim = sup.workers()[0]["pid"]
+        psutil.Process(victim).kill()
+        wait_for("the restarted worker", lambda: restarted(sup, victim))
+        wait_for("a second template", lambda: len(sup.events("template_started")) == 2)
+        assert request()[1]["generation"] == 1
+        result = sup.ctl("upgrade")
+        assert result.returncode == 1
+        assert "upgrade refused, nothing changed: web preload from a template process" in result.stderr
+        assert not sup.events("handler_failed")
+
+
+def test_a_template_stuck_in_its_imports_is_killed_when_its_generation_times_out(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(120)\n")
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"])}) as sup:
+        sup.write({"web": program(preload=["slow"], cwd=str(tmp_path), ready_timeout=1.5)})
+        result = sup.ctl("reload")
+        assert result.returncode == 1 and "web: generation 2 not ready within 1.5 s" in result.stderr
+        wait_for("the stuck template killed", lambda: [e["status"] for e in sup.events("template_exited")]
+                 == ["killed by SIGKILL"])
+        assert len(templates(sup)) == 1 and request()[1]["generation"] == 1
+        assert not sup.events("handler_failed")
+
+
+def test_reloads_leak_no_fd_and_no_template(tmp_path: Path) -> None:
+    """Each reload starts a template and ends the last one: the master's fds come back to the same count."""
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"], stop_delay=0.1)}) as sup:
+        assert sup.proc is not None
+        master = psutil.Process(sup.proc.pid)
+
+        def settled() -> int:
+            wait_for("only the serving generation left", lambda: len(sup.workers()) == 2 and len(templates(sup)) == 1)
+            time.sleep(0.2)
+            return master.num_fds()
+
+        sup.reload()
+        before = settled()
+        for _ in range(8):
+            sup.reload()
+        assert settled() == before
+        assert len(sup.events("template_exited")) == 9 and not sup.events("handler_failed")
+
+
+def test_a_fork_the_template_cannot_make_fails_that_worker_only(tmp_path: Path) -> None:
+    """The template's user may run no more processes (RLIMIT_NPROC): a restart's fork fails with EAGAIN,
+    is reported for that worker (a crash, retried with backoff), and the template and the others serve on."""
+    with supervisor(tmp_path, {"web": program(preload=["supervisor.demo"], user="nobody", cwd="/",
+                                              listen=["127.0.0.1:443"])}) as sup:
+        [template] = templates(sup)
+        # nobody runs 3 processes already; as nobody, since root may lack CAP_SYS_RESOURCE in a container
+        subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "prlimit",
+                        f"--pid={template.pid}", "--nproc=1:1"], check=True)
+        victim, survivor = (w["pid"] for w in sup.workers())
+        psutil.Process(victim).kill()
+        wait_for("the fork's failure", lambda: sup.events("worker_not_forked"))
+        assert "its preload template could not fork it: fork: [Errno 11]" in sup.events("worker_not_forked")[0]["why"]
+        assert _alive(template.pid) and _alive(survivor) and not sup.events("handler_failed")
+
+
+def test_more_fork_requests_than_the_socket_holds_wait_for_the_template(tmp_path: Path) -> None:
+    """A template still importing while 320 workers are asked for: its socket holds about 280 requests
+    (the sender's buffer), the rest are sent as it answers; every worker starts."""
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(1)\n")
+    (tmp_path / "idle.py").write_text(  # a worker that costs nothing: READY=1, then waits for its stop signal
+        "import os, socket, time\n"
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "time.sleep(300)\n")
+    settings = program([PYTHON, "-m", "idle"], workers=320, preload=["slow"], cwd=str(tmp_path), ready_timeout=60,
+                       stop_delay=0, graceful_timeout=1)
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        assert len(sup.workers()) == 320
+        assert not sup.events("handler_failed") and not sup.events("template_unreachable")
