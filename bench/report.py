@@ -130,14 +130,21 @@ def footprint_table(r: dict[str, Any]) -> str:
                        ["ratio -s status / bare", *(r["socket_status_to_bare"][k] for k in keys)]]))
 
 
+def pool(results: list[dict[str, Any]], system: str, what: str) -> tuple[
+        list[dict[str, Any]], list[int], dict[str, int], list[dict[str, Any]]]:
+    """One system's runs pooled: the runs, failures per command, failures per kind, every command's figures
+    (`what`: "upgrade" or "restart", the suffix of the per-command keys)."""
+    runs = [r for r in results if r["system"] == system]
+    per = [n for r in runs for n in r[f"failed_per_{what}"]]
+    failed = {k: sum(r["failed"][k] for r in runs) for k in KINDS}
+    return runs, per, failed, [u for r in runs for u in r[f"per_{what}"]]
+
+
 def upgrade_table(upgrades: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """`supervisorctl upgrade` against a restart of supervisord, run by run pooled per system."""
     rows = []
     for system in dict.fromkeys(r["system"] for r in upgrades):
-        runs = [r for r in upgrades if r["system"] == system]
-        per = [n for r in runs for n in r["failed_per_upgrade"]]
-        failed = {k: sum(r["failed"][k] for r in runs) for k in KINDS}
-        rounds = [u for r in runs for u in r["per_upgrade"]]
+        runs, per, failed, rounds = pool(upgrades, system, "upgrade")
 
         def pooled(key: str, rounds: list[dict[str, Any]] = rounds) -> str:
             return p50_p99(summary([u[key] for u in rounds if u.get(key) is not None]))
@@ -170,10 +177,7 @@ def restart_table(restarts: list[dict[str, Any]]) -> str:
     """supervisord killed or stopped and started again at once, with and without the fd store, runs pooled."""
     rows = []
     for system in dict.fromkeys(r["system"] for r in restarts):
-        runs = [r for r in restarts if r["system"] == system]
-        per = [n for r in runs for n in r["failed_per_restart"]]
-        failed = {k: sum(r["failed"][k] for r in runs) for k in KINDS}
-        rounds = [u for r in runs for u in r["per_restart"]]
+        runs, per, failed, rounds = pool(restarts, system, "restart")
 
         def pooled(key: str, rounds: list[dict[str, Any]] = rounds) -> str:
             return p50_p99(summary([u[key] for u in rounds if u.get(key) is not None]))

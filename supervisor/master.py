@@ -274,7 +274,7 @@ class Master:
 
     def check_files(self) -> None:
         """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would."""
-        self.check_children()  # in case a SIGCHLD went astray
+        self.check_children()  # also what a check held back while a template was forking
         self.files.follow(self.config.watch)
         if (changed := self.files.check()) and not self.stopping:
             log.info("watch_changed", paths=changed)

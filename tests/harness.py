@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from supervisor.ctl import exchange
@@ -30,6 +31,14 @@ from supervisor.ctl import exchange
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 DEMO = [PYTHON, "-m", "supervisor.demo"]
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -141,6 +150,13 @@ class Supervisor:
 
     def workers(self, name: str = "web") -> list[dict[str, Any]]:
         return next(p for p in self.status()["programs"] if p["name"] == name)["workers"]
+
+    def replaced(self, victim: int, workers: int, name: str = "web") -> bool:
+        """`victim` is gone and `workers` workers, all ready, serve: in one status snapshot (two could
+        see the siblings alone, ready, just before the replacement starts)."""
+        found = self.workers(name)
+        return len(found) == workers and victim not in {w["pid"] for w in found} and all(
+            w["state"] == "ready" for w in found)
 
     def generation(self, name: str = "web") -> int:
         """The number of the generation that serves (0 if none does). Workers of other generations

@@ -9,10 +9,10 @@ in subprocesses for a bounded time and returns their merged `Tally`:
     assert not tally.failures
 
 `python -m tests.load --connect 127.0.0.1:8000 --concurrency 256 --seconds 30` keeps that many
-connections in flight until the time is up or it gets SIGTERM/SIGINT (then it lets the ones in flight
-finish), and prints one JSON object: the answers per server pid and every failure with its time and
-kind. Times are CLOCK_MONOTONIC, comparable between processes. Several of these processes make a
-load that one core alone could not.
+connections in flight (over TLS with `--tls-ca PEM`) until the time is up or it gets SIGTERM/SIGINT
+(then it lets the ones in flight finish), and prints one JSON object: the answers per server pid and
+every failure with its time and kind. Times are CLOCK_MONOTONIC, comparable between processes.
+Several of these processes make a load that one core alone could not.
 
 Failure kinds: refused (ECONNREFUSED), reset (ECONNRESET, EPIPE), timeout (no complete answer within
 --timeout), bad (an answer that is not `200` with a JSON body naming a pid, or none at all).
@@ -26,6 +26,7 @@ import errno
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -91,9 +92,9 @@ class Clients:
     """
 
     def __init__(self, connect: str, clients: int = 1, concurrency: int = 64, seconds: float = 60.0,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, tls_ca: str | None = None) -> None:
         command = [sys.executable, "-m", "tests.load", "--connect", connect, "--concurrency", str(concurrency),
-                   "--seconds", str(seconds), "--timeout", str(timeout)]
+                   "--seconds", str(seconds), "--timeout", str(timeout), *(["--tls-ca", tls_ca] if tls_ca else [])]
         self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT) for _ in range(clients)]
 
     def __enter__(self) -> Clients:
@@ -151,8 +152,10 @@ def describe(exc: BaseException) -> str:
 
 
 async def one(loop: asyncio.AbstractEventLoop, family: socket.AddressFamily, address: tuple[str, int],
-              timeout: float) -> int:
+              timeout: float, tls: ssl.SSLContext | None = None) -> int:
     """One connection, one GET: the answering pid, or an exception that says what went wrong."""
+    if tls is not None:
+        return await one_tls(family, address, timeout, tls)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -167,8 +170,21 @@ async def one(loop: asyncio.AbstractEventLoop, family: socket.AddressFamily, add
         sock.close()
 
 
-async def run(connect: str, concurrency: int, seconds: float, timeout: float) -> Tally:
+async def one_tls(family: socket.AddressFamily, address: tuple[str, int], timeout: float,
+                  tls: ssl.SSLContext) -> int:
+    """The same over TLS (the certificate checked against the CA and the address)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(*address, family=family, ssl=tls)
+        try:
+            writer.write(REQUEST)
+            return answer_pid(await reader.read())
+        finally:
+            writer.close()
+
+
+async def run(connect: str, concurrency: int, seconds: float, timeout: float, tls_ca: str | None = None) -> Tally:
     loop = asyncio.get_running_loop()
+    tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     family, address = parse_address(connect)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -179,7 +195,7 @@ async def run(connect: str, concurrency: int, seconds: float, timeout: float) ->
     async def client() -> None:
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                pid = await one(loop, family, address, timeout)
+                pid = await one(loop, family, address, timeout, tls)
             except (OSError, BadAnswer, TimeoutError) as exc:
                 tally.failures.append((time.monotonic(), failure_kind(exc), describe(exc)))
             else:
@@ -196,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, trusting this CA")
     args = parser.parse_args(argv)
-    tally = uvloop.run(run(args.connect, args.concurrency, args.seconds, args.timeout))
+    tally = uvloop.run(run(args.connect, args.concurrency, args.seconds, args.timeout, args.tls_ca))
     json.dump(tally.as_json(), sys.stdout)
     return 0
 

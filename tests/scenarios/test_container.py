@@ -99,7 +99,7 @@ def test_what_a_worker_left_behind_goes_with_it(tmp_path: Path, pid1: bool) -> N
         victim = sup.workers()[0]["pid"]
         os.kill(host_pid(daemon, victim) if pid1 else victim, signal.SIGKILL)
         wait_for("the crashed worker's lingerer gone", lambda: len(second & escaped(tmp_path)) == 1, timeout=3 + 2)
-        wait_for("the slot restarted", lambda: sup.serving() and victim not in {w["pid"] for w in sup.workers()})
+        wait_for("the slot restarted", lambda: sup.replaced(victim, 2))
         wait_for("one listener per serving worker", lambda: listening(8000) == 2)
         wait_for("no zombies", lambda: not zombies(daemon))
 

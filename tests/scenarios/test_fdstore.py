@@ -9,10 +9,9 @@ import socket
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.harness import Supervisor, program, wait_for
+from tests.harness import Supervisor, program, running, wait_for
 from tests.load import Clients
 from tests.servicemanager import ServiceManager
 
@@ -53,7 +52,7 @@ def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how
         wait_for("the store to hold the serving listeners only",
                  lambda: manager.stored() == serving_listeners(sup), timeout=10)
         # Their stop signal came as the parent-death signal (or from the stopping master): they finish and exit.
-        wait_for("the old workers to exit", lambda: not [pid for pid in old_workers if _running(pid)], timeout=15)
+        wait_for("the old workers to exit", lambda: not [pid for pid in old_workers if running(pid)], timeout=15)
         adopted = sup.events("fdstore_adopted")[-1]
         assert sorted(adopted["listeners"]) == ["web.1.0.0", "web.1.1.0"]
     finally:
@@ -102,9 +101,3 @@ def test_unknown_and_unusable_fds_are_closed_and_the_start_is_clean(tmp_path: Pa
         for sock in (udp, other, gone):
             sock.close()
 
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

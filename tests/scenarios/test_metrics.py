@@ -109,8 +109,7 @@ def test_metrics_follow_reloads_crashes_and_scale_under_load(tmp_path: Path) -> 
         frozen = value(scrape(), "supervisor_listen_queue", program="web", address="127.0.0.1:8000")
         os.kill(victim, signal.SIGKILL)
         outcomes, _ = collect(socks)
-        wait_for("the crashed worker replaced", lambda: sup.serving() and len(sup.workers()) == 3
-                 and victim not in {w["pid"] for w in sup.workers()})
+        wait_for("the crashed worker replaced", lambda: sup.replaced(victim, 3))
         after_crash = scrape()
         assert_kernel_counts(after_crash)
         assert sup.ctl("scale", "web", "2").returncode == 0

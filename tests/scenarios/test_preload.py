@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import DEMO, PYTHON, Supervisor, program, request, supervisor, wait_for
+from tests.harness import DEMO, PYTHON, Supervisor, program, request, running, supervisor, wait_for
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -72,7 +72,7 @@ def test_a_reload_loads_the_changed_module_and_restarts_fork_the_same_code(tmp_p
         (tmp_path / "greeting.py").write_text('WORD = "two"\n')
         victim = sup.workers()[0]["pid"]
         psutil.Process(victim).kill()
-        wait_for("the restarted worker", lambda: restarted(sup, victim))
+        wait_for("the restarted worker", lambda: sup.replaced(victim, 2))
         wait_for("three workers of generation 1", lambda: [
             e["line"] for e in sup.events("worker_stderr") if "greeting=" in e["line"]] == [
             "greeting=one argv=['--flag']"] * 3)
@@ -125,22 +125,10 @@ def test_user_umask_env_cwd_and_parent_death_signal_hold_in_forked_workers(tmp_p
         sup.proc.kill()
         sup.proc.wait()
         wait_for("forked workers and the template to die with the master",
-                 lambda: not any(_alive(pid) for pid in [*workers, template.pid]))
+                 lambda: not any(running(pid) for pid in [*workers, template.pid]))
     shutil.rmtree(shared)
 
 
-def restarted(sup: Supervisor, victim: int) -> bool:
-    """Both workers ready and `victim` replaced, in one status snapshot."""
-    workers = sup.workers()
-    return len(workers) == 2 and victim not in {w["pid"] for w in workers} and all(
-        w["state"] == "ready" for w in workers)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_dead_template_is_started_again_for_the_next_restart_and_upgrade_is_refused(tmp_path: Path) -> None:
@@ -152,7 +140,7 @@ def test_a_dead_template_is_started_again_for_the_next_restart_and_upgrade_is_re
         wait_for("the template's exit in the log", lambda: sup.events("template_exited"))
         victim = sup.workers()[0]["pid"]
         psutil.Process(victim).kill()
-        wait_for("the restarted worker", lambda: restarted(sup, victim))
+        wait_for("the restarted worker", lambda: sup.replaced(victim, 2))
         wait_for("a second template", lambda: len(sup.events("template_started")) == 2)
         assert request()[1]["generation"] == 1
         result = sup.ctl("upgrade")
@@ -205,7 +193,7 @@ def test_a_fork_the_template_cannot_make_fails_that_worker_only(tmp_path: Path) 
         psutil.Process(victim).kill()
         wait_for("the fork's failure", lambda: sup.events("worker_not_forked"))
         assert "its preload template could not fork it: fork: [Errno 11]" in sup.events("worker_not_forked")[0]["why"]
-        assert _alive(template.pid) and _alive(survivor) and not sup.events("handler_failed")
+        assert running(template.pid) and running(survivor) and not sup.events("handler_failed")
 
 
 def test_more_fork_requests_than_the_socket_holds_wait_for_the_template(tmp_path: Path) -> None:

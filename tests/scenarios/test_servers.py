@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness import BIN, DEMO, PYTHON, Supervisor, program, supervisor, wait_for
+from tests.harness import BIN, DEMO, PYTHON, Supervisor, program, running, supervisor, wait_for
 from tests.load import Clients, Tally
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -99,12 +99,6 @@ def no_orphans(sup: Supervisor) -> Iterator[None]:
                 pass
 
 
-def alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
 
 def describe(tally: Tally, reloads: int) -> str:
     examples = sorted({f"{kind}: {detail}" for _at, kind, detail in tally.failures})[:5]
@@ -134,7 +128,7 @@ def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> Non
         assert sup.proc is not None
         tree = psutil.Process(sup.proc.pid).children(recursive=True)
         assert sup.stop() == 0  # gracefully: the servers' own stop, gunicorn's arbiters stopping their workers
-        wait_for("every process of the tree to exit", lambda: not [p for p in tree if alive(p)], timeout=10)
+        wait_for("every process of the tree to exit", lambda: not [p for p in tree if running(p.pid)], timeout=10)
     print(f"\n{name}: {describe(tally, reloads)}")
     assert not tally.failures, describe(tally, reloads)
     assert reloads >= MIN_RELOADS and tally.connections > 20 * reloads, describe(tally, reloads)

@@ -35,8 +35,7 @@ def test_a_restarted_worker_shows_its_restarts_and_last_exit(tmp_path: Path) -> 
         victim = next(w["pid"] for w in sup.workers() if w["worker"] == 0)
         os.kill(victim, signal.SIGKILL)
         # One snapshot: serving() alone is also true in the 0.1 s before the restart (one worker, ready).
-        wait_for("the replacement", lambda: (ws := sup.workers()) and len(ws) == 2 and victim not in
-                 {w["pid"] for w in ws} and all(w["state"] == "ready" for w in ws))
+        wait_for("the replacement", lambda: sup.replaced(victim, 2))
         lines, data = table_and_json(sup)
     replaced, sibling = sorted(data["workers"], key=lambda w: w["worker"])
     assert (replaced["state"], replaced["restarts"], replaced["last_exit"]) == ("ready", 1, "killed by SIGKILL")

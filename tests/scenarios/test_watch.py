@@ -13,6 +13,7 @@ import pytest
 import trustme
 
 from tests.harness import Load, Supervisor, program, request_cert, wait_for
+from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
 
@@ -59,23 +60,43 @@ def watching_supervisor(tmp_path: Path, ca: trustme.CA) -> Supervisor:
     return sup
 
 
-def test_a_swapped_secret_is_one_reload_with_no_failed_connection(tmp_path: Path, ca: trustme.CA) -> None:
+def test_each_swapped_secret_is_one_reload_with_no_failed_connection(tmp_path: Path, ca: trustme.CA) -> None:
+    """Three swaps, three reloads, under 64 TLS connections in flight (and threads that note the
+    certificate each handshake got): no connection fails, and the new certificate is served."""
     sup = watching_supervisor(tmp_path, ca)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     try:
         sup.start()
-        with Load(threads=3, seconds=30, tls=client(ca)) as load:
+        with Load(threads=2, seconds=60, tls=client(ca)) as load, \
+                Clients("127.0.0.1:8000", concurrency=64, seconds=60, tls_ca=str(tmp_path / "ca.pem")) as clients:
             wait_for("TLS answers", lambda: load.total > 50)
-            swapped = time.monotonic()
-            new = publish(ca, tmp_path / "secret", "2026_12_02_00_00_00.2")
-            wait_for("the reload the swap started", lambda: sup.generation() == 2, timeout=10)
-            assert sup.status()["programs"][0]["tls"]["sha256"] == new
-            served = time.monotonic()
-            wait_for("answers with the new certificate", lambda: sum(t > served for t, _ in load.certificates) > 100)
-            time.sleep(2.5)  # more than two looks: no second reload comes
-        assert sup.generation() == 2 and len(sup.events("watch_changed")) == 1, sup.events("watch_changed")
+            for generation in (2, 3, 4):
+                new = publish(ca, tmp_path / "secret", f"2026_12_02_00_00_00.{generation}")
+                wait_for("the reload the swap started", lambda g=generation: sup.generation() == g, timeout=10)
+                assert sup.status()["programs"][0]["tls"]["sha256"] == new
+                served = time.monotonic()
+                wait_for("answers with the new certificate",
+                         lambda s=served: sum(t > s for t, _ in load.certificates) > 50)
+            time.sleep(2.5)  # more than two looks: no reload comes without a change
+            tally = clients.finish()
+        assert sup.generation() == 4 and len(sup.events("watch_changed")) == 3, sup.events("watch_changed")
+        assert tally.connections > 1000 and not tally.failures, (tally.failed(), tally.failures[:5])
         assert load.failed == 0, (load.outcomes, load.errors)
         assert {cert for t, cert in load.certificates if t > served} == {new}
-        assert time.monotonic() - swapped < 10
+    finally:
+        sup.kill()
+
+
+def test_an_edited_config_in_the_watch_list_is_reloaded(tmp_path: Path) -> None:
+    """`watch:` may list the config itself: an edit is a reload, as `supervisorctl reload` would do."""
+    sup = Supervisor(tmp_path, {"web": program()})
+    sup.top = {"watch": [str(sup.config)]}
+    sup.write({"web": program()})
+    try:
+        sup.start()
+        sup.write({"web": program(workers=3)})
+        wait_for("the edit reloaded", lambda: sup.generation() == 2 and sup.serving(), timeout=10)
+        assert len(sup.workers()) == 3 and len(sup.events("watch_changed")) == 1
     finally:
         sup.kill()
 

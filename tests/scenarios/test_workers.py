@@ -22,6 +22,7 @@ from tests.harness import (
     open_requests,
     program,
     request,
+    running,
     supervisor,
     wait_for,
 )
@@ -96,7 +97,7 @@ def test_start_revives_a_fatal_program(tmp_path: Path) -> None:
         assert start.returncode == 0, start.stdout + start.stderr
         assert sup.status()["programs"][0]["state"] == "serving"
         assert request()[1]["generation"] == 2
-        wait_for("the FATAL generation's workers to exit", lambda: not any(_alive(pid) for pid in fatal))
+        wait_for("the FATAL generation's workers to exit", lambda: not any(running(pid) for pid in fatal))
         assert sup.serving() and [w["generation"] for w in sup.workers()] == [2, 2, 2]
 
 
@@ -171,19 +172,13 @@ def test_workers_die_with_the_master_and_take_their_children(tmp_path: Path) -> 
     with supervisor(tmp_path, {"web": program(forker, workers=1), "api": program(listen=["127.0.0.1:8001"])}) as sup:
         child = int(child_file.read_text())
         assert sup.ctl("stop", "web").returncode == 0
-        wait_for("the worker's child to be gone", lambda: not _alive(child))
+        wait_for("the worker's child to be gone", lambda: not running(child))
         workers = [w["pid"] for w in sup.workers("api")]
         assert sup.proc is not None
         sup.proc.kill()
         sup.proc.wait()
-        wait_for("workers to die with the master", lambda: not any(_alive(pid) for pid in workers))
+        wait_for("workers to die with the master", lambda: not any(running(pid) for pid in workers))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_workers_run_unprivileged_on_a_privileged_port(tmp_path: Path) -> None:
@@ -276,7 +271,7 @@ def test_a_restarted_worker_that_is_never_ready_is_killed_and_retried(tmp_path: 
     assert (migrate.counters() - before).success > 0, "no connection waited in a never-ready worker's listener"
     not_ready = sup.events("worker_not_ready")
     assert [(e["worker"], e["timeout"]) for e in not_ready] == [(1, 1.0)] * 3, not_ready
-    assert not any(_alive(e["pid"]) for e in not_ready)
+    assert not any(running(e["pid"]) for e in not_ready)
     respawns = sup.events("worker_respawn_scheduled")
     assert [(e["worker"], e["delay"], e["restarts"]) for e in respawns] == [(1, 0.1, 1), (1, 0.2, 2), (1, 0.4, 3)]
     crashed = sup.events("worker_crashed")
