@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from supervisor import migrate
+from supervisor.system import migrate
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 NETSTAT_KEYS = ("ListenOverflows", "ListenDrops", "TCPMigrateReqSuccess", "TCPMigrateReqFailure")

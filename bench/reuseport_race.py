@@ -32,7 +32,7 @@ import time
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 
-from supervisor import migrate, steer
+from supervisor.system import migrate, steer
 
 PORT = 8000
 WIDTH = 2  # listeners per generation

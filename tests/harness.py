@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import yaml
 
-from supervisor.ctl import exchange
+from supervisor.ctl.main import exchange
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
@@ -337,7 +337,7 @@ def collect(socks: list[socket.socket], timeout: float = 15) -> tuple[Counter[st
 def kernel_counters() -> dict[str, int]:
     """The kernel's counters a lost connection shows in: TcpExt's listen and migration counters, and
     Tcp OutRsts (the only one the shutdown-during-handshake race moves, see README "How it works")."""
-    from supervisor import migrate
+    from supervisor.system import migrate
 
     table = migrate.tcp_ext()
     counters = {key: table.get(key, 0) for key in ("ListenOverflows", "ListenDrops", "TCPMigrateReqSuccess",

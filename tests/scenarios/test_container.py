@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from supervisor.config import parse
+from supervisor.config.schema import parse
 from tests.harness import PYTHON, Supervisor, program, request, wait_for
 
 pytestmark = pytest.mark.usefixtures("netns")

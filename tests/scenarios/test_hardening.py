@@ -25,7 +25,9 @@ import psutil
 import pytest
 import yaml
 
-from supervisor import control, limits, worker
+from supervisor.daemon import control
+from supervisor.process import worker
+from supervisor.system import limits
 from tests.harness import BIN, PYTHON, Supervisor, program, request, supervisor, wait_for
 
 pytestmark = pytest.mark.usefixtures("netns")

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from supervisor.worker import SETPRIV
+from supervisor.process.worker import SETPRIV
 from tests.harness import (
     BIN,
     PYTHON,

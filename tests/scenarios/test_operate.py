@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from supervisor import output
+from supervisor.daemon import output
 from tests.harness import BIN, Supervisor, program, wait_for
 from tests.load import Clients
 from tests.scenarios.test_tls import tls_program, write_cert

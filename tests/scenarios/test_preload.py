@@ -32,7 +32,7 @@ def templates(sup: Supervisor) -> list[psutil.Process]:
     assert sup.proc is not None
     workers = {w["pid"] for w in sup.workers()}
     return [p for p in psutil.Process(sup.proc.pid).children() if p.pid not in workers
-            and "template_process.py" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+            and "preload_child.py" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.parametrize("name", PRELOADED)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor import steer
+from supervisor.system import steer
 
 pytestmark = pytest.mark.usefixtures("netns")
 ADDRESS = ("127.0.0.1", 8000)

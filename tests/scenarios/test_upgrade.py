@@ -101,9 +101,9 @@ def test_new_code_that_fails_its_check_is_refused_and_nothing_changes(tmp_path: 
     try:
         before = sup.status()
         if breakage == "syntax":
-            (site / "supervisor" / "slot.py").write_text("def broken(:\n")
+            (site / "supervisor" / "model" / "slot.py").write_text("def broken(:\n")
         else:
-            path = site / "supervisor" / "upgrade.py"
+            path = site / "supervisor" / "process" / "reexec.py"
             path.write_text(path.read_text().replace("READABLE = (1,)", "READABLE = (7,)"))
         result = sup.ctl("upgrade")
         assert result.returncode == 1, result

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor import migrate
+from supervisor.system import migrate
 from tests.harness import (
     BIN,
     PYTHON,

@@ -17,17 +17,18 @@ from typing import Any
 
 import yaml
 
-from supervisor import config, wire
-from supervisor import reload as reloading
-from supervisor.config import Program
+from supervisor.config import schema
+from supervisor.config.schema import Program
+from supervisor.daemon.events import ControlRequest, NotifyReceived, RecycleCheck, WorkerExited
+from supervisor.daemon.master import Master
 from supervisor.errors import SpawnError
-from supervisor.events import ControlRequest, NotifyReceived, RecycleCheck, WorkerExited
-from supervisor.listeners import Listener
-from supervisor.master import Master
-from supervisor.program import ProgramRuntime
-from supervisor.reload import ReloadKind
-from supervisor.reply import Reply
-from supervisor.worker import Worker, WorkerState
+from supervisor.model import reload as reloading
+from supervisor.model.program import ProgramRuntime
+from supervisor.model.reload import ReloadKind
+from supervisor.process.worker import Worker, WorkerState
+from supervisor.protocol import requests
+from supervisor.protocol.reply import Reply
+from supervisor.system.listeners import Listener
 
 FIRST_PID = 5_000_000  # above the kernel's pid_max: psutil finds no such process
 
@@ -148,7 +149,7 @@ class Scenario:
         self.write(programs)
         self.clock = FakeClock()
         self.spawner = FakeSpawner(self.clock)
-        self.master = Master(config.load(self.path), spawner=self.spawner, clock=self.clock)
+        self.master = Master(schema.load(self.path), spawner=self.spawner, clock=self.clock)
 
     def write(self, programs: dict[str, dict[str, Any]]) -> None:
         self.path.write_text(yaml.safe_dump({"programs": programs}))
@@ -165,7 +166,7 @@ class Scenario:
             self.ready(*self.starting())
         return reply
 
-    def ask(self, request: wire.Request) -> HeardReply:
+    def ask(self, request: requests.Request) -> HeardReply:
         reply = HeardReply()
         self.master.post(ControlRequest(request, reply))
         self.drain()

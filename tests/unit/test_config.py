@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import config
-from supervisor.config import MigrateMode, ReadyMode
+from supervisor.config import schema
+from supervisor.config.schema import MigrateMode, ReadyMode
 from supervisor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']
 
 def error(text: str, path: str = "conf.yaml") -> str:
     with pytest.raises(ConfigError) as info:
-        config.parse(text, path)
+        schema.parse(text, path)
     return str(info.value)
 
 
@@ -50,7 +50,7 @@ class TestValidConfig:
             "    crash_window: 30\n"
             "    max_rss: 1.5G\n"
             "    max_age: 3600\n")
-        cfg = config.load(path)
+        cfg = schema.load(path)
         web = cfg.program("web")
         assert cfg.control.socket == str(tmp_path / "run" / "s.sock") and cfg.control.mode == 0o660
         assert cfg.migrate is MigrateMode.PREFER
@@ -64,7 +64,7 @@ class TestValidConfig:
 
     def test_defaults(self) -> None:
         """Unset keys take the documented defaults; the socket sits beside the file."""
-        cfg = config.parse(MINIMAL, "/etc/s/conf.yaml")
+        cfg = schema.parse(MINIMAL, "/etc/s/conf.yaml")
         web = cfg.programs[0]
         assert cfg.control.socket == "/etc/s/supervisor.sock" and cfg.control.mode == 0o600
         assert cfg.migrate is MigrateMode.REQUIRE
@@ -77,16 +77,16 @@ class TestExample:
     def test_the_shipped_example_is_what_the_readme_says(self) -> None:
         """config/example.yaml (what `make run` starts): the demo, 2 workers on 127.0.0.1:8000, its socket beside it."""
         path = ROOT / "config" / "example.yaml"
-        cfg = config.load(path)
+        cfg = schema.load(path)
         [web] = cfg.programs
         assert web.name == "web" and web.command == ("python", "-m", "supervisor.demo")
         assert web.workers == 2 and [str(a) for a in web.listen] == ["127.0.0.1:8000"]
         assert cfg.control.socket == str(ROOT / "config" / "supervisor.sock") and cfg.control.mode == 0o600
-        assert config.control_socket(path) == cfg.control.socket
+        assert schema.control_socket(path) == cfg.control.socket
 
     def test_the_container_config_serves_on_every_interface(self) -> None:
         """config/container.yaml (the Dockerfile's): the demo on 0.0.0.0:8000, socket in /run/supervisor."""
-        cfg = config.load(ROOT / "config" / "container.yaml")
+        cfg = schema.load(ROOT / "config" / "container.yaml")
         [web] = cfg.programs
         assert [str(a) for a in web.listen] == ["0.0.0.0:8000"] and cfg.migrate is MigrateMode.PREFER
         assert cfg.control.socket == "/run/supervisor/supervisor.sock"
@@ -125,7 +125,7 @@ class TestErrors:
     def test_yaml_numbers(self) -> None:
         """Numbers are read as YAML 1.1 reads them: hex, sexagesimal (1:30 is 90), underscores."""
         text = MINIMAL + "    ready_timeout: 0x10\n    graceful_timeout: 1:30\n    settle: 1_0.5\n    workers: 0x10\n"
-        web = config.parse(text, "conf.yaml").programs[0]
+        web = schema.parse(text, "conf.yaml").programs[0]
         assert (web.ready_timeout, web.graceful_timeout, web.settle, web.workers) == (16.0, 90.0, 10.5, 16)
 
     @pytest.mark.parametrize(("listen", "expected"), [
@@ -158,7 +158,7 @@ class TestErrors:
         """Broken YAML names its line; an unreadable file says why."""
         assert error("programs:\n  web: [unclosed\n").startswith("conf.yaml:3: broken YAML")
         with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
-            config.load(tmp_path / "missing.yaml")
+            schema.load(tmp_path / "missing.yaml")
 
 
 class TestControlSocket:
@@ -166,9 +166,9 @@ class TestControlSocket:
         """The client finds the daemon's socket in a file whose programs would not validate."""
         path = tmp_path / "s.yaml"
         path.write_text("control: {socket: /run/x.sock}\nprograms: {web: {workers: two}}\n")
-        assert config.control_socket(path) == "/run/x.sock"
+        assert schema.control_socket(path) == "/run/x.sock"
 
     def test_default_beside_the_file(self, tmp_path: Path) -> None:
         path = tmp_path / "s.yaml"
         path.write_text(MINIMAL)
-        assert config.control_socket(path) == str(tmp_path / "supervisor.sock")
+        assert schema.control_socket(path) == str(tmp_path / "supervisor.sock")

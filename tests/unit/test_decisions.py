@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from supervisor import status, wire
-from supervisor.generation import GenerationState
-from supervisor.program import ProgramRuntime, ProgramState
-from supervisor.slot import RECYCLE_RETRY
-from supervisor.worker import WorkerState
+from supervisor.daemon import status
+from supervisor.model.generation import GenerationState
+from supervisor.model.program import ProgramRuntime, ProgramState
+from supervisor.model.slot import RECYCLE_RETRY
+from supervisor.process.worker import WorkerState
+from supervisor.protocol import requests
 from tests.unit.fakes import Scenario, program
 
 
@@ -34,7 +35,7 @@ class TestReload:
     def test_a_reload_commits_shut_first_then_stop_signal_after_stop_delay(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
         old = s.serving()
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         assert s.state() == "reloading" and reply.answer is None
         s.ready(*s.starting())
         assert reply.ok and s.record().serving is not None and s.record().serving.number == 2
@@ -48,14 +49,14 @@ class TestReload:
     def test_stop_delay_zero_sends_the_signal_in_the_same_step(self, tmp_path: Path) -> None:
         s = scenario(tmp_path, stop_delay=0)
         old = s.serving()
-        s.ask(wire.Reload())
+        s.ask(requests.Reload())
         s.ready(*s.starting())
         assert all(w.signals == [(s.clock.time(), "SIGTERM", True)] for w in old)
 
     def test_a_new_worker_that_exits_rolls_back(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
         serving = s.serving()
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         ready, failing = s.starting()
         s.ready(ready)
         s.exit(failing)
@@ -68,7 +69,7 @@ class TestReload:
 
     def test_a_generation_not_ready_in_time_rolls_back_and_names_it(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         late = s.starting()
         s.ready(late[0])
         s.advance(9.9)
@@ -81,9 +82,9 @@ class TestReload:
 
     def test_requests_wait_behind_a_reload_and_reloads_that_piled_up_become_one(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
-        first = s.ask(wire.Reload())
-        scale = s.ask(wire.Scale("web", 3))  # it would change the generation being replaced: it waits
-        second, third = s.ask(wire.Reload()), s.ask(wire.Reload())
+        first = s.ask(requests.Reload())
+        scale = s.ask(requests.Scale("web", 3))  # it would change the generation being replaced: it waits
+        second, third = s.ask(requests.Reload()), s.ask(requests.Reload())
         assert [r.lines for r in (scale, second, third)] == [["waiting for the reload in progress"]] * 3
         s.ready(*s.starting())
         assert first.ok and scale.ok and second.answer is None
@@ -95,10 +96,10 @@ class TestReload:
 
     def test_stop_during_a_reload_waits_and_shutdown_rolls_it_back(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
-        reload = s.ask(wire.Reload())
-        stop = s.ask(wire.Stop("web"))
+        reload = s.ask(requests.Reload())
+        stop = s.ask(requests.Stop("web"))
         assert stop.lines == ["waiting for the reload in progress"]
-        bye = s.ask(wire.Shutdown())
+        bye = s.ask(requests.Shutdown())
         assert reload.ok is False and "supervisord is shutting down" in reload.answer["error"]  # type: ignore[index]
         assert stop.ok is False and s.state() == "stopping"
         for w in s.spawner.spawned:
@@ -113,12 +114,12 @@ class TestReload:
         s.start()
         api = s.serving("api")
         s.write({"web": program()})
-        s.ask(wire.Reload())
+        s.ask(requests.Reload())
         s.ready(*s.starting())
         assert s.state("api") == "stopping" and all(w.state is WorkerState.RETIRING for w in api)
         assert [p["name"] for p in status.snapshot(s.master)["programs"]] == ["web", "api"]  # until it is gone
         s.write({"web": program(), "api": program(listen=["127.0.0.1:8001"])})
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         assert s.state("api") == "starting"
         s.ready(*s.starting())
         assert reply.ok and s.state("api") == "serving" and s.record("api").serving.number == 2  # type: ignore[union-attr]
@@ -142,14 +143,14 @@ class TestSlots:
         assert s.state() == "fatal" and s.record().fatal == "3 crashes within 60 s"
         s.advance(60)
         assert s.starting() == [] and len(s.serving()) == 1  # no restart; worker 0 serves on
-        reply = s.ask(wire.Start("web"))
+        reply = s.ask(requests.Start("web"))
         s.ready(*s.starting())
         assert reply.ok and s.state() == "serving" and s.record().fatal is None and s.record().crashes is None
 
     def test_a_crash_during_a_reload_can_make_the_program_fatal_and_the_reload_still_commits(
             self, tmp_path: Path) -> None:
         s = scenario(tmp_path, crash_limit=1)
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         s.exit(s.serving()[0], 9)
         assert s.state() == "fatal" and s.master.reload is not None
         snapshot = status.snapshot(s.master)["programs"][0]
@@ -179,15 +180,15 @@ class TestSlots:
 
     def test_scale_up_and_down(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
-        reply = s.ask(wire.Scale("web", 4))
+        reply = s.ask(requests.Scale("web", 4))
         assert reply.ok and [w.index for w in s.starting()] == [2, 3]
         s.ready(*s.starting())
-        down = s.ask(wire.Scale("web", 1))
+        down = s.ask(requests.Scale("web", 1))
         assert down.answer["message"] == "web: 1 workers (0 started, 3 retiring)"  # type: ignore[index]
         gen = s.record().serving
         assert gen is not None and sorted(gen.slots) == [0] and len(gen.leaving) == 3
         assert all(all(x.shut for x in w.listeners) for w in gen.leaving)
-        assert s.ask(wire.Scale("web", 0)).answer == {"ok": False, "error": "workers must be 1..4096, got 0"}
+        assert s.ask(requests.Scale("web", 0)).answer == {"ok": False, "error": "workers must be 1..4096, got 0"}
 
     def test_a_spawn_that_fails_is_retried(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
@@ -204,7 +205,7 @@ class TestRecords:
         s = scenario(tmp_path, max_age=100, crash_limit=5)
         s.exit(s.serving()[1], 9)
         s.advance(0.1)
-        s.ask(wire.Reload())
+        s.ask(requests.Reload())
         record = s.record()
         text = json.dumps(record.to_json())
         copy = ProgramRuntime.from_json(json.loads(text))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import filewatch
-from supervisor.config import parse
+from supervisor.config.schema import parse
 from supervisor.errors import ConfigError
-from supervisor.filewatch import Files
+from supervisor.system import watched_files
+from supervisor.system.watched_files import Files
 
 
 def swap_data(folder: Path, stamp: str, content: str) -> None:
@@ -52,10 +52,10 @@ def test_files_that_never_rest_are_reloaded_after_a_while(tmp_path: Path) -> Non
     path.write_text("0")
     files = Files([str(path)])
     due = []
-    for i in range(1, filewatch.MAX_WAIT + 1):
+    for i in range(1, watched_files.MAX_WAIT + 1):
         path.write_text(str(i))
         due.append(files.check())
-    assert due[:-1] == [None] * (filewatch.MAX_WAIT - 1) and due[-1] == [str(path)]
+    assert due[:-1] == [None] * (watched_files.MAX_WAIT - 1) and due[-1] == [str(path)]
 
 
 def test_touch_is_not_a_change(tmp_path: Path) -> None:

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import config, control, limits, readiness
+from supervisor.config import schema
+from supervisor.daemon import control
 from supervisor.errors import ConfigError, ControlError
-from supervisor.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
+from supervisor.process.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
+from supervisor.system import limits, readiness
 
 MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
 
 
 def load_error(path: Path | str) -> str:
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        schema.load(path)
     return str(info.value)
 
 
@@ -44,47 +46,47 @@ class TestConfigFiles:
 
     def test_size_limit(self, tmp_path: Path) -> None:
         path = tmp_path / "c.yaml"
-        path.write_text(MINIMAL + "#" * (config.MAX_FILE - len(MINIMAL)))
-        assert config.load(path).programs[0].name == "web"  # exactly 1 MiB: read
-        path.write_text(MINIMAL + "#" * (config.MAX_FILE - len(MINIMAL) + 1))
-        assert load_error(path) == f"{path}: larger than 1 MiB ({config.MAX_FILE + 1} bytes): not read"
+        path.write_text(MINIMAL + "#" * (schema.MAX_FILE - len(MINIMAL)))
+        assert schema.load(path).programs[0].name == "web"  # exactly 1 MiB: read
+        path.write_text(MINIMAL + "#" * (schema.MAX_FILE - len(MINIMAL) + 1))
+        assert load_error(path) == f"{path}: larger than 1 MiB ({schema.MAX_FILE + 1} bytes): not read"
 
     def test_too_many_values_are_refused_before_nodes_are_built(self) -> None:
         """Composing costs ~10 times what parsing does: a file of 30,000 values is refused at the value
         that crosses the limit, after a parse that costs a few hundredths of a second."""
         env = "".join(f"      K{i}: {i}\n" for i in range(15_000))
         with pytest.raises(ConfigError, match=r"^c\.yaml:\d+: more than 20000 YAML values and collections"):
-            config.parse(MINIMAL + "    env:\n" + env, "c.yaml")
-        assert len(config.parse(MINIMAL + "    env:\n" + env[:env.index("K9000:")], "c.yaml").programs[0].env) == 9000
+            schema.parse(MINIMAL + "    env:\n" + env, "c.yaml")
+        assert len(schema.parse(MINIMAL + "    env:\n" + env[:env.index("K9000:")], "c.yaml").programs[0].env) == 9000
 
     def test_aliases_that_blow_up_a_command(self, tmp_path: Path) -> None:
         """500 references to one 100 kB string: a 100 kB file, a 50 MB argv; refused at its line."""
         big = "a" * 100_000
         text = f"programs:\n  web:\n    listen: ['127.0.0.1:8000']\n    command: [&a '{big}'" + ", *a" * 500 + "]\n"
-        assert config.parse(text.replace(", *a" * 500, ", *a"), "c.yaml").programs[0].command == (big, big)
+        assert schema.parse(text.replace(", *a" * 500, ", *a"), "c.yaml").programs[0].command == (big, big)
         with pytest.raises(ConfigError, match=r"^c\.yaml:4: programs\.web\.command: command and env expand to "
                                               r"50100501 bytes with YAML aliases; at most 1048576 per program"):
-            config.parse(text, "c.yaml")
+            schema.parse(text, "c.yaml")
 
     def test_aliases_that_blow_up_env_or_repeat_programs(self) -> None:
         value = "v" * 100_000
         env = "".join(f"      K{i}: *v\n" for i in range(20))
         text = MINIMAL + f"    env:\n      V: &v '{value}'\n{env}"
         with pytest.raises(ConfigError, match=r"^c\.yaml:6: programs\.web\.env: command and env expand to 2100"):
-            config.parse(text, "c.yaml")
+            schema.parse(text, "c.yaml")
         # Each program under 1 MiB, but an alias repeats the whole program: bounded in all.
         arg = "a" * 100_000
         one = f"{{command: [&a '{arg}'" + ", *a" * 9 + "], listen: '127.0.0.1:1'}"
         many = f"programs:\n  p0: &p {one}\n" + "".join(f"  p{i}: *p\n" for i in range(1, 40))
         with pytest.raises(ConfigError, match=r"programs\.p16\.command: .*every program so far: 17000170"):
-            config.parse(many, "c.yaml")
+            schema.parse(many, "c.yaml")
 
     def test_one_argument_or_variable_larger_than_execve_takes(self) -> None:
-        big = "a" * (config.MAX_ARGUMENT + 1)
+        big = "a" * (schema.MAX_ARGUMENT + 1)
         with pytest.raises(ConfigError, match=r"programs\.web\.command\[1\]: 131072 bytes; execve\(\) takes at most"):
-            config.parse(f"programs:\n  web:\n    command: [app, '{big}']\n    listen: '127.0.0.1:1'\n", "c.yaml")
+            schema.parse(f"programs:\n  web:\n    command: [app, '{big}']\n    listen: '127.0.0.1:1'\n", "c.yaml")
         with pytest.raises(ConfigError, match=r"programs\.web\.env\.X: 131072 bytes"):
-            config.parse(MINIMAL + f"    env: {{X: '{big}'}}\n", "c.yaml")
+            schema.parse(MINIMAL + f"    env: {{X: '{big}'}}\n", "c.yaml")
 
 
 def pipe_worker() -> tuple[Worker, int]:
@@ -164,7 +166,7 @@ class TestLimits:
     def test_what_a_config_needs(self) -> None:
         text = MINIMAL.replace("['127.0.0.1:8000']", "['127.0.0.1:8000', '[::1]:8000']") + \
             "    workers: 10\n  api:\n    command: [api]\n    listen: '127.0.0.1:9000'\n"
-        cfg = config.parse(text, "c.yaml")
+        cfg = schema.parse(text, "c.yaml")
         # web: 10 workers x (2 listeners + pidfd + stderr); api: 1 x 3; two generations of each.
         assert limits.needed(cfg.programs) == limits.MASTER_FDS + 2 * (10 * 4 + 1 * 3)
         assert limits.problem(cfg, 1024) is None
@@ -179,7 +181,7 @@ class TestLimits:
         assert limits.scale_problem(cfg, "web", 10, running={"web": 10, "api": 1}, limit=500) is None
 
     def test_the_soft_limit_is_raised_to_the_hard_one(self) -> None:
-        code = ("import resource; from supervisor import limits\n"
+        code = ("import resource; from supervisor.system import limits\n"
                 "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))\n"
                 "print(limits.raise_soft_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

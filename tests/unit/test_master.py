@@ -6,9 +6,9 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from supervisor import config
-from supervisor.events import GracefulTimeout
-from supervisor.master import Master
+from supervisor.config import schema
+from supervisor.daemon.events import GracefulTimeout
+from supervisor.daemon.master import Master
 
 MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
 
@@ -16,7 +16,7 @@ MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']
 def test_a_failing_handler_is_logged_not_raised() -> None:
     """A malformed event makes its handler fail: one handler_failed line, and handle() returns."""
     async def handle_a_bad_event() -> None:
-        master = Master(config.parse(MINIMAL, "/etc/s/conf.yaml"))
+        master = Master(schema.parse(MINIMAL, "/etc/s/conf.yaml"))
         master.handle(GracefulTimeout((None,)))  # type: ignore[arg-type]  # None has no `.alive`
 
     with capture_logs() as logs:

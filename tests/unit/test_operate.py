@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import config, output, wire
+from supervisor.config import schema
+from supervisor.daemon import output
+from supervisor.daemon.metrics import Tally, not_ready
 from supervisor.errors import ConfigError, ControlError
-from supervisor.metrics import Tally, not_ready
-from supervisor.plan import plan_reload, select
-from supervisor.reply import Reply
-from supervisor.worker import Worker
+from supervisor.model.plan import plan_reload, select
+from supervisor.process.worker import Worker
+from supervisor.protocol import requests
+from supervisor.protocol.reply import Reply
 from tests.unit.fakes import Scenario
 from tests.unit.fakes import program as fake_program
 
@@ -26,14 +28,14 @@ TWO = ("programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
 
 def parse_error(text: str) -> str:
     with pytest.raises(ConfigError) as info:
-        config.parse(text, "conf.yaml")
+        schema.parse(text, "conf.yaml")
     return str(info.value)
 
 
 class TestMetricsConfig:
     def test_off_unless_set(self) -> None:
-        assert config.parse(TWO, "conf.yaml").metrics is None
-        on = config.parse("metrics: {listen: '[::1]:9150'}\n" + TWO, "conf.yaml").metrics
+        assert schema.parse(TWO, "conf.yaml").metrics is None
+        on = schema.parse("metrics: {listen: '[::1]:9150'}\n" + TWO, "conf.yaml").metrics
         assert on is not None and str(on.listen) == "[::1]:9150"
 
     @pytest.mark.parametrize(("text", "message"), [
@@ -49,9 +51,11 @@ class TestMetricsConfig:
 
 class TestRequests:
     def test_reload_of_named_programs_and_tail(self) -> None:
-        assert wire.parse_request(b'{"command":"reload","programs":["web","api"]}') == wire.Reload(("web", "api"))
-        assert wire.parse_request(b'{"command":"tail","program":"web"}') == wire.Tail("web", 10, False)
-        assert wire.parse_request(wire.encode(wire.to_message(wire.Tail("web", 3, True)))) == wire.Tail("web", 3, True)
+        parse = requests.parse_request
+        assert parse(b'{"command":"reload","programs":["web","api"]}') == requests.Reload(("web", "api"))
+        assert parse(b'{"command":"tail","program":"web"}') == requests.Tail("web", 10, False)
+        tail = requests.Tail("web", 3, True)
+        assert parse(requests.encode(requests.to_message(tail))) == tail
 
     @pytest.mark.parametrize(("line", "message"), [
         (b'{"command":"reload","programs":"web"}', "reload: programs must be a list"),
@@ -62,13 +66,13 @@ class TestRequests:
     ])
     def test_malformed(self, line: bytes, message: str) -> None:
         with pytest.raises(ControlError, match=message):
-            wire.parse_request(line)
+            requests.parse_request(line)
 
 
 class TestPartialReload:
     def test_only_the_named_programs_take_the_new_settings(self, tmp_path: Path) -> None:
-        current = config.parse(TWO, str(tmp_path / "s.yaml"))
-        new = config.parse(TWO.replace("[app]", "[app2]") + "migrate: off\n", str(tmp_path / "s.yaml"))
+        current = schema.parse(TWO, str(tmp_path / "s.yaml"))
+        new = schema.parse(TWO.replace("[app]", "[app2]") + "migrate: off\n", str(tmp_path / "s.yaml"))
         merged = select(current, new, ("web",))
         assert [(p.name, p.command) for p in merged.programs] == [("web", ("app2",)), ("api", ("app",))]
         assert merged.migrate is current.migrate
@@ -76,10 +80,10 @@ class TestPartialReload:
         assert [p.name for p in plan.start] == ["web"] and plan.retire == ("web",) and plan.removed == ()
 
     def test_refusals(self, tmp_path: Path) -> None:
-        current = config.parse(TWO, str(tmp_path / "s.yaml"))
+        current = schema.parse(TWO, str(tmp_path / "s.yaml"))
         with pytest.raises(ControlError, match=re.escape(f"no program named 'db' in {tmp_path / 's.yaml'}")):
             select(current, current, ("db",))
-        moved = config.parse(TWO.replace("8000", "8002").replace("8001", "8000"), str(tmp_path / "s.yaml"))
+        moved = schema.parse(TWO.replace("8000", "8002").replace("8001", "8000"), str(tmp_path / "s.yaml"))
         with pytest.raises(ControlError, match=r"api: 127\.0\.0\.1:8000 is used by program web as it runs now"):
             select(current, moved, ("api",))
         with pytest.raises(ControlError, match="web: stopped by hand; `start` it instead"):
@@ -119,7 +123,7 @@ class TestOutput:
             out.follow("web", reply)
             out.record(worker(), ["first"])
             await asyncio.sleep(0.01)
-            assert theirs.recv(4096) == wire.encode({"line": "web#2 worker 1 pid 100: first"})
+            assert theirs.recv(4096) == requests.encode({"line": "web#2 worker 1 pid 100: first"})
             for _ in range(output.FOLLOWER_BUFFER // 60000 + 20):  # never read from here on
                 out.record(worker(), ["y" * 60000])
             assert out.followers["web"] == [] and writer.is_closing()
@@ -134,9 +138,9 @@ class TestDecisions:
         s = Scenario(tmp_path, {"web": fake_program(), "api": fake_program(listen=["127.0.0.1:8001"])})
         assert s.start().ok and not_ready(s.master) == []
         api = s.serving("api")
-        first = s.ask(wire.Reload(("web",)))
+        first = s.ask(requests.Reload(("web",)))
         assert {w.program for w in s.starting()} == {"web"} and not_ready(s.master) == []  # reloading serves
-        second, third = s.ask(wire.Reload(("api",))), s.ask(wire.Reload(("web",)))
+        second, third = s.ask(requests.Reload(("api",))), s.ask(requests.Reload(("web",)))
         s.ready(*s.starting())
         assert first.ok and s.serving("api") == api and s.record("web").serving.number == 2  # type: ignore[union-attr]
         # The two that waited became one reload of both programs.
@@ -144,7 +148,7 @@ class TestDecisions:
         s.ready(*s.starting())
         assert second.ok and third.ok and second.answer == third.answer
         assert (s.record("web").serving.number, s.record("api").serving.number) == (3, 2)  # type: ignore[union-attr]
-        refused = s.ask(wire.Reload(("nosuch",)))
+        refused = s.ask(requests.Reload(("nosuch",)))
         assert refused.ok is False and "no program named 'nosuch'" in refused.answer["error"]  # type: ignore[index]
         assert s.master.tally.reloads == {"done": 2, "rolled_back": 0, "refused": 1}
 
@@ -156,6 +160,6 @@ class TestDecisions:
         s.exit(s.serving()[0])
         assert not_ready(s.master) == ["web: fatal (1 crashes within 60 s)"]
         assert s.master.tally.restarts == {}  # FATAL: no restart
-        assert s.ask(wire.Start("web")).answer is None
+        assert s.ask(requests.Start("web")).answer is None
         s.ready(*s.starting())
         assert not_ready(s.master) == []

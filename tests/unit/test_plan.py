@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from supervisor.config import Config, Control, Listen, Program
+from supervisor.config.schema import Config, Control, Listen, Program
 from supervisor.errors import ControlError
-from supervisor.plan import plan_reload, plan_start
+from supervisor.model.plan import plan_reload, plan_start
 
 
 def make_config(*names: str) -> Config:

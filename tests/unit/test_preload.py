@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import config
+from supervisor.config import schema
 from supervisor.errors import ConfigError
 
 
@@ -16,7 +16,7 @@ from supervisor.errors import ConfigError
     (("python3", "-m"), None),
 ])
 def test_python_main_is_what_python_would_run_as_main(command: tuple[str, ...], main: object) -> None:
-    assert config.python_main(command) == main
+    assert schema.python_main(command) == main
 
 
 @pytest.mark.parametrize(("settings", "error"), [
@@ -30,10 +30,10 @@ def test_python_main_is_what_python_would_run_as_main(command: tuple[str, ...], 
 def test_preload_errors_name_file_line_and_key(settings: str, error: str) -> None:
     text = f"programs:\n  web:\n    listen: 127.0.0.1:8000\n    {settings}\n"
     with pytest.raises(ConfigError) as caught:
-        config.parse(text, "x.yaml")
+        schema.parse(text, "x.yaml")
     assert str(caught.value).startswith(error), str(caught.value)
 
 
 def test_preload_reads_a_list_or_one_module() -> None:
     text = "programs:\n  web:\n    listen: 127.0.0.1:8000\n    command: python3 -m app\n    preload: app.models\n"
-    assert config.parse(text, "x.yaml").programs[0].preload == ("app.models",)
+    assert schema.parse(text, "x.yaml").programs[0].preload == ("app.models",)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisor.restart import MAX_DELAY, STABLE_AFTER, CrashHistory, Fatal, Restart
+from supervisor.model.restart import MAX_DELAY, STABLE_AFTER, CrashHistory, Fatal, Restart
 
 
 class TestCrashHistory:

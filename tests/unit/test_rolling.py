@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import config, status, wire
+from supervisor.config import schema
+from supervisor.daemon import status
 from supervisor.errors import ConfigError
-from supervisor.generation import GenerationState
-from supervisor.worker import Worker, WorkerState
+from supervisor.model.generation import GenerationState
+from supervisor.process.worker import Worker, WorkerState
+from supervisor.protocol import requests
 from tests.unit.fakes import FakeWorker, Scenario, program
 
 
@@ -44,7 +46,7 @@ class TestRolling:
     def test_a_reload_replaces_one_worker_at_a_time_never_more_than_n_plus_one(self, tmp_path: Path) -> None:
         s = rolling(tmp_path)
         old = s.serving()
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         peak = len(alive(s))
         for step in range(4):
             assert len(s.starting()) == 1 and s.starting()[0].index == step
@@ -61,7 +63,7 @@ class TestRolling:
             self, tmp_path: Path) -> None:
         s = rolling(tmp_path)
         old = {w.index: w for w in s.serving()}
-        s.ask(wire.Reload())
+        s.ask(requests.Reload())
         s.ready(*s.starting())
         assert not any(x.shut for x in old[0].listeners)  # steered away first, shut on a later turn
         s.advance(0.02)
@@ -78,7 +80,7 @@ class TestRolling:
 
     def test_batch_replaces_k_workers_at_a_time(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, batch=2)
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         peak = 0
         for step in range(2):
             assert sorted(w.index for w in s.starting()) == [2 * step, 2 * step + 1]
@@ -88,7 +90,7 @@ class TestRolling:
 
     def test_each_batch_has_its_own_ready_timeout(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, workers=3)
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         for _ in range(3):
             s.advance(8)  # 24 s in all, more than ready_timeout (10 s), less per batch
             roll_batch(s)
@@ -99,7 +101,7 @@ class TestRolling:
         old = s.record().serving
         assert old is not None
         s.write({"web": program(workers=4, strategy="rolling", env={"CODE": "new"})})
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         roll_batch(s)
         replaced = roll_batch(s)
         failing = s.starting()[0]
@@ -120,7 +122,7 @@ class TestRolling:
     def test_a_replacement_that_dies_during_its_switch_leaves_the_old_worker_serving(self, tmp_path: Path) -> None:
         s = rolling(tmp_path)
         old = {w.index: w for w in s.serving()}
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         [fresh] = s.starting()
         s.ready(fresh)  # steered away from the old worker; its shut is due on a later turn
         s.exit(fresh)
@@ -131,7 +133,7 @@ class TestRolling:
 
     def test_a_batch_not_ready_in_time_rolls_back(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, workers=2)
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         roll_batch(s)
         s.advance(10.1)
         assert reply.ok is False and "not ready within 10 s" in reply.answer["error"]  # type: ignore[index]
@@ -140,7 +142,7 @@ class TestRolling:
     def test_fewer_workers_in_the_new_config_retire_the_rest_in_the_last_batch(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, workers=3)
         s.write({"web": program(workers=2, strategy="rolling")})
-        reply = s.ask(wire.Reload())
+        reply = s.ask(requests.Reload())
         roll_batch(s)
         roll_batch(s)
         s.advance(0.52)  # slot 2 has no new worker: shut and stopped without waiting for one
@@ -150,13 +152,13 @@ class TestRolling:
 
     def test_status_shows_a_program_in_the_middle_of_a_roll(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, batch=2)
-        s.ask(wire.Reload())
+        s.ask(requests.Reload())
         roll_batch(s)
-        facts = s.ask(wire.Status()).answer["data"]["programs"][0]  # type: ignore[index]
+        facts = s.ask(requests.Status()).answer["data"]["programs"][0]  # type: ignore[index]
         assert facts["state"] == "reloading"
         assert facts["roll"] == {"replaced": 2, "replacing": [2, 3], "of": 4, "batch": 2, "from": 1, "to": 2}
         assert "reloading (rolling #1 -> #2: 2 of 4 slots replaced, 2 at a time)" in status.render(
-            s.ask(wire.Status()).answer["data"])  # type: ignore[index]
+            s.ask(requests.Status()).answer["data"])  # type: ignore[index]
 
     def test_the_first_start_and_all_at_once_start_every_worker_together(self, tmp_path: Path) -> None:
         s = Scenario(tmp_path, {"web": program(workers=3, strategy="rolling")})
@@ -164,7 +166,7 @@ class TestRolling:
         assert len(s.starting()) == 3  # nothing to roll from
         s.ready(*s.starting())
         s.write({"web": program(workers=3)})
-        s.ask(wire.Reload())
+        s.ask(requests.Reload())
         assert len(s.starting()) == 3
 
 
@@ -176,4 +178,4 @@ def test_config_errors_name_the_key(tmp_path: Path, settings: dict[str, object],
     s = Scenario(tmp_path, {"web": program()})
     s.write({"web": program(**settings)})
     with pytest.raises(ConfigError, match=error):
-        config.load(s.path)
+        schema.load(s.path)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import migrate, notify, readiness, status, worker
-from supervisor.config import MigrateMode
+from supervisor.config.schema import MigrateMode
+from supervisor.daemon import status
 from supervisor.errors import MigrateError
+from supervisor.process import worker
+from supervisor.system import migrate, readiness, systemd
 
 
 class TestNotifyParse:
@@ -23,12 +25,12 @@ class TestNotifyParse:
 class TestNotifier:
     def test_a_value_stays_on_its_line(self, tmp_path: Path) -> None:
         """A STATUS quoting stderr lines is sent as one line: a newline would start a new field."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
-            systemd.bind(str(tmp_path / "notify.sock"))
-            notifier = notify.Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+            manager.bind(str(tmp_path / "systemd.sock"))
+            notifier = systemd.Notifier({"NOTIFY_SOCKET": str(tmp_path / "systemd.sock")})
             notifier.ready("serving web#1; last reload failed: boom; last stderr lines:\n  Traceback\n  Error")
             notifier.close()
-            assert systemd.recv(4096).decode().splitlines()[:2] == [
+            assert manager.recv(4096).decode().splitlines()[:2] == [
                 "READY=1", "STATUS=serving web#1; last reload failed: boom; last stderr lines: Traceback Error"]
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from supervisor import preflight, tls
-from supervisor.config import MigrateMode
+from supervisor.config import tls
+from supervisor.config.schema import MigrateMode
+from supervisor.model import preflight
 
 
 def issue(ca: trustme.CA, folder: Path) -> tuple[str, str]:

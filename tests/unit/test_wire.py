@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import wire
 from supervisor.errors import ControlError
+from supervisor.protocol import requests
 
 
 class TestParseRequest:
     def test_valid_requests(self) -> None:
         """A command and its arguments come back separated."""
-        assert wire.parse_request(b'{"command":"reload"}\n') == wire.Reload()
-        assert wire.parse_request(wire.encode({"command": "stop", "program": "web"})) == wire.Stop("web")
-        assert wire.parse_request(b'{"command":"scale","program":"web","workers":3}') == wire.Scale("web", 3)
+        assert requests.parse_request(b'{"command":"reload"}\n') == requests.Reload()
+        assert requests.parse_request(requests.encode({"command": "stop", "program": "web"})) == requests.Stop("web")
+        assert requests.parse_request(b'{"command":"scale","program":"web","workers":3}') == requests.Scale("web", 3)
 
     @pytest.mark.parametrize(("line", "message"), [
         (b"not json\n", "malformed message"),
@@ -28,4 +28,4 @@ class TestParseRequest:
     def test_malformed_requests(self, line: bytes, message: str) -> None:
         """Each kind of bad request has its own one-line error."""
         with pytest.raises(ControlError, match=message.replace("(", r"\(")):
-            wire.parse_request(line)
+            requests.parse_request(line)

@@ -1,0 +1,1 @@
+"""`supervisorctl`: the client side of the control protocol and the table `status` prints."""

@@ -1,0 +1,178 @@
+"""`supervisorctl`: talk to a running supervisord through its control socket.
+
+Exit status (a contract): 0 done; 1 the daemon refused or rolled back the request (the reason is
+printed); 2 bad command line or unreadable config; 3 no daemon answers on the control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+import time
+
+from supervisor.daemon import status
+from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
+
+# Only what a command needs: the framing (not wire's dataclasses), the table (status, without
+# psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
+from supervisor.protocol import framing
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+EPILOG = """commands:
+  status [--json]     programs, generations, workers (pid, state, uptime, RSS, CPU), migration mode
+  reload [PROGRAM ...]
+                      start new generations (of the named programs only, if any; the others keep
+                      theirs), wait until ready, close the old listeners
+  start PROGRAM       start a stopped or FATAL program
+  stop PROGRAM        stop a program (its workers finish what they accepted)
+  scale PROGRAM N     run N workers of a running program (until the next reload)
+  shutdown            stop every program and the daemon
+  upgrade             run the installed code in the same process (same pid; workers and sockets kept)
+  tail [-n N] [-f] PROGRAM
+                      the last N (default 10) stderr lines of the program's workers; -f: then follow
+                      until Ctrl-C
+
+exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
+3 no supervisord answers on the control socket"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="supervisorctl", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="the daemon's YAML file (to find its control socket)")
+    where.add_argument("-s", "--socket", help="the control socket itself")
+    parser.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                        help="how long to wait for the answer (default 600); then exit 3")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status").add_argument("--json", action="store_true")
+    sub.add_parser("reload").add_argument("programs", nargs="*", metavar="PROGRAM")
+    sub.add_parser("start").add_argument("program")
+    sub.add_parser("stop").add_argument("program")
+    scale = sub.add_parser("scale")
+    scale.add_argument("program")
+    scale.add_argument("workers", type=int)
+    sub.add_parser("shutdown")
+    sub.add_parser("upgrade")
+    tail = sub.add_parser("tail")
+    tail.add_argument("-n", dest="lines", type=int, default=10, metavar="N")
+    tail.add_argument("-f", dest="follow", action="store_true")
+    tail.add_argument("program")
+    return parser.parse_args(argv)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (socket.settimeout refuses the rest with a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        if args.socket:
+            path = args.socket
+        else:
+            from supervisor.config import yamlfile  # pyyaml is about half of this command's start
+
+            path = yamlfile.control_socket(args.config)
+    except ConfigError as exc:
+        print(f"supervisorctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    request: dict[str, Any] = {"command": args.command}
+    if args.command in ("start", "stop", "scale", "tail"):
+        request["program"] = args.program
+    if args.command == "scale":
+        request["workers"] = args.workers
+    if args.command == "reload" and args.programs:
+        request["programs"] = args.programs
+    if args.command == "tail":
+        request.update(lines=args.lines, follow=args.follow)
+    try:
+        final = None
+        # tail -f waits for lines as long as the user wants: --timeout bounds only the connect.
+        for message in exchange(path, request, args.timeout, forever=args.command == "tail" and args.follow):
+            if "progress" in message:
+                print(message["progress"], flush=True)
+            elif "line" in message:
+                print(message["line"], flush=True)
+            else:
+                final = message
+    except KeyboardInterrupt:  # the end of `tail -f`
+        return EXIT_OK
+    except TimeoutError:
+        # Connected (or stuck connecting) but no answer in time: the daemon may still be at work.
+        print(f"supervisorctl: no answer from supervisord at {path} within {args.timeout:g} s "
+              f"(the {args.command} may still be in progress; see `status`)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except PermissionError:
+        # The socket's mode (or a folder's) keeps this user out: a refusal, not a daemon that is gone.
+        print(f"supervisorctl: permission denied on {path} (only root and the user supervisord runs as may "
+              "use it)", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"supervisorctl: cannot reach supervisord at {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ControlError as exc:
+        print(f"supervisorctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if final is None:
+        print("supervisorctl: the daemon closed the connection without an answer", file=sys.stderr)
+        return EXIT_FAILED
+    if not final.get("ok"):
+        print(f"supervisorctl: {args.command} failed: {final.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.command == "status":
+        print(json.dumps(final["data"], indent=2) if args.json else status.render(final["data"]))
+    elif args.command != "tail":
+        print(final.get("message", "ok"))
+    return EXIT_OK
+
+
+def exchange(path: str, request: dict[str, Any], timeout: float, forever: bool = False) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every message of the answer until the daemon closes (`forever`: no
+    time limit once connected)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        _connect(sock, path, time.monotonic() + timeout)
+        sock.sendall(framing.encode(request))
+        if forever:
+            sock.settimeout(None)
+        with sock.makefile("rb") as stream:
+            for line in stream:
+                message = framing.decode(line)
+                yield message
+                if "ok" in message:
+                    return
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """connect(), waiting while the daemon's accept queue is full: a unix socket with a timeout
+    fails at once then (EAGAIN), which is a busy daemon, not an absent one."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

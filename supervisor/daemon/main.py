@@ -1,0 +1,121 @@
+"""`supervisord -c FILE`: run the master in the foreground until SIGTERM/SIGINT (or `shutdown`).
+
+Exit status: 0 after a clean shutdown, 1 when the first generation or the migration setup failed,
+2 for a bad command line or config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+import uvloop
+
+from supervisor import __version__
+from supervisor.config import schema
+from supervisor.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
+from supervisor.model import preflight
+from supervisor.process import reexec
+from supervisor.system import limits, logs
+
+log = structlog.get_logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="supervisord", description="Run web workers on SO_REUSEPORT listeners; reload with zero loss.",
+        epilog="Signals: HUP reload, TERM/INT graceful stop, QUIT fast stop, USR1 reopen the log file, "
+               "USR2 upgrade in place (as `supervisorctl upgrade`), TTIN/TTOU one worker more/less per program. "
+               "Exit status: 0 clean stop, 1 start failed, 2 bad usage or config.")
+    parser.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["console", "json"], help="default: console on a TTY, else json")
+    parser.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(reexec.CHECK_OPTION, metavar="FORMAT", help=argparse.SUPPRESS)  # `supervisorctl upgrade`
+    args = parser.parse_args(argv)
+    if args.upgrade_check is not None:
+        return _check_upgrade(args.upgrade_check, args.config)
+    limits.raise_soft_limit()  # workers, reloads and control connections all take fds (README, Hardening)
+    try:
+        logs.configure(args.log_level, None if args.log_format is None else args.log_format == "json", args.log_file)
+    except OSError as exc:
+        print(f"supervisord: --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    state_fd = os.environ.pop(reexec.STATE_ENV, None)  # set by the master this process was until its exec
+    if state_fd is not None:
+        return uvloop.run(_adopt(int(state_fd)))
+    try:
+        cfg = schema.load(args.config)
+    except ConfigError as exc:
+        print(f"supervisord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return uvloop.run(_serve(cfg))
+
+
+def _check_upgrade(state_format: str, config_path: str) -> int:
+    """`--upgrade-check`, run by the master about to exec this code: import everything the daemon runs,
+    load the config, and say whether this code reads the state format; print the version and exit 0,
+    or say why not and exit 1."""
+    try:
+        from supervisor.daemon import master  # noqa: F401  # and with it every module the daemon runs
+
+        schema.load(config_path)
+        if not state_format.isdigit() or int(state_format) not in reexec.READABLE:
+            print(f"this version reads state formats {', '.join(map(str, reexec.READABLE))}, "
+                  f"not {state_format}", file=sys.stderr)
+            return 1
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(__version__)
+    return 0
+
+
+async def _serve(cfg: schema.Config) -> int:
+    from supervisor.daemon.master import Master  # imports the event loop machinery only once running
+
+    report = preflight.check(cfg)  # what can fail without side effects: before anything starts
+    for warning in report.warnings:
+        log.warning("preflight_warning", warning=warning)
+    if report.problems:
+        for problem in report.problems:
+            log.error("preflight_failed", problem=problem)
+        return EXIT_USAGE
+    return await Master(cfg).run(report.bundles)
+
+
+async def _adopt(state_fd: int) -> int:
+    """After `supervisorctl upgrade`: the same pid, its workers and sockets, and the state it wrote."""
+    from supervisor.daemon import handover
+    from supervisor.daemon.master import Master
+
+    try:
+        state = reexec.read_state(state_fd)
+        master = Master(handover.config_of(state))
+        handover.restore(master, state)
+    except Exception:
+        # The check step makes this unlikely. The workers are this process's children and die with it
+        # (parent-death signal): stay alive, say so loudly, and let the operator decide (TERM ends all).
+        log.critical("upgrade_adopt_failed", exc_info=True,
+                     advice="workers still serve; restart supervisord to take control of them again")
+        await _wait_for_a_stop_signal()
+        return EXIT_FAILED
+    return await master.run(adopted=state)
+
+
+async def _wait_for_a_stop_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        loop.add_signal_handler(signum, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+    await stop.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

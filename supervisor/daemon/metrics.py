@@ -1,0 +1,342 @@
+"""`metrics:` Prometheus metrics, /healthz and /readyz over HTTP, served from the master's own loop.
+
+The HTTP side (`MetricsServer`) only parses a request line and posts a `Scrape` event; the master
+answers it in its loop with `answer()`, a read of its records at that moment. So /healthz is 200 only
+while the master's loop takes events, and no thread is involved (STYLE habit 12). prometheus_client
+writes the exposition format; it is imported on the first scrape, not by a master without `metrics:`.
+
+The counts the kernel keeps (migrations, listen overflows) are read from the namespace's
+/proc/net/netstat at each scrape: they are the kernel's own numbers, for every reuseport group of
+the network namespace, and they keep growing across reloads, crashes, scale and recycling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from supervisor import __version__
+from supervisor.config.schema import Metrics
+from supervisor.daemon.events import Event, Scrape
+from supervisor.errors import ControlError, SupervisorError
+from supervisor.model.program import ProgramState
+from supervisor.process.worker import WorkerState
+from supervisor.system import migrate
+
+if TYPE_CHECKING:
+    from supervisor.daemon.master import Master
+
+log = structlog.get_logger()
+
+RESULTS = ("done", "rolled_back", "refused")  # supervisor_reloads_total{result}
+BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds, supervisor_reload_duration_seconds
+MAX_CLIENTS = 8  # HTTP connections at once; more are closed unanswered (each posts one event)
+REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request head; also the master's to answer it
+MAX_HEAD = 8192  # bytes of a request head
+TEXT = "text/plain; charset=utf-8"
+
+
+@dataclass
+class Tally:
+    """What only the master sees and /metrics counts; kept (a few integers) with or without `metrics:`."""
+
+    reloads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))  # reloads done within each bound
+    seconds: float = 0.0  # the sum of their durations
+    restarts: dict[str, int] = field(default_factory=dict)  # program -> workers restarted after a crash
+
+    def reloaded(self, result: str, seconds: float | None = None) -> None:
+        self.reloads[result] += 1
+        if seconds is not None:
+            self.seconds += seconds
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    self.buckets[i] += 1
+
+    def restarted(self, program: str) -> None:
+        self.restarts[program] = self.restarts.get(program, 0) + 1
+
+
+# -- what the master answers --------------------------------------------------------------------------
+
+def answer(master: Master, path: str) -> tuple[int, str, bytes]:
+    """(HTTP status, content type, body) for a GET of `path`."""
+    if path == "/healthz":
+        return 200, TEXT, b"ok\n"
+    if path == "/readyz":
+        reasons = not_ready(master)
+        return (503, TEXT, ("; ".join(reasons) + "\n").encode()) if reasons else (200, TEXT, b"ready\n")
+    if path == "/metrics":
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.registry import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(families(master)))
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+    return 404, TEXT, b"not found: /metrics, /healthz and /readyz are served here\n"
+
+
+def not_ready(master: Master) -> list[str]:
+    """Why /readyz is 503: every program of the config serves, unless stopped by hand (and done stopping)."""
+    reasons = []
+    for program in master.config.programs:
+        record = master.programs.get(program.name)
+        state = record.state if record else ProgramState.STOPPED
+        if state in (ProgramState.SERVING, ProgramState.RELOADING):
+            continue
+        if record is not None and state is ProgramState.STOPPED and record.stopped_by_hand:
+            continue
+        if state is ProgramState.FATAL and record is not None:
+            reasons.append(f"{program.name}: fatal ({record.fatal})")
+        else:
+            reasons.append(f"{program.name}: {state.value}")
+    if master.stopping:
+        reasons.insert(0, "supervisord is shutting down")
+    return reasons
+
+
+def families(master: Master) -> list[Any]:
+    """Every metric, read from the master's records and the kernel now."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        InfoMetricFamily,
+    )
+
+    tally, kernel = master.tally, migrate.tcp_ext()
+    out: list[Any] = [InfoMetricFamily("supervisor", "supervisord's version", value={"version": __version__})]
+    reloads = CounterMetricFamily("supervisor_reloads", "Reloads by result (done, rolled_back, refused)",
+                                  labels=["result"])
+    for result in RESULTS:
+        reloads.add_metric([result], tally.reloads[result])
+    out.append(reloads)
+    out.append(HistogramMetricFamily(
+        "supervisor_reload_duration_seconds", "Seconds from a reload's request to its answer, for reloads done",
+        buckets=[*((f"{b:g}", n) for b, n in zip(BUCKETS, tally.buckets, strict=True)),
+                 ("+Inf", tally.reloads["done"])],
+        sum_value=tally.seconds))
+    for name, key, doc in (
+            ("supervisor_connections_migrated", "TCPMigrateReqSuccess",
+             "Connections the kernel moved from a closed listener to another (TcpExt TCPMigrateReqSuccess)"),
+            ("supervisor_migrate_failures", "TCPMigrateReqFailure",
+             "Connections the kernel could not move and reset (TcpExt TCPMigrateReqFailure)"),
+            ("supervisor_listen_overflows", "ListenOverflows",
+             "Connections dropped on a full accept queue in this network namespace (TcpExt ListenOverflows)")):
+        out.append(CounterMetricFamily(name, doc, value=kernel.get(key, 0)))
+
+    names = [p.name for p in master.config.programs]
+    names += [name for name in master.programs if name not in names]
+    queue = GaugeMetricFamily("supervisor_listen_queue", "Connections waiting in the accept queues of the serving "
+                              "generation's listeners (from the kernel, TCP_INFO)", labels=["program", "address"])
+    workers = GaugeMetricFamily("supervisor_workers", "Live workers by state", labels=["program", "state"])
+    restarts = CounterMetricFamily("supervisor_worker_restarts", "Workers restarted after a crash",
+                                   labels=["program"])
+    fatal = GaugeMetricFamily("supervisor_program_fatal", "1 while the program is FATAL", labels=["program"])
+    generation = GaugeMetricFamily("supervisor_generation", "The serving generation's number (0: none)",
+                                   labels=["program"])
+    rss = GaugeMetricFamily("supervisor_worker_resident_memory_bytes", "Resident memory of the program's "
+                            "live workers, summed", labels=["program"])
+    cpu = GaugeMetricFamily("supervisor_worker_cpu_seconds", "CPU seconds (user + system) of the program's "
+                            "live workers, summed (falls when a worker exits)", labels=["program"])
+    expiry = GaugeMetricFamily("supervisor_tls_cert_not_after_timestamp_seconds", "When the certificate "
+                               "the serving workers were given expires (Unix time)", labels=["program"])
+    starting = list(master.reload.generations) if master.reload else []
+    for name in names:
+        record = master.programs.get(name)
+        if record is None:
+            continue
+        gens = [*record.generations(), *(g for g in starting if g.program.name == name)]
+        live = [w for g in gens for w in g.workers if w.alive]
+        for state in WorkerState:
+            workers.add_metric([name, state.value], sum(w.state is state for w in live))
+        for address, waiting in _queues(record.serving.workers if record.serving else []).items():
+            queue.add_metric([name, address], waiting)
+        restarts.add_metric([name], tally.restarts.get(name, 0))
+        fatal.add_metric([name], 1 if record.fatal is not None else 0)
+        generation.add_metric([name], record.serving.number if record.serving else 0)
+        memory, seconds = _usage(w.pid for w in live)
+        rss.add_metric([name], memory)
+        cpu.add_metric([name], seconds)
+        if record.certificate is not None:
+            expiry.add_metric([name], record.certificate.not_after.timestamp())
+    return [*out, queue, workers, restarts, fatal, generation, rss, cpu, expiry]
+
+
+def _queues(workers: Iterable[Any]) -> dict[str, int]:
+    """Address -> connections waiting in the open listeners of these workers."""
+    queued: dict[str, int] = {}
+    for w in workers:
+        for listener in w.listeners:
+            if listener.shut:
+                continue
+            address = str(listener.listen)
+            try:
+                queued[address] = queued.get(address, 0) + listener.queued()
+            except OSError:
+                queued.setdefault(address, 0)
+    return queued
+
+
+def _usage(pids: Iterable[int]) -> tuple[int, float]:
+    """Resident bytes and CPU seconds of these processes, summed (those gone meanwhile count 0)."""
+    import psutil
+
+    memory, seconds = 0, 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                memory += proc.memory_info().rss
+                times = proc.cpu_times()
+                seconds += times.user + times.system
+        except psutil.Error:
+            pass
+    return memory, seconds
+
+
+class _Families:
+    """A collector of metric families computed once per scrape."""
+
+    def __init__(self, computed: list[Any]) -> None:
+        self.computed = computed
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        return self.computed
+
+
+# -- the HTTP side -------------------------------------------------------------------------------------
+
+class MetricsServer:
+    """The metrics endpoint; every request it reads becomes a Scrape event answered by the master."""
+
+    def __init__(self, post: Callable[[Event], None]) -> None:
+        self.post = post
+        self.settings: Metrics | None = None
+        self.server: asyncio.Server | None = None
+        # The server of the last move while it starts, and its socket (closed here if it never starts).
+        self.starting: tuple[asyncio.Task[asyncio.Server], socket.socket] | None = None
+        self.clients = 0
+
+    async def open(self, settings: Metrics | None) -> None:
+        """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
+        self.settings = settings
+        if settings is not None:
+            self.server = await asyncio.start_server(self._handle, sock=bind(settings), limit=MAX_HEAD)
+            log.info("metrics_listening", address=str(settings.listen))
+
+    def move(self, settings: Metrics | None) -> str | None:
+        """At a reload: the new address is bound before the old one closes, so a failure (raised as
+        ControlError) leaves the old endpoint serving. Returns what changed, for the reply."""
+        if settings == self.settings:
+            return None
+        try:
+            sock = bind(settings) if settings is not None else None
+        except SupervisorError as exc:
+            raise ControlError(f"{exc}; metrics stay on {self.settings.listen if self.settings else 'nothing'}") \
+                from None
+        self.close()
+        self.settings = settings
+        if sock is not None:
+            loop = asyncio.get_running_loop()
+            # The socket listens already: connections wait in its queue until the server takes them.
+            task = loop.create_task(asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD))
+            self.starting = task, sock
+            task.add_done_callback(self._started)
+        return f"metrics: now on {settings.listen}" if settings else "metrics: off"
+
+    def _started(self, task: asyncio.Task[asyncio.Server]) -> None:
+        if task.cancelled():  # closed (moved again, or stopping) before it started
+            return
+        if task.exception() is not None:
+            log.error("metrics_failed", error=str(task.exception()))
+        elif self.starting is None or task is not self.starting[0]:  # moved again meanwhile
+            task.result().close()
+        else:
+            self.server, self.starting = task.result(), None
+
+    def close(self) -> None:
+        if self.starting is not None:
+            task, sock = self.starting
+            task.cancel()
+            sock.close()
+            self.starting = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            writer.close()
+            return
+        self.clients += 1
+        try:
+            await self._serve(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            self.clients -= 1
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REQUEST_TIMEOUT)
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            return _respond(writer, 405, TEXT, b"only GET\n", head=False)
+        path = parts[1].split(b"?", 1)[0].decode("latin-1")
+        answered: asyncio.Future[tuple[int, str, bytes]] = asyncio.get_running_loop().create_future()
+        self.post(Scrape(path, answered))
+        try:
+            code, kind, body = await asyncio.wait_for(answered, timeout=REQUEST_TIMEOUT)
+        except TimeoutError:
+            code, kind, body = 503, TEXT, b"the master's loop did not answer in time\n"
+        _respond(writer, code, kind, body, head=parts[0] == b"HEAD")
+        await asyncio.wait_for(writer.drain(), timeout=REQUEST_TIMEOUT)  # a client that does not read: closed
+
+
+REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+
+
+def _respond(writer: asyncio.StreamWriter, code: int, kind: str, body: bytes, head: bool) -> None:
+    writer.write(f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                 f"Connection: close\r\n\r\n".encode() + (b"" if head else body))
+
+
+def bind(settings: Metrics) -> socket.socket:
+    """A listening TCP socket on the metrics address; SupervisorError names the key and the reason."""
+    address = settings.listen
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address.sockaddr)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = " (another process listens there)" if exc.errno == errno.EADDRINUSE else ""
+        raise SupervisorError(f"metrics.listen: {address}: {exc.strerror}{hint}") from None
+    return sock
+
+
+def answer_scrape(master: Master, event: Scrape) -> None:
+    """The master's side of a Scrape: answer unless the client has given up."""
+    if event.answered.done():
+        return
+    try:
+        result = answer(master, event.path)
+    except Exception:  # a bug here must not cost the client its answer nor the master its loop
+        log.exception("metrics_failed", path=event.path)
+        result = 500, TEXT, b"internal error (details in the supervisord log)\n"
+    with contextlib.suppress(asyncio.InvalidStateError):
+        event.answered.set_result(result)

@@ -1,0 +1,114 @@
+"""Worker processes as facts for the master: this one is ready, this one has ended, it wrote this.
+
+The watcher knows the live workers by pid (a READY=1 names its sender by pid), reads and re-arms
+their file descriptors (pidfd, stderr pipe) and looks for readiness as the program's `ready` mode
+says (README, "Readiness"). What a ready or ended worker means is the master's to decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from supervisor.config.schema import ReadyMode
+from supervisor.daemon.events import Event, NotifyReceived, ReadinessCheck, WorkerExited, WorkerOutput
+from supervisor.model.generation import Generation
+from supervisor.process.worker import Worker, WorkerState
+from supervisor.system import readiness
+
+log = structlog.get_logger()
+
+READINESS_POLL = 0.05  # seconds between looks at a worker with `ready: accepting`
+Found = tuple[Worker, Generation]
+
+
+class Watcher:
+    def __init__(self, post: Callable[[Event], None], later: Callable[[float, Event], object],
+                 sink: Callable[[Worker, list[str]], Any] | None = None) -> None:
+        self.post = post
+        self.later = later
+        self.sink = sink  # also given each worker's stderr lines (output.Output: `tail`)
+        self.workers: dict[int, Found] = {}  # live workers by pid
+        self.pending: dict[Worker, Generation] = {}  # preload: workers their template has not forked yet
+
+    def watch(self, w: Worker, gen: Generation) -> None:
+        self.once(w.stderr, WorkerOutput(w))
+        if not w.forked:
+            self.pending[w] = gen
+            return
+        self.workers[w.pid] = (w, gen)
+        self.once(w.pidfd, WorkerExited(w))
+        if gen.program.ready is not ReadyMode.NOTIFY:
+            self.later(gen.program.settle, ReadinessCheck(w))
+
+    def forked(self, w: Worker) -> None:
+        """A preload worker has its pid and pidfd now: watched as a spawned one."""
+        gen = self.pending.pop(w)
+        self.workers[w.pid] = (w, gen)
+        self.once(w.pidfd, WorkerExited(w))
+        if gen.program.ready is not ReadyMode.NOTIFY:
+            self.later(gen.program.settle, ReadinessCheck(w))
+
+    def watching(self, w: Worker) -> bool:
+        return w in self.pending or self.workers.get(w.pid, (None,))[0] is w
+
+    def generation_of(self, w: Worker) -> Generation | None:
+        if w in self.pending:
+            return self.pending[w]
+        return self.workers[w.pid][1] if self.watching(w) else None
+
+    def notified(self, event: NotifyReceived) -> Found | None:
+        """The worker a READY=1 makes ready: its sender, or the worker that started the sender (NotifyAccess=all)."""
+        found = readiness.find_worker(self.workers, event.pid)
+        if found is None:
+            log.debug("notify_ignored", pid=event.pid, fields=event.fields)
+            return None
+        ready = event.fields.get("READY") == "1" and found[1].program.ready is ReadyMode.NOTIFY
+        return found if ready and found[0].state is WorkerState.STARTING else None
+
+    def checked(self, w: Worker) -> Found | None:
+        """`ready: accepting`/`settle`: alive for `settle` seconds, and (accepting) polling its listeners."""
+        gen = self.generation_of(w)
+        if gen is None or w.state is not WorkerState.STARTING:
+            return None
+        if gen.program.ready is ReadyMode.SETTLE or readiness.polls_listeners(w.pid, w.listeners):
+            return w, gen
+        self.later(READINESS_POLL, ReadinessCheck(w))
+        return None
+
+    def output(self, w: Worker) -> None:
+        """Log what the worker wrote to stderr since the last look, then wait for more."""
+        lines = w.read_stderr()
+        for line in lines:
+            log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
+        if self.sink is not None:
+            self.sink(w, lines)
+        self.once(w.stderr, WorkerOutput(w))
+
+    def exited(self, w: Worker) -> Generation | None:
+        """Reap the worker: its generation once it has ended, None for a spurious wake-up."""
+        if w.stderr >= 0:
+            asyncio.get_running_loop().remove_reader(w.stderr)
+        if w in self.pending:  # its template never forked it
+            w.abandon()
+            return self.pending.pop(w)
+        if not w.reap():
+            self.once(w.pidfd, WorkerExited(w))
+            return None
+        self.output(w)
+        return self.workers.pop(w.pid)[1]
+
+    def once(self, fd: int, event: Event) -> None:
+        """Post `event` once when `fd` becomes readable."""
+        if fd < 0:
+            return  # no such handle (closed, or a worker of the unit tests' fake spawner)
+        loop = asyncio.get_running_loop()
+
+        # Level-triggered readers fire until the condition is handled; post once, re-arm after.
+        def fire() -> None:
+            loop.remove_reader(fd)
+            self.post(event)
+        loop.add_reader(fd, fire)

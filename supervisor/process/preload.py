@@ -1,0 +1,269 @@
+"""Preloading (`preload:`): the master's side of the per-generation template that forks workers.
+
+A program with `preload` gets one template process per generation (`preload_child.py`, started
+by the spawn chain, as the program's user, in its cwd, with its umask and env), which imports the
+listed modules once. Every worker of that generation, also a crash restart, a `scale` or a recycled
+one, is forked from it: a reload starts a new template, so new code is loaded per generation.
+
+The master never blocks on it: a fork is a message with the worker's listeners and stderr; the
+worker record exists at once, with its listeners and stderr, and gets its pid and pidfd when the
+template's answer comes through the loop (`forked`). Until then it is "not forked yet": a stop or a
+kill is remembered and done as soon as it is. The template's death fails the workers it had not
+forked yet (a reload's generation rolls back with its traceback); the next spawn of a serving
+generation starts a new template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from supervisor.config import schema
+from supervisor.config.schema import Program
+from supervisor.daemon import events as ev
+from supervisor.errors import SpawnError
+from supervisor.process import worker
+from supervisor.process.worker import Worker
+from supervisor.system import accounts, listeners, readiness
+from supervisor.system.listeners import Listener
+
+if TYPE_CHECKING:
+    from supervisor.daemon.master import Master
+
+log = structlog.get_logger()
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preload_child.py")
+MAX_MESSAGE = 65536
+EXIT_NOT_FORKED = 255 << 8  # the wait status of a worker whose template ended before forking it
+
+
+@dataclass(eq=False)
+class Template:
+    """One template process: a generation's imported code, ready to fork its workers."""
+
+    program: str
+    generation: int
+    process: Worker  # its pid, pidfd and stderr, watched like a worker's (it is not one: no slot)
+    control: socket.socket  # the master's end of the protocol socket
+    pending: dict[int, Worker] = field(default_factory=dict)  # fork id -> the worker being forked
+    ready_ms: int | None = None  # how long its imports took, once it said so
+    retiring: bool = False  # its generation forks no more: closed once nothing is pending
+    # Fork requests the socket had no room for (a template still importing holds ~160 in its socket
+    # buffer): sent as it answers. Each: the message, the worker's stderr write end, its listeners.
+    outbox: list[tuple[bytes, int, list[int]]] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.alive
+
+
+class Templates:
+    """The master's spawner: a program with `preload` forks from its generation's template, the
+    others start as before (`worker.Spawner`)."""
+
+    def __init__(self, spawner: worker.Spawner, post: Callable[[ev.Event], None]) -> None:
+        self.spawner = spawner
+        self.post = post
+        self.running: dict[tuple[str, int], Template] = {}
+        self.ids = itertools.count(1)
+
+    def spawn(self, program: Program, generation: int, index: int) -> Worker:
+        if not program.preload:
+            return self.spawner.spawn(program, generation, index)
+        template = self.running.get((program.name, generation))
+        if template is None or not template.alive:
+            template = self.start(program, generation)
+        socks: list[Listener] = []
+        read_end = -1
+        try:
+            for n, listen in enumerate(program.listen):
+                socks.append(listeners.open_listener(listen, f"{program.name}.{n}", program.backlog))
+            read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            fork_id = next(self.ids)
+            env = worker.socket_env(program, generation, index, socks)
+            template.outbox.append((json.dumps({"fork": fork_id, "env": env}).encode(), write_end,
+                                    [s.fileno() for s in socks]))
+            send(template)
+        except BaseException as exc:
+            for sock in socks:
+                listeners.close(sock)
+            if read_end >= 0:
+                os.close(read_end)
+            if isinstance(exc, OSError):
+                raise SpawnError(f"{program.name}: cannot ask the preload template for worker {index}: {exc}") from None
+            raise
+        w = Worker(program=program.name, generation=generation, index=index, pid=0, pidfd=-1, stderr=read_end,
+                   listeners=socks)
+        template.pending[fork_id] = w
+        return w
+
+    def start(self, program: Program, generation: int) -> Template:
+        """Start the generation's template: the spawn chain (session, user, cwd, umask, env,
+        parent-death signal) runs it, with the protocol socket at fd 3."""
+        main = schema.python_main(worker.tls_command(program))
+        assert main is not None, "config refuses preload without a Python command"
+        spec = {"preload": list(program.preload), "main": [main[0], main[1], list(main[2])],
+                "master": os.getpid(), "pdeathsig": int(program.stop_signal)}
+        runner = dataclasses.replace(program, command=(program.command[0], SCRIPT, json.dumps(spec)))
+        if program.user is not None:
+            readiness.admit(self.spawner.notify_socket, accounts.account(program.user).pw_uid)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = worker.spawn(runner, generation, -1, [], self.spawner.notify_socket, program.cwd,
+                                   extra_fds=[theirs.fileno()])
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        template = Template(program.name, generation, process, mine)
+        self.running[(program.name, generation)] = template
+        _once(mine.fileno(), ev.TemplateMessage(template), self.post)
+        _once(process.pidfd, ev.TemplateExited(template), self.post)
+        _once(process.stderr, ev.TemplateOutput(template), self.post)
+        log.info("template_started", program=program.name, gen=generation, pid=process.pid,
+                 preload=list(program.preload))
+        return template
+
+    def retire(self, master: Master, program: str, generation: int) -> None:
+        """The generation forks no more: once every fork asked for is answered, the socket is closed and
+        the template exits on its EOF. One that has not finished its imports forks nothing: killed."""
+        template = self.running.get((program, generation))
+        if template is None or template.retiring:
+            return
+        template.retiring = True
+        message(master, template)  # its "ready" may be waiting: it may have forked since
+        if template.ready_ms is None:
+            template.process.kill()  # still importing (or stuck there); its pending workers fail when it is reaped
+        elif not template.pending:
+            close(template)
+
+    def names(self) -> list[str]:
+        return sorted({t.program for t in self.running.values() if t.alive})
+
+
+def send(template: Template) -> None:
+    """Send the waiting fork requests until the socket is full (never blocks: it is non-blocking).
+    The rest go as the template answers (`message`): each request it reads gets an answer."""
+    while template.outbox and template.control.fileno() >= 0:
+        data, stderr, fds = template.outbox[0]
+        try:
+            socket.send_fds(template.control, [data], [stderr, *fds])
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EPIPE: it died; its pidfd tells, and its workers fail then (`exited`)
+            log.warning("template_unreachable", program=template.program, gen=template.generation, error=str(exc))
+            return
+        template.outbox.pop(0)
+        os.close(stderr)  # the worker's copy travelled with the message
+
+
+def close(template: Template) -> None:
+    for _data, stderr, _fds in template.outbox:  # their workers fail as not forked when it is reaped
+        os.close(stderr)
+    template.outbox.clear()
+    if template.control.fileno() >= 0:
+        asyncio.get_running_loop().remove_reader(template.control.fileno())
+        template.control.close()
+
+
+def _once(fd: int, event: ev.Event, post: Callable[[ev.Event], None]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def fire() -> None:
+        loop.remove_reader(fd)
+        post(event)
+    loop.add_reader(fd, fire)
+
+
+# -- as the master applies it ----------------------------------------------------------------------
+
+def message(master: Master, template: Template) -> None:
+    """Read every answer waiting on the template's socket (never blocks: the socket is non-blocking)."""
+    while template.control.fileno() >= 0:
+        try:
+            data, fds, _flags, _address = socket.recv_fds(template.control, MAX_MESSAGE, 1)
+        except (BlockingIOError, InterruptedError):
+            send(template)  # it has read some requests: room for more
+            return _once(template.control.fileno(), ev.TemplateMessage(template), master.post)  # for the next ones
+        except OSError as exc:
+            log.error("template_socket_failed", program=template.program, gen=template.generation, error=str(exc))
+            return close(template)
+        if not data:
+            return close(template)  # it exited; its pidfd tells how
+        answer = json.loads(data)
+        if "ready" in answer:
+            template.ready_ms = answer["ready"]
+            log.info("template_ready", program=template.program, gen=template.generation, pid=template.process.pid,
+                     import_ms=answer["ready"])
+            continue
+        w = template.pending.pop(answer.get("forked") or answer.get("failed"), None)
+        if w is None:  # not expected: a worker nobody watches must not serve
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+            continue
+        if "forked" in answer and fds:
+            forked(master, w, answer["pid"], fds[0])
+        else:
+            not_forked(master, w, [f"its preload template could not fork it: {answer.get('error', 'no pidfd')}"])
+        if template.retiring and not template.pending:
+            return close(template)
+
+
+def forked(master: Master, w: Worker, pid: int, pidfd: int) -> None:
+    """A worker has its pid: watched as a spawned one is; killed now if that was asked meanwhile."""
+    w.pid, w.pidfd = pid, pidfd
+    master.watcher.forked(w)
+    log.debug("worker_forked", program=w.program, gen=w.generation, worker=w.index, pid=pid)
+    if w.doomed:
+        w.kill()
+
+
+def not_forked(master: Master, w: Worker, why: list[str]) -> None:
+    """The template could not fork it, or ended first: it ends as a worker that exited before it was ready."""
+    log.error("worker_not_forked", program=w.program, gen=w.generation, worker=w.index, why=why[0])
+    w.tail.extend(why)
+    w.status = EXIT_NOT_FORKED
+    master.post(ev.WorkerExited(w))
+
+
+def exited(master: Master, template: Template) -> None:
+    """The template ended: reaped; the workers it had not forked fail with its last stderr lines."""
+    process = template.process
+    if not process.reap():
+        return _once(process.pidfd, ev.TemplateExited(template), master.post)
+    close(template)
+    running = master.templates.running if master.templates else {}
+    if running.get((template.program, template.generation)) is template:
+        del running[(template.program, template.generation)]
+    output(master, template)
+    say = log.info if not template.pending and process.status == 0 else log.error
+    say("template_exited", program=template.program, gen=template.generation, pid=process.pid,
+        status=process.describe_exit(), not_forked=len(template.pending))
+    for w in template.pending.values():
+        not_forked(master, w, [f"its preload template (pid {process.pid}) {process.describe_exit()}; it wrote:",
+                               *process.tail])
+    template.pending.clear()
+
+
+def output(master: Master, template: Template) -> None:
+    """Log what the template wrote (an import's traceback) and keep its last lines for the reply."""
+    process = template.process
+    for line in process.read_stderr():
+        log.info("template_stderr", program=template.program, gen=template.generation, pid=process.pid, line=line)
+    if process.alive and process.stderr >= 0:  # at EOF read_stderr closed it: its pidfd says the rest
+        _once(process.stderr, ev.TemplateOutput(template), master.post)

@@ -1,0 +1,108 @@
+"""systemd's file descriptor store: the listeners outlive a crash or a restart of supervisord.
+
+With `FileDescriptorStoreMax=` systemd (254+) sets $FDSTORE. Each listener the master creates is
+sent to the store (`FDSTORE=1`, `FDNAME=program.generation.worker.n`, the fd as SCM_RIGHTS) and
+removed (`FDSTOREREMOVE=1`) when its worker has gone, so the store holds the serving and the
+still-retiring listeners. A stored listener stays open while no master runs: its accept queue keeps
+filling, nothing is refused. The next start receives them as LISTEN_FDS / LISTEN_FDNAMES and adopts
+those it recognises (`inherited()`) as a previous generation without workers, shut once its new
+generation serves, as at a reload. Without $FDSTORE every call here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from supervisor.config.schema import Config, Listen
+from supervisor.system.listeners import Listener
+from supervisor.system.systemd import Notifier
+
+log = structlog.get_logger()
+
+# program.generation.worker.n: printable ASCII, no ':' (systemd's rule for names); program names
+# may contain dots, so the three numbers are read from the right.
+_NAME = re.compile(r"(?P<program>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(?P<gen>\d+)\.(?P<worker>\d+)\.(?P<n>\d+)")
+SD_LISTEN_FDS_START = 3
+
+
+def name(program: str, generation: int, worker: int, n: int) -> str:
+    return f"{program}.{generation}.{worker}.{n}"
+
+
+class FdStore:
+    """Sends over the daemon's own sd_notify socket (a failure is logged: the listener still works,
+    only a restart would not find it)."""
+
+    def __init__(self, notifier: Notifier, environ: Mapping[str, str] | None = None) -> None:
+        limit = (os.environ if environ is None else environ).get("FDSTORE", "")
+        self.notifier = notifier
+        self.enabled = notifier.sock is not None and limit.isdigit() and int(limit) > 0
+
+    def keep(self, names_and_fds: list[tuple[str, int]]) -> None:
+        for fdname, fd in names_and_fds if self.enabled else ():
+            self.notifier.send_with_fds(f"FDSTORE=1\nFDNAME={fdname}", [fd])
+
+    def remove(self, names: list[str]) -> None:
+        for fdname in names if self.enabled else ():
+            self.notifier.send_with_fds(f"FDSTOREREMOVE=1\nFDNAME={fdname}")
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A listener handed back by the store: whose it was, and the socket."""
+
+    program: str
+    generation: int
+    name: str
+    listener: Listener
+
+
+def inherited(config: Config, environ: dict[str, str] | None = None) -> tuple[list[Adopted], list[str]]:
+    """The listeners passed in LISTEN_FDS that this config can adopt; the store names of the rest,
+    which are closed here (to be removed from the store). The LISTEN_* variables are taken out of
+    the environment either way."""
+    env = os.environ if environ is None else environ
+    count, pid = env.pop("LISTEN_FDS", ""), env.pop("LISTEN_PID", "")
+    names = env.pop("LISTEN_FDNAMES", "").split(":")
+    if not count.isdigit() or pid != str(os.getpid()):
+        return [], []
+    wanted = {(p.name, listen): p for p in config.programs for listen in p.listen}
+    adopted, dropped = [], []
+    for i in range(int(count)):
+        fd, fdname = SD_LISTEN_FDS_START + i, names[i] if i < len(names) else ""
+        match = _NAME.fullmatch(fdname)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            log.warning("fdstore_unusable", fd=fd, name=fdname, error=str(exc))
+            dropped.append(fdname)
+            continue
+        listen = _listening_address(sock)
+        program = match["program"] if match else ""
+        if match is None or listen is None or (program, listen) not in wanted:
+            # Not ours, no longer listening, or an address the config dropped: shut (its queue, if
+            # any, migrates to the new generation's listeners of the same group) and close.
+            log.info("fdstore_dropped", fd=fd, name=fdname, listening=str(listen) if listen else None)
+            if listen is not None and match is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            dropped.append(fdname)
+            continue
+        adopted.append(Adopted(program, int(match["gen"]), fdname, Listener(listen, fdname, sock)))
+    return adopted, [n for n in dropped if n]
+
+
+def _listening_address(sock: socket.socket) -> Listen | None:
+    try:
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return None
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return None
+    return Listen(host, port, socket.AddressFamily(sock.family))
