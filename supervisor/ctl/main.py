@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from supervisor.daemon import status
+from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
 
 # Only what a command needs: the framing (not wire's dataclasses), the table (status, without
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supervisorctl: {args.command} failed: {final.get('error')}", file=sys.stderr)
         return EXIT_FAILED
     if args.command == "status":
-        print(json.dumps(final["data"], indent=2) if args.json else status.render(final["data"]))
+        print(json.dumps(final["data"], indent=2) if args.json else table.render(final["data"]))
     elif args.command != "tail":
         print(final.get("message", "ok"))
     return EXIT_OK

@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
-    from supervisor.model.generation import Generation
-    from supervisor.process.preload import Template
     from supervisor.process.worker import Worker
     from supervisor.protocol.reply import Reply
     from supervisor.protocol.requests import Request
@@ -56,10 +54,12 @@ class ControlRequest:
 
 @dataclass(frozen=True)
 class ReadyTimeout:
-    """`generation` of the reload whose id is `reload_id` has waited its `ready_timeout`."""
+    """Generation `generation` of `program`, started by the reload whose id is `reload_id`, has waited
+    its `ready_timeout`."""
 
     reload_id: int
-    generation: Generation
+    program: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -115,24 +115,13 @@ class RollDue:
 
 
 @dataclass(frozen=True)
-class TemplateMessage:
-    """A preload template's socket is readable: it is ready, or it forked a worker (or could not)."""
+class TemplateWoke:
+    """A preload template's fd is readable: `message` (it is ready, or it forked a worker, or could
+    not), `exited` (its pidfd) or `output` (its stderr: an import's traceback)."""
 
-    template: Template
-
-
-@dataclass(frozen=True)
-class TemplateExited:
-    """A preload template's pidfd is readable."""
-
-    template: Template
-
-
-@dataclass(frozen=True)
-class TemplateOutput:
-    """A preload template wrote to its stderr (an import's traceback)."""
-
-    template: Template
+    what: str
+    program: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -168,4 +157,4 @@ class Scrape:
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck | Scrape
-         | RollDue | TemplateMessage | TemplateExited | TemplateOutput)
+         | RollDue | TemplateWoke)

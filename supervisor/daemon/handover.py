@@ -14,12 +14,12 @@ after the exec.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -28,22 +28,43 @@ from supervisor.config import plain
 from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon import events as ev
 from supervisor.daemon import status
+from supervisor.daemon.endpoints import Endpoints
+from supervisor.daemon.events import ControlRequest
+from supervisor.daemon.host import Host
+from supervisor.daemon.reloads import Reloads
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime
 from supervisor.process import reexec
+from supervisor.process.preload import Templates
 from supervisor.process.worker import WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
-from supervisor.system import listeners, migrate
+from supervisor.system import migrate
 
 log = structlog.get_logger()
 
-if TYPE_CHECKING:
-    from supervisor.daemon.events import ControlRequest
-    from supervisor.daemon.master import Master
 
 
-def dump(master: Master, waiting: list[ControlRequest], new_version: str) -> tuple[dict[str, Any], list[int]]:
+class Handing(Host, Protocol):
+    """What an upgrade reads of the master, besides what every applier may (host.Host)."""
+
+    @property
+    def endpoints(self) -> Endpoints: ...
+    @property
+    def reloads(self) -> Reloads: ...
+    @property
+    def templates(self) -> Templates | None: ...
+    @property
+    def migration(self) -> migrate.MigrateStatus: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def upgraded(self) -> dict[str, Any] | None: ...
+
+
+def dump(master: Handing, waiting: list[ControlRequest], new_version: str) -> tuple[dict[str, Any], list[int]]:
     """The state, and the fds it names (to keep open across the exec)."""
     kept = master.endpoints.kept()
     handed = []
@@ -59,14 +80,13 @@ def dump(master: Master, waiting: list[ControlRequest], new_version: str) -> tup
         "format": reexec.FORMAT, "version": __version__, "to_version": new_version,
         "began": time.monotonic(), "config": plain.to_plain(master.config),
         "programs": [record.to_json() for record in master.programs.values()],
-        "next_reload_id": next(master.reload_ids), "started": master.started, "started_at": master.started_at,
+        "next_reload_id": next(master.reloads.ids), "started": master.started, "started_at": master.started_at,
         "upgraded": master.upgraded, "migration": {"mode": master.migration.mode.value,
                                                   "enabled": master.migration.enabled,
                                                   "reason": master.migration.reason},
         "endpoints": master.endpoints.to_json(), "requests": handed,
         # Each reuseport group's order as the kernel keeps it (steer.py), by listener fd.
-        "orders": {address: None if order is None else [m.fileno() for m in order.members]
-                   for address, order in listeners.ORDERS.items()},
+        "orders": master.groups.orders(),
     }
     return state, [fd for fd in kept if fd >= 0]
 
@@ -109,69 +129,82 @@ def summary(state: dict[str, Any], programs: dict[str, ProgramRuntime]) -> str:
 
 # -- the upgrade as the master applies it --------------------------------------------------------
 
-def begin(master: Master, reply: Reply) -> None:
-    """Check the installed code in a child first: after the exec there is no way back."""
-    if master.templates is not None and (preloading := master.templates.names()):
-        reply.finish(False, f"upgrade refused, nothing changed: {', '.join(preloading)} preload from a template "
-                            "process that an upgrade cannot hand over; reload without preload: first")
-        return master.next_request()
-    try:
-        check = reexec.Check()
-    except OSError as exc:
-        reply.finish(False, f"upgrade refused, nothing changed: cannot run the new code: {exc}")
-        return master.next_request()
-    reply.progress(f"checking the installed code: {' '.join(reexec.command())}")
-    master.upgrade = check, reply, master.later(reexec.CHECK_TIMEOUT, ev.UpgradeChecked(timed_out=True))
-    master.watcher.once(check.pidfd, ev.UpgradeChecked())
+class Upgrade:
+    """The upgrade in progress, if any: the check of the new code, its client, its timer."""
 
-def checked(master: Master, timed_out: bool, refuse: str | None = None) -> None:
-    """The check ended (or timed out, or a shutdown abandons it): exec, or refuse and go on."""
-    if master.upgrade is None:
-        return
-    (check, reply, timer), master.upgrade = master.upgrade, None
-    timer.cancel()
-    asyncio.get_running_loop().remove_reader(check.pidfd)
-    if timed_out:
-        passed, answer = False, f"it did not finish within {reexec.CHECK_TIMEOUT:g} s"
-    else:
-        passed, answer = check.result()
-    check.close()
-    if refuse or not passed:
-        log.error("upgrade_refused", reason=refuse or answer)
-        reply.finish(False, refuse or f"upgrade refused, nothing changed: the new code failed its check: {answer}")
-        return master.next_request()
-    _exec(master, ev.ControlRequest(requests.Upgrade(), reply), answer)
+    def __init__(self, master: Handing) -> None:
+        self.master = master
+        self.check: tuple[reexec.Check, Reply, asyncio.TimerHandle] | None = None
 
-def _exec(master: Master, request: ControlRequest, new_version: str) -> None:
-    """Write the state, keep its fds open, and exec the installed code in this same process."""
-    log.info("upgrading", version=__version__, to=new_version, pid=os.getpid())
-    request.reply.progress(f"new code {new_version} checked; handing over")
-    master.systemd.reloading()
-    # Blocked from here into the new code's run(): a HUP or TERM in between would end the process
-    # (default action) and take the workers with it. The mask survives exec; pending ones wait.
-    signal.pthread_sigmask(signal.SIG_BLOCK, ev.HANDLED_SIGNALS)
-    state, kept = dump(master, [request, *master.waiting], new_version)
-    state_fd = reexec.write_state(state)
-    try:
-        reexec.exec_with(state_fd, kept)
-    except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)
-        os.close(state_fd)
-        log.error("upgrade_failed", error=str(exc))
-        request.reply.finish(False, f"upgrade failed, nothing changed: exec: {exc}")
-        master.systemd.ready(status.describe(master.programs))
-        master.next_request()
+    @property
+    def busy(self) -> bool:
+        return self.check is not None
 
-async def adopt(master: Master, state: dict[str, Any]) -> None:
+    def pids(self) -> set[int]:
+        return {self.check[0].proc.pid} if self.check else set()
+
+    def begin(self, reply: Reply) -> None:
+        """Check the installed code in a child first: after the exec there is no way back."""
+        master = self.master
+        if master.templates is not None and (preloading := master.templates.names()):
+            reply.finish(False, f"upgrade refused, nothing changed: {', '.join(preloading)} preload from a "
+                                "template process that an upgrade cannot hand over; reload without preload: first")
+            return master.reloads.next_request()
+        try:
+            check = reexec.Check()
+        except OSError as exc:
+            reply.finish(False, f"upgrade refused, nothing changed: cannot run the new code: {exc}")
+            return master.reloads.next_request()
+        reply.progress(f"checking the installed code: {' '.join(reexec.command())}")
+        self.check = check, reply, master.later(reexec.CHECK_TIMEOUT, ev.UpgradeChecked(timed_out=True))
+        master.watcher.once(check.pidfd, ev.UpgradeChecked())
+
+    def checked(self, timed_out: bool, refuse: str | None = None) -> None:
+        """The check ended (or timed out, or a shutdown abandons it): exec, or refuse and go on."""
+        if self.check is None:
+            return
+        master = self.master
+        (check, reply, timer), self.check = self.check, None
+        timer.cancel()
+        asyncio.get_running_loop().remove_reader(check.pidfd)
+        if timed_out:
+            passed, answer = False, f"it did not finish within {reexec.CHECK_TIMEOUT:g} s"
+        else:
+            passed, answer = check.result()
+        check.close()
+        if refuse or not passed:
+            log.error("upgrade_refused", reason=refuse or answer)
+            reply.finish(False, refuse or f"upgrade refused, nothing changed: the new code failed its check: {answer}")
+            return master.reloads.next_request()
+        self._exec(ev.ControlRequest(requests.Upgrade(), reply), answer)
+
+    def _exec(self, request: ControlRequest, new_version: str) -> None:
+        """Write the state, keep its fds open, and exec the installed code in this same process."""
+        master = self.master
+        log.info("upgrading", version=__version__, to=new_version, pid=os.getpid())
+        request.reply.progress(f"new code {new_version} checked; handing over")
+        master.systemd.reloading()
+        # Blocked from here into the new code's run(): a HUP or TERM in between would end the process
+        # (default action) and take the workers with it. The mask survives exec; pending ones wait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, ev.HANDLED_SIGNALS)
+        state, kept = dump(master, [request, *master.reloads.waiting], new_version)
+        state_fd = reexec.write_state(state)
+        try:
+            reexec.exec_with(state_fd, kept)
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)
+            os.close(state_fd)
+            log.error("upgrade_failed", error=str(exc))
+            request.reply.finish(False, f"upgrade failed, nothing changed: exec: {exc}")
+            master.systemd.ready(status.describe(master.programs))
+            master.reloads.next_request()
+
+
+async def adopt(master: Handing, state: dict[str, Any]) -> None:
     """The new code's first step: watch every live worker again, re-arm the deadlines, answer."""
     restored = {listener.fileno(): listener for r in master.programs.values() for gen in r.generations()
                 for w in gen.live_workers for listener in w.listeners}
-    for address, fds in state.get("orders", {}).items():
-        if fds is None or any(fd not in restored for fd in fds):
-            listeners.ORDERS[address] = None  # not all found: no steering rather than a wrong one
-        else:
-            for fd in fds:
-                listeners.known(restored[fd])
+    master.groups.restore(state.get("orders", {}), restored)
     now = master.clock.time()
     for record in master.programs.values():
         for gen in record.generations():
@@ -195,12 +228,20 @@ async def adopt(master: Master, state: dict[str, Any]) -> None:
         master.post(ev.ControlRequest(request, reply))
 
 
-def restore(master: Master, state: dict[str, Any]) -> None:
-    """A master made from the handed-over config takes the records; run(adopted=state) its sockets."""
-    master.programs = programs_of(state)
-    master.reload_ids = itertools.count(state["next_reload_id"])
-    master.started, master.started_at = state["started"], state["started_at"]
-    master.upgraded = {"at": time.time(), "from": state["version"], "to": __version__}
-    migration = state["migration"]
-    master.migration = migrate.MigrateStatus(MigrateMode(migration["mode"]), migration["enabled"], migration["reason"])
+@dataclass(frozen=True)
+class Restored:
+    """The master's own facts as the previous code handed them over; Master.restore takes them."""
 
+    programs: dict[str, ProgramRuntime]
+    next_reload_id: int
+    started: float
+    started_at: float
+    upgraded: dict[str, Any]
+    migration: migrate.MigrateStatus
+
+
+def restored(state: dict[str, Any]) -> Restored:
+    migration = state["migration"]
+    return Restored(programs_of(state), state["next_reload_id"], state["started"], state["started_at"],
+                    {"at": time.time(), "from": state["version"], "to": __version__},
+                    migrate.MigrateStatus(MigrateMode(migration["mode"]), migration["enabled"], migration["reason"]))

@@ -97,7 +97,7 @@ async def _adopt(state_fd: int) -> int:
     try:
         state = reexec.read_state(state_fd)
         master = Master(handover.config_of(state))
-        handover.restore(master, state)
+        master.restore(handover.restored(state))
     except Exception:
         # The check step makes this unlikely. The workers are this process's children and die with it
         # (parent-death signal): stay alive, say so loudly, and let the operator decide (TERM ends all).

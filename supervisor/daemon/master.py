@@ -1,29 +1,37 @@
 """The master: one loop, one queue, and the only mutable state of the daemon.
 
 `run()` is the table of contents: open the sockets, start the first generations, then take events
-one at a time and dispatch them. The state is a record per program (`program.ProgramRuntime`), the
-reload in progress (`reload.Reload`) and the requests waiting behind it; the records decide
-(`reload.Commit`, `restart.Restart`, ...) and the master applies, in its loop, through the module of
-each concept: `reload` (begin, commit, switch, roll back), `workers` (ready, ended, restarts, scale,
-recycling), `handover` (upgrade in place). A reload (shared/DESIGN.md):
-1. load and check the new config; any error is the reply and nothing changes;
-2. start a new generation of every program: new listeners join the same reuseport groups;
-3. wait until every new worker is ready, or one exits, or `ready_timeout` passes;
-4. ready: shut every old listener at once (the kernel moves their queues to the new ones), send the
-   old workers their stop signal `stop_delay` later, kill those still running after `graceful_timeout`;
-5. not ready: shut the new listeners (their queues move back) and stop the new workers; the old
-   generation never stopped serving.
+one at a time and `dispatch` them. The state is a record per program (model/program.py), held here
+with the pieces that own a part of it: the reload slot and the requests waiting for it
+(`reloads.Reloads`), the upgrade in progress (`handover.Upgrade`), the listeners a previous master
+left in systemd's fd store (`fdstore.Inherited`), the reuseport groups (`listeners.Groups`). The
+records decide (`Commit`, `RollBack`, `Crashed(Restart | Fatal)`, ...); the master applies, in its loop.
+docs/design.md tells the whole story; what each event leads to:
+
+| state                     | event                                   | action                                      |
+|---------------------------|-----------------------------------------|---------------------------------------------|
+| serving                   | reload (HUP, ctl, watch:), start        | config read and checked; new generations    |
+| a reload in progress      | READY=1 of its last worker              | steer new connections to them (Commit)      |
+| a reload in progress      | one of its workers exits, ready timeout | shut the new listeners, stop them (RollBack)|
+| switching (SWITCH_DRAIN)  | SwitchDue                               | shut old listeners at once, stop old workers|
+| a rolling reload          | a batch ready / its old workers gone    | switch the batch / start the next one       |
+| busy (reload, upgrade)    | any request but status, tail, shutdown  | waits in line; piled-up reloads merge       |
+| serving                   | a worker crashes                        | its listeners are shut; restart or FATAL    |
+| serving                   | RecycleCheck, ManageWorkers             | replace workers over limits; fill slots     |
+| serving                   | upgrade (USR2, ctl)                     | check the new code, then exec in place      |
+| any                       | TERM/INT (QUIT, or twice: fast)         | roll back, shut all, stop; exit when none   |
+| retiring workers          | StopDue / GracefulTimeout               | stop signal / SIGKILL                       |
+| any                       | SIGCHLD (ChildrenChanged), FilesCheck   | reap and kill orphans; reload on a change   |
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
 import os
 import signal
 import time
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 import structlog
 
@@ -33,33 +41,27 @@ from supervisor.config.schema import Config, MigrateMode, Program
 from supervisor.daemon import events as ev
 from supervisor.daemon import handover, metrics, output, status, workers
 from supervisor.daemon.endpoints import Endpoints
-from supervisor.daemon.output import Output
+from supervisor.daemon.host import Clock
+from supervisor.daemon.reloads import Reloads
 from supervisor.daemon.watcher import Watcher
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.model import reload as reloading
+from supervisor.model.exit import StartFailed
 from supervisor.model.generation import Generation, GenerationState, Spawner
 from supervisor.model.plan import plan_reload, plan_start
 from supervisor.model.program import ProgramRuntime, names, serving
-from supervisor.model.reload import Reload, ReloadKind, Switch
-from supervisor.process import preload, reexec
+from supervisor.model.reload import Reload, ReloadKind
+from supervisor.process import preload
 from supervisor.process.worker import Spawner as ProcessSpawner
 from supervisor.process.worker import Worker
 from supervisor.protocol import requests
-from supervisor.protocol.reply import Replies, Reply
-from supervisor.system import fdstore, listeners, logs, migrate, orphans, reaper, watched_files
-from supervisor.system.fdstore import Adopted, FdStore
+from supervisor.protocol.reply import Reply
+from supervisor.system import logs, migrate, orphans, reaper, watched_files
+from supervisor.system.fdstore import Adopted, FdStore, Inherited
+from supervisor.system.listeners import Groups
 from supervisor.system.systemd import Notifier
-from supervisor.system.watched_files import Files
 
 log = structlog.get_logger()
-
-
-
-class Clock(Protocol):
-    """The event loop's clock and timers; the unit tests drive a fake one."""
-
-    def time(self) -> float: ...
-    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle: ...
 
 
 class Master:
@@ -69,29 +71,33 @@ class Master:
         self.clock: Clock = clock or asyncio.get_running_loop()
         self._spawner = spawner  # made by run() once the notify socket exists, unless a test gives one
         self.templates: preload.Templates | None = None  # preload templates, by program and generation
+        self.groups = Groups()
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
-        self.output = Output()  # the last stderr lines of each program, and `tail -f` followers
+        self.output = output.Output()  # the last stderr lines of each program, and `tail -f` followers
         self.watcher = Watcher(self.post, self.later, self.output.record)
-        self.reload: Reload | None = None
-        self.switch: Switch | None = None  # a committed reload whose old listeners wait SWITCH_DRAIN
-        self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the reload
+        self.reloads = Reloads(self)
+        self.upgrade = handover.Upgrade(self)
         self.stop_waiters: list[tuple[Generation, Reply]] = []
         self.shutdown_replies: list[Reply] = []
         self.stopping = False
         self.exit_code = EXIT_OK
         self.started, self.started_at = time.monotonic(), time.time()
         self.upgraded: dict[str, Any] | None = None  # the last upgrade: when, from which version
-        self.upgrade: tuple[reexec.Check, Reply, asyncio.TimerHandle] | None = None  # new code being checked
-        self.reload_ids = itertools.count(1)
         self.endpoints = Endpoints(config.control, self.post)
         self.systemd = Notifier()
         self.fdstore = FdStore(self.systemd)
-        self.adopted: list[Adopted] = []  # listeners a previous master left in the fd store, until shut
+        self.inherited = Inherited(self.fdstore)  # listeners a previous master left in the fd store
         self.orphans = orphans.Orphans(lambda: self.post(ev.ChildrenChanged()))
-        self.files = Files(config.watch)
+        self.files = watched_files.Files(config.watch)
         self.tally = metrics.Tally()  # reloads and restarts, for /metrics
         self.metrics = metrics.MetricsServer(self.post)
+
+    def restore(self, facts: handover.Restored) -> None:
+        """After an upgrade's exec: the records and facts the previous code handed over."""
+        self.programs, self.reloads = facts.programs, Reloads(self, first_id=facts.next_reload_id)
+        self.started, self.started_at, self.upgraded = facts.started, facts.started_at, facts.upgraded
+        self.migration = facts.migration
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -118,7 +124,8 @@ class Master:
                 log.error("metrics_unavailable", error=str(exc))
         reaper.become_subreaper()  # descendants that leave a worker's session stay ours to reap and kill
         if self._spawner is None:
-            self._spawner = self.templates = preload.Templates(ProcessSpawner(self.endpoints.notify_path), self.post)
+            spawner = ProcessSpawner(self.endpoints.notify_path, self.groups)
+            self._spawner = self.templates = preload.Templates(spawner, self.template_woke)
         for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
         self.orphans.open(loop)
@@ -126,8 +133,10 @@ class Master:
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket,
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
         if adopted is None:
-            self.adopt_stored_listeners()
-            reloading.begin(self, ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
+            for a in self.inherited.adopt(self.config, self.groups):
+                record = self.programs[a.program]
+                record.last_number = max(record.last_number, a.generation)
+            self.reloads.begin(ReloadKind.STARTUP, self.config, Reply(origin="startup"), bundles)
         else:
             await handover.adopt(self, adopted)
         self.post(ev.RecycleCheck())
@@ -152,11 +161,6 @@ class Master:
         log.info("supervisord_stopped", exit_code=self.exit_code)
         return self.exit_code
 
-    @property
-    def spawner(self) -> Spawner:
-        assert self._spawner is not None, "run() makes the spawner once the notify socket exists"
-        return self._spawner
-
     def done(self) -> bool:
         """Shutting down, and no worker left to wait for."""
         return self.stopping and not self.watcher.workers and not self.watcher.pending
@@ -178,8 +182,8 @@ class Master:
                 # Still answer (the client would wait forever) and free the reload slot (every later
                 # request would wait in line behind it).
                 reason = f"internal error: {type(exc).__name__}: {exc} (details in the supervisord log)"
-                if self.reload is not None and self.reload.reply is event.reply:
-                    reloading.roll_back(self, reason)
+                if self.reloads.owns(event.reply):
+                    self.reloads.roll_back(reason)
                 else:
                     self.refuse(event, reason)
 
@@ -190,23 +194,14 @@ class Master:
             case ev.ControlRequest():
                 self.on_request(event)
             case ev.NotifyReceived():
-                found = self.watcher.notified(event)
-                if found is None and self.watcher.pending and self.templates:
-                    # A preload worker's READY=1 may be read before its template's "forked" message,
-                    # sent before the worker could run: read those, then look again.
-                    for t in list(self.templates.running.values()):
-                        preload.message(self, t)
-                    found = self.watcher.notified(event)
-                if found:
-                    workers.worker_ready(self, *found)
+                self.on_notify(event)
             case ev.ReadinessCheck():
                 if found := self.watcher.checked(event.worker):
-                    workers.worker_ready(self, *found)
+                    self.worker_ready(*found)
             case ev.ReadyTimeout():
-                if self.reload is not None and self.reload.id == event.reload_id:
-                    reloading.apply(self, self.reload.timed_out(event.generation))
+                self.reloads.timed_out(event.reload_id, event.program, event.generation)
             case ev.WorkerExited():
-                workers.worker_exited(self, event.worker)
+                self.worker_exited(event.worker)
             case ev.WorkerOutput():
                 self.watcher.output(event.worker)
             case ev.WorkerReadyTimeout():
@@ -215,24 +210,20 @@ class Master:
                 for w in event.workers:
                     w.stop(event.signum)
             case ev.GracefulTimeout():
-                self.on_graceful_timeout(event.workers)
+                self.kill_stubborn(event.workers)
             case ev.ManageWorkers():
-                workers.manage(self)
+                self.manage_workers()
             case ev.RecycleCheck():
                 workers.recycle_check(self)
             case ev.RollDue():
-                reloading.roll_due(self, event.reload_id, event.program)
+                self.reloads.roll_due(event.reload_id, event.program)
             case ev.SwitchDue():
-                if self.switch is not None:
-                    reloading.finish_switch(self)
-            case ev.TemplateMessage():
-                preload.message(self, event.template)
-            case ev.TemplateExited():
-                preload.exited(self, event.template)
-            case ev.TemplateOutput():
-                preload.output(self, event.template)
+                if self.reloads.switch is not None:
+                    self.reloads.finish_switch()
+            case ev.TemplateWoke():
+                self.on_template(event)
             case ev.UpgradeChecked():
-                handover.checked(self, event.timed_out)
+                self.upgrade.checked(event.timed_out)
             case ev.ChildrenChanged():
                 self.check_children()
             case ev.FilesCheck():
@@ -243,37 +234,6 @@ class Master:
                 # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
                 self.systemd.watchdog()
                 self.later(self.systemd.watchdog_interval or 1.0, ev.WatchdogDue())
-
-    def own_children(self) -> set[int]:
-        """The children the master started: its workers, preload templates, and the upgrade check."""
-        templates = {t.process.pid for t in self.templates.running.values()} if self.templates else set()
-        return set(self.watcher.workers) | templates | ({self.upgrade[0].proc.pid} if self.upgrade else set())
-
-    def check_children(self) -> None:
-        """Orphans (orphans.py). A worker a template forked is the master's child before its pid is
-        known (the template's answer is on its way): while forks are pending, unknown children wait
-        for the next check. One forked from a template carries the template's LISTEN_PID: a live
-        template counts as the owner a live worker is."""
-        templates = list(self.templates.running.values()) if self.templates else []
-        owners = {pid for pid, (w, _) in self.watcher.workers.items() if w.alive}
-        self.orphans.check(self.own_children(), owners | {t.process.pid for t in templates if t.alive},
-                           hold=any(t.pending for t in templates))
-
-    def check_files(self) -> None:
-        """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would."""
-        self.check_children()  # also what a check held back while a template was forking
-        self.files.follow(self.config.watch)
-        if (changed := self.files.check()) and not self.stopping:
-            log.info("watch_changed", paths=changed)
-            self.on_request(ev.ControlRequest(requests.Reload(), Reply(origin="watch")))
-        self.later(watched_files.INTERVAL, ev.FilesCheck())
-
-    def enable_migration(self, mode: MigrateMode) -> None:
-        """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
-        self.migration = migrate.enable(mode)
-        # `prefer` running without migration is the one line an operator must not miss (README).
-        say = log.warning if mode is MigrateMode.PREFER and not self.migration.enabled else log.info
-        say("migration", mode=mode.value, enabled=self.migration.enabled, detail=self.migration.reason)
 
     # -- signals and requests ----------------------------------------------------------------------
 
@@ -298,17 +258,16 @@ class Master:
             if isinstance(request, requests.Status):
                 reply.finish(True, "status", status.snapshot(self))
             elif isinstance(request, requests.Tail):
-                self.tail(request, reply)
+                self.output.answer_tail(request, reply, {*self.programs, *(p.name for p in self.config.programs)},
+                                        self.stopping)
             elif isinstance(request, requests.Shutdown):
                 self.shutdown(reply)
             elif self.stopping:
                 reply.finish(False, "supervisord is shutting down")
-            elif self.reload is not None or self.upgrade is not None or self.switch is not None:
-                # Also `scale`: the generation it would change is being replaced.
-                reply.progress(f"waiting for the {self.reload.label if self.reload else 'upgrade'} in progress")
-                self.waiting.append(event)
+            elif self.reloads.busy or self.upgrade.busy:
+                self.reloads.wait(event)  # also `scale`: the generation it would change is being replaced
             elif isinstance(request, requests.Upgrade):
-                handover.begin(self, reply)
+                self.upgrade.begin(reply)
             elif isinstance(request, requests.Scale):
                 workers.scale(self, request.program, request.workers, reply)
             elif isinstance(request, requests.Stop):
@@ -318,7 +277,7 @@ class Master:
                                   names(self.programs, fatal=True))
                 # A start is a new generation: its files are checked (and copied) anew, as at a reload.
                 bundles = reloading.check(self.config, reply, only=request.program)
-                reloading.begin(self, ReloadKind.START, self.config, reply, bundles, plan)
+                self.reloads.begin(ReloadKind.START, self.config, reply, bundles, plan)
             elif isinstance(request, requests.Reload):
                 self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
                 config, bundles = reloading.load_new_config(self.config, reply, request.programs)
@@ -326,49 +285,141 @@ class Master:
                                    request.programs)
                 if moved := self.metrics.move(config.metrics):
                     reply.progress(moved)
-                reloading.begin(self, ReloadKind.RELOAD, config, reply, bundles, plan)
+                self.reloads.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
         except (ConfigError, ControlError, migrate.MigrateError) as exc:
             self.refuse(event, str(exc))
-
-    def tail(self, request: requests.Tail, reply: Reply) -> None:
-        """`tail [-n N] [-f] PROGRAM`: its last stderr lines; with -f the reply stays open for new ones."""
-        if request.program not in self.programs and request.program not in {p.name for p in self.config.programs}:
-            raise ControlError(f"no program named {request.program!r}")
-        if not 0 <= request.lines <= output.LINES:
-            raise ControlError(f"lines must be 0..{output.LINES}, got {request.lines}")
-        self.output.tail(request.program, request.lines, reply)
-        if request.follow and not self.stopping:
-            self.output.follow(request.program, reply)
-        else:
-            reply.finish(True, "")
 
     def refuse(self, event: ev.ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""
         event.reply.finish(False, reason)
-        if isinstance(event.request, requests.Reload):
-            self.tally.reloaded("refused")
-        if isinstance(event.request, requests.Reload) and not self.stopping:
-            # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
-            self.systemd.ready(f"{status.describe(self.programs)}; last reload failed: {reason}")
-        self.next_request()
+        self.reloads.refused(event.request, reason)
 
-    def next_request(self) -> None:
-        """The reload slot is free: the requests that waited for it go back on the queue, in order.
+    # -- workers and templates --------------------------------------------------------------------------
 
-        Reloads that piled up (a burst of SIGHUPs, several `reload`s) become one, at the place of the
-        first: each caller gets its answer, and it reads the config as it is now.
-        """
-        reloads = [e for e in self.waiting if isinstance(e.request, requests.Reload)]
-        if len(reloads) > 1:
-            wanted = [e.request.programs for e in reloads if isinstance(e.request, requests.Reload)]
-            only = () if not all(wanted) else tuple(dict.fromkeys(name for names in wanted for name in names))
-            merged = ev.ControlRequest(requests.Reload(only), Replies([e.reply for e in reloads]))
-            self.waiting = collections.deque(merged if e is reloads[0] else e for e in self.waiting
-                                             if e is reloads[0] or e not in reloads)
-        while self.waiting and self.reload is None and self.upgrade is None and self.switch is None:
-            self.post(self.waiting.popleft())
+    def on_notify(self, event: ev.NotifyReceived) -> None:
+        found = self.watcher.notified(event)
+        if found is None and self.watcher.pending and self.templates:
+            # A preload worker's READY=1 may be read before its template's "forked" message, sent
+            # before the worker could run: read those, then look again.
+            for t in list(self.templates.running.values()):
+                self.forked(self.templates.read(t))
+            found = self.watcher.notified(event)
+        if found:
+            self.worker_ready(*found)
 
-    # -- reloads: begin, then apply what the reload decides --------------------------------------------
+    def worker_ready(self, w: Worker, gen: Generation) -> None:
+        workers.ready(self, w, gen)
+        self.reloads.worker_ready()
+
+    def worker_exited(self, w: Worker) -> None:
+        if (ended := workers.ended(self, w, starting=self.reloads.starting(self.watcher.generation_of(w)))) is None:
+            return
+        gen, end = ended
+        if isinstance(end, StartFailed):
+            self.reloads.worker_failed(gen, w)
+        self.forget_if_finished(gen)
+        self.reloads.worker_gone(gen)  # a rolled-out worker gone: the next batch may start
+        self.check_children()  # what left the worker's session is now the master's: gone with the worker
+
+    def template_woke(self, what: str, program: str, generation: int) -> None:
+        self.post(ev.TemplateWoke(what, program, generation))
+
+    def on_template(self, event: ev.TemplateWoke) -> None:
+        if self.templates is None or (t := self.templates.find(event.program, event.generation)) is None:
+            return
+        if event.what == "message":
+            self.forked(self.templates.read(t))
+        elif event.what == "exited":
+            self.forked(self.templates.ended(t) or [])
+        else:
+            self.templates.output(t)
+
+    def forked(self, answers: Iterable[preload.Answer]) -> None:
+        """A template's answers: a forked worker is watched as a spawned one (killed if that was asked
+        meanwhile); one it could not fork ends as a worker that exited before it was ready."""
+        for answer in answers:
+            if isinstance(answer, preload.Forked):
+                self.watcher.forked(answer.worker)
+                if answer.worker.doomed:
+                    answer.worker.kill()
+            else:
+                self.post(ev.WorkerExited(answer.worker))
+
+    def watch_worker(self, w: Worker, gen: Generation) -> None:
+        workers.watch(self, w, gen)
+
+    def manage_workers(self) -> None:
+        workers.manage(self)
+
+    # -- what the pieces ask of the master (host.Host) ----------------------------------------------------
+
+    @property
+    def spawner(self) -> Spawner:
+        assert self._spawner is not None, "run() makes the spawner once the notify socket exists"
+        return self._spawner
+
+    @property
+    def runtime_dir(self) -> str:
+        return self.endpoints.runtime_dir
+
+    @property
+    def reload(self) -> Reload | None:
+        return self.reloads.current
+
+    def use_config(self, config: Config) -> None:
+        self.config = config
+
+    def startup_failed(self) -> None:
+        self.exit_code = EXIT_FAILED
+        self.shutdown(Reply(origin="startup failure"))
+
+    def adopted_of(self, programs: Iterable[str]) -> list[Adopted]:
+        return self.inherited.of(programs)
+
+    def shut_adopted(self, programs: set[str]) -> int:
+        return self.inherited.shut(programs)
+
+    def enable_migration(self, mode: MigrateMode) -> None:
+        """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
+        self.migration = migrate.enable(mode)
+        # `prefer` running without migration is the one line an operator must not miss (README).
+        say = log.warning if mode is MigrateMode.PREFER and not self.migration.enabled else log.info
+        say("migration", mode=mode.value, enabled=self.migration.enabled, detail=self.migration.reason)
+
+    def running(self, name: str) -> ProgramRuntime:
+        """The runtime of a running program, or the ControlError a user should see."""
+        record = self.programs.get(name)
+        if record is not None and record.serving is not None:
+            return record
+        if name in {p.name for p in self.config.programs}:
+            raise ControlError(f"{name} is not running")
+        raise ControlError(f"no program named {name!r}")
+
+    # -- children and files ---------------------------------------------------------------------------
+
+    def own_children(self) -> set[int]:
+        """The children the master started: its workers, preload templates, and the upgrade check."""
+        templates = {t.process.pid for t in self.templates.running.values()} if self.templates else set()
+        return set(self.watcher.workers) | templates | self.upgrade.pids()
+
+    def check_children(self) -> None:
+        """Orphans (system/orphans.py). A worker a template forked is the master's child before its pid
+        is known (the template's answer is on its way): while forks are pending, unknown children wait
+        for the next check. One forked from a template carries the template's LISTEN_PID: a live
+        template counts as the owner a live worker is."""
+        templates = list(self.templates.running.values()) if self.templates else []
+        owners = {pid for pid, (w, _) in self.watcher.workers.items() if w.alive}
+        self.orphans.check(self.own_children(), owners | {t.process.pid for t in templates if t.alive},
+                           hold=any(t.pending for t in templates))
+
+    def check_files(self) -> None:
+        """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would."""
+        self.check_children()  # also what a check held back while a template was forking
+        self.files.follow(self.config.watch)
+        if (changed := self.files.check()) and not self.stopping:
+            log.info("watch_changed", paths=changed)
+            self.on_request(ev.ControlRequest(requests.Reload(), Reply(origin="watch")))
+        self.later(watched_files.INTERVAL, ev.FilesCheck())
 
     # -- retiring, stopping ---------------------------------------------------------------------------
 
@@ -386,7 +437,7 @@ class Master:
     def generation_over(self, gen: Generation) -> None:
         """`gen` starts no more workers: its preload template, if any, exits."""
         if self.templates is not None:
-            self.templates.retire(self, gen.program.name, gen.number)
+            self.forked(self.templates.retire(gen.program.name, gen.number))
 
     def stop_later(self, program: Program, workers: list[Worker]) -> None:
         """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
@@ -406,14 +457,13 @@ class Master:
                 w.stop(program.stop_signal)
         self.later(program.stop_delay + program.graceful_timeout, ev.GracefulTimeout(tuple(workers)))
 
-    def running(self, name: str) -> ProgramRuntime:
-        """The runtime of a running program, or the ControlError a user should see."""
-        record = self.programs.get(name)
-        if record is not None and record.serving is not None:
-            return record
-        if name in {p.name for p in self.config.programs}:
-            raise ControlError(f"{name} is not running")
-        raise ControlError(f"no program named {name!r}")
+    def kill_stubborn(self, workers: tuple[Worker, ...]) -> None:
+        """`graceful_timeout` has passed since their stop signal: SIGKILL those still running."""
+        if stubborn := [w for w in workers if w.alive]:
+            log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
+                        killing=[w.pid for w in stubborn])
+            for w in stubborn:
+                w.kill()
 
     def stop_program(self, name: str, reply: Reply) -> None:
         gen = self.running(name).stopping(by_hand=True)
@@ -429,19 +479,16 @@ class Master:
             log.info("shutting_down", origin=reply.origin, fast=fast)
             self.systemd.stopping()
             self.stopping = True
-            if self.reload is not None:
-                reloading.roll_back(self, "supervisord is shutting down")
-            if self.switch is not None:
-                reloading.finish_switch(self)
-            if self.upgrade is not None:
-                handover.checked(self, timed_out=False, refuse="supervisord is shutting down")
-            for event in self.waiting:
-                event.reply.finish(False, "supervisord is shutting down")
-            self.waiting.clear()
+            if self.reloads.current is not None:
+                self.reloads.roll_back("supervisord is shutting down")
+            if self.reloads.switch is not None:
+                self.reloads.finish_switch()
+            self.upgrade.checked(timed_out=False, refuse="supervisord is shutting down")
+            self.reloads.refuse_all("supervisord is shutting down")
             for record in [r for r in self.programs.values() if r.running]:
                 if (gen := record.stopping(by_hand=False)) and self.fdstore.enabled:
                     # Under systemd's fd store a stop is a restart to be: the listeners stay open
-                    # there, unshut, and their queues wait for the next start (fdstore.py).
+                    # there, unshut, and their queues wait for the next start (system/fdstore.py).
                     self.stop_later(gen.program, gen.hand_over())
                     self.generation_over(gen)
                     self.forget_if_finished(gen)
@@ -451,36 +498,6 @@ class Master:
             for record in self.programs.values():
                 for gen in record.retiring:
                     gen.kill()
-
-    def adopt_stored_listeners(self) -> None:
-        """Listeners a master that died or stopped left in systemd's fd store: a generation without
-        workers, whose queues the first new generation takes over (shut_adopted)."""
-        self.adopted, dropped = fdstore.inherited(self.config)
-        self.fdstore.remove(dropped)
-        for a in self.adopted:
-            listeners.unknown(a.listener.listen)  # their order in the group is the dead master's
-        for listener in self.adopted:
-            record = self.programs[listener.program]
-            record.last_number = max(record.last_number, listener.generation)
-        if self.adopted or dropped:
-            log.info("fdstore_adopted", listeners=[a.name for a in self.adopted], dropped=dropped)
-
-    def shut_adopted(self, programs: set[str]) -> int:
-        """The programs' new generations serve: shut what was adopted (queues migrate), forget it."""
-        done = [a for a in self.adopted if a.program in programs]
-        for a in done:
-            listeners.close(a.listener)
-        self.fdstore.remove([a.name for a in done])
-        self.adopted = [a for a in self.adopted if a.program not in programs]
-        return len(done)
-
-    def on_graceful_timeout(self, workers: tuple[Worker, ...]) -> None:
-        stubborn = [w for w in workers if w.alive]
-        if stubborn:
-            log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
-                        killing=[w.pid for w in stubborn])
-            for w in stubborn:
-                w.kill()
 
     def forget_if_finished(self, gen: Generation) -> None:
         """A retiring or rolled-back generation stays in `status` until its last worker has exited."""

@@ -18,20 +18,18 @@ import errno
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from supervisor import __version__
-from supervisor.config.schema import Metrics
+from supervisor.config.schema import Config, Metrics
 from supervisor.daemon.events import Event, Scrape
 from supervisor.errors import ControlError, SupervisorError
-from supervisor.model.program import ProgramState
+from supervisor.model.program import ProgramRuntime, ProgramState
+from supervisor.model.reload import Reload
 from supervisor.process.worker import WorkerState
 from supervisor.system import migrate
-
-if TYPE_CHECKING:
-    from supervisor.daemon.master import Master
 
 log = structlog.get_logger()
 
@@ -64,9 +62,24 @@ class Tally:
         self.restarts[program] = self.restarts.get(program, 0) + 1
 
 
+class View(Protocol):
+    """What /metrics, /healthz and /readyz read of the master."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def programs(self) -> dict[str, ProgramRuntime]: ...
+    @property
+    def reload(self) -> Reload | None: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def tally(self) -> Tally: ...
+
+
 # -- what the master answers --------------------------------------------------------------------------
 
-def answer(master: Master, path: str) -> tuple[int, str, bytes]:
+def answer(master: View, path: str) -> tuple[int, str, bytes]:
     """(HTTP status, content type, body) for a GET of `path`."""
     if path == "/healthz":
         return 200, TEXT, b"ok\n"
@@ -83,7 +96,7 @@ def answer(master: Master, path: str) -> tuple[int, str, bytes]:
     return 404, TEXT, b"not found: /metrics, /healthz and /readyz are served here\n"
 
 
-def not_ready(master: Master) -> list[str]:
+def not_ready(master: View) -> list[str]:
     """Why /readyz is 503: every program of the config serves, unless stopped by hand (and done stopping)."""
     reasons = []
     for program in master.config.programs:
@@ -102,7 +115,7 @@ def not_ready(master: Master) -> list[str]:
     return reasons
 
 
-def families(master: Master) -> list[Any]:
+def families(master: View) -> list[Any]:
     """Every metric, read from the master's records and the kernel now."""
     from prometheus_client.core import (
         CounterMetricFamily,
@@ -329,7 +342,7 @@ def bind(settings: Metrics) -> socket.socket:
     return sock
 
 
-def answer_scrape(master: Master, event: Scrape) -> None:
+def answer_scrape(master: View, event: Scrape) -> None:
     """The master's side of a Scrape: answer unless the client has given up."""
     if event.answered.done():
         return

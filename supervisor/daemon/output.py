@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from supervisor.errors import ControlError
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
 
@@ -66,6 +67,18 @@ class Output:
         ring = self.rings.get(program, collections.deque())
         kept = list(ring)[max(0, len(ring) - lines):]
         send(reply, b"".join(requests.encode({"line": line.tagged(program)}) for line in kept))
+
+    def answer_tail(self, request: requests.Tail, reply: Reply, programs: set[str], stopping: bool) -> None:
+        """`tail [-n N] [-f] PROGRAM`: its last stderr lines; with -f the reply stays open for new ones."""
+        if request.program not in programs:
+            raise ControlError(f"no program named {request.program!r}")
+        if not 0 <= request.lines <= LINES:
+            raise ControlError(f"lines must be 0..{LINES}, got {request.lines}")
+        self.tail(request.program, request.lines, reply)
+        if request.follow and not stopping:
+            self.follow(request.program, reply)
+        else:
+            reply.finish(True, "")
 
     def follow(self, program: str, reply: Reply) -> None:
         """`tail -f`: the reply stays open; every new line of the program goes to it."""

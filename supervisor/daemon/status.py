@@ -1,29 +1,44 @@
-"""`status`: the master's state as plain data (with psutil's process facts), and as a table."""
+"""`status`: the master's state as plain data, with psutil's process facts (`supervisorctl` prints it: ctl/table.py)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any, Protocol
+
+import psutil
 
 from supervisor import __version__
-
-# supervisorctl imports this module for render(): keep its start fast (psutil and datetime are
-# imported where the master calls them; typing not at all).
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
-if TYPE_CHECKING:
-    from typing import Any
-
-    from supervisor.daemon.master import Master
-    from supervisor.model.generation import Generation
-    from supervisor.model.program import ProgramRuntime
-    from supervisor.model.roll import Roll
-    from supervisor.process.worker import Worker
+from supervisor.config.schema import Config
+from supervisor.model.generation import Generation
+from supervisor.model.program import ProgramRuntime
+from supervisor.model.reload import Reload
+from supervisor.model.roll import Roll
+from supervisor.process.worker import Worker
+from supervisor.system.migrate import MigrateStatus
 
 
-def snapshot(master: Master) -> dict[str, Any]:
+class View(Protocol):
+    """What `status` reads of the master (and nothing else)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def programs(self) -> dict[str, ProgramRuntime]: ...
+    @property
+    def reload(self) -> Reload | None: ...
+    @property
+    def migration(self) -> MigrateStatus: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def upgraded(self) -> dict[str, Any] | None: ...
+
+
+def snapshot(master: View) -> dict[str, Any]:
     """What `status` answers: a view of the master's records and nothing else."""
-    import psutil
-
     starting: dict[str, list[Generation]] = {}
     for gen in master.reload.generations if master.reload else []:
         starting.setdefault(gen.program.name, []).append(gen)
@@ -77,8 +92,6 @@ def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
     if w.alive and w.forked:
-        import psutil
-
         try:
             proc = psutil.Process(w.pid)
             with proc.oneshot():
@@ -100,58 +113,7 @@ def fatal_facts(reason: str, serving: Generation | None) -> dict[str, Any]:
     return {"reason": reason, "workers": workers}
 
 
-def render(data: Mapping[str, Any]) -> str:
-    """The table `supervisorctl status` prints."""
-    migrate = data["migrate"]
-    upgraded = data.get("upgraded")
-    lines = [
-        f"supervisord {data.get('version', '?')} pid {data['pid']}, up {_duration(data['uptime'])} "
-        f"(since {str(data.get('started_at', '?'))[:19].replace('T', ' ')} UTC), config {data['config']}"
-        + (f"; upgraded from {upgraded['from']} at {upgraded['at'][:19].replace('T', ' ')} UTC" if upgraded else ""),
-        f"migration: {migrate['mode']} ({'on' if migrate['enabled'] else 'OFF'}: {migrate['reason']})",
-        "",
-        f"{'PROGRAM':<16}{'GEN':>5}  {'WORKER':>6}  {'PID':>8}  {'STATE':<10}{'UPTIME':>9}"
-        f"{'RSS':>10}{'CPU':>8}{'RESTARTS':>10}  LAST EXIT",
-    ]
-    for program in data["programs"]:
-        gens = ", ".join(f"#{g['generation']} {g['state']}" for g in program["generations"])
-        fatal = program.get("fatal")
-        state = f"FATAL ({fatal['reason']}: no restarts until reload or start)" if fatal else program["state"]
-        if roll := program.get("roll"):
-            state += (f" (rolling #{roll['from']} -> #{roll['to']}: {roll['replaced']} of {roll['of']} slots "
-                      f"replaced, {roll['batch']} at a time)")
-        lines.append(f"{program['name']:<16}{state}" + (f"  ({gens})" if gens else ""))
-        for w in [*program["workers"], *(fatal["workers"] if fatal else [])]:
-            lines.append(_worker_line(w))
-        if program.get("tls"):
-            cert = program["tls"]
-            lines.append(f"{'':<16}tls: {cert['subject']}, SANs {', '.join(cert['sans']) or '-'}, "
-                         f"expires {cert['not_after'][:16].replace('T', ' ')} UTC ({cert['days_left']:g} days)")
-        if program.get("last_exit"):
-            lines.append(f"{'':<16}last exit: {program['last_exit']}")
-    return "\n".join(lines)
-
-
-def _worker_line(w: Mapping[str, Any]) -> str:
-    """One row; "-" for what a worker does not have (no pid or RSS for a slot that gave up)."""
-    def shown(key: str, form: str = "{}") -> str:
-        return "-" if w.get(key) is None else form.format(w[key])
-    uptime = "-" if w.get("uptime") is None else _duration(w["uptime"])
-    rss = "-" if w.get("rss") is None else f"{w['rss'] / 2**20:.1f}M"
-    return (f"{'':<16}{shown('generation'):>5}  {w['worker']:>6}  {shown('pid'):>8}  {w['state']:<10}"
-            f"{uptime:>9}{rss:>10}{shown('cpu', '{:.2f}s'):>8}{shown('restarts'):>10}  {shown('last_exit')}")
-
-
 def _utc(timestamp: float) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

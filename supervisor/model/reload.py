@@ -1,38 +1,32 @@
 """A reload, a `start` or the startup: new generations waiting to become ready, and what to do next.
 
 The reload owns its generations, its timers and its reply. Readiness, worker exits and timeouts go
-to it and come back as a decision the master applies: `Pending` (still waiting), `Commit` (every
-new worker is ready: shut the old listeners) or `RollBack(reason)`.
+to it and come back as a decision the daemon applies (daemon/reloads.py): `Pending` (still waiting),
+`Commit` (every new worker is ready: shut the old listeners), `RollBack(reason)`, and for a rolling
+program `SwitchBatch` / `NextBatch`. Step 1 of a reload, the config read and checked again, is here
+too (`load_new_config`): it decides whether a reload may begin at all.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from supervisor.config import schema as config_module
-from supervisor.config import tls
-from supervisor.config.schema import Config, Strategy
-from supervisor.daemon import events as ev
-from supervisor.daemon import status, workers
-from supervisor.errors import EXIT_FAILED, ControlError, MigrateError, SupervisorError
+from supervisor.config import schema, tls
+from supervisor.config.schema import Config
+from supervisor.errors import ControlError, MigrateError
 from supervisor.model import preflight
-from supervisor.model import roll as rolling
 from supervisor.model.generation import Generation
-from supervisor.model.plan import ReloadPlan, plan_reload, select
-from supervisor.model.program import ProgramRuntime, ProgramState, names
+from supervisor.model.plan import ReloadPlan, select
+from supervisor.model.roll import Roll, Timer
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol.reply import Reply
-from supervisor.system import listeners, migrate
+from supervisor.system import migrate
 from supervisor.system.listeners import Listener
-
-if TYPE_CHECKING:
-    from supervisor.daemon.master import Master
 
 log = structlog.get_logger()
 
@@ -62,14 +56,14 @@ class RollBack:
 class SwitchBatch:
     """A rolling program's batch is ready: switch its slots to the new generation."""
 
-    roll: rolling.Roll
+    roll: Roll
 
 
 @dataclass(frozen=True)
 class NextBatch:
     """A rolling program's last batch is switched and its old workers have exited: start the next one."""
 
-    roll: rolling.Roll
+    roll: Roll
 
 
 Decision = Pending | Commit | RollBack | SwitchBatch | NextBatch
@@ -84,8 +78,8 @@ class Reload:
     reply: Reply
     bundles: dict[str, tls.Bundle]  # program -> the certificate and key its new generation is given
     generations: list[Generation] = field(default_factory=list)
-    rolls: dict[str, rolling.Roll] = field(default_factory=dict)  # program -> its roll (strategy: rolling)
-    timers: list[asyncio.Handle] = field(default_factory=list)
+    rolls: dict[str, Roll] = field(default_factory=dict)  # program -> its roll (strategy: rolling)
+    timers: list[Timer] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -111,9 +105,13 @@ class Reload:
         return RollBack(f"{w.program}: generation {gen.number} worker {w.index} {how} before it was ready"
                         + stderr_tail(w, lines=20 if not w.forked else 10))
 
-    def timed_out(self, gen: Generation) -> Decision:
-        """`gen` has had `ready_timeout` seconds since it started."""
-        if gen not in self.generations or gen.all_ready():
+    def generation(self, program: str, number: int) -> Generation | None:
+        return next((g for g in self.generations if g.program.name == program and g.number == number), None)
+
+    def timed_out(self, program: str, number: int) -> Decision:
+        """Generation `number` of `program` has had `ready_timeout` seconds since it (or its batch) started."""
+        gen = self.generation(program, number)
+        if gen is None or gen.all_ready():
             return Pending()
         workers = gen.workers
         ready = sum(w.state is WorkerState.READY for w in workers)
@@ -168,7 +166,7 @@ def load_new_config(current: Config, reply: Reply, only: tuple[str, ...] = ()) -
     """Step 1 of a reload: the config file read and checked again. Raises the user's error (ConfigError,
     ControlError, MigrateError); nothing has changed then. `only`: the reload of these programs, which
     takes only their settings from the file (plan.select)."""
-    config = config_module.load(current.path)
+    config = schema.load(current.path)
     if only:
         config = select(current, config, only)
         bundles: dict[str, tls.Bundle] = {}
@@ -191,153 +189,3 @@ def stderr_tail(w: Worker, whose: str = "", lines: int = 10) -> str:
     """The worker's last stderr lines, for the reason of a rollback."""
     tail = "".join(f"\n  {line}" for line in list(w.tail)[-lines:])
     return f"; last stderr lines{whose}:{tail}" if tail else ""
-
-
-# -- as the master applies it ----------------------------------------------------------------------
-
-def begin(master: Master, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
-          plan: ReloadPlan | None = None) -> None:
-    plan = plan or plan_reload(config, names(master.programs, running=True), names(master.programs, by_hand=True))
-    master.reload = reload = Reload(next(master.reload_ids), kind, config, plan, reply, bundles or {})
-    for program in plan.start:
-        record = master.programs.setdefault(program.name, ProgramRuntime(program.name))
-        try:
-            gen = Generation.create(program, record.next_number(), master.endpoints.runtime_dir,
-                                    reload.bundles.get(program.name))
-        except OSError as exc:
-            return roll_back(master, f"{program.name}: tls: cannot copy the certificate and key for the workers: "
-                                  f"{exc}")
-        record.starting()
-        reload.generations.append(gen)
-        old = record.serving if record.state is ProgramState.RELOADING else None
-        rolls = program.strategy is Strategy.ROLLING and old is not None
-        reply.progress(f"{program.name}: generation {gen.number} " + (
-            f"rolling in, {program.batch} worker{'s' if program.batch != 1 else ''} at a time" if rolls else
-            f"starting {program.workers} worker{'s' if program.workers != 1 else ''}"))
-        try:
-            if rolls:
-                assert old is not None
-                reload.rolls[program.name] = rolling.Roll.of(old, gen)
-                continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
-            gen.start(master.spawner)
-        except (OSError, SupervisorError) as exc:
-            return roll_back(master, f"{program.name}: generation {gen.number}: {exc}")
-        finally:
-            for w in gen.workers:
-                workers.watch_worker(master, w, gen)
-        reload.timers.append(master.later(program.ready_timeout, ev.ReadyTimeout(reload.id, gen)))
-    apply(master, reload.worker_ready())
-
-
-def apply(master: Master, decision: Decision) -> None:
-    if isinstance(decision, Commit):
-        commit(master)
-    elif isinstance(decision, RollBack):
-        roll_back(master, decision.reason)
-    elif isinstance(decision, SwitchBatch | NextBatch) and (reload := master.reload) is not None:
-        try:
-            if isinstance(decision, SwitchBatch):
-                rolling.steer(master, reload, decision.roll, SWITCH_DRAIN)
-            else:
-                rolling.start_batch(master, reload, decision.roll)
-        except (OSError, SupervisorError) as exc:
-            return roll_back(master, str(exc))
-        apply(master, reload.worker_ready())
-
-
-def roll_due(master: Master, reload_id: int, program: str) -> None:
-    """A batch's old listeners were steered away from SWITCH_DRAIN ago: shut them and stop their workers."""
-    reload = master.reload
-    if reload is None or reload.id != reload_id or program not in reload.rolls:
-        return  # rolled back meanwhile
-    rolling.switch(master, reload, reload.rolls[program])
-    apply(master, reload.worker_ready())
-
-
-def commit(master: Master) -> None:
-    """Every new worker is ready: the new generations serve; new connections go to them at once and the
-    old listeners are shut SWITCH_DRAIN later (finish_switch), all of them in one step."""
-    reload = master.reload
-    assert reload is not None
-    if reload.config.migrate != master.config.migrate:
-        # Before the old listeners are shut, so that their queues migrate under the new mode.
-        try:
-            master.enable_migration(reload.config.migrate)
-        except migrate.MigrateError as exc:  # `require` checked at begin, lost since
-            return roll_back(master, str(exc))
-    master.reload = None
-    reload.cancel_timers()
-    before = migrate.counters()
-    old_gens: list[Generation | None] = []
-    for gen in reload.generations:
-        gen.mark_serving()
-        reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
-                              f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
-        bundle = reload.bundles.get(gen.program.name)
-        old_gens.append(master.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None))
-    for name in reload.plan.removed:  # gone from the config: retire without a successor
-        old_gens.append(master.programs[name].stopping(by_hand=False))
-    retired = [g for g in old_gens if g is not None]
-    master.config = reload.config
-    fresh = [listener for g in reload.generations for w in g.workers for listener in w.listeners]
-    # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
-    # that no handshake is completing on an old listener when it is shut (steer.py: the kernel
-    # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
-    steered = listeners.steer_to(fresh) if retired or master.adopted else []
-    master.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
-    if steered:
-        master.later(SWITCH_DRAIN, ev.SwitchDue())
-    else:
-        finish_switch(master)
-
-
-def finish_switch(master: Master) -> None:
-    """Step two: shut every old listener (steered away, one group at a time), stop the old workers."""
-    switch, master.switch = master.switch, None
-    assert switch is not None
-    reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
-    old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
-    old += [a.listener for a in master.adopted if a.program in programs]  # a dead master's, if any
-    shut = listeners.shut_steered(old, switch.fresh)
-    for gen in switch.retired:
-        master.retire(gen)
-    master.shut_adopted(programs)
-    listeners.unsteer(switch.steered)
-    migrated = (migrate.counters() - switch.before).success
-    for gen in switch.retired:
-        reload.reply.progress(
-            f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
-            f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
-    reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
-    if reload.kind is ReloadKind.RELOAD:
-        master.tally.reloaded("done", time.monotonic() - reload.started)
-    master.systemd.ready(status.describe(master.programs))
-    master.next_request()
-
-
-def roll_back(master: Master, reason: str) -> None:
-    """Roll back the reload in progress: the serving generations were never touched."""
-    reload = master.reload
-    assert reload is not None
-    master.reload = None
-    reload.cancel_timers()
-    # Before the new generations' listeners are shut: their queues then migrate to the old config's
-    # workers, those put back included.
-    put_back = [said for roll in reload.rolls.values() if (said := rolling.put_back(master, roll))]
-    for gen in reload.generations:
-        master.stop_later(gen.program, gen.rollback())
-        master.generation_over(gen)
-        master.programs[gen.program.name].rolled_back(gen)
-        master.forget_if_finished(gen)
-    still = ", ".join(f"{name}#{r.serving.number}" for name, r in master.programs.items() if r.serving)
-    log.error("reload_failed", reason=reason)
-    if reload.kind is ReloadKind.RELOAD:
-        master.tally.reloaded("rolled_back")
-    reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
-                        + "".join(f"; {said}" for said in put_back))
-    if reload.kind is ReloadKind.STARTUP:
-        master.exit_code = EXIT_FAILED
-        master.shutdown(Reply(origin="startup failure"))
-    elif not master.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
-        master.systemd.ready(f"{status.describe(master.programs)}; last {reload.label} failed: {reason}")
-    master.next_request()

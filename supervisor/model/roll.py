@@ -18,26 +18,17 @@ migrate to the old workers; the reply names the slots that were put back.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import structlog
-
-from supervisor.daemon import events as ev
-from supervisor.daemon import workers
-from supervisor.errors import SupervisorError
 from supervisor.model.generation import Generation
 from supervisor.model.slot import Slot
 from supervisor.process.worker import Worker, WorkerState
-from supervisor.system import listeners
 from supervisor.system.listeners import Listener
 
-if TYPE_CHECKING:
-    from supervisor.daemon.master import Master
-    from supervisor.model.reload import Reload
 
-log = structlog.get_logger()
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -54,7 +45,7 @@ class Roll:
     switching: bool = False  # the batch is ready; its old listeners are shut after SWITCH_DRAIN
     steered: list[Listener] = field(default_factory=list)
     stopping: list[Worker] = field(default_factory=list)  # the last batch's old workers, until they exit
-    timer: asyncio.Handle | None = None  # the batch's ready timeout
+    timer: Timer | None = None  # the batch's ready timeout
 
     @classmethod
     def of(cls, old: Generation, new: Generation) -> Roll:
@@ -109,66 +100,3 @@ class Roll:
         """For `status`: how far the roll is."""
         return {"replaced": len(self.replaced), "replacing": list(self.step), "of": self.total,
                 "batch": self.batch, "from": self.old.number, "to": self.new.number}
-
-
-# -- as the master applies it ----------------------------------------------------------------------
-
-def start_batch(master: Master, reload: Reload, roll: Roll) -> None:
-    """Step 1: the next batch's new workers start; its ready timeout starts now. Raises a spawn failure."""
-    program = roll.new.program
-    indexes = roll.next_batch()
-    reload.reply.progress(f"{program.name}: rolling slots {_show(roll.step)} "
-                          f"({len(roll.replaced)} of {roll.total} replaced)")
-    log.info("roll_batch", program=program.name, gen=roll.new.number, slots=roll.step, replaced=len(roll.replaced))
-    if roll.timer is not None:
-        roll.timer.cancel()
-    roll.timer = master.later(program.ready_timeout, ev.ReadyTimeout(reload.id, roll.new))
-    reload.timers.append(roll.timer)
-    for index in indexes:
-        try:
-            w = roll.new.spawn(master.spawner, index)
-        except (OSError, SupervisorError) as exc:
-            raise SupervisorError(f"{program.name}: generation {roll.new.number}: {exc}") from None
-        roll.new.slots[index] = Slot(index, w)
-        workers.watch_worker(master, w, roll.new)
-
-
-def steer(master: Master, reload: Reload, roll: Roll, drain: float) -> None:
-    """Step 3, first half: the batch serves; new connections go to every other listener of the group,
-    and the handshakes already routed to the old listeners have `drain` seconds to complete (steer.py)."""
-    if roll.timer is not None:
-        roll.timer.cancel()
-    roll.switching = True
-    roll.steered = listeners.steer_to(roll.staying_listeners()) if roll.leaving_listeners() else []
-    master.later(drain if roll.steered else 0.0, ev.RollDue(reload.id, roll.new.program.name))
-
-
-def switch(master: Master, reload: Reload, roll: Roll) -> None:
-    """Step 3, second half: shut the batch's old listeners (queues migrate), stop its old workers."""
-    shut = listeners.shut_steered(roll.leaving_listeners(), roll.staying_listeners())
-    listeners.unsteer(roll.steered)
-    step = roll.step
-    leaving = [w for slot in roll.switched() for w in slot.workers() if w.alive]
-    master.stop_later(roll.old.program, roll.old.leave(leaving))
-    log.info("roll_switched", program=roll.old.program.name, slots=step, listeners_closed=shut,
-             retiring=[w.pid for w in leaving])
-    reload.reply.progress(f"{roll.old.program.name}: slots {_show(step)} now on generation {roll.new.number}: "
-                          f"{shut} old listeners closed, {len(leaving)} old workers stopping")
-
-
-def put_back(master: Master, roll: Roll) -> str:
-    """The roll failed: its replaced slots get workers of the old config again, started now; returns
-    what the reply says about it ("" when nothing had been replaced yet)."""
-    listeners.unsteer(roll.steered)
-    back = sorted(i for i in roll.replaced if i < roll.old_size)
-    if not back:
-        return ""
-    roll.old.scale(roll.old_size, master.clock.time())  # only the slots it gave up are empty
-    workers.manage(master)
-    log.warning("roll_rolled_back", program=roll.old.program.name, slots=back, gen=roll.old.number)
-    return (f"{roll.old.program.name}: slot{'s' if len(back) > 1 else ''} {_show(back)} rolled back "
-            f"to generation {roll.old.number}")
-
-
-def _show(indexes: list[int]) -> str:
-    return ", ".join(map(str, indexes))

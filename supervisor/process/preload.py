@@ -25,21 +25,16 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
 from supervisor.config import schema
 from supervisor.config.schema import Program
-from supervisor.daemon import events as ev
 from supervisor.errors import SpawnError
 from supervisor.process import worker
 from supervisor.process.worker import Worker
 from supervisor.system import accounts, listeners, readiness
 from supervisor.system.listeners import Listener
-
-if TYPE_CHECKING:
-    from supervisor.daemon.master import Master
 
 log = structlog.get_logger()
 
@@ -67,14 +62,37 @@ class Template:
     def alive(self) -> bool:
         return self.process.alive
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.program, self.generation
+
+
+@dataclass(frozen=True)
+class Forked:
+    """The template forked `worker`: its pid and pidfd are set; the master watches it now."""
+
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class NotForked:
+    """The template could not fork `worker`, or ended first: it ends as a worker that exited unready."""
+
+    worker: Worker
+
+
+Answer = Forked | NotForked
+# What wakes the master for a template (its socket, its pidfd, its stderr), with the template's key.
+Wake = Callable[[str, str, int], None]
+
 
 class Templates:
     """The master's spawner: a program with `preload` forks from its generation's template, the
     others start as before (`worker.Spawner`)."""
 
-    def __init__(self, spawner: worker.Spawner, post: Callable[[ev.Event], None]) -> None:
+    def __init__(self, spawner: worker.Spawner, wake: Wake) -> None:
         self.spawner = spawner
-        self.post = post
+        self.wake = wake  # (what, program, generation): "message", "exited" or "output"
         self.running: dict[tuple[str, int], Template] = {}
         self.ids = itertools.count(1)
 
@@ -88,7 +106,7 @@ class Templates:
         read_end = -1
         try:
             for n, listen in enumerate(program.listen):
-                socks.append(listeners.open_listener(listen, f"{program.name}.{n}", program.backlog))
+                socks.append(self.spawner.groups.open(listen, f"{program.name}.{n}", program.backlog))
             read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             fork_id = next(self.ids)
             env = worker.socket_env(program, generation, index, socks)
@@ -130,25 +148,109 @@ class Templates:
         mine.setblocking(False)
         template = Template(program.name, generation, process, mine)
         self.running[(program.name, generation)] = template
-        _once(mine.fileno(), ev.TemplateMessage(template), self.post)
-        _once(process.pidfd, ev.TemplateExited(template), self.post)
-        _once(process.stderr, ev.TemplateOutput(template), self.post)
+        for what, fd in (("message", mine.fileno()), ("exited", process.pidfd), ("output", process.stderr)):
+            self._once(fd, what, template)
         log.info("template_started", program=program.name, gen=generation, pid=process.pid,
                  preload=list(program.preload))
         return template
 
-    def retire(self, master: Master, program: str, generation: int) -> None:
+    def retire(self, program: str, generation: int) -> list[Answer]:
         """The generation forks no more: once every fork asked for is answered, the socket is closed and
-        the template exits on its EOF. One that has not finished its imports forks nothing: killed."""
+        the template exits on its EOF. One that has not finished its imports forks nothing: killed.
+        Returns the answers that were waiting (its "ready" may be among them: it may have forked since)."""
         template = self.running.get((program, generation))
         if template is None or template.retiring:
-            return
+            return []
         template.retiring = True
-        message(master, template)  # its "ready" may be waiting: it may have forked since
+        answers = self.read(template)
         if template.ready_ms is None:
             template.process.kill()  # still importing (or stuck there); its pending workers fail when it is reaped
         elif not template.pending:
             close(template)
+        return answers
+
+    def find(self, program: str, generation: int) -> Template | None:
+        return self.running.get((program, generation))
+
+    def read(self, template: Template) -> list[Answer]:
+        """Every answer waiting on the template's socket (never blocks: the socket is non-blocking)."""
+        answers: list[Answer] = []
+        while template.control.fileno() >= 0:
+            try:
+                data, fds, _flags, _address = socket.recv_fds(template.control, MAX_MESSAGE, 1)
+            except (BlockingIOError, InterruptedError):
+                send(template)  # it has read some requests: room for more
+                self._once(template.control.fileno(), "message", template)  # for the next ones
+                return answers
+            except OSError as exc:
+                log.error("template_socket_failed", program=template.program, gen=template.generation,
+                          error=str(exc))
+                close(template)
+                return answers
+            if not data:
+                close(template)  # it exited; its pidfd tells how
+                return answers
+            answer = json.loads(data)
+            if "ready" in answer:
+                template.ready_ms = answer["ready"]
+                log.info("template_ready", program=template.program, gen=template.generation,
+                         pid=template.process.pid, import_ms=answer["ready"])
+                continue
+            w = template.pending.pop(answer.get("forked") or answer.get("failed"), None)
+            if w is None:  # not expected: a worker nobody watches must not serve
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    os.close(fd)
+                continue
+            if "forked" in answer and fds:
+                w.pid, w.pidfd = answer["pid"], fds[0]
+                log.debug("worker_forked", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
+                answers.append(Forked(w))
+            else:
+                answers.append(_not_forked(w, [f"its preload template could not fork it: "
+                                               f"{answer.get('error', 'no pidfd')}"]))
+            if template.retiring and not template.pending:
+                close(template)
+                return answers
+        return answers
+
+    def ended(self, template: Template) -> list[Answer] | None:
+        """The template's pidfd woke: reaped, with the workers it had not forked as NotForked (with its
+        last stderr lines); None while it still runs (a spurious wake-up)."""
+        process = template.process
+        if not process.reap():
+            self._once(process.pidfd, "exited", template)
+            return None
+        close(template)
+        if self.running.get(template.key) is template:
+            del self.running[template.key]
+        self.output(template)
+        say = log.info if not template.pending and process.status == 0 else log.error
+        say("template_exited", program=template.program, gen=template.generation, pid=process.pid,
+            status=process.describe_exit(), not_forked=len(template.pending))
+        why = [f"its preload template (pid {process.pid}) {process.describe_exit()}; it wrote:", *process.tail]
+        answers: list[Answer] = [_not_forked(w, why) for w in template.pending.values()]
+        template.pending.clear()
+        return answers
+
+    def output(self, template: Template) -> None:
+        """Log what the template wrote (an import's traceback) and keep its last lines for the reply."""
+        process = template.process
+        for line in process.read_stderr():
+            log.info("template_stderr", program=template.program, gen=template.generation, pid=process.pid,
+                     line=line)
+        if process.alive and process.stderr >= 0:  # at EOF read_stderr closed it: its pidfd says the rest
+            self._once(process.stderr, "output", template)
+
+    def _once(self, fd: int, what: str, template: Template) -> None:
+        """Wake the master once when `fd` becomes readable (level-triggered: re-armed after handling)."""
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            loop.remove_reader(fd)
+            self.wake(what, template.program, template.generation)
+        loop.add_reader(fd, fire)
 
     def names(self) -> list[str]:
         return sorted({t.program for t in self.running.values() if t.alive})
@@ -179,91 +281,8 @@ def close(template: Template) -> None:
         template.control.close()
 
 
-def _once(fd: int, event: ev.Event, post: Callable[[ev.Event], None]) -> None:
-    loop = asyncio.get_running_loop()
-
-    def fire() -> None:
-        loop.remove_reader(fd)
-        post(event)
-    loop.add_reader(fd, fire)
-
-
-# -- as the master applies it ----------------------------------------------------------------------
-
-def message(master: Master, template: Template) -> None:
-    """Read every answer waiting on the template's socket (never blocks: the socket is non-blocking)."""
-    while template.control.fileno() >= 0:
-        try:
-            data, fds, _flags, _address = socket.recv_fds(template.control, MAX_MESSAGE, 1)
-        except (BlockingIOError, InterruptedError):
-            send(template)  # it has read some requests: room for more
-            return _once(template.control.fileno(), ev.TemplateMessage(template), master.post)  # for the next ones
-        except OSError as exc:
-            log.error("template_socket_failed", program=template.program, gen=template.generation, error=str(exc))
-            return close(template)
-        if not data:
-            return close(template)  # it exited; its pidfd tells how
-        answer = json.loads(data)
-        if "ready" in answer:
-            template.ready_ms = answer["ready"]
-            log.info("template_ready", program=template.program, gen=template.generation, pid=template.process.pid,
-                     import_ms=answer["ready"])
-            continue
-        w = template.pending.pop(answer.get("forked") or answer.get("failed"), None)
-        if w is None:  # not expected: a worker nobody watches must not serve
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                os.close(fd)
-            continue
-        if "forked" in answer and fds:
-            forked(master, w, answer["pid"], fds[0])
-        else:
-            not_forked(master, w, [f"its preload template could not fork it: {answer.get('error', 'no pidfd')}"])
-        if template.retiring and not template.pending:
-            return close(template)
-
-
-def forked(master: Master, w: Worker, pid: int, pidfd: int) -> None:
-    """A worker has its pid: watched as a spawned one is; killed now if that was asked meanwhile."""
-    w.pid, w.pidfd = pid, pidfd
-    master.watcher.forked(w)
-    log.debug("worker_forked", program=w.program, gen=w.generation, worker=w.index, pid=pid)
-    if w.doomed:
-        w.kill()
-
-
-def not_forked(master: Master, w: Worker, why: list[str]) -> None:
-    """The template could not fork it, or ended first: it ends as a worker that exited before it was ready."""
+def _not_forked(w: Worker, why: list[str]) -> NotForked:
     log.error("worker_not_forked", program=w.program, gen=w.generation, worker=w.index, why=why[0])
     w.tail.extend(why)
     w.status = EXIT_NOT_FORKED
-    master.post(ev.WorkerExited(w))
-
-
-def exited(master: Master, template: Template) -> None:
-    """The template ended: reaped; the workers it had not forked fail with its last stderr lines."""
-    process = template.process
-    if not process.reap():
-        return _once(process.pidfd, ev.TemplateExited(template), master.post)
-    close(template)
-    running = master.templates.running if master.templates else {}
-    if running.get((template.program, template.generation)) is template:
-        del running[(template.program, template.generation)]
-    output(master, template)
-    say = log.info if not template.pending and process.status == 0 else log.error
-    say("template_exited", program=template.program, gen=template.generation, pid=process.pid,
-        status=process.describe_exit(), not_forked=len(template.pending))
-    for w in template.pending.values():
-        not_forked(master, w, [f"its preload template (pid {process.pid}) {process.describe_exit()}; it wrote:",
-                               *process.tail])
-    template.pending.clear()
-
-
-def output(master: Master, template: Template) -> None:
-    """Log what the template wrote (an import's traceback) and keep its last lines for the reply."""
-    process = template.process
-    for line in process.read_stderr():
-        log.info("template_stderr", program=template.program, gen=template.generation, pid=process.pid, line=line)
-    if process.alive and process.stderr >= 0:  # at EOF read_stderr closed it: its pidfd says the rest
-        _once(process.stderr, ev.TemplateOutput(template), master.post)
+    return NotForked(w)

@@ -277,8 +277,9 @@ class Worker:
 class Spawner:
     """Starts workers for real: fresh listeners that join the reuseport groups, then the process."""
 
-    def __init__(self, notify_socket: str) -> None:
+    def __init__(self, notify_socket: str, groups: listeners.Groups) -> None:
         self.notify_socket = notify_socket
+        self.groups = groups
 
     def spawn(self, program: Program, generation: int, index: int) -> Worker:
         if program.user is not None:  # before it exists: its READY=1 must not find the socket closed
@@ -286,7 +287,7 @@ class Spawner:
         socks: list[Listener] = []
         try:
             for n, listen in enumerate(program.listen):
-                socks.append(listeners.open_listener(listen, f"{program.name}.{n}", program.backlog))
+                socks.append(self.groups.open(listen, f"{program.name}.{n}", program.backlog))
             return spawn(program, generation, index, socks, self.notify_socket, program.cwd)
         except BaseException:
             for sock in socks:

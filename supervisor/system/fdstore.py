@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from supervisor.config.schema import Config, Listen
-from supervisor.system.listeners import Listener
+from supervisor.system import listeners
+from supervisor.system.listeners import Groups, Listener
 from supervisor.system.systemd import Notifier
 
 log = structlog.get_logger()
@@ -106,3 +107,35 @@ def _listening_address(sock: socket.socket) -> Listen | None:
     except OSError:
         return None
     return Listen(host, port, socket.AddressFamily(sock.family))
+
+
+class Inherited:
+    """The listeners a master that died or stopped left in the fd store: a generation without workers,
+    whose queues the first new generation of their program takes over (then they are shut)."""
+
+    def __init__(self, store: FdStore) -> None:
+        self.store = store
+        self.listeners: list[Adopted] = []
+
+    def adopt(self, config: Config, groups: Groups) -> list[Adopted]:
+        """Take what the store handed over for `config`'s programs; drop (and remove) the rest."""
+        self.listeners, dropped = inherited(config)
+        self.store.remove(dropped)
+        for a in self.listeners:
+            groups.unknown(a.listener.listen)  # their order in the group is the dead master's
+        if self.listeners or dropped:
+            log.info("fdstore_adopted", listeners=[a.name for a in self.listeners], dropped=dropped)
+        return self.listeners
+
+    def of(self, programs: Iterable[str]) -> list[Adopted]:
+        wanted = set(programs)
+        return [a for a in self.listeners if a.program in wanted]
+
+    def shut(self, programs: set[str]) -> int:
+        """The programs' new generations serve: shut what was adopted (queues migrate), forget it."""
+        done = self.of(programs)
+        for a in done:
+            listeners.close(a.listener)
+        self.store.remove([a.name for a in done])
+        self.listeners = [a for a in self.listeners if a.program not in programs]
+        return len(done)

@@ -18,11 +18,55 @@ from typing import Any
 from supervisor.config.schema import Listen, parse_listen
 from supervisor.system import steer
 
-# The kernel's order of each reuseport group's listening members (steer.py), as this process made
-# them: appended at listen(), moved by shut(). None: a group with members of unknown position (left
-# by a dead master in the fd store): not steered for this master's life, since a wrong mirror would
-# steer new connections onto the old listeners.
-ORDERS: dict[str, steer.GroupOrder[Listener] | None] = {}
+
+@dataclass(eq=False)
+class Group:
+    """One reuseport group (one listen address) as this process made it: the kernel's order of its
+    listening members (steer.py), appended at listen(), moved by shut(). `order` is None once members
+    of unknown position joined (left by a dead master in the fd store): the group is not steered for
+    this master's life, since a wrong mirror would steer new connections onto the old listeners."""
+
+    order: steer.GroupOrder[Listener] | None = field(default_factory=steer.GroupOrder)
+
+
+class Groups:
+    """The master's reuseport groups by address; every listener it opens joins its address's group."""
+
+    def __init__(self) -> None:
+        self.by_address: dict[str, Group] = {}
+
+    def of(self, listen: Listen) -> Group:
+        return self.by_address.setdefault(str(listen), Group())
+
+    def open(self, listen: Listen, name: str, backlog: int) -> Listener:
+        """A new listener (open_listener), a member of its group."""
+        listener = open_listener(listen, name, backlog)
+        self.known(listener)
+        return listener
+
+    def known(self, listener: Listener) -> None:
+        """The listener joins the mirror of its group, last (also one kept across an upgrade, in order)."""
+        listener.group = group = self.of(listener.listen)
+        if group.order is not None:
+            group.order.listening(listener)
+
+    def unknown(self, listen: Listen) -> None:
+        """The group of `listen` has members whose place in it nobody knows (adopted from the fd store)."""
+        self.of(listen).order = None
+
+    def orders(self) -> dict[str, list[int] | None]:
+        """Each group's order by listener fd, for an upgrade to hand over."""
+        return {address: None if g.order is None else [m.fileno() for m in g.order.members]
+                for address, g in self.by_address.items()}
+
+    def restore(self, orders: Mapping[str, list[int] | None], kept: Mapping[int, Listener]) -> None:
+        """The orders an upgrade handed over, with the listeners it kept by fd."""
+        for address, fds in orders.items():
+            if fds is None or any(fd not in kept for fd in fds):
+                self.by_address[address] = Group(None)  # not all found: no steering rather than a wrong one
+            else:
+                for fd in fds:
+                    self.known(kept[fd])
 
 
 @dataclass(eq=False)
@@ -33,6 +77,7 @@ class Listener:
     name: str  # LISTEN_FDNAMES entry: no ':' allowed there, so not the address itself
     sock: socket.socket = field(repr=False)
     shut: bool = False
+    group: Group | None = field(default=None, repr=False)  # set as it joins Groups; None: not mirrored
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -67,21 +112,11 @@ def open_listener(listen: Listen, name: str, backlog: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
-    listener = Listener(listen=listen, name=name, sock=sock)
-    if (order := ORDERS.setdefault(str(listen), steer.GroupOrder())) is not None:
-        order.listening(listener)
-    return listener
+    return Listener(listen=listen, name=name, sock=sock)
 
 
-def known(listener: Listener) -> None:
-    """A listener kept across an upgrade joins the mirror of its group again, in the order given."""
-    if (order := ORDERS.setdefault(str(listener.listen), steer.GroupOrder())) is not None:
-        order.listening(listener)
-
-
-def unknown(listen: Listen) -> None:
-    """The group of `listen` has members whose place in it nobody knows (adopted from the fd store)."""
-    ORDERS[str(listen)] = None
+def order_of(listener: Listener) -> steer.GroupOrder[Listener] | None:
+    return listener.group.order if listener.group is not None else None
 
 
 def shut(listener: Listener) -> None:
@@ -100,7 +135,7 @@ def shut(listener: Listener) -> None:
         if exc.errno != errno.ENOTCONN:
             raise
     finally:
-        if (order := ORDERS.get(str(listener.listen))) is not None:
+        if (order := order_of(listener)) is not None:
             order.stopped(listener)
 
 
@@ -108,8 +143,8 @@ def steer_to(fresh: list[Listener]) -> list[Listener]:
     """Send every new connection of the groups of `fresh` to them (steer.py: the kernel race of a
     shutdown during a handshake); returns one member per steered group, for `unsteer`."""
     steered = []
-    for address, members in _by_address(fresh).items():
-        order = ORDERS.get(address)
+    for members in _by_address(fresh).values():
+        order = order_of(members[0])
         try:
             if order is not None:
                 steer.attach(members[0].sock, order.indices(members))
@@ -124,7 +159,7 @@ def shut_steered(old: list[Listener], fresh: list[Listener]) -> int:
     count = 0
     fresh_by = _by_address(fresh)
     for address, members in _by_address([listener for listener in old if not listener.shut]).items():
-        order, new = ORDERS.get(address), fresh_by.get(address)
+        order, new = order_of(members[0]), fresh_by.get(address)
         try:
             if order is not None and new and all(m in order.members for m in [*members, *new]):
                 steer.shut_steered(order, members, new, lambda m: m.sock, shut)

@@ -22,7 +22,6 @@ from supervisor.config.schema import Program
 from supervisor.daemon.events import ControlRequest, NotifyReceived, RecycleCheck, WorkerExited
 from supervisor.daemon.master import Master
 from supervisor.errors import SpawnError
-from supervisor.model import reload as reloading
 from supervisor.model.program import ProgramRuntime
 from supervisor.model.reload import ReloadKind
 from supervisor.process.worker import Worker, WorkerState
@@ -160,7 +159,7 @@ class Scenario:
 
     def start(self, ready: bool = True) -> HeardReply:
         reply = HeardReply()
-        reloading.begin(self.master, ReloadKind.STARTUP, self.master.config, reply, {})
+        self.master.reloads.begin(ReloadKind.STARTUP, self.master.config, reply, {})
         self.drain()
         if ready:
             self.ready(*self.starting())

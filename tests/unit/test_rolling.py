@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import schema
-from supervisor.daemon import status
+from supervisor.ctl import table
 from supervisor.errors import ConfigError
 from supervisor.model.generation import GenerationState
 from supervisor.process.worker import Worker, WorkerState
@@ -157,7 +157,7 @@ class TestRolling:
         facts = s.ask(requests.Status()).answer["data"]["programs"][0]  # type: ignore[index]
         assert facts["state"] == "reloading"
         assert facts["roll"] == {"replaced": 2, "replacing": [2, 3], "of": 4, "batch": 2, "from": 1, "to": 2}
-        assert "reloading (rolling #1 -> #2: 2 of 4 slots replaced, 2 at a time)" in status.render(
+        assert "reloading (rolling #1 -> #2: 2 of 4 slots replaced, 2 at a time)" in table.render(
             s.ask(requests.Status()).answer["data"])  # type: ignore[index]
 
     def test_the_first_start_and_all_at_once_start_every_worker_together(self, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config.schema import MigrateMode
-from supervisor.daemon import status
+from supervisor.ctl import table
 from supervisor.errors import MigrateError
 from supervisor.process import worker
 from supervisor.system import migrate, readiness, systemd
@@ -59,7 +59,7 @@ class TestStatusDescription:
                 "generations": [{"generation": 4, "state": "serving"}], "last_exit": None, "workers": [
                     {"worker": 0, "pid": 42, "state": "ready", "generation": 4, "uptime": 3.2,
                      "rss": 20 * 2**20, "cpu": 0.25, "restarts": 0}]}]}
-        text = status.render(data)
+        text = table.render(data)
         assert "up 1m15s" in text and "migration: require (on" in text
         assert "web             serving  (#4 serving)" in text
         assert "42  ready" in text and "20.0M" in text and "0.25s" in text
@@ -72,7 +72,7 @@ class TestStatusDescription:
                 "generations": [{"generation": 1, "state": "serving"}], "last_exit": None, "workers": [],
                 "fatal": {"reason": "5 crashes within 60 s", "workers": [{"worker": 0, "pid": None,
                           "state": "fatal", "generation": 1, "restarts": 4, "last_exit": "exit status 1"}]}}]}
-        lines = status.render(data).splitlines()
+        lines = table.render(data).splitlines()
         assert lines[4] == ("web             FATAL (5 crashes within 60 s: no restarts until reload or start)"
                             "  (#1 serving)")
         assert lines[5].split() == ["1", "0", "-", "fatal", "-", "-", "-", "4", "exit", "status", "1"]

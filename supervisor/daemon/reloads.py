@@ -1,0 +1,271 @@
+"""The reload slot as the master holds it: the reload in progress, its switch, and the requests waiting.
+
+A reload, a `start` or the startup (model/reload.py) begins here, takes the master's facts (a worker
+ready, one exited, a timer) and comes back as a decision that is applied here, in the master's loop:
+1. begin: the new generations start (a rolling program's first batch waits for `NextBatch`);
+2. `Commit`: the new generations serve; new connections go to them at once (the steering program),
+   and the old listeners are shut `SWITCH_DRAIN` later, all in one step (`finish_switch`);
+3. `RollBack(reason)`: the new generations' listeners are shut (their queues move back to the old
+   ones, which never stopped) and their workers stopped.
+Requests that arrive meanwhile wait in line (`waiting`) and go back on the master's queue, in order,
+once the slot is free; reloads that piled up become one.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+
+import structlog
+
+from supervisor.config import tls
+from supervisor.config.schema import Config, Strategy
+from supervisor.daemon import events as ev
+from supervisor.daemon import rolls, status
+from supervisor.daemon.host import Host
+from supervisor.errors import SupervisorError
+from supervisor.model.generation import Generation
+from supervisor.model.plan import ReloadPlan, plan_reload
+from supervisor.model.program import ProgramRuntime, ProgramState, names
+from supervisor.model.reload import (
+    SWITCH_DRAIN,
+    Commit,
+    Decision,
+    NextBatch,
+    Reload,
+    ReloadKind,
+    RollBack,
+    Switch,
+    SwitchBatch,
+)
+from supervisor.model.roll import Roll
+from supervisor.process.worker import Worker
+from supervisor.protocol import requests
+from supervisor.protocol.reply import Replies, Reply
+from supervisor.system import listeners, migrate
+
+log = structlog.get_logger()
+
+
+class Reloads:
+    def __init__(self, host: Host, first_id: int = 1) -> None:
+        self.host = host
+        self.current: Reload | None = None
+        self.switch: Switch | None = None  # a committed reload whose old listeners wait SWITCH_DRAIN
+        self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the slot
+        self.ids = itertools.count(first_id)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or self.switch is not None
+
+    # -- what the master tells it --------------------------------------------------------------------
+
+    def worker_ready(self) -> None:
+        if self.current is not None:
+            self.apply(self.current.worker_ready())
+
+    def worker_failed(self, gen: Generation, w: Worker) -> None:
+        """A worker of a generation it starts ended before it was ready."""
+        if self.current is not None:
+            self.apply(self.current.worker_exited(gen, w))
+
+    def worker_gone(self, gen: Generation) -> None:
+        """A worker of another generation exited: a rolled-out one gone lets the next batch start."""
+        if self.current is not None and self.current.rolls and gen not in self.current.generations:
+            self.apply(self.current.worker_ready())
+
+    def timed_out(self, reload_id: int, program: str, generation: int) -> None:
+        if self.current is not None and self.current.id == reload_id:
+            self.apply(self.current.timed_out(program, generation))
+
+    def owns(self, reply: Reply) -> bool:
+        return self.current is not None and self.current.reply is reply
+
+    def starting(self, gen: Generation | None) -> bool:
+        return self.current is not None and gen in self.current.generations
+
+    # -- begin, then apply what the reload decides -------------------------------------------------
+
+    def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
+              plan: ReloadPlan | None = None) -> None:
+        host = self.host
+        plan = plan or plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True))
+        self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
+        for program in plan.start:
+            record = host.programs.setdefault(program.name, ProgramRuntime(program.name))
+            try:
+                gen = Generation.create(program, record.next_number(), host.runtime_dir,
+                                        reload.bundles.get(program.name))
+            except OSError as exc:
+                return self.roll_back(f"{program.name}: tls: cannot copy the certificate and key for the workers: "
+                                      f"{exc}")
+            record.starting()
+            reload.generations.append(gen)
+            old = record.serving if record.state is ProgramState.RELOADING else None
+            rolling = program.strategy is Strategy.ROLLING and old is not None
+            reply.progress(f"{program.name}: generation {gen.number} " + (
+                f"rolling in, {program.batch} worker{'s' if program.batch != 1 else ''} at a time" if rolling else
+                f"starting {program.workers} worker{'s' if program.workers != 1 else ''}"))
+            try:
+                if rolling:
+                    assert old is not None
+                    reload.rolls[program.name] = Roll.of(old, gen)
+                    continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
+                gen.start(host.spawner)
+            except (OSError, SupervisorError) as exc:
+                return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
+            finally:
+                for w in gen.workers:
+                    host.watch_worker(w, gen)
+            timeout = ev.ReadyTimeout(reload.id, program.name, gen.number)
+            reload.timers.append(host.later(program.ready_timeout, timeout))
+        self.apply(reload.worker_ready())
+
+    def apply(self, decision: Decision) -> None:
+        if isinstance(decision, Commit):
+            self.commit()
+        elif isinstance(decision, RollBack):
+            self.roll_back(decision.reason)
+        elif isinstance(decision, SwitchBatch | NextBatch) and (reload := self.current) is not None:
+            try:
+                if isinstance(decision, SwitchBatch):
+                    rolls.steer(self.host, reload, decision.roll, SWITCH_DRAIN)
+                else:
+                    rolls.start_batch(self.host, reload, decision.roll)
+            except (OSError, SupervisorError) as exc:
+                return self.roll_back(str(exc))
+            self.apply(reload.worker_ready())
+
+    def roll_due(self, reload_id: int, program: str) -> None:
+        """A batch's old listeners were steered away from SWITCH_DRAIN ago: shut them and stop their workers."""
+        reload = self.current
+        if reload is None or reload.id != reload_id or program not in reload.rolls:
+            return  # rolled back meanwhile
+        rolls.switch(self.host, reload, reload.rolls[program])
+        self.apply(reload.worker_ready())
+
+    def commit(self) -> None:
+        """Every new worker is ready: the new generations serve; new connections go to them at once and the
+        old listeners are shut SWITCH_DRAIN later (finish_switch), all of them in one step."""
+        host, reload = self.host, self.current
+        assert reload is not None
+        if reload.config.migrate != host.config.migrate:
+            # Before the old listeners are shut, so that their queues migrate under the new mode.
+            try:
+                host.enable_migration(reload.config.migrate)
+            except migrate.MigrateError as exc:  # `require` checked at begin, lost since
+                return self.roll_back(str(exc))
+        self.current = None
+        reload.cancel_timers()
+        before = migrate.counters()
+        old_gens: list[Generation | None] = []
+        for gen in reload.generations:
+            gen.mark_serving()
+            reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
+                                  f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
+            bundle = reload.bundles.get(gen.program.name)
+            old_gens.append(host.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None))
+        for name in reload.plan.removed:  # gone from the config: retire without a successor
+            old_gens.append(host.programs[name].stopping(by_hand=False))
+        retired = [g for g in old_gens if g is not None]
+        host.use_config(reload.config)
+        fresh = [listener for g in reload.generations for w in g.workers for listener in w.listeners]
+        # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
+        # that no handshake is completing on an old listener when it is shut (system/steer.py: the kernel
+        # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
+        programs = [g.program.name for g in reload.generations]
+        steered = listeners.steer_to(fresh) if retired or host.adopted_of(programs) else []
+        self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
+        if steered:
+            host.later(SWITCH_DRAIN, ev.SwitchDue())
+        else:
+            self.finish_switch()
+
+    def finish_switch(self) -> None:
+        """Step two: shut every old listener (steered away, one group at a time), stop the old workers."""
+        host, switch, self.switch = self.host, self.switch, None
+        assert switch is not None
+        reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
+        old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
+        old += [a.listener for a in host.adopted_of(programs)]  # a dead master's, if any
+        shut = listeners.shut_steered(old, switch.fresh)
+        for gen in switch.retired:
+            host.retire(gen)
+        host.shut_adopted(programs)
+        listeners.unsteer(switch.steered)
+        migrated = (migrate.counters() - switch.before).success
+        for gen in switch.retired:
+            reload.reply.progress(
+                f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
+                f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
+        reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
+        if reload.kind is ReloadKind.RELOAD:
+            host.tally.reloaded("done", time.monotonic() - reload.started)
+        host.systemd.ready(status.describe(host.programs))
+        self.next_request()
+
+    def roll_back(self, reason: str) -> None:
+        """Roll back the reload in progress: the serving generations were never touched."""
+        host, reload = self.host, self.current
+        assert reload is not None
+        self.current = None
+        reload.cancel_timers()
+        # Before the new generations' listeners are shut: their queues then migrate to the old config's
+        # workers, those put back included.
+        put_back = [said for roll in reload.rolls.values() if (said := rolls.put_back(host, roll))]
+        for gen in reload.generations:
+            host.stop_later(gen.program, gen.rollback())
+            host.generation_over(gen)
+            host.programs[gen.program.name].rolled_back(gen)
+            host.forget_if_finished(gen)
+        still = ", ".join(f"{name}#{r.serving.number}" for name, r in host.programs.items() if r.serving)
+        log.error("reload_failed", reason=reason)
+        if reload.kind is ReloadKind.RELOAD:
+            host.tally.reloaded("rolled_back")
+        reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
+                            + "".join(f"; {said}" for said in put_back))
+        if reload.kind is ReloadKind.STARTUP:
+            host.startup_failed()
+        elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
+            host.systemd.ready(f"{status.describe(host.programs)}; last {reload.label} failed: {reason}")
+        self.next_request()
+
+    def refused(self, request: requests.Request, reason: str) -> None:
+        """A request that changed nothing was answered: a refused reload is counted and told to systemd."""
+        if isinstance(request, requests.Reload):
+            self.host.tally.reloaded("refused")
+            if not self.host.stopping:
+                # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
+                self.host.systemd.ready(f"{status.describe(self.host.programs)}; last reload failed: {reason}")
+        self.next_request()
+
+    # -- the line of requests waiting for the slot ----------------------------------------------------
+
+    def wait(self, event: ev.ControlRequest) -> None:
+        event.reply.progress(f"waiting for the {self.current.label if self.current else 'upgrade'} in progress")
+        self.waiting.append(event)
+
+    def next_request(self, upgrading: bool = False) -> None:
+        """The slot is free: the requests that waited for it go back on the queue, in order.
+
+        Reloads that piled up (a burst of SIGHUPs, several `reload`s) become one, at the place of the
+        first: each caller gets its answer, and it reads the config as it is now.
+        """
+        reloads = [e for e in self.waiting if isinstance(e.request, requests.Reload)]
+        if len(reloads) > 1:
+            wanted = [e.request.programs for e in reloads if isinstance(e.request, requests.Reload)]
+            only = () if not all(wanted) else tuple(dict.fromkeys(name for names in wanted for name in names))
+            merged = ev.ControlRequest(requests.Reload(only), Replies([e.reply for e in reloads]))
+            self.waiting = collections.deque(merged if e is reloads[0] else e for e in self.waiting
+                                             if e is reloads[0] or e not in reloads)
+        while self.waiting and not self.busy and not upgrading:
+            self.host.post(self.waiting.popleft())
+
+    def refuse_all(self, reason: str) -> None:
+        """supervisord is shutting down: whatever waits is answered now."""
+        for event in self.waiting:
+            event.reply.finish(False, reason)
+        self.waiting.clear()
+

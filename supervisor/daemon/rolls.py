@@ -1,0 +1,81 @@
+"""A rolling reload (`strategy: rolling`, model/roll.py) as the master applies it, batch by batch.
+
+Each step: the batch's new workers start (`start_batch`); once they are ready, new connections are
+steered away from the batch's old listeners (`steer`) and `SWITCH_DRAIN` later those are shut and
+their workers stopped (`switch`); a roll that fails puts the replaced slots back (`put_back`).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from supervisor.daemon import events as ev
+from supervisor.daemon.host import Host
+from supervisor.errors import SupervisorError
+from supervisor.model.reload import Reload
+from supervisor.model.roll import Roll
+from supervisor.model.slot import Slot
+from supervisor.system import listeners
+
+log = structlog.get_logger()
+
+
+def start_batch(host: Host, reload: Reload, roll: Roll) -> None:
+    """Step 1: the next batch's new workers start; its ready timeout starts now. Raises a spawn failure."""
+    program = roll.new.program
+    indexes = roll.next_batch()
+    reload.reply.progress(f"{program.name}: rolling slots {_show(roll.step)} "
+                          f"({len(roll.replaced)} of {roll.total} replaced)")
+    log.info("roll_batch", program=program.name, gen=roll.new.number, slots=roll.step, replaced=len(roll.replaced))
+    if roll.timer is not None:
+        roll.timer.cancel()
+    roll.timer = host.later(program.ready_timeout, ev.ReadyTimeout(reload.id, program.name, roll.new.number))
+    reload.timers.append(roll.timer)
+    for index in indexes:
+        try:
+            w = roll.new.spawn(host.spawner, index)
+        except (OSError, SupervisorError) as exc:
+            raise SupervisorError(f"{program.name}: generation {roll.new.number}: {exc}") from None
+        roll.new.slots[index] = Slot(index, w)
+        host.watch_worker(w, roll.new)
+
+
+def steer(host: Host, reload: Reload, roll: Roll, drain: float) -> None:
+    """Step 3, first half: the batch serves; new connections go to every other listener of the group,
+    and the handshakes already routed to the old listeners have `drain` seconds to complete (steer.py)."""
+    if roll.timer is not None:
+        roll.timer.cancel()
+    roll.switching = True
+    roll.steered = listeners.steer_to(roll.staying_listeners()) if roll.leaving_listeners() else []
+    host.later(drain if roll.steered else 0.0, ev.RollDue(reload.id, roll.new.program.name))
+
+
+def switch(host: Host, reload: Reload, roll: Roll) -> None:
+    """Step 3, second half: shut the batch's old listeners (queues migrate), stop its old workers."""
+    shut = listeners.shut_steered(roll.leaving_listeners(), roll.staying_listeners())
+    listeners.unsteer(roll.steered)
+    step = roll.step
+    leaving = [w for slot in roll.switched() for w in slot.workers() if w.alive]
+    host.stop_later(roll.old.program, roll.old.leave(leaving))
+    log.info("roll_switched", program=roll.old.program.name, slots=step, listeners_closed=shut,
+             retiring=[w.pid for w in leaving])
+    reload.reply.progress(f"{roll.old.program.name}: slots {_show(step)} now on generation {roll.new.number}: "
+                          f"{shut} old listeners closed, {len(leaving)} old workers stopping")
+
+
+def put_back(host: Host, roll: Roll) -> str:
+    """The roll failed: its replaced slots get workers of the old config again, started now; returns
+    what the reply says about it ("" when nothing had been replaced yet)."""
+    listeners.unsteer(roll.steered)
+    back = sorted(i for i in roll.replaced if i < roll.old_size)
+    if not back:
+        return ""
+    roll.old.scale(roll.old_size, host.clock.time())  # only the slots it gave up are empty
+    host.manage_workers()
+    log.warning("roll_rolled_back", program=roll.old.program.name, slots=back, gen=roll.old.number)
+    return (f"{roll.old.program.name}: slot{'s' if len(back) > 1 else ''} {_show(back)} rolled back "
+            f"to generation {roll.old.number}")
+
+
+def _show(indexes: list[int]) -> str:
+    return ", ".join(map(str, indexes))
