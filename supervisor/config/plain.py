@@ -1,6 +1,6 @@
 """Frozen config records to JSON-ready plain data and back, driven by their type hints.
 
-What a new master needs to adopt a running one is written this way (see shared/DESIGN.md, "The
+What a new master needs to adopt a running one is written this way (see docs/design.md, "The
 master itself"): dataclasses become dicts, enums their values, tuples lists.
 """
 

@@ -4,7 +4,7 @@ The master creates every listener (so they all share its uid, which the kernel r
 and a worker that dropped privileges cannot add a socket of its own), hands it to the worker as an
 inherited fd, and keeps its own copy. That copy is what makes `shut()` work at once: shutdown()
 acts on the socket, not on one descriptor, so the master ends a listener whatever its worker is
-doing (busy, stopped, ignoring signals). See shared/KERNEL.md §7.
+doing (busy, stopped, ignoring signals). See docs/kernel.md §5.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def open_listener(listen: Listen, name: str, backlog: int) -> Listener:
             # Keep IPv6 groups IPv6-only so "[::]:80" and "0.0.0.0:80" are separate, predictable groups.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(listen.sockaddr)
-        # Every member gets the same backlog: migration ignores the target's backlog (KERNEL.md §3),
+        # Every member gets the same backlog: migration ignores the target's backlog (docs/kernel.md §4),
         # so a smaller new listener would take the old queue and then drop new connections.
         sock.listen(backlog)
     except OSError as exc:
@@ -123,7 +123,7 @@ def shut(listener: Listener) -> None:
     """Take the listener out of its group now; the kernel migrates its queue (tcp_migrate_req=1).
 
     SHUT_RDWR on the master's copy stops the socket even while the worker still holds its fd;
-    closing the copy alone would do nothing (KERNEL.md §7). SHUT_WR would be a no-op on a listener.
+    closing the copy alone would do nothing (docs/kernel.md §5). SHUT_WR would be a no-op on a listener.
     """
     if listener.shut:
         return

@@ -3,7 +3,7 @@
 With the sysctl at 1 (Linux 5.14+), closing or shutting down a member of a reuseport group moves its
 accept queue and half-open handshakes to another member instead of resetting them. The value is
 read when a listener closes and again when each in-flight handshake migrates, up to a minute later,
-so it is set once at start and never cleared (KERNEL.md §1). It is per network namespace.
+so it is set once at start and never cleared (docs/kernel.md §1). It is per network namespace.
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def test_graceful_stop_finishes_requests_and_accepts_no_more(tmp_path: Path) -> 
 def test_stop_after_an_outside_shutdown_does_not_spin(tmp_path: Path) -> None:
     """supervisord shuts the listener down, then sends SIGTERM: the loop must not poll the dead listener.
 
-    Without the demo's immediate server.close(), uvloop spins at ~0.8 CPU-s/s on it (DESIGN.md).
+    Without the demo's immediate server.close(), uvloop spins at ~0.8 CPU-s/s on it (docs/kernel.md §5).
     """
     with make_listener() as listener, running_demo(tmp_path, listener=listener) as demo:
         demo.wait_ready()
