@@ -1,7 +1,8 @@
 """The vocabulary of the master loop: everything that happens arrives as one of these on one queue.
 
 Signal handlers, pidfd readers, the notify socket, the control server and timers only build an
-event and put it on the queue; the master loop alone acts on them.
+event and put it on the queue; the master loop alone acts on them. Events carry names and numbers
+(a program's name, a generation's number, the watcher's key of a worker), never live records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
-    from supervisor.process.worker import Worker
     from supervisor.protocol.reply import Reply
     from supervisor.protocol.requests import Request
 
@@ -30,12 +30,16 @@ class SignalReceived:
 
 @dataclass(frozen=True)
 class WorkerExited:
-    worker: Worker
+    """A worker's pidfd is readable (or its template could not fork it); `worker`: the watcher's key."""
+
+    worker: int
 
 
 @dataclass(frozen=True)
 class WorkerOutput:
-    worker: Worker
+    """A worker wrote to its stderr."""
+
+    worker: int
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,14 @@ class ReadyTimeout:
 class GracefulTimeout:
     """These workers were told to stop `graceful_timeout` ago: kill those still running."""
 
-    workers: tuple[Worker, ...]
+    workers: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class StopDue:
     """These workers' listeners were shut `stop_delay` ago: time for their stop signal."""
 
-    workers: tuple[Worker, ...]
+    workers: tuple[int, ...]
     signum: int
 
 
@@ -81,14 +85,14 @@ class StopDue:
 class ReadinessCheck:
     """Time to look again whether a worker without sd_notify serves (ready: accepting | settle)."""
 
-    worker: Worker
+    worker: int
 
 
 @dataclass(frozen=True)
 class WorkerReadyTimeout:
     """A worker started outside a reload (restart, scale, recycle) had `ready_timeout` to get ready."""
 
-    worker: Worker
+    worker: int
 
 
 @dataclass(frozen=True)

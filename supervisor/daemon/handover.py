@@ -210,12 +210,13 @@ async def adopt(master: Handing, state: dict[str, Any]) -> None:
         for gen in record.generations():
             for w in gen.live_workers:
                 master.watcher.watch(w, gen)
+                key = master.watcher.key(w)
                 if w.stop_at is not None:
-                    master.later(max(0.0, w.stop_at - now), ev.StopDue((w,), gen.program.stop_signal))
+                    master.later(max(0.0, w.stop_at - now), ev.StopDue((key,), gen.program.stop_signal))
                 if w.kill_at is not None:
-                    master.later(max(0.0, w.kill_at - now), ev.GracefulTimeout((w,)))
+                    master.later(max(0.0, w.kill_at - now), ev.GracefulTimeout((key,)))
                 elif w.state is WorkerState.STARTING and gen.state is GenerationState.SERVING:
-                    master.later(max(0.0, w.started + gen.program.ready_timeout - now), ev.WorkerReadyTimeout(w))
+                    master.later(max(0.0, w.started + gen.program.ready_timeout - now), ev.WorkerReadyTimeout(key))
             if gen.state is GenerationState.SERVING and any(s.restart_at is not None for s in gen.slots.values()):
                 master.post(ev.ManageWorkers())
             master.forget_if_finished(gen)

@@ -30,14 +30,13 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
 from supervisor import __version__
 from supervisor.config import tls
-from supervisor.config.schema import Config, MigrateMode, Program
+from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon import events as ev
 from supervisor.daemon import handover, metrics, output, status, workers
 from supervisor.daemon.endpoints import Endpoints
@@ -57,7 +56,7 @@ from supervisor.process.worker import Worker
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
 from supervisor.system import logs, migrate, orphans, reaper, watched_files
-from supervisor.system.fdstore import Adopted, FdStore, Inherited
+from supervisor.system.fdstore import FdStore, Inherited
 from supervisor.system.listeners import Groups
 from supervisor.system.systemd import Notifier
 
@@ -196,23 +195,26 @@ class Master:
             case ev.NotifyReceived():
                 self.on_notify(event)
             case ev.ReadinessCheck():
-                if found := self.watcher.checked(event.worker):
+                if (w := self.watcher.find(event.worker)) and (found := self.watcher.checked(w)):
                     self.worker_ready(*found)
             case ev.ReadyTimeout():
                 self.reloads.timed_out(event.reload_id, event.program, event.generation)
             case ev.WorkerExited():
-                self.worker_exited(event.worker)
+                if w := self.watcher.find(event.worker):
+                    self.worker_exited(w)
             case ev.WorkerOutput():
-                self.watcher.output(event.worker)
+                if w := self.watcher.find(event.worker):
+                    self.watcher.output(w)
             case ev.WorkerReadyTimeout():
-                workers.ready_timeout(self, event.worker)
+                if w := self.watcher.find(event.worker):
+                    workers.ready_timeout(self, w)
             case ev.StopDue():
-                for w in event.workers:
+                for w in self.watcher.found(event.workers):
                     w.stop(event.signum)
             case ev.GracefulTimeout():
-                self.kill_stubborn(event.workers)
+                workers.kill_stubborn(self.watcher.found(event.workers))
             case ev.ManageWorkers():
-                self.manage_workers()
+                workers.manage(self)
             case ev.RecycleCheck():
                 workers.recycle_check(self)
             case ev.RollDue():
@@ -302,7 +304,7 @@ class Master:
             # A preload worker's READY=1 may be read before its template's "forked" message, sent
             # before the worker could run: read those, then look again.
             for t in list(self.templates.running.values()):
-                self.forked(self.templates.read(t))
+                workers.forked(self, self.templates.read(t))
             found = self.watcher.notified(event)
         if found:
             self.worker_ready(*found)
@@ -328,28 +330,11 @@ class Master:
         if self.templates is None or (t := self.templates.find(event.program, event.generation)) is None:
             return
         if event.what == "message":
-            self.forked(self.templates.read(t))
+            workers.forked(self, self.templates.read(t))
         elif event.what == "exited":
-            self.forked(self.templates.ended(t) or [])
+            workers.forked(self, self.templates.ended(t) or [])
         else:
             self.templates.output(t)
-
-    def forked(self, answers: Iterable[preload.Answer]) -> None:
-        """A template's answers: a forked worker is watched as a spawned one (killed if that was asked
-        meanwhile); one it could not fork ends as a worker that exited before it was ready."""
-        for answer in answers:
-            if isinstance(answer, preload.Forked):
-                self.watcher.forked(answer.worker)
-                if answer.worker.doomed:
-                    answer.worker.kill()
-            else:
-                self.post(ev.WorkerExited(answer.worker))
-
-    def watch_worker(self, w: Worker, gen: Generation) -> None:
-        workers.watch(self, w, gen)
-
-    def manage_workers(self) -> None:
-        workers.manage(self)
 
     # -- what the pieces ask of the master (host.Host) ----------------------------------------------------
 
@@ -372,12 +357,6 @@ class Master:
     def startup_failed(self) -> None:
         self.exit_code = EXIT_FAILED
         self.shutdown(Reply(origin="startup failure"))
-
-    def adopted_of(self, programs: Iterable[str]) -> list[Adopted]:
-        return self.inherited.of(programs)
-
-    def shut_adopted(self, programs: set[str]) -> int:
-        return self.inherited.shut(programs)
 
     def enable_migration(self, mode: MigrateMode) -> None:
         """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
@@ -428,7 +407,7 @@ class Master:
         closed = gen.retire()
         self.generation_over(gen)
         # Those that left it before (scaled down, recycled, rolled out) were given their stop already.
-        self.stop_later(gen.program, [w for w in gen.live_workers if w not in gen.leaving])
+        workers.stop_later(self, gen.program, [w for w in gen.live_workers if w not in gen.leaving])
         log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
                  workers=len(gen.live_workers))
         self.forget_if_finished(gen)
@@ -437,33 +416,7 @@ class Master:
     def generation_over(self, gen: Generation) -> None:
         """`gen` starts no more workers: its preload template, if any, exits."""
         if self.templates is not None:
-            self.forked(self.templates.retire(gen.program.name, gen.number))
-
-    def stop_later(self, program: Program, workers: list[Worker]) -> None:
-        """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
-
-        The delay lets a server read the requests of connections it accepted just before the shut
-        (uvicorn closes those unread when it stops); nothing new reaches it, its queue has migrated.
-        """
-        if not workers:
-            return
-        now = self.clock.time()
-        for w in workers:  # the deadlines an upgrade hands over
-            w.stop_at, w.kill_at = now + program.stop_delay, now + program.stop_delay + program.graceful_timeout
-        if program.stop_delay:
-            self.later(program.stop_delay, ev.StopDue(tuple(workers), program.stop_signal))
-        else:
-            for w in workers:
-                w.stop(program.stop_signal)
-        self.later(program.stop_delay + program.graceful_timeout, ev.GracefulTimeout(tuple(workers)))
-
-    def kill_stubborn(self, workers: tuple[Worker, ...]) -> None:
-        """`graceful_timeout` has passed since their stop signal: SIGKILL those still running."""
-        if stubborn := [w for w in workers if w.alive]:
-            log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
-                        killing=[w.pid for w in stubborn])
-            for w in stubborn:
-                w.kill()
+            workers.forked(self, self.templates.retire(gen.program.name, gen.number))
 
     def stop_program(self, name: str, reply: Reply) -> None:
         gen = self.running(name).stopping(by_hand=True)
@@ -489,7 +442,7 @@ class Master:
                 if (gen := record.stopping(by_hand=False)) and self.fdstore.enabled:
                     # Under systemd's fd store a stop is a restart to be: the listeners stay open
                     # there, unshut, and their queues wait for the next start (system/fdstore.py).
-                    self.stop_later(gen.program, gen.hand_over())
+                    workers.stop_later(self, gen.program, gen.hand_over())
                     self.generation_over(gen)
                     self.forget_if_finished(gen)
                 elif gen:

@@ -22,7 +22,7 @@ import structlog
 from supervisor.config import tls
 from supervisor.config.schema import Config, Strategy
 from supervisor.daemon import events as ev
-from supervisor.daemon import rolls, status
+from supervisor.daemon import rolls, status, workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
 from supervisor.model.generation import Generation
@@ -118,7 +118,7 @@ class Reloads:
                 return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
             finally:
                 for w in gen.workers:
-                    host.watch_worker(w, gen)
+                    workers.watch(host, w, gen)
             timeout = ev.ReadyTimeout(reload.id, program.name, gen.number)
             reload.timers.append(host.later(program.ready_timeout, timeout))
         self.apply(reload.worker_ready())
@@ -176,7 +176,7 @@ class Reloads:
         # that no handshake is completing on an old listener when it is shut (system/steer.py: the kernel
         # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
         programs = [g.program.name for g in reload.generations]
-        steered = listeners.steer_to(fresh) if retired or host.adopted_of(programs) else []
+        steered = listeners.steer_to(fresh) if retired or host.inherited.of(programs) else []
         self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
         if steered:
             host.later(SWITCH_DRAIN, ev.SwitchDue())
@@ -189,11 +189,11 @@ class Reloads:
         assert switch is not None
         reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
         old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
-        old += [a.listener for a in host.adopted_of(programs)]  # a dead master's, if any
+        old += [a.listener for a in host.inherited.of(programs)]  # a dead master's, if any
         shut = listeners.shut_steered(old, switch.fresh)
         for gen in switch.retired:
             host.retire(gen)
-        host.shut_adopted(programs)
+        host.inherited.shut(programs)
         listeners.unsteer(switch.steered)
         migrated = (migrate.counters() - switch.before).success
         for gen in switch.retired:
@@ -216,7 +216,7 @@ class Reloads:
         # workers, those put back included.
         put_back = [said for roll in reload.rolls.values() if (said := rolls.put_back(host, roll))]
         for gen in reload.generations:
-            host.stop_later(gen.program, gen.rollback())
+            workers.stop_later(host, gen.program, gen.rollback())
             host.generation_over(gen)
             host.programs[gen.program.name].rolled_back(gen)
             host.forget_if_finished(gen)

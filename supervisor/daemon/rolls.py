@@ -10,6 +10,7 @@ from __future__ import annotations
 import structlog
 
 from supervisor.daemon import events as ev
+from supervisor.daemon import workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
 from supervisor.model.reload import Reload
@@ -37,7 +38,7 @@ def start_batch(host: Host, reload: Reload, roll: Roll) -> None:
         except (OSError, SupervisorError) as exc:
             raise SupervisorError(f"{program.name}: generation {roll.new.number}: {exc}") from None
         roll.new.slots[index] = Slot(index, w)
-        host.watch_worker(w, roll.new)
+        workers.watch(host, w, roll.new)
 
 
 def steer(host: Host, reload: Reload, roll: Roll, drain: float) -> None:
@@ -56,7 +57,7 @@ def switch(host: Host, reload: Reload, roll: Roll) -> None:
     listeners.unsteer(roll.steered)
     step = roll.step
     leaving = [w for slot in roll.switched() for w in slot.workers() if w.alive]
-    host.stop_later(roll.old.program, roll.old.leave(leaving))
+    workers.stop_later(host, roll.old.program, roll.old.leave(leaving))
     log.info("roll_switched", program=roll.old.program.name, slots=step, listeners_closed=shut,
              retiring=[w.pid for w in leaving])
     reload.reply.progress(f"{roll.old.program.name}: slots {_show(step)} now on generation {roll.new.number}: "
@@ -71,7 +72,7 @@ def put_back(host: Host, roll: Roll) -> str:
     if not back:
         return ""
     roll.old.scale(roll.old_size, host.clock.time())  # only the slots it gave up are empty
-    host.manage_workers()
+    workers.manage(host)
     log.warning("roll_rolled_back", program=roll.old.program.name, slots=back, gen=roll.old.number)
     return (f"{roll.old.program.name}: slot{'s' if len(back) > 1 else ''} {_show(back)} rolled back "
             f"to generation {roll.old.number}")

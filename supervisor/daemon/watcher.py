@@ -3,6 +3,9 @@
 The watcher knows the live workers by pid (a READY=1 names its sender by pid), reads and re-arms
 their file descriptors (pidfd, stderr pipe) and looks for readiness as the program's `ready` mode
 says (README, "Readiness"). What a ready or ended worker means is the master's to decide.
+
+Events name a worker by the number the watcher gave it (`key`), not by the record: an event that
+arrives after its worker was reaped and forgotten finds nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -33,24 +36,46 @@ class Watcher:
         self.sink = sink  # also given each worker's stderr lines (output.Output: `tail`)
         self.workers: dict[int, Found] = {}  # live workers by pid
         self.pending: dict[Worker, Generation] = {}  # preload: workers their template has not forked yet
+        self.keys: dict[Worker, int] = {}  # the number events carry for each watched worker
+        self.by_key: dict[int, Worker] = {}
+        self.next_key = 1
+
+    def key(self, w: Worker) -> int:
+        """The number that names `w` in events, given at its first look."""
+        if (key := self.keys.get(w)) is None:
+            key = self.keys[w] = self.next_key
+            self.by_key[key] = w
+            self.next_key += 1
+        return key
+
+    def find(self, key: int) -> Worker | None:
+        """The worker an event names, while it is watched (None once reaped and forgotten)."""
+        return self.by_key.get(key)
+
+    def found(self, keys: tuple[int, ...]) -> list[Worker]:
+        return [w for key in keys if (w := self.by_key.get(key)) is not None]
+
+    def forget(self, w: Worker) -> None:
+        if (key := self.keys.pop(w, None)) is not None:
+            del self.by_key[key]
 
     def watch(self, w: Worker, gen: Generation) -> None:
-        self.once(w.stderr, WorkerOutput(w))
+        self.once(w.stderr, WorkerOutput(self.key(w)))
         if not w.forked:
             self.pending[w] = gen
             return
         self.workers[w.pid] = (w, gen)
-        self.once(w.pidfd, WorkerExited(w))
+        self.once(w.pidfd, WorkerExited(self.key(w)))
         if gen.program.ready is not ReadyMode.NOTIFY:
-            self.later(gen.program.settle, ReadinessCheck(w))
+            self.later(gen.program.settle, ReadinessCheck(self.key(w)))
 
     def forked(self, w: Worker) -> None:
         """A preload worker has its pid and pidfd now: watched as a spawned one."""
         gen = self.pending.pop(w)
         self.workers[w.pid] = (w, gen)
-        self.once(w.pidfd, WorkerExited(w))
+        self.once(w.pidfd, WorkerExited(self.key(w)))
         if gen.program.ready is not ReadyMode.NOTIFY:
-            self.later(gen.program.settle, ReadinessCheck(w))
+            self.later(gen.program.settle, ReadinessCheck(self.key(w)))
 
     def watching(self, w: Worker) -> bool:
         return w in self.pending or self.workers.get(w.pid, (None,))[0] is w
@@ -76,7 +101,7 @@ class Watcher:
             return None
         if gen.program.ready is ReadyMode.SETTLE or readiness.polls_listeners(w.pid, w.listeners):
             return w, gen
-        self.later(READINESS_POLL, ReadinessCheck(w))
+        self.later(READINESS_POLL, ReadinessCheck(self.key(w)))
         return None
 
     def output(self, w: Worker) -> None:
@@ -86,7 +111,7 @@ class Watcher:
             log.info("worker_stderr", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, line=line)
         if self.sink is not None:
             self.sink(w, lines)
-        self.once(w.stderr, WorkerOutput(w))
+        self.once(w.stderr, WorkerOutput(self.key(w)))
 
     def exited(self, w: Worker) -> Generation | None:
         """Reap the worker: its generation once it has ended, None for a spurious wake-up."""
@@ -94,11 +119,13 @@ class Watcher:
             asyncio.get_running_loop().remove_reader(w.stderr)
         if w in self.pending:  # its template never forked it
             w.abandon()
+            self.forget(w)
             return self.pending.pop(w)
         if not w.reap():
-            self.once(w.pidfd, WorkerExited(w))
+            self.once(w.pidfd, WorkerExited(self.key(w)))
             return None
         self.output(w)
+        self.forget(w)
         return self.workers.pop(w.pid)[1]
 
     def once(self, fd: int, event: Event) -> None:

@@ -8,8 +8,11 @@ worker's readiness or end means for a reload in progress, the master asks the re
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import structlog
 
+from supervisor.config.schema import Program
 from supervisor.daemon import events as ev
 from supervisor.daemon.host import Host
 from supervisor.errors import ControlError, SupervisorError
@@ -18,6 +21,7 @@ from supervisor.model.generation import Generation, GenerationState
 from supervisor.model.program import serving
 from supervisor.model.restart import Fatal, Restart
 from supervisor.model.slot import SPAWN_RETRY
+from supervisor.process.preload import Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol.reply import Reply
 from supervisor.system import fdstore, limits
@@ -34,7 +38,7 @@ def watch(host: Host, w: Worker, gen: Generation) -> None:
         host.fdstore.keep([(fdstore.name(w.program, w.generation, w.index, n), listener.fileno())
                            for n, listener in enumerate(w.listeners)])
         if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
-            host.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(w))
+            host.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(host.watcher.key(w)))
 
 
 def ready(host: Host, w: Worker, gen: Generation) -> None:
@@ -45,7 +49,7 @@ def ready(host: Host, w: Worker, gen: Generation) -> None:
             old = slot.replacement_ready()
             log.info("worker_recycled", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
                      old_pid=old.pid if old else None)
-            host.stop_later(gen.program, gen.leave([old] if old else []))
+            stop_later(host, gen.program, gen.leave([old] if old else []))
         else:
             log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
 
@@ -112,7 +116,7 @@ def spawn_into(host: Host, gen: Generation, index: int) -> Worker | None:
     except (OSError, SupervisorError) as exc:
         log.error("spawn_failed", program=gen.program.name, worker=index, error=str(exc))
         return None
-    host.watch_worker(w, gen)
+    watch(host, w, gen)
     return w
 
 
@@ -130,7 +134,7 @@ def scale(host: Host, name: str, count: int, reply: Reply) -> None:
     manage(host)
     started = sum(slot.worker is not None for slot in due)  # what really started, not what was tried
     failed = f", {len(due) - started} could not start (retried in {SPAWN_RETRY:g} s)" if started < len(due) else ""
-    host.stop_later(gen.program, leaving)
+    stop_later(host, gen.program, leaving)
     log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
     reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{failed})")
 
@@ -144,3 +148,43 @@ def recycle_check(host: Host) -> None:
                      pid=slot.worker.pid if slot.worker else None, reason=reason)
             slot.replacement = spawn_into(host, gen, slot.index)
     host.later(RECYCLE_POLL, ev.RecycleCheck())
+
+
+def stop_later(host: Host, program: Program, workers: list[Worker]) -> None:
+    """Workers whose listeners are shut: the stop signal after `stop_delay`, SIGKILL `graceful_timeout` later.
+
+    The delay lets a server read the requests of connections it accepted just before the shut
+    (uvicorn closes those unread when it stops); nothing new reaches it, its queue has migrated.
+    """
+    if not workers:
+        return
+    now, keys = host.clock.time(), tuple(host.watcher.key(w) for w in workers)
+    for w in workers:  # the deadlines an upgrade hands over
+        w.stop_at, w.kill_at = now + program.stop_delay, now + program.stop_delay + program.graceful_timeout
+    if program.stop_delay:
+        host.later(program.stop_delay, ev.StopDue(keys, program.stop_signal))
+    else:
+        for w in workers:
+            w.stop(program.stop_signal)
+    host.later(program.stop_delay + program.graceful_timeout, ev.GracefulTimeout(keys))
+
+
+def kill_stubborn(workers: list[Worker]) -> None:
+    """`graceful_timeout` has passed since their stop signal: SIGKILL those still running."""
+    if stubborn := [w for w in workers if w.alive]:
+        log.warning("graceful_timeout", program=stubborn[0].program, gen=stubborn[0].generation,
+                    killing=[w.pid for w in stubborn])
+        for w in stubborn:
+            w.kill()
+
+
+def forked(host: Host, answers: Iterable[Answer]) -> None:
+    """A preload template's answers: a forked worker is watched as a spawned one (killed if that was
+    asked meanwhile); one it could not fork ends as a worker that exited before it was ready."""
+    for answer in answers:
+        if isinstance(answer, Forked):
+            host.watcher.forked(answer.worker)
+            if answer.worker.doomed:
+                answer.worker.kill()
+        else:
+            host.post(ev.WorkerExited(host.watcher.key(answer.worker)))

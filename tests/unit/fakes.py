@@ -178,7 +178,7 @@ class Scenario:
 
     def exit(self, w: Worker, status: int = 3 << 8) -> None:
         w.status = status
-        self.master.post(WorkerExited(w))
+        self.master.post(WorkerExited(self.master.watcher.key(w)))
         self.drain()
 
     def advance(self, seconds: float) -> None:

@@ -17,7 +17,7 @@ def test_a_failing_handler_is_logged_not_raised() -> None:
     """A malformed event makes its handler fail: one handler_failed line, and handle() returns."""
     async def handle_a_bad_event() -> None:
         master = Master(schema.parse(MINIMAL, "/etc/s/conf.yaml"))
-        master.handle(GracefulTimeout((None,)))  # type: ignore[arg-type]  # None has no `.alive`
+        master.handle(GracefulTimeout(([],)))  # type: ignore[arg-type]  # a list is no key: TypeError
 
     with capture_logs() as logs:
         asyncio.run(handle_a_bad_event())
