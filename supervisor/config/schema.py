@@ -139,7 +139,7 @@ class Config:
     control: Control
     migrate: MigrateMode = MigrateMode.REQUIRE
     programs: tuple[Program, ...] = ()
-    watch: tuple[str, ...] = ()  # files whose new content means a reload (filewatch.py)
+    watch: tuple[str, ...] = ()  # files whose new content means a reload (system/watched_files.py)
     metrics: Metrics | None = None
 
     def program(self, name: str) -> Program:

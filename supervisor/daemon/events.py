@@ -142,7 +142,7 @@ class ChildrenChanged:
 
 @dataclass(frozen=True)
 class FilesCheck:
-    """Time to look whether a `watch:` file changed (filewatch.py)."""
+    """Time to look whether a `watch:` file changed (system/watched_files.py)."""
 
 
 @dataclass(frozen=True)

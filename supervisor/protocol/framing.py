@@ -1,6 +1,6 @@
-"""The framing of the control protocol (wire.py): one JSON object per line.
+"""The framing of the control protocol: one JSON object per line.
 
-Apart from wire.py, whose request types are dataclasses, so that supervisorctl sends and reads
+Apart from requests.py, whose request types are dataclasses, so that supervisorctl sends and reads
 lines without importing `dataclasses` (and `inspect` with it): its start is most of its cost.
 """
 
