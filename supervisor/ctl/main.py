@@ -13,11 +13,10 @@ import socket
 import sys
 import time
 
+# Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
+# psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
-
-# Only what a command needs: the framing (not wire's dataclasses), the table (status, without
-# psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
 from supervisor.protocol import framing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
