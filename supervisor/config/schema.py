@@ -43,9 +43,10 @@ MAX_EXPANDED = 16 << 20  # the same for every program of the file (aliases can r
 
 
 class MigrateMode(enum.Enum):
-    REQUIRE = "require"
-    PREFER = "prefer"
-    OFF = "off"
+    REQUIRE = "require"  # set tcp_migrate_req=1 or refuse to start
+    PREFER = "prefer"  # set it where possible; drain the old listeners where not
+    DRAIN = "drain"  # never touch the sysctl: steer new connections away, drain, then shut
+    OFF = "off"  # never touch the sysctl, never drain: what the sysctl's value gives
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class Program:
     # Seconds between shutting a retiring worker's listeners and its stop signal: it reads what it
     # accepted just before (uvicorn closes connections without a parsed request at once on TERM).
     stop_delay: float = 0.5
+    # Without migration: the longest a retiring listener is drained (new connections steered away,
+    # its queue accepted by its worker) before it is shut anyway, counting what it still held.
+    drain_timeout: float = 10.0
     backlog: int = 1024
     stop_signal: signal.Signals = signal.SIGTERM
     env: tuple[tuple[str, str], ...] = ()
@@ -263,6 +267,7 @@ class _Reader:
             "listen": self.listen, "ready_timeout": lambda n, k: self.number(n, k, positive=True),
             "graceful_timeout": lambda n, k: self.number(n, k, positive=False),
             "stop_delay": lambda n, k: self.number(n, k, positive=False),
+            "drain_timeout": lambda n, k: self.number(n, k, positive=False),
             "backlog": lambda n, k: self.integer(n, k, 1, 65535), "stop_signal": self.signal,
             "env": self.env, "cwd": self.path_value, "tls": self.tls,
             "user": self.string, "group": self.string, "umask": lambda n, k: self.octal(n, k, 0o777),

@@ -21,6 +21,7 @@ def render(data: Mapping[str, Any]) -> str:
         f"(since {str(data.get('started_at', '?'))[:19].replace('T', ' ')} UTC), config {data['config']}"
         + (f"; upgraded from {upgraded['from']} at {upgraded['at'][:19].replace('T', ' ')} UTC" if upgraded else ""),
         f"migration: {migrate['mode']} ({'on' if migrate['enabled'] else 'OFF'}: {migrate['reason']})",
+        *([_last_reload(data["last_reload"])] if data.get("last_reload") else []),
         "",
         f"{'PROGRAM':<16}{'GEN':>5}  {'WORKER':>6}  {'PID':>8}  {'STATE':<10}{'UPTIME':>9}"
         f"{'RSS':>10}{'CPU':>8}{'RESTARTS':>10}  LAST EXIT",
@@ -42,6 +43,18 @@ def render(data: Mapping[str, Any]) -> str:
         if program.get("last_exit"):
             lines.append(f"{'':<16}last exit: {program['last_exit']}")
     return "\n".join(lines)
+
+
+def _last_reload(last: Mapping[str, Any]) -> str:
+    """'last reload: done at 12:00:01 UTC in 85 ms, old listeners drained in 40 ms, 0 dropped'."""
+    line = f"last {last['what']}: {last['result']} at {last['at'][11:19]} UTC in {last['ms']} ms"
+    if last["result"] != "done":
+        return f"{line}: {last.get('reason', '')}"
+    if last["way"] == "migrated":
+        return f"{line}, old listeners shut, {last['migrated']} connections migrated"
+    if last["way"] == "drained":
+        return f"{line}, old listeners drained in {last['drain_ms']} ms, {last['dropped']} dropped"
+    return f"{line}, old listeners shut without migration, {last['dropped']} connections reset"
 
 
 def _worker_line(w: Mapping[str, Any]) -> str:

@@ -18,6 +18,7 @@ from supervisor.model.generation import Generation, Spawner
 from supervisor.model.program import ProgramRuntime
 from supervisor.system.fdstore import FdStore, Inherited
 from supervisor.system.listeners import Groups
+from supervisor.system.migrate import MigrateStatus
 from supervisor.system.systemd import Notifier
 
 
@@ -51,6 +52,8 @@ class Host(Protocol):
     def inherited(self) -> Inherited: ...
     @property
     def tally(self) -> Tally: ...
+    @property
+    def migration(self) -> MigrateStatus: ...
     @property
     def systemd(self) -> Notifier: ...
 

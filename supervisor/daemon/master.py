@@ -351,6 +351,10 @@ class Master:
     def reload(self) -> Reload | None:
         return self.reloads.current
 
+    @property
+    def last_reload(self) -> dict[str, Any] | None:
+        return self.reloads.last
+
     def use_config(self, config: Config) -> None:
         self.config = config
 
@@ -435,7 +439,7 @@ class Master:
             if self.reloads.current is not None:
                 self.reloads.roll_back("supervisord is shutting down")
             if self.reloads.switch is not None:
-                self.reloads.finish_switch()
+                self.reloads.finish_switch(force=True)
             self.upgrade.checked(timed_out=False, refuse="supervisord is shutting down")
             self.reloads.refuse_all("supervisord is shutting down")
             for record in [r for r in self.programs.values() if r.running]:

@@ -34,6 +34,7 @@ from supervisor.system import migrate
 log = structlog.get_logger()
 
 RESULTS = ("done", "rolled_back", "refused")  # supervisor_reloads_total{result}
+WAYS = ("migrated", "drained", "reset")  # supervisor_reload_retirements_total{way}
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds, supervisor_reload_duration_seconds
 MAX_CLIENTS = 8  # HTTP connections at once; more are closed unanswered (each posts one event)
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request head; also the master's to answer it
@@ -49,6 +50,9 @@ class Tally:
     buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))  # reloads done within each bound
     seconds: float = 0.0  # the sum of their durations
     restarts: dict[str, int] = field(default_factory=dict)  # program -> workers restarted after a crash
+    retirements: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WAYS, 0))  # reloads by way
+    dropped: int = 0  # connections still queued in drained listeners when drain_timeout passed
+    drain_seconds: float = 0.0  # the sum of the drains' durations
 
     def reloaded(self, result: str, seconds: float | None = None) -> None:
         self.reloads[result] += 1
@@ -57,6 +61,13 @@ class Tally:
             for i, bound in enumerate(BUCKETS):
                 if seconds <= bound:
                     self.buckets[i] += 1
+
+    def retired(self, way: str, dropped: int, drain_seconds: float) -> None:
+        """A reload's old listeners were shut: migrated, drained or reset (model/drain.py)."""
+        self.retirements[way] += 1
+        self.dropped += dropped
+        if way == "drained":
+            self.drain_seconds += drain_seconds
 
     def restarted(self, program: str) -> None:
         self.restarts[program] = self.restarts.get(program, 0) + 1
@@ -136,6 +147,16 @@ def families(master: View) -> list[Any]:
         buckets=[*((f"{b:g}", n) for b, n in zip(BUCKETS, tally.buckets, strict=True)),
                  ("+Inf", tally.reloads["done"])],
         sum_value=tally.seconds))
+    ways = CounterMetricFamily("supervisor_reload_retirements", "Reloads done by how their old listeners ended: "
+                               "migrated (by the kernel), drained (then shut) or reset", labels=["way"])
+    for way in WAYS:
+        ways.add_metric([way], tally.retirements[way])
+    out.append(ways)
+    out.append(CounterMetricFamily("supervisor_drain_dropped_connections", "Connections still queued in old "
+                                   "listeners shut when drain_timeout passed (without migration: reset)",
+                                   value=tally.dropped))
+    out.append(CounterMetricFamily("supervisor_drain_seconds", "Seconds spent draining old listeners before "
+                                   "shutting them, summed over reloads", value=tally.drain_seconds))
     for name, key, doc in (
             ("supervisor_connections_migrated", "TCPMigrateReqSuccess",
              "Connections the kernel moved from a closed listener to another (TcpExt TCPMigrateReqSuccess)"),

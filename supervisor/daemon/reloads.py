@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+from typing import Any
 
 import structlog
 
@@ -25,11 +26,11 @@ from supervisor.daemon import events as ev
 from supervisor.daemon import rolls, status, workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
+from supervisor.model.drain import SWITCH_DRAIN, Drain, Shut, Way, way
 from supervisor.model.generation import Generation
 from supervisor.model.plan import ReloadPlan, plan_reload
 from supervisor.model.program import ProgramRuntime, ProgramState, names
 from supervisor.model.reload import (
-    SWITCH_DRAIN,
     Commit,
     Decision,
     NextBatch,
@@ -55,6 +56,7 @@ class Reloads:
         self.switch: Switch | None = None  # a committed reload whose old listeners wait SWITCH_DRAIN
         self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the slot
         self.ids = itertools.count(first_id)
+        self.last: dict[str, Any] | None = None  # the last reload, start or startup that ended: for `status`
 
     @property
     def busy(self) -> bool:
@@ -175,21 +177,32 @@ class Reloads:
         # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
         # that no handshake is completing on an old listener when it is shut (system/steer.py: the kernel
         # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
+        # Without migration the old workers go on accepting until their queues are empty (drain.py).
         programs = [g.program.name for g in reload.generations]
         steered = listeners.steer_to(fresh) if retired or host.inherited.of(programs) else []
-        self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired))
-        if steered:
+        drain = Drain(way(host.migration.drains, host.migration.enabled), host.clock.time(),
+                      max((g.program.drain_timeout for g in retired), default=0.0))
+        self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired), drain)
+        if steered or (retired and drain.way is Way.DRAINED):
             host.later(SWITCH_DRAIN, ev.SwitchDue())
         else:
-            self.finish_switch()
+            self.finish_switch(force=True)
 
-    def finish_switch(self) -> None:
-        """Step two: shut every old listener (steered away, one group at a time), stop the old workers."""
-        host, switch, self.switch = self.host, self.switch, None
+    def finish_switch(self, force: bool = False) -> None:
+        """Step two, once the drain says so: shut every old listener (steered away, one group at a
+        time), stop the old workers. `force`: now, whatever is left (a shutdown, nothing to wait for)."""
+        host, switch = self.host, self.switch
         assert switch is not None
         reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
         old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
         old += [a.listener for a in host.inherited.of(programs)]  # a dead master's, if any
+        queued = sum(listener.queued() for listener in old if not listener.shut)
+        step = switch.drain.next(host.clock.time(), queued)
+        if not isinstance(step, Shut) and not force:
+            host.later(step.seconds, ev.SwitchDue())
+            return
+        self.switch = None
+        dropped = 0 if switch.drain.way is Way.MIGRATED else queued
         shut = listeners.shut_steered(old, switch.fresh)
         for gen in switch.retired:
             host.retire(gen)
@@ -200,7 +213,13 @@ class Reloads:
             reload.reply.progress(
                 f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
                 f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
-        reload.reply.finish(True, *reload.report(switch.retired, shut, migrated, switch.queued))
+        if dropped:
+            log.warning("drain_dropped", dropped=dropped, drain_ms=switch.drain.ms, way=switch.drain.way.value)
+        summary, data = reload.report(switch.retired, shut, migrated, switch.queued, switch.drain, dropped)
+        reload.reply.finish(True, summary, data)
+        self.last = {"at": time.time(), "what": reload.label, "result": "done", "ms": data["ms"],
+                     "way": data["way"], "drain_ms": data["drain_ms"], "dropped": dropped, "migrated": migrated}
+        host.tally.retired(switch.drain.way.value, dropped, switch.drain.ms / 1000)
         if reload.kind is ReloadKind.RELOAD:
             host.tally.reloaded("done", time.monotonic() - reload.started)
         host.systemd.ready(status.describe(host.programs))
@@ -226,6 +245,8 @@ class Reloads:
             host.tally.reloaded("rolled_back")
         reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
                             + "".join(f"; {said}" for said in put_back))
+        self.last = {"at": time.time(), "what": reload.label, "result": "rolled back", "reason": reason,
+                     "ms": round((time.monotonic() - reload.started) * 1000)}
         if reload.kind is ReloadKind.STARTUP:
             host.startup_failed()
         elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it

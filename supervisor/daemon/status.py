@@ -35,6 +35,8 @@ class View(Protocol):
     def started_at(self) -> float: ...
     @property
     def upgraded(self) -> dict[str, Any] | None: ...
+    @property
+    def last_reload(self) -> dict[str, Any] | None: ...
 
 
 def snapshot(master: View) -> dict[str, Any]:
@@ -54,8 +56,10 @@ def snapshot(master: View) -> dict[str, Any]:
                 "at": _utc(master.upgraded["at"]), "from": master.upgraded["from"], "to": master.upgraded["to"]},
             "rss": me.memory_info().rss, "cpu": round(cpu.user + cpu.system, 2), "fds": me.num_fds(),
             "migrate": {"mode": master.migration.mode.value, "enabled": master.migration.enabled,
-                        "reason": master.migration.reason},
+                        "drains": master.migration.drains, "reason": master.migration.reason},
             "reloading": master.reload is not None,
+            "last_reload": None if master.last_reload is None else {
+                **master.last_reload, "at": _utc(master.last_reload["at"])},
             "programs": [program_facts(master.programs[name], starting.get(name, []),
                                        master.reload.rolls.get(name) if master.reload else None) for name in names],
         }

@@ -20,6 +20,7 @@ from supervisor.config import schema, tls
 from supervisor.config.schema import Config
 from supervisor.errors import ControlError, MigrateError
 from supervisor.model import preflight
+from supervisor.model.drain import Drain, Way
 from supervisor.model.generation import Generation
 from supervisor.model.plan import ReloadPlan, select
 from supervisor.model.roll import Roll, Timer
@@ -120,23 +121,31 @@ class Reload:
                         f"{gen.program.ready_timeout:g} s ({ready} of {len(workers)} workers ready)"
                         + (stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
 
-    def report(self, retired: list[Generation], shut: int, migrated: int, queued: int) -> tuple[str, dict[str, Any]]:
-        """The final answer of a reload that committed: a line for people, data for --json."""
+    def report(self, retired: list[Generation], shut: int, migrated: int, queued: int, drain: Drain,
+               dropped: int) -> tuple[str, dict[str, Any]]:
+        """The final answer of a reload that committed: a line for people, data for --json. `drain`: how
+        the old listeners ended (drain.Way); `dropped`: what they still held when shut without migration."""
         elapsed = round((time.monotonic() - self.started) * 1000)
         generations = {g.program.name: g.number for g in self.generations}
         log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
-                 generations=generations)
-        summary = f"{self.label} done in {elapsed} ms: {shut} old listeners closed, {migrated} connections migrated"
+                 generations=generations, way=drain.way.value, drain_ms=drain.ms, dropped=dropped)
+        summary = f"{self.label} done in {elapsed} ms: {shut} old listeners closed, "
+        if drain.way is Way.MIGRATED:
+            summary += f"{migrated} connections migrated"
+        elif drain.way is Way.DRAINED:
+            summary += f"drained in {drain.ms} ms (up to {drain.waiting} connections waited), {dropped} dropped"
+            if dropped:
+                summary += " (drain_timeout passed: their workers did not accept them)"
+        else:
+            summary += f"{dropped} connections reset (migrate: off and the sysctl at 0)"
         return summary, {"generations": generations, "retired": {g.program.name: g.number for g in retired},
-                         "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed}
+                         "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
+                         "way": drain.way.value, "drain_ms": drain.ms, "dropped": dropped}
 
     def cancel_timers(self) -> None:
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()
-
-
-SWITCH_DRAIN = 0.02  # seconds between steering new connections away from old listeners and shutting them
 
 
 @dataclass(eq=False)
@@ -149,6 +158,7 @@ class Switch:
     steered: list[Listener]  # one per group with a steering program, to detach it after
     before: migrate.Counters  # the kernel's counters before any old listener was shut
     queued: int  # connections waiting in the old listeners when it committed
+    drain: Drain  # when the old listeners may be shut (model/drain.py)
 
 
 def check(config: Config, reply: Reply, only: str | None = None) -> dict[str, tls.Bundle]:

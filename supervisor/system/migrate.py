@@ -26,17 +26,26 @@ class MigrateStatus:
     enabled: bool
     reason: str  # one line a person can act on
 
+    @property
+    def drains(self) -> bool:
+        """Retiring listeners are drained before they are shut (model/drain.py): `drain`, or `prefer`
+        where the sysctl could not be set."""
+        return self.mode is MigrateMode.DRAIN or (self.mode is MigrateMode.PREFER and not self.enabled)
+
 
 def enable(mode: MigrateMode, sysctl: str = SYSCTL) -> MigrateStatus:
     """Set the sysctl to 1 unless mode is off; raise MigrateError under `require` when it cannot."""
     if mode is MigrateMode.OFF:
         return MigrateStatus(mode, read_sysctl(sysctl) == "1", "migrate: off (sysctl left as it is)")
+    if mode is MigrateMode.DRAIN:
+        return MigrateStatus(mode, read_sysctl(sysctl) == "1", "migrate: drain (sysctl left as it is): old "
+                             "listeners are drained, then shut")
     problem = _try_enable(sysctl)
     if problem is None:
         return MigrateStatus(mode, True, f"{sysctl_name(sysctl)} = 1")
     if mode is MigrateMode.REQUIRE:
         raise MigrateError(f"migrate: require, but {problem}")
-    return MigrateStatus(mode, False, f"migrate: prefer, running without migration: {problem}")
+    return MigrateStatus(mode, False, f"migrate: prefer, draining old listeners instead of migrating: {problem}")
 
 
 def sysctl_name(sysctl: str) -> str:

@@ -204,7 +204,7 @@ def test_migrate_require_refuses_to_start_without_the_sysctl(tmp_path: Path) -> 
 
 
 def test_migrate_prefer_runs_without_the_sysctl(tmp_path: Path) -> None:
-    """`prefer` warns in one line (level warning) and serves."""
+    """`prefer` without the sysctl warns in one line (level warning) and serves, draining at reloads."""
     sup = Supervisor(tmp_path, {"web": program()}, migrate="prefer")
     cmd = f"mount -o bind,ro /proc/sys /proc/sys && exec {BIN}/supervisord -c {sup.config}"
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], stderr=subprocess.PIPE, text=True)
@@ -214,7 +214,7 @@ def test_migrate_prefer_runs_without_the_sysctl(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
-    warned = [json.loads(line) for line in err.splitlines() if "running without migration" in line]
+    warned = [json.loads(line) for line in err.splitlines() if "draining old listeners instead of migrating" in line]
     assert [(w["event"], w["level"]) for w in warned] == [("migration", "warning")], err
 
 
