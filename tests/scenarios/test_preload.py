@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -19,7 +20,7 @@ from tests.load import Clients
 pytestmark = pytest.mark.usefixtures("netns")
 ROOT = Path(__file__).resolve().parents[2]  # uvicorn imports `tests.apps.asgi` from here
 APPS = ROOT / "tests" / "apps"
-PRELOADED = {
+PRELOADED: dict[str, tuple[list[str], dict[str, Any]]] = {
     "demo": (DEMO, {"preload": ["supervisor.demo"]}),
     "uvicorn": ([PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "tests.apps.asgi:app"],
                 {"preload": ["uvicorn.main", "tests.apps.asgi"], "ready": "accepting", "settle": 0.2,

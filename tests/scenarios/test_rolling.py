@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -19,7 +20,7 @@ FAILS_AT_SLOT_2 = ["/bin/sh", "-c", '[ -n "$FAIL" ] && [ "$SUPERVISOR_WORKER" = 
                    '{ echo "slot 2 cannot load its model" >&2; exit 3; }; exec "$@"', "worker", *DEMO]
 
 
-def rolling(**settings: object) -> dict[str, object]:
+def rolling(**settings: Any) -> dict[str, Any]:
     return program(workers=4, strategy="rolling", stop_delay=0.2, graceful_timeout=2, **settings)
 
 

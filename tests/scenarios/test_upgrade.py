@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -36,7 +37,7 @@ def set_version(site: Path, version: str) -> None:
                               for line in init.read_text().splitlines()) + "\n")
 
 
-def start(tmp_path: Path, site: Path, **settings: object) -> Supervisor:
+def start(tmp_path: Path, site: Path, **settings: Any) -> Supervisor:
     sup = Supervisor(tmp_path, {"web": program(**settings)})
     sup.env = {"PYTHONPATH": str(site)}
     return sup.start()

@@ -18,6 +18,7 @@ from supervisor.config import schema
 from supervisor.daemon import control
 from supervisor.errors import ConfigError, ControlError
 from supervisor.process.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
+from supervisor.protocol import requests
 from supervisor.system import limits, readiness
 
 MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
@@ -159,7 +160,8 @@ class TestControlRequests:
         assert str(info.value).startswith(error)
 
     def test_well_formed(self) -> None:
-        assert control.parse(b'{"command": "scale", "program": "w\\u00e9b", "workers": 3}\n').program == "wéb"
+        request = control.parse(b'{"command": "scale", "program": "w\\u00e9b", "workers": 3}\n')
+        assert request == requests.Scale("wéb", 3)
 
 
 class TestLimits:
