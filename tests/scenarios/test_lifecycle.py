@@ -229,6 +229,7 @@ def test_malformed_control_messages_change_nothing(tmp_path: Path) -> None:
     """Garbage, unknown commands and half requests get a one-line error; the service serves on."""
     with supervisor(tmp_path, {"web": program()}) as sup:
         answers = []
+        # Raw bytes on purpose: lines supervisorctl would never send.
         for raw in (b"garbage\n", b'{"command":"explode"}\n', b'{"command":"stop"}\n', b"\xff\n" * 3):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)

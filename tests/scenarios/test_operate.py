@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from supervisor.daemon import output
+from supervisor.protocol import framing
 from tests.harness import BIN, Supervisor, program, wait_for
 from tests.load import Clients
 from tests.scenarios.test_tls import tls_program, write_cert
@@ -105,10 +106,11 @@ FLOOD = [sys.executable, "-S", "-c", "import sys\nwhile True: sys.stderr.write('
 def test_a_tail_follower_that_does_not_read_is_dropped_and_the_master_answers_on(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path, {"flood": program(FLOOD, workers=1, ready="settle", settle=0.2)}).start()
     try:
+        # A socket of its own (a small receive buffer, never read), the request in supervisorctl's framing.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as follower:
             follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             follower.connect(str(sup.socket))
-            follower.sendall(b'{"command":"tail","program":"flood","lines":0,"follow":true}\n')
+            follower.sendall(framing.encode({"command": "tail", "program": "flood", "lines": 0, "follow": True}))
             # Never read: what waits for it grows until supervisord gives up on it.
             dropped = wait_for("the follower dropped", lambda: sup.events("tail_follower_dropped"), timeout=30)
             assert dropped[0]["buffered"] <= output.FOLLOWER_BUFFER
