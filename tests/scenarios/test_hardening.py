@@ -196,7 +196,7 @@ def test_the_notify_socket_admits_only_the_workers_users_and_a_flood_of_stranger
         started = time.monotonic()
         with watching(sup) as watch:
             flood = subprocess.Popen([PYTHON, "-S", "-c", SEND, path, "3"], stdout=subprocess.PIPE, text=True)
-            time.sleep(0.5)
+            time.sleep(0.5)  # the reload comes while the 3 s flood runs
             reload = sup.ctl("reload", timeout=30)
             out = flood.communicate(timeout=30)[0].split()
         elapsed = time.monotonic() - started

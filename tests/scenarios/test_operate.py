@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,8 @@ def test_reload_of_one_program_leaves_the_other_alone_under_load(tmp_path: Path)
         with Clients("127.0.0.1:8000", seconds=60) as web, Clients("127.0.0.1:8001", seconds=60) as api:
             wait_for("the load", lambda: sup.ctl("status").returncode == 0)
             reloaded = sup.ctl("reload", "web")
-            time.sleep(0.5)  # the retired generation's last answers
+            wait_for("the retired generation's last answers (its workers exited)",
+                     lambda: {w["generation"] for w in sup.workers("web")} == {2})
             tallies = web.finish(), api.finish()
         assert reloaded.returncode == 0, reloaded.stderr
         assert "web: generation 2 starting 3 workers" in reloaded.stdout and "api" not in reloaded.stdout

@@ -58,7 +58,7 @@ def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_p
         master, workers = sup.proc.pid, sorted(w["pid"] for w in sup.workers())
         with Clients("127.0.0.1:8000", concurrency=64, seconds=60) as load:
             for n in (1, 2, 3):
-                time.sleep(0.5)
+                time.sleep(0.5)  # pacing: the load runs between upgrades
                 set_version(site, f"9.{n}.0")
                 out = upgrade(sup)
                 assert f"-> 9.{n}.0 in " in out and "1 program, 2 workers kept" in out, out
@@ -66,7 +66,7 @@ def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_p
                 assert data["pid"] == master and data["version"] == f"9.{n}.0"
                 assert data["upgraded"]["from"] == ("0.1.0" if n == 1 else f"9.{n - 1}.0")
                 assert sorted(w["pid"] for w in sup.workers()) == workers
-            time.sleep(0.5)
+            time.sleep(0.5)  # the load runs on after the last upgrade (Clients has no live count to wait on)
             tally = load.finish()
         assert tally.ok > 1000 and not tally.failures, tally.failed()
         assert "upgraded from 9.2.0" in sup.ctl("status").stdout
@@ -156,7 +156,7 @@ def test_an_upgrade_waits_for_a_reload_and_a_hup_during_it_reloads_after(tmp_pat
     try:
         assert sup.proc is not None
         reload = sup.ctl_async("reload")
-        time.sleep(0.5)
+        wait_for("the reload in progress", lambda: sup.status()["reloading"])  # generation 2 takes 2 s
         result = sup.ctl("upgrade")
         assert result.returncode == 0 and "waiting for the reload in progress" in result.stdout, result
         assert reload.wait(30) == 0
