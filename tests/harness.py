@@ -42,6 +42,14 @@ def running(pid: int) -> bool:
         return False
 
 
+def zombie(pid: int) -> bool:
+    """The process has ended and nobody has reaped it yet (False once it is gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -29,11 +29,21 @@ PRELOADED: dict[str, tuple[list[str], dict[str, Any]]] = {
 
 
 def templates(sup: Supervisor) -> list[psutil.Process]:
-    """The master's children that are preload templates (its workers forked from one have its command line)."""
+    """The master's live children that are preload templates (its workers forked from one have its command
+    line). A child may end between the listing and the reading: a zombie's command line cannot be read
+    (psutil.ZombieProcess), a reaped one is gone (NoSuchProcess); either way it is no live template."""
     assert sup.proc is not None
     workers = {w["pid"] for w in sup.workers()}
-    return [p for p in psutil.Process(sup.proc.pid).children() if p.pid not in workers
-            and "preload_child.py" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+    found = []
+    for p in psutil.Process(sup.proc.pid).children():
+        if p.pid in workers:
+            continue
+        try:
+            if "preload_child.py" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.NoSuchProcess:  # ZombieProcess included
+            continue
+    return found
 
 
 @pytest.mark.parametrize("name", PRELOADED)
@@ -51,7 +61,11 @@ def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> Non
             sup.reload()
             reloads += 1
         for w in sup.workers():
-            assert psutil.Process(w["pid"]).ppid() == sup.proc.pid  # reparented: the master reaps it
+            try:
+                parent = psutil.Process(w["pid"]).ppid()
+            except psutil.NoSuchProcess:  # a retiring worker that exited since the status was read
+                continue
+            assert parent == sup.proc.pid  # reparented: the master reaps it
         wait_for("one template left", lambda: len(templates(sup)) == 1)
         assert sup.generation() == reloads + 1
         time.sleep(0.3)  # the load runs on against the last generation (Clients has no live count to wait on)

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness import PYTHON, Supervisor, program, request, wait_for
+from tests.harness import PYTHON, Supervisor, program, request, running, wait_for
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -137,8 +137,8 @@ def test_usr2_upgrades_and_a_retiring_generation_is_still_killed_at_its_deadline
         os.kill(sup.proc.pid, signal.SIGUSR2)
         wait_for("the upgrade by SIGUSR2", lambda: sup.status()["version"] == "9.9.9", timeout=30)
         assert all(psutil.pid_exists(pid) for pid in old)  # still within their graceful_timeout
-        wait_for("the old workers killed", lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                                            != psutil.STATUS_ZOMBIE for p in old), timeout=15)
+        # running(): pid_exists then status() would fail if the pid were reaped in between
+        wait_for("the old workers killed", lambda: not any(running(p) for p in old), timeout=15)
         assert 3.0 < time.monotonic() - retired_at < 9.0
         assert [e["killing"] for e in sup.events("graceful_timeout")] == [old] or \
             sorted(p for e in sup.events("graceful_timeout") for p in e["killing"]) == sorted(old)
