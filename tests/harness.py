@@ -27,6 +27,7 @@ import psutil
 import yaml
 
 from supervisor.ctl.main import exchange
+from supervisor.errors import ControlError
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
@@ -37,6 +38,14 @@ def running(pid: int) -> bool:
     """The process exists and has not ended (a zombie has ended)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def zombie(pid: int) -> bool:
+    """The process has ended and nobody has reaped it yet (False once it is gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
@@ -103,7 +112,7 @@ class Supervisor:
             raise AssertionError(f"supervisord exited {self.proc.returncode}:\n{self.log_text()}")
         try:
             data = self.status()
-        except (OSError, ValueError):
+        except (OSError, ValueError, ControlError):  # ControlError: a line cut short (framing.decode)
             return False
         except AssertionError:  # refused: a socket file a killed supervisord left, not yet replaced
             if self.proc.poll() is None:
@@ -114,17 +123,16 @@ class Supervisor:
                                              for p in data["programs"])
 
     def status(self) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            try:
-                sock.connect(str(self.socket))
-            except ConnectionRefusedError:
-                assert self.proc is not None
-                time.sleep(0.5)
-                raise AssertionError(f"supervisord does not answer (exit status {self.proc.poll()})") from None
-            sock.sendall(b'{"command":"status"}\n')
-            data = sock.makefile("rb").readline()
-        return json.loads(data)["data"]
+        try:
+            final = self.request("status", timeout=10)
+        except ConnectionRefusedError:
+            assert self.proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a supervisord on its way out: its exit status
+                self.proc.wait(0.5)
+            raise AssertionError(f"supervisord does not answer (exit status {self.proc.poll()})") from None
+        if not final:
+            raise ValueError("supervisord closed the control connection without an answer")
+        return final["data"]
 
     def request(self, command: str, timeout: float = 300, **arguments: Any) -> dict[str, Any]:
         """One control request, as supervisorctl sends it but without its interpreter's start-up: the

@@ -60,10 +60,13 @@ def host_pid(inner: int, ns_pid: int) -> int:
     """The host pid of the process that is `ns_pid` in the PID namespace of `inner` (a host pid)."""
     namespace = os.readlink(f"/proc/{inner}/ns/pid")
     for proc in psutil.Process(inner).children(recursive=True):
-        with open(f"/proc/{proc.pid}/status") as f:
-            ids = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
-        if int(ids[-1]) == ns_pid and os.readlink(f"/proc/{proc.pid}/ns/pid") == namespace:
-            return proc.pid
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                ids = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+            if int(ids[-1]) == ns_pid and os.readlink(f"/proc/{proc.pid}/ns/pid") == namespace:
+                return proc.pid
+        except FileNotFoundError:  # reaped since the listing (an escaper's short-lived orphan)
+            continue
     raise AssertionError(f"no process {ns_pid} in the namespace of {inner}")
 
 

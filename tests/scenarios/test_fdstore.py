@@ -39,14 +39,14 @@ def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how
         manager.start(sup)
         assert manager.stored() == serving_listeners(sup) == ["web.1.0.0", "web.1.1.0"]
         with Clients("127.0.0.1:8000", concurrency=64, seconds=60, timeout=10) as load:
-            time.sleep(1.0)
+            time.sleep(1.0)  # the load runs before the crash (Clients has no live count to wait on)
             assert sup.proc is not None
             old_workers = [w["pid"] for w in sup.workers()]
             sup.proc.send_signal(getattr(signal, how))
             sup.proc.wait(timeout=30)
             manager.start(sup)
             assert sup.generation() == 2  # numbering goes on from the adopted generation
-            time.sleep(1.5)
+            time.sleep(1.5)  # the load runs on against the new master
             tally = load.finish()
         assert tally.ok > 500 and not tally.failures, tally.failed()
         wait_for("the store to hold the serving listeners only",

@@ -7,13 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import trustme
 
 from supervisor.daemon import output
+from supervisor.protocol import framing
 from tests.harness import BIN, Supervisor, program, wait_for
 from tests.load import Clients
 from tests.scenarios.test_tls import tls_program, write_cert
@@ -30,7 +30,8 @@ def test_reload_of_one_program_leaves_the_other_alone_under_load(tmp_path: Path)
         with Clients("127.0.0.1:8000", seconds=60) as web, Clients("127.0.0.1:8001", seconds=60) as api:
             wait_for("the load", lambda: sup.ctl("status").returncode == 0)
             reloaded = sup.ctl("reload", "web")
-            time.sleep(0.5)  # the retired generation's last answers
+            wait_for("the retired generation's last answers (its workers exited)",
+                     lambda: {w["generation"] for w in sup.workers("web")} == {2})
             tallies = web.finish(), api.finish()
         assert reloaded.returncode == 0, reloaded.stderr
         assert "web: generation 2 starting 3 workers" in reloaded.stdout and "api" not in reloaded.stdout
@@ -105,10 +106,11 @@ FLOOD = [sys.executable, "-S", "-c", "import sys\nwhile True: sys.stderr.write('
 def test_a_tail_follower_that_does_not_read_is_dropped_and_the_master_answers_on(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path, {"flood": program(FLOOD, workers=1, ready="settle", settle=0.2)}).start()
     try:
+        # A socket of its own (a small receive buffer, never read), the request in supervisorctl's framing.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as follower:
             follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             follower.connect(str(sup.socket))
-            follower.sendall(b'{"command":"tail","program":"flood","lines":0,"follow":true}\n')
+            follower.sendall(framing.encode({"command": "tail", "program": "flood", "lines": 0, "follow": True}))
             # Never read: what waits for it grows until supervisord gives up on it.
             dropped = wait_for("the follower dropped", lambda: sup.events("tail_follower_dropped"), timeout=30)
             assert dropped[0]["buffered"] <= output.FOLLOWER_BUFFER

@@ -70,7 +70,7 @@ def test_reload_under_load_fails_no_connection(tmp_path: Path) -> None:
         deadline = time.monotonic() + 10
         reloads = 0
         while time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.5)  # pacing: the load runs between reloads
             sup.reload()
             reloads += 1
         wait_for("answers from the last generation", lambda: load.generations.get(reloads + 1))
@@ -87,7 +87,7 @@ def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Load:
     with supervisor(tmp_path, {"web": program(graceful_timeout=1)}, migrate=migrate) as sup, \
             Load(threads=4, seconds=30) as load:
         for _ in range(8):
-            time.sleep(0.3)
+            time.sleep(0.3)  # pacing: the load runs between reloads
             # A serving worker: the last generation's retiring ones may still be finishing (stop_delay).
             busy = next(w["pid"] for w in sup.workers() if w["state"] == "ready")
             stop_workers([busy])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -19,7 +20,7 @@ FAILS_AT_SLOT_2 = ["/bin/sh", "-c", '[ -n "$FAIL" ] && [ "$SUPERVISOR_WORKER" = 
                    '{ echo "slot 2 cannot load its model" >&2; exit 3; }; exec "$@"', "worker", *DEMO]
 
 
-def rolling(**settings: object) -> dict[str, object]:
+def rolling(**settings: Any) -> dict[str, Any]:
     return program(workers=4, strategy="rolling", stop_delay=0.2, graceful_timeout=2, **settings)
 
 
@@ -65,7 +66,7 @@ def test_a_rolling_reload_under_load_fails_nothing_and_never_runs_more_than_n_pl
     """4 workers, batch 1 then batch 2 (forked from a preload template), 64 connections in flight: 0 failed,
     at most 5 (then 6) workers alive."""
     with supervisor(tmp_path, {"web": rolling()}) as sup, Clients("127.0.0.1:8000", seconds=60) as load:
-        time.sleep(0.5)
+        time.sleep(0.5)  # the load runs before the reload (Clients has no live count to wait on)
         for generation, batch, preload in ((2, 1, []), (3, 2, ["supervisor.demo"])):
             sup.write({"web": rolling(batch=batch, preload=preload)})  # the config being rolled in counts
             with Sampler(sup) as sampler:
@@ -75,7 +76,7 @@ def test_a_rolling_reload_under_load_fails_nothing_and_never_runs_more_than_n_pl
                 f"web: slots 2, 3 now on generation {generation}" in out, out
             assert sup.generation() == generation
             assert {w["generation"] for w in sup.workers() if w["state"] == "ready"} == {generation}
-        time.sleep(0.3)
+        time.sleep(0.3)  # the load runs on against the last generation
         tally = load.finish()
     assert not tally.failures, tally.failed()
     assert tally.ok > 1000
@@ -85,7 +86,7 @@ def test_a_replacement_that_fails_halfway_leaves_the_program_serving_on_the_old_
     """Slots 0 and 1 rolled, slot 2 fails: they go back to generation 1, which serves; 0 failed under load."""
     with supervisor(tmp_path, {"web": rolling(command=FAILS_AT_SLOT_2)}) as sup, \
             Clients("127.0.0.1:8000", seconds=60) as load:
-        time.sleep(0.5)
+        time.sleep(0.5)  # the load runs before the reload (Clients has no live count to wait on)
         sup.write({"web": rolling(command=FAILS_AT_SLOT_2, env={"FAIL": "1"})})
         result = sup.ctl("reload")
         assert result.returncode == 1, result.stdout

@@ -116,13 +116,13 @@ def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> Non
         reloads = 0
         deadline = time.monotonic() + RELOADING
         while time.monotonic() < deadline or (reloads < MIN_RELOADS and time.monotonic() < deadline + RELOADING):
-            time.sleep(PAUSE)
+            time.sleep(PAUSE)  # pacing: the load runs between reloads
             sup.reload()
             reloads += 1
         last_reload = time.monotonic()
         generation = sup.generation()
         last = [w for w in sup.workers() if w["generation"] == generation]
-        time.sleep(1.0)
+        time.sleep(1.0)  # the load reaches every worker of the last generation (checked from the tally below)
         answering = serving_pids(last)
         tally = load.finish()
         assert sup.proc is not None

@@ -12,6 +12,7 @@ import stat
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -28,9 +29,10 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-def write_cert(ca: trustme.CA, folder: Path, **validity: datetime.datetime) -> str:
+def write_cert(ca: trustme.CA, folder: Path, not_before: datetime.datetime | None = None,
+               not_after: datetime.datetime | None = None) -> str:
     """Issue a localhost certificate and put it in place the way certbot does (a new file, renamed)."""
-    leaf = ca.issue_cert("localhost", "127.0.0.1", **validity)
+    leaf = ca.issue_cert("localhost", "127.0.0.1", not_before=not_before, not_after=not_after)
     for name, blob in (("cert.pem", leaf.cert_chain_pems), ("key.pem", [leaf.private_key_pem])):
         tmp = folder / f".{name}.new"
         tmp.write_bytes(b"".join(b.bytes() for b in blob))
@@ -53,7 +55,7 @@ def break_certificate(ca: trustme.CA, folder: Path, how: str) -> None:
         cert.unlink()
 
 
-def tls_program(folder: Path, **settings: object) -> dict[str, object]:
+def tls_program(folder: Path, **settings: Any) -> dict[str, Any]:
     return program(tls={"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem")}, **settings)
 
 

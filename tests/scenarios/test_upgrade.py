@@ -12,11 +12,12 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from tests.harness import PYTHON, Supervisor, program, request, wait_for
+from tests.harness import PYTHON, Supervisor, program, request, running, wait_for
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -36,7 +37,7 @@ def set_version(site: Path, version: str) -> None:
                               for line in init.read_text().splitlines()) + "\n")
 
 
-def start(tmp_path: Path, site: Path, **settings: object) -> Supervisor:
+def start(tmp_path: Path, site: Path, **settings: Any) -> Supervisor:
     sup = Supervisor(tmp_path, {"web": program(**settings)})
     sup.env = {"PYTHONPATH": str(site)}
     return sup.start()
@@ -57,7 +58,7 @@ def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_p
         master, workers = sup.proc.pid, sorted(w["pid"] for w in sup.workers())
         with Clients("127.0.0.1:8000", concurrency=64, seconds=60) as load:
             for n in (1, 2, 3):
-                time.sleep(0.5)
+                time.sleep(0.5)  # pacing: the load runs between upgrades
                 set_version(site, f"9.{n}.0")
                 out = upgrade(sup)
                 assert f"-> 9.{n}.0 in " in out and "1 program, 2 workers kept" in out, out
@@ -65,7 +66,7 @@ def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_p
                 assert data["pid"] == master and data["version"] == f"9.{n}.0"
                 assert data["upgraded"]["from"] == ("0.1.0" if n == 1 else f"9.{n - 1}.0")
                 assert sorted(w["pid"] for w in sup.workers()) == workers
-            time.sleep(0.5)
+            time.sleep(0.5)  # the load runs on after the last upgrade (Clients has no live count to wait on)
             tally = load.finish()
         assert tally.ok > 1000 and not tally.failures, tally.failed()
         assert "upgraded from 9.2.0" in sup.ctl("status").stdout
@@ -136,8 +137,8 @@ def test_usr2_upgrades_and_a_retiring_generation_is_still_killed_at_its_deadline
         os.kill(sup.proc.pid, signal.SIGUSR2)
         wait_for("the upgrade by SIGUSR2", lambda: sup.status()["version"] == "9.9.9", timeout=30)
         assert all(psutil.pid_exists(pid) for pid in old)  # still within their graceful_timeout
-        wait_for("the old workers killed", lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                                            != psutil.STATUS_ZOMBIE for p in old), timeout=15)
+        # running(): pid_exists then status() would fail if the pid were reaped in between
+        wait_for("the old workers killed", lambda: not any(running(p) for p in old), timeout=15)
         assert 3.0 < time.monotonic() - retired_at < 9.0
         assert [e["killing"] for e in sup.events("graceful_timeout")] == [old] or \
             sorted(p for e in sup.events("graceful_timeout") for p in e["killing"]) == sorted(old)
@@ -155,7 +156,7 @@ def test_an_upgrade_waits_for_a_reload_and_a_hup_during_it_reloads_after(tmp_pat
     try:
         assert sup.proc is not None
         reload = sup.ctl_async("reload")
-        time.sleep(0.5)
+        wait_for("the reload in progress", lambda: sup.status()["reloading"])  # generation 2 takes 2 s
         result = sup.ctl("upgrade")
         assert result.returncode == 0 and "waiting for the reload in progress" in result.stdout, result
         assert reload.wait(30) == 0

@@ -72,11 +72,18 @@ def test_each_swapped_secret_is_one_reload_with_no_failed_connection(tmp_path: P
             wait_for("TLS answers", lambda: load.total > 50)
             for generation in (2, 3, 4):
                 new = publish(ca, tmp_path / "secret", f"2026_12_02_00_00_00.{generation}")
-                wait_for("the reload the swap started", lambda g=generation: sup.generation() == g, timeout=10)
+
+                def swapped(g: int = generation) -> bool:
+                    return sup.generation() == g
+
+                wait_for("the reload the swap started", swapped, timeout=10)
                 assert sup.status()["programs"][0]["tls"]["sha256"] == new
                 served = time.monotonic()
-                wait_for("answers with the new certificate",
-                         lambda s=served: sum(t > s for t, _ in load.certificates) > 50)
+
+                def answered_since(s: float = served) -> bool:
+                    return sum(t > s for t, _ in load.certificates) > 50
+
+                wait_for("answers with the new certificate", answered_since)
             time.sleep(2.5)  # more than two looks: no reload comes without a change
             tally = clients.finish()
         assert sup.generation() == 4 and len(sup.events("watch_changed")) == 3, sup.events("watch_changed")

@@ -140,7 +140,11 @@ def test_scaling_under_load_fails_no_connection(tmp_path: Path) -> None:
         for count in (5, 1, 3):
             result = sup.ctl("scale", "web", str(count))
             assert result.returncode == 0, result.stderr
-            wait_for(f"{count} workers", lambda c=count: len(sup.workers()) == c and sup.serving())
+
+            def scaled(c: int = count) -> bool:
+                return len(sup.workers()) == c and sup.serving()
+
+            wait_for(f"{count} workers", scaled)
         assert sup.ctl("scale", "web", "0").returncode == 1
     assert load.failed == 0, (load.outcomes, load.errors)
     assert load.total > 500

@@ -18,7 +18,9 @@ from supervisor.config import schema
 from supervisor.daemon import control
 from supervisor.errors import ConfigError, ControlError
 from supervisor.process.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
+from supervisor.protocol import requests
 from supervisor.system import limits, readiness
+from tests.harness import wait_for
 
 MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
 
@@ -159,7 +161,8 @@ class TestControlRequests:
         assert str(info.value).startswith(error)
 
     def test_well_formed(self) -> None:
-        assert control.parse(b'{"command": "scale", "program": "w\\u00e9b", "workers": 3}\n').program == "wéb"
+        request = control.parse(b'{"command": "scale", "program": "w\\u00e9b", "workers": 3}\n')
+        assert request == requests.Scale("wéb", 3)
 
 
 class TestLimits:
@@ -264,15 +267,13 @@ def _send_as(user: str, path: str) -> str:
                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
 
 
+def _children(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
 def _wait_child(pid: int) -> int:
-    import time
-    for _ in range(200):
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                children = f.read().split()
-        except OSError:
-            children = []
-        if children:
-            return int(children[0])
-        time.sleep(0.01)
-    raise AssertionError("no child")
+    return int(wait_for(f"a child of {pid}", lambda: _children(pid), timeout=2, interval=0.01)[0])
