@@ -192,9 +192,10 @@ class Scenario:
     def starting(self) -> list[FakeWorker]:
         return [w for w in self.spawner.spawned if w.state is WorkerState.STARTING and w.alive]
 
-    def serving(self, name: str = "web") -> list[Worker]:
+    def serving(self, name: str = "web") -> list[FakeWorker]:
         gen = self.record(name).serving
-        return [] if gen is None else [w for w in gen.workers if w.alive and w.state is WorkerState.READY]
+        return [] if gen is None else [w for w in gen.workers if isinstance(w, FakeWorker) and w.alive
+                                       and w.state is WorkerState.READY]
 
     def record(self, name: str = "web") -> ProgramRuntime:
         return self.master.programs[name]

@@ -148,7 +148,8 @@ class TestErrors:
         """Missing sections, wrong shapes, unknown top-level keys and tls placeholders without tls."""
         assert error("") == "conf.yaml: programs: required (a mapping of program name to settings)"
         assert error("programs: []\n").startswith("conf.yaml:1: programs: expected a mapping, got a list")
-        assert "conf.yaml:1: migrate: expected one of require | prefer | drain | off" in error("migrate: yes\n" + MINIMAL)
+        wrong = error("migrate: yes\n" + MINIMAL)
+        assert "conf.yaml:1: migrate: expected one of require | prefer | drain | off" in wrong
         assert "conf.yaml:1: program: unknown key" in error("program: {}\n")
         assert "programs.web.command: required" in error("programs:\n  web:\n    listen: ['127.0.0.1:1']\n")
         text = "programs:\n  web:\n    command: [app, '{tls.cert}']\n    listen: ['127.0.0.1:1']\n"

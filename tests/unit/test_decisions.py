@@ -38,7 +38,8 @@ class TestReload:
         reply = s.ask(requests.Reload())
         assert s.state() == "reloading" and reply.answer is None
         s.ready(*s.starting())
-        assert reply.ok and s.record().serving is not None and s.record().serving.number == 2
+        serving = s.record().serving
+        assert reply.ok and serving is not None and serving.number == 2
         assert all(w.state is WorkerState.RETIRING and all(x.shut for x in w.listeners) for w in old)
         assert all(w.signals == [] for w in old)  # nothing before stop_delay
         s.advance(0.5)
@@ -78,7 +79,8 @@ class TestReload:
         assert reply.ok is False
         assert "web: generation 2 not ready within 10 s (1 of 2 workers ready)" in reply.answer["error"]  # type: ignore[index]
         assert [sig for _, sig, _ in late[1].signals] == ["SIGKILL"]  # never ready: killed at once
-        assert s.record().serving is not None and s.record().serving.number == 1
+        serving = s.record().serving
+        assert serving is not None and serving.number == 1
 
     def test_requests_wait_behind_a_reload_and_reloads_that_piled_up_become_one(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)

@@ -54,7 +54,8 @@ class TestRolling:
             peak = max(peak, len(alive(s)))
         assert peak == 5
         assert reply.ok, reply.answer
-        assert s.record().serving is not None and s.record().serving.number == 2
+        serving = s.record().serving
+        assert serving is not None and serving.number == 2
         assert sorted(w.index for w in s.serving()) == [0, 1, 2, 3]
         assert all(w.state is WorkerState.EXITED for w in old)
         assert "web: slots 0 now on generation 2: 1 old listeners closed, 1 old workers stopping" in reply.lines
