@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # `ip` brings up loopback in the tests' private network namespaces; `systemd-analyze` checks the unit;
-# nginx is what the benchmark compares with (RUNLEVEL=1: the package must not start a service on the host).
+# nginx is what the benchmark compares with (RUNLEVEL=1: the package must not start a service on the host);
+# Debian's python3 runs an unprivileged supervisord in the tests (the venv's interpreter may sit under /root).
 debian-packages:
 	@missing=""; command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	 command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	 [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	 [ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	 if [ -n "$$missing" ]; then apt-get update -qq && \
 	   RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 

@@ -41,10 +41,11 @@ from supervisor.model.reload import (
     SwitchBatch,
 )
 from supervisor.model.roll import Roll
-from supervisor.process.worker import Worker
+from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Replies, Reply
 from supervisor.system import listeners, migrate
+from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
 
@@ -95,6 +96,8 @@ class Reloads:
         host = self.host
         plan = plan or plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True))
         self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
+        if host.migration.drains:
+            reload.held = listeners.steer_to(self.serving_listeners(plan))
         for program in plan.start:
             record = host.programs.setdefault(program.name, ProgramRuntime(program.name))
             try:
@@ -125,6 +128,12 @@ class Reloads:
             reload.timers.append(host.later(program.ready_timeout, timeout))
         self.apply(reload.worker_ready())
 
+    def serving_listeners(self, plan: ReloadPlan) -> list[Listener]:
+        """The listeners of the serving generations a reload replaces all at once (not those rolling)."""
+        records = [self.host.programs.get(p.name) for p in plan.start if p.strategy is not Strategy.ROLLING]
+        return [listener for r in records if r is not None and r.serving is not None for w in r.serving.workers
+                if w.alive and w.state is WorkerState.READY for listener in w.listeners if not listener.shut]
+
     def apply(self, decision: Decision) -> None:
         if isinstance(decision, Commit):
             self.commit()
@@ -133,7 +142,7 @@ class Reloads:
         elif isinstance(decision, SwitchBatch | NextBatch) and (reload := self.current) is not None:
             try:
                 if isinstance(decision, SwitchBatch):
-                    rolls.steer(self.host, reload, decision.roll, SWITCH_DRAIN)
+                    rolls.steer(self.host, reload, decision.roll)
                 else:
                     rolls.start_batch(self.host, reload, decision.roll)
             except (OSError, SupervisorError) as exc:
@@ -141,11 +150,21 @@ class Reloads:
             self.apply(reload.worker_ready())
 
     def roll_due(self, reload_id: int, program: str) -> None:
-        """A batch's old listeners were steered away from SWITCH_DRAIN ago: shut them and stop their workers."""
+        """A batch's old listeners were steered away from: once the drain says so, shut them and stop their workers."""
         reload = self.current
         if reload is None or reload.id != reload_id or program not in reload.rolls:
             return  # rolled back meanwhile
-        rolls.switch(self.host, reload, reload.rolls[program])
+        roll, dropped = reload.rolls[program], 0
+        if roll.drain is not None:
+            queued = sum(listener.queued() for listener in roll.leaving_listeners())
+            step = roll.drain.next(self.host.clock.time(), queued)
+            if not isinstance(step, Shut):
+                self.host.later(step.seconds, ev.RollDue(reload_id, program))
+                return
+            dropped = step.dropped if roll.drain.way is Way.DRAINED else 0
+            if dropped:
+                log.warning("drain_dropped", program=program, dropped=dropped, drain_ms=roll.drain.ms)
+        rolls.switch(self.host, reload, roll, dropped)
         self.apply(reload.worker_ready())
 
     def commit(self) -> None:
@@ -183,7 +202,8 @@ class Reloads:
         drain = Drain(way(host.migration.drains, host.migration.enabled), host.clock.time(),
                       max((g.program.drain_timeout for g in retired), default=0.0))
         self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired), drain)
-        if steered or (retired and drain.way is Way.DRAINED):
+        still = any(not listener.shut for g in retired for w in g.workers for listener in w.listeners)
+        if steered or (still and drain.way is Way.DRAINED):
             host.later(SWITCH_DRAIN, ev.SwitchDue())
         else:
             self.finish_switch(force=True)
@@ -207,7 +227,7 @@ class Reloads:
         for gen in switch.retired:
             host.retire(gen)
         host.inherited.shut(programs)
-        listeners.unsteer(switch.steered)
+        listeners.unsteer([*switch.steered, *reload.held])
         migrated = (migrate.counters() - switch.before).success
         for gen in switch.retired:
             reload.reply.progress(
@@ -217,9 +237,11 @@ class Reloads:
             log.warning("drain_dropped", dropped=dropped, drain_ms=switch.drain.ms, way=switch.drain.way.value)
         summary, data = reload.report(switch.retired, shut, migrated, switch.queued, switch.drain, dropped)
         reload.reply.finish(True, summary, data)
-        self.last = {"at": time.time(), "what": reload.label, "result": "done", "ms": data["ms"],
-                     "way": data["way"], "drain_ms": data["drain_ms"], "dropped": dropped, "migrated": migrated}
-        host.tally.retired(switch.drain.way.value, dropped, switch.drain.ms / 1000)
+        if reload.kind is not ReloadKind.STARTUP:
+            self.last = {"at": time.time(), "what": reload.label, "result": "done", "ms": data["ms"],
+                         "way": data["way"], "drain_ms": data["drain_ms"], "dropped": dropped, "migrated": migrated}
+        if old:
+            host.tally.retired(switch.drain.way.value, dropped, switch.drain.ms / 1000)
         if reload.kind is ReloadKind.RELOAD:
             host.tally.reloaded("done", time.monotonic() - reload.started)
         host.systemd.ready(status.describe(host.programs))
@@ -239,14 +261,16 @@ class Reloads:
             host.generation_over(gen)
             host.programs[gen.program.name].rolled_back(gen)
             host.forget_if_finished(gen)
+        listeners.unsteer(reload.held)  # after the shut: nothing reached the new listeners meanwhile
         still = ", ".join(f"{name}#{r.serving.number}" for name, r in host.programs.items() if r.serving)
         log.error("reload_failed", reason=reason)
         if reload.kind is ReloadKind.RELOAD:
             host.tally.reloaded("rolled_back")
         reload.reply.finish(False, f"{reason}; rolled back" + (f", still serving: {still}" if still else "")
                             + "".join(f"; {said}" for said in put_back))
-        self.last = {"at": time.time(), "what": reload.label, "result": "rolled back", "reason": reason,
-                     "ms": round((time.monotonic() - reload.started) * 1000)}
+        if reload.kind is not ReloadKind.STARTUP:
+            self.last = {"at": time.time(), "what": reload.label, "result": "rolled back", "reason": reason,
+                         "ms": round((time.monotonic() - reload.started) * 1000)}
         if reload.kind is ReloadKind.STARTUP:
             host.startup_failed()
         elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it

@@ -13,6 +13,7 @@ from supervisor.daemon import events as ev
 from supervisor.daemon import workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
+from supervisor.model.drain import SWITCH_DRAIN, Drain, Way, way
 from supervisor.model.reload import Reload
 from supervisor.model.roll import Roll
 from supervisor.model.slot import Slot
@@ -41,18 +42,26 @@ def start_batch(host: Host, reload: Reload, roll: Roll) -> None:
         workers.watch(host, w, roll.new)
 
 
-def steer(host: Host, reload: Reload, roll: Roll, drain: float) -> None:
+def steer(host: Host, reload: Reload, roll: Roll) -> None:
     """Step 3, first half: the batch serves; new connections go to every other listener of the group,
-    and the handshakes already routed to the old listeners have `drain` seconds to complete (steer.py)."""
+    and the old listeners wait until they may be shut (model/drain.py: the handshakes routed to them
+    complete; without migration, their workers accept what waits)."""
     if roll.timer is not None:
         roll.timer.cancel()
     roll.switching = True
-    roll.steered = listeners.steer_to(roll.staying_listeners()) if roll.leaving_listeners() else []
-    host.later(drain if roll.steered else 0.0, ev.RollDue(reload.id, roll.new.program.name))
+    leaving = roll.leaving_listeners()
+    roll.steered = listeners.steer_to(roll.staying_listeners()) if leaving else []
+    roll.drain = Drain(way(host.migration.drains, host.migration.enabled), host.clock.time(),
+                       roll.old.program.drain_timeout)
+    wait = roll.steered or (leaving and roll.drain.way is Way.DRAINED)
+    host.later(SWITCH_DRAIN if wait else 0.0, ev.RollDue(reload.id, roll.new.program.name))
 
 
-def switch(host: Host, reload: Reload, roll: Roll) -> None:
-    """Step 3, second half: shut the batch's old listeners (queues migrate), stop its old workers."""
+def switch(host: Host, reload: Reload, roll: Roll, dropped: int) -> None:
+    """Step 3, second half: shut the batch's old listeners (queues migrate, or were drained), stop its
+    old workers. `dropped`: what the drained listeners still held (drain_timeout passed)."""
+    drained = "" if roll.drain is None or roll.drain.way is not Way.DRAINED else \
+        f" (drained in {roll.drain.ms} ms, {dropped} dropped)"
     shut = listeners.shut_steered(roll.leaving_listeners(), roll.staying_listeners())
     listeners.unsteer(roll.steered)
     step = roll.step
@@ -61,7 +70,7 @@ def switch(host: Host, reload: Reload, roll: Roll) -> None:
     log.info("roll_switched", program=roll.old.program.name, slots=step, listeners_closed=shut,
              retiring=[w.pid for w in leaving])
     reload.reply.progress(f"{roll.old.program.name}: slots {_show(step)} now on generation {roll.new.number}: "
-                          f"{shut} old listeners closed, {len(leaving)} old workers stopping")
+                          f"{shut} old listeners closed{drained}, {len(leaving)} old workers stopping")
 
 
 def put_back(host: Host, roll: Roll) -> str:

@@ -81,6 +81,9 @@ class Reload:
     generations: list[Generation] = field(default_factory=list)
     rolls: dict[str, Roll] = field(default_factory=dict)  # program -> its roll (strategy: rolling)
     timers: list[Timer] = field(default_factory=list)
+    # Draining (no migration): the serving listeners that new connections are steered to while the new
+    # generations start, so that a rollback has nothing in the new listeners to lose; one per group.
+    held: list[Listener] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -132,6 +135,8 @@ class Reload:
         summary = f"{self.label} done in {elapsed} ms: {shut} old listeners closed, "
         if drain.way is Way.MIGRATED:
             summary += f"{migrated} connections migrated"
+        elif drain.way is Way.DRAINED and not shut:
+            summary += "none left to drain"
         elif drain.way is Way.DRAINED:
             summary += f"drained in {drain.ms} ms (up to {drain.waiting} connections waited), {dropped} dropped"
             if dropped:

@@ -4,7 +4,7 @@ slots at a time, so that at most N+batch workers are alive at once instead of 2N
 Each step, as a whole reload does it but for a few slots:
 1. start the new generation's workers for the next `batch` slot indexes (fresh listeners join the groups);
 2. wait until they are ready (or one exits, or `ready_timeout` passes: the roll stops and rolls back);
-3. steer new connections away from the old workers of those slots, `SWITCH_DRAIN` later shut their
+3. steer new connections away from the old workers of those slots, then (model/drain.py) shut their
    listeners (the kernel migrates their queues to the rest of the group) and stop them;
 4. once those old workers have exited (their stop signal `stop_delay` after the shut, SIGKILL
    `graceful_timeout` later), the next batch: never more than N+batch worker processes.
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from supervisor.model.drain import Drain
 from supervisor.model.generation import Generation
 from supervisor.model.slot import Slot
 from supervisor.process.worker import Worker, WorkerState
@@ -46,6 +47,7 @@ class Roll:
     steered: list[Listener] = field(default_factory=list)
     stopping: list[Worker] = field(default_factory=list)  # the last batch's old workers, until they exit
     timer: Timer | None = None  # the batch's ready timeout
+    drain: Drain | None = None  # the batch's switch: when its old listeners may be shut
 
     @classmethod
     def of(cls, old: Generation, new: Generation) -> Roll:

@@ -60,8 +60,11 @@ def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:
         both = sup.ctl("tail", "web").stdout
         assert all(f"pid {pid}: demo pid={pid} generation=1" in both for pid in pids), both
 
+        # Ctrl-C ends a follow: SIGINT at its default even where pytest runs with it ignored (a job
+        # started with `&` by a non-interactive shell), which an exec would keep.
         follower = subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(sup.config), "tail", "-n", "1", "-f",
-                                     "web"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     "web"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             assert follower.stdout is not None
             # The last line comes in the same step as the follow begins: once it is read, the follow is on.
