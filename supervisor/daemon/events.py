@@ -119,6 +119,13 @@ class RollDue:
 
 
 @dataclass(frozen=True)
+class LeaveDue:
+    """Workers leaving a serving generation are being drained (daemon/workers.py): look again."""
+
+    departure: int
+
+
+@dataclass(frozen=True)
 class TemplateWoke:
     """A preload template's fd is readable: `message` (it is ready, or it forked a worker, or could
     not), `exited` (its pidfd) or `output` (its stderr: an import's traceback)."""
@@ -161,4 +168,4 @@ class Scrape:
 Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck | Scrape
-         | RollDue | TemplateWoke)
+         | RollDue | TemplateWoke | LeaveDue)

@@ -14,6 +14,7 @@ from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon.events import Event
 from supervisor.daemon.metrics import Tally
 from supervisor.daemon.watcher import Watcher
+from supervisor.model.drain import Departures
 from supervisor.model.generation import Generation, Spawner
 from supervisor.model.program import ProgramRuntime
 from supervisor.system.fdstore import FdStore, Inherited
@@ -54,6 +55,8 @@ class Host(Protocol):
     def tally(self) -> Tally: ...
     @property
     def migration(self) -> MigrateStatus: ...
+    @property
+    def departures(self) -> Departures: ...
     @property
     def systemd(self) -> Notifier: ...
 

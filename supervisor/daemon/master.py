@@ -45,6 +45,7 @@ from supervisor.daemon.reloads import Reloads
 from supervisor.daemon.watcher import Watcher
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.model import reload as reloading
+from supervisor.model.drain import Departures
 from supervisor.model.exit import StartFailed
 from supervisor.model.generation import Generation, GenerationState, Spawner
 from supervisor.model.plan import plan_reload, plan_start
@@ -90,6 +91,7 @@ class Master:
         self.orphans = orphans.Orphans(lambda: self.post(ev.ChildrenChanged()))
         self.files = watched_files.Files(config.watch)
         self.tally = metrics.Tally()  # reloads and restarts, for /metrics
+        self.departures = Departures()  # workers leaving a generation, drained first
         self.metrics = metrics.MetricsServer(self.post)
 
     def restore(self, facts: handover.Restored) -> None:
@@ -217,6 +219,8 @@ class Master:
                 workers.manage(self)
             case ev.RecycleCheck():
                 workers.recycle_check(self)
+            case ev.LeaveDue():
+                workers.departure_due(self, event.departure)
             case ev.RollDue():
                 self.reloads.roll_due(event.reload_id, event.program)
             case ev.SwitchDue():

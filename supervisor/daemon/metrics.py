@@ -62,9 +62,11 @@ class Tally:
                 if seconds <= bound:
                     self.buckets[i] += 1
 
-    def retired(self, way: str, dropped: int, drain_seconds: float) -> None:
-        """A reload's old listeners were shut: migrated, drained or reset (model/drain.py)."""
-        self.retirements[way] += 1
+    def retired(self, way: str, dropped: int, drain_seconds: float, reload: bool = True) -> None:
+        """Old listeners were shut: migrated, drained or reset (model/drain.py), by a reload (counted by
+        way) or as workers left a generation (scale down, recycling: their drain only)."""
+        if reload:
+            self.retirements[way] += 1
         self.dropped += dropped
         if way == "drained":
             self.drain_seconds += drain_seconds

@@ -17,6 +17,7 @@ from supervisor.daemon import events as ev
 from supervisor.daemon.host import Host
 from supervisor.errors import ControlError, SupervisorError
 from supervisor.model import exit
+from supervisor.model.drain import SWITCH_DRAIN, Departure, Drain, Shut, Way
 from supervisor.model.generation import Generation, GenerationState
 from supervisor.model.program import serving
 from supervisor.model.restart import Fatal, Restart
@@ -24,7 +25,7 @@ from supervisor.model.slot import SPAWN_RETRY
 from supervisor.process.preload import Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol.reply import Reply
-from supervisor.system import fdstore, limits
+from supervisor.system import fdstore, limits, listeners
 
 log = structlog.get_logger()
 
@@ -49,7 +50,7 @@ def ready(host: Host, w: Worker, gen: Generation) -> None:
             old = slot.replacement_ready()
             log.info("worker_recycled", program=w.program, gen=w.generation, worker=w.index, pid=w.pid,
                      old_pid=old.pid if old else None)
-            stop_later(host, gen.program, gen.leave([old] if old else []))
+            leave(host, gen, [old] if old else [])
         else:
             log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid)
 
@@ -129,12 +130,12 @@ def scale(host: Host, name: str, count: int, reply: Reply) -> None:
     running = {r.name: len(g.active_slots()) for r, g in serving(host.programs)}
     if problem := limits.scale_problem(host.config, name, count, running):
         raise ControlError(problem)
-    leaving = gen.leave(gen.scale(count, host.clock.time()))
+    leaving = gen.scale(count, host.clock.time())
     due = gen.due(host.clock.time())
     manage(host)
     started = sum(slot.worker is not None for slot in due)  # what really started, not what was tried
     failed = f", {len(due) - started} could not start (retried in {SPAWN_RETRY:g} s)" if started < len(due) else ""
-    stop_later(host, gen.program, leaving)
+    leave(host, gen, leaving)
     log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
     reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{failed})")
 
@@ -188,3 +189,43 @@ def forked(host: Host, answers: Iterable[Answer]) -> None:
                 answer.worker.kill()
         else:
             host.post(ev.WorkerExited(host.watcher.key(answer.worker)))
+
+
+def leave(host: Host, gen: Generation, leaving: list[Worker]) -> None:
+    """Workers leave a serving generation: with migration (or `off`) their listeners are shut now; when
+    the master drains, new connections are steered to the workers that stay and the leaving ones
+    accept what waits in their queues first (model/drain.py), then are shut and stopped."""
+    going = [listener for w in leaving for listener in w.listeners if not listener.shut]
+    if not host.migration.drains or not going:
+        stop_later(host, gen.program, gen.leave(leaving))
+        return
+    gen.draining(leaving)
+    staying = [listener for w in gen.workers if w.alive and w not in gen.leaving and w.state is WorkerState.READY
+               for listener in w.listeners if not listener.shut]
+    steered = listeners.steer_to(staying)
+    departure = Departure(gen, leaving, steered, Drain(Way.DRAINED, host.clock.time(), gen.program.drain_timeout))
+    host.later(SWITCH_DRAIN, ev.LeaveDue(host.departures.add(departure)))
+
+
+def departure_due(host: Host, number: int) -> None:
+    """A departure's drain looks again: wait more, or shut the leaving listeners and stop their workers."""
+    departure = host.departures.pending.get(number)
+    if departure is None:
+        return
+    going = [listener for w in departure.workers for listener in w.listeners if not listener.shut]
+    step = departure.drain.next(host.clock.time(), sum(listener.queued() for listener in going))
+    if not isinstance(step, Shut):
+        host.later(step.seconds, ev.LeaveDue(number))
+        return
+    del host.departures.pending[number]
+    gen = departure.gen
+    staying = [listener for w in gen.workers if w.alive and w not in gen.leaving
+               for listener in w.listeners if not listener.shut]
+    listeners.shut_steered(going, staying)
+    listeners.unsteer(departure.steered)
+    log.info("workers_drained", program=gen.program.name, gen=gen.number, pids=[w.pid for w in departure.workers],
+             drain_ms=departure.drain.ms, dropped=step.dropped)
+    if step.dropped:
+        log.warning("drain_dropped", program=gen.program.name, dropped=step.dropped, drain_ms=departure.drain.ms)
+    host.tally.retired("drained", step.dropped, departure.drain.ms / 1000, reload=False)
+    stop_later(host, gen.program, gen.leave([w for w in departure.workers if w.alive]))

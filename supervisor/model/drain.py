@@ -17,6 +17,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from supervisor.model.generation import Generation
+from supervisor.process.worker import Worker
+from supervisor.system.listeners import Listener
+
 SWITCH_DRAIN = 0.02  # seconds between steering new connections away from old listeners and shutting them
 DRAIN_POLL = 0.01  # seconds between looks at the queues of listeners being drained
 DRAIN_GRACE = 0.25  # seconds their queues must read empty, without a break, before they are shut
@@ -81,3 +85,26 @@ def way(drains: bool, migrating: bool) -> Way:
     if drains:
         return Way.DRAINED
     return Way.MIGRATED if migrating else Way.RESET
+
+
+@dataclass(eq=False)
+class Departure:
+    """Workers leaving a serving generation (scale down, recycled) whose listeners are drained first."""
+
+    gen: Generation
+    workers: list[Worker]
+    steered: list[Listener]  # one member per group whose new connections go to the staying listeners
+    drain: Drain
+
+
+class Departures:
+    """The departures in progress, by the number their `LeaveDue` events carry."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, Departure] = {}
+        self.next_id = 1
+
+    def add(self, departure: Departure) -> int:
+        self.pending[self.next_id] = departure
+        self.next_id += 1
+        return self.next_id - 1

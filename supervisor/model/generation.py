@@ -139,8 +139,14 @@ class Generation:
         """Workers leave a serving generation (scale down, recycled): shut now, stopped by the master."""
         for w in workers:
             w.retire()
-            self.leaving.append(w)
+            if w not in self.leaving:
+                self.leaving.append(w)
         return workers
+
+    def draining(self, workers: list[Worker]) -> None:
+        """Workers on their way out of a serving generation whose listeners are drained first (no
+        migration): out of their slots, still accepting until `leave`."""
+        self.leaving += [w for w in workers if w not in self.leaving]
 
     def worker_gone(self, w: Worker) -> None:
         if w in self.leaving:

@@ -93,6 +93,31 @@ def test_rolling_reloads_without_the_sysctl_drain_each_batch(tmp_path: Path) -> 
     assert all(r.count("drained in") == 2 for r in replies), replies
 
 
+@pytest.mark.parametrize("migrate", ["drain", "off"])
+def test_scale_down_and_recycling_without_the_sysctl(tmp_path: Path, migrate: str) -> None:
+    """Workers leaving a serving generation (`scale` down, `max_age` recycling) under load: drained
+    first, 0 failed; shut at once (`off`), what waited in their queues is reset."""
+    with supervisor(tmp_path, {"web": program(SLOW, workers=3, max_age=2)}, migrate=migrate) as sup, \
+            Clients("127.0.0.1:8000", concurrency=64, seconds=60) as load:
+        wait_for("the load to reach the workers", lambda: any(w["cpu"] for w in sup.workers()))
+        for count in (2, 3, 1, 3, 2):
+            assert sup.ctl("scale", "web", str(count)).returncode == 0
+            time.sleep(0.8)  # pacing: load between the scales
+        if migrate == "drain":  # and a worker past max_age recycled under the load (3 drains are the scales)
+            wait_for("a recycled worker drained", lambda: sup.log_text().count('"workers_drained"') >= 4)
+        else:
+            wait_for("a recycled worker", lambda: '"worker_recycled"' in sup.log_text())
+        tally = load.finish()
+        drained = sup.log_text().count('"workers_drained"')
+    assert tally.ok > 500
+    if migrate == "off":
+        assert tally.failed()["reset"] > 0, tally.failed()
+        assert drained == 0
+    else:
+        assert tally.failures == [], tally.failures[:5]
+        assert drained >= 4
+
+
 def test_a_worker_that_stopped_accepting_cannot_hold_a_reload(tmp_path: Path) -> None:
     """A frozen old worker: the reload waits `drain_timeout`, then shuts; the 20 connections its queue
     held are reset, and the reply, `status` and /metrics count exactly those."""
