@@ -160,7 +160,8 @@ class Supervisor(Server):
 
     def reload(self) -> dict[str, Any]:
         data = self.request("reload")
-        return {"daemon_ms": data["ms"], "migrated": data["migrated"], "queued": data["queued"]}
+        return {"daemon_ms": data["ms"], "migrated": data["migrated"], "queued": data["queued"],
+                "drain_ms": data.get("drain_ms"), "dropped": data.get("dropped")}
 
 
 @dataclass

@@ -148,6 +148,10 @@ class Upgrade:
             reply.finish(False, f"upgrade refused, nothing changed: {', '.join(preloading)} preload from a "
                                 "template process that an upgrade cannot hand over; reload without preload: first")
             return master.reloads.next_request()
+        if master.departures.pending:  # their drains are the master's timers, which an exec does not keep
+            reply.finish(False, "upgrade refused, nothing changed: workers leaving a generation are being drained "
+                                "(scale down, recycling); try again in a moment")
+            return master.reloads.next_request()
         try:
             check = reexec.Check()
         except OSError as exc:

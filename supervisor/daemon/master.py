@@ -13,11 +13,12 @@ docs/design.md tells the whole story; what each event leads to:
 | serving                   | reload (HUP, ctl, watch:), start        | config read and checked; new generations    |
 | a reload in progress      | READY=1 of its last worker              | steer new connections to them (Commit)      |
 | a reload in progress      | one of its workers exits, ready timeout | shut the new listeners, stop them (RollBack)|
-| switching (SWITCH_DRAIN)  | SwitchDue                               | shut old listeners at once, stop old workers|
+| switching                 | SwitchDue (once migrated, drained)      | shut old listeners at once, stop old workers|
 | a rolling reload          | a batch ready / its old workers gone    | switch the batch / start the next one       |
 | busy (reload, upgrade)    | any request but status, tail, shutdown  | waits in line; piled-up reloads merge       |
 | serving                   | a worker crashes                        | its listeners are shut; restart or FATAL    |
 | serving                   | RecycleCheck, ManageWorkers             | replace workers over limits; fill slots     |
+| workers leaving, draining | LeaveDue (their queues empty)           | shut their listeners, stop them             |
 | serving                   | upgrade (USR2, ctl)                     | check the new code, then exec in place      |
 | any                       | TERM/INT (QUIT, or twice: fast)         | roll back, shut all, stop; exit when none   |
 | retiring workers          | StopDue / GracefulTimeout               | stop signal / SIGKILL                       |

@@ -17,8 +17,9 @@ from tests.load import KINDS, BadAnswer, answer_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 # What `python -m bench --quick` promises to report (the tests do not import bench/: they read its output).
-SYSTEMS = ("supervisor migrate=on", "supervisor migrate=off", "nginx reuseport migrate=1", "nginx reuseport migrate=0",
-           "nginx shared listener", "gunicorn --reuse-port migrate=0", "gunicorn --reuse-port migrate=1")
+SYSTEMS = ("supervisor migrate=on", "supervisor migrate=off", "supervisor migrate=drain", "nginx reuseport migrate=1",
+           "nginx reuseport migrate=0", "nginx shared listener", "gunicorn --reuse-port migrate=0",
+           "gunicorn --reuse-port migrate=1")
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 

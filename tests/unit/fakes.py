@@ -143,15 +143,16 @@ def program(**settings: Any) -> dict[str, Any]:
 class Scenario:
     """A Master with fake processes and time: start, make workers ready or exit, advance, ask."""
 
-    def __init__(self, folder: Path, programs: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, folder: Path, programs: dict[str, dict[str, Any]], **top: Any) -> None:
         self.path = folder / "supervisor.yaml"
+        self.top = top  # more top-level keys of the config (migrate:)
         self.write(programs)
         self.clock = FakeClock()
         self.spawner = FakeSpawner(self.clock)
         self.master = Master(schema.load(self.path), spawner=self.spawner, clock=self.clock)
 
     def write(self, programs: dict[str, dict[str, Any]]) -> None:
-        self.path.write_text(yaml.safe_dump({"programs": programs}))
+        self.path.write_text(yaml.safe_dump({"programs": programs, **self.top}))
 
     def drain(self) -> None:
         while not self.master.queue.empty():

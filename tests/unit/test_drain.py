@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from supervisor.config.schema import MigrateMode
 from supervisor.model.drain import DRAIN_GRACE, DRAIN_POLL, SWITCH_DRAIN, Drain, Shut, Wait, Way, way
+from supervisor.process.worker import WorkerState
+from supervisor.protocol import requests
 from supervisor.system.migrate import MigrateStatus
+from tests.unit.fakes import Scenario, program
 
 
 @pytest.mark.parametrize("kind", [Way.MIGRATED, Way.RESET])
@@ -52,3 +57,19 @@ def test_a_timer_a_little_early_still_counts() -> None:
 def test_the_way_follows_the_mode_and_the_sysctl(mode: MigrateMode, enabled: bool, expected: Way) -> None:
     status = MigrateStatus(mode, enabled, "")
     assert way(status.drains, status.enabled) is expected
+
+
+def test_a_scale_down_drains_then_stops_and_an_upgrade_waits_for_it(tmp_path: Path) -> None:
+    """`migrate: drain`: the worker scaled away keeps its listener open and gets no stop signal until
+    its queue (empty here) has been quiet for the grace; an upgrade asked meanwhile is refused."""
+    s = Scenario(tmp_path, {"web": program(workers=2, stop_delay=0)}, migrate="drain")
+    assert s.start().ok
+    leaving = s.serving()[1]
+    assert s.ask(requests.Scale("web", 1)).ok
+    assert leaving.state is WorkerState.READY and not any(x.shut for x in leaving.listeners)
+    refused = s.ask(requests.Upgrade())
+    assert refused.ok is False and refused.answer is not None and "being drained" in refused.answer["error"]
+    s.advance(SWITCH_DRAIN + DRAIN_GRACE + 2 * DRAIN_POLL)
+    assert leaving.state is WorkerState.RETIRING and all(x.shut for x in leaving.listeners)
+    assert leaving.signals and leaving.signals[0][1:] == ("SIGTERM", True)  # after its listeners were shut
+    assert not s.master.departures.pending
