@@ -169,7 +169,8 @@ class Reloads:
 
     def commit(self) -> None:
         """Every new worker is ready: the new generations serve; new connections go to them at once and the
-        old listeners are shut SWITCH_DRAIN later (finish_switch), all of them in one step."""
+        old listeners are shut when the drain says so (finish_switch: SWITCH_DRAIN later with migration,
+        once their queues are empty without), all of them in one step."""
         host, reload = self.host, self.current
         assert reload is not None
         if reload.config.migrate != host.config.migrate:
@@ -218,11 +219,14 @@ class Reloads:
         old += [a.listener for a in host.inherited.of(programs)]  # a dead master's, if any
         queued = sum(listener.queued() for listener in old if not listener.shut)
         step = switch.drain.next(host.clock.time(), queued)
-        if not isinstance(step, Shut) and not force:
-            host.later(step.seconds, ev.SwitchDue())
-            return
+        if not isinstance(step, Shut):
+            if not force:
+                host.later(step.seconds, ev.SwitchDue())
+                return
+            step = switch.drain.cut(host.clock.time(), queued)
         self.switch = None
-        dropped = 0 if switch.drain.way is Way.MIGRATED else queued
+        # Reset by the shut: what the drain left (drain_timeout), or all that waits without migration.
+        dropped = queued if switch.drain.way is Way.RESET else step.dropped
         shut = listeners.shut_steered(old, switch.fresh)
         for gen in switch.retired:
             host.retire(gen)

@@ -71,6 +71,10 @@ class Drain:
             return self._end(now, queued)
         return Wait(DRAIN_POLL)
 
+    def cut(self, now: float, queued: int) -> Shut:
+        """Shut now, drained or not (supervisord is stopping): what still waits in drained listeners is dropped."""
+        return self._end(now, queued if self.way is Way.DRAINED else 0)
+
     def _end(self, now: float, dropped: int) -> Shut:
         self.ended = now
         return Shut(dropped)
