@@ -401,13 +401,16 @@ class Master:
                            hold=any(t.pending for t in templates))
 
     def check_files(self) -> None:
-        """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would."""
-        self.check_children()  # also what a check held back while a template was forking
-        self.files.follow(self.config.watch)
-        if (changed := self.files.check()) and not self.stopping:
-            log.info("watch_changed", paths=changed)
-            self.on_request(ev.ControlRequest(requests.Reload(), Reply(origin="watch")))
-        self.later(watched_files.INTERVAL, ev.FilesCheck())
+        """`watch:`: a file changed and then stayed quiet for a look: reload, as `supervisorctl reload` would.
+        The next look is armed whatever happens in this one (a failure is the catch-all's to log)."""
+        try:
+            self.check_children()  # also what a check held back while a template was forking
+            self.files.follow(self.config.watch)
+            if (changed := self.files.check()) and not self.stopping:
+                log.info("watch_changed", paths=changed)
+                self.on_request(ev.ControlRequest(requests.Reload(), Reply(origin="watch")))
+        finally:
+            self.later(watched_files.INTERVAL, ev.FilesCheck())
 
     # -- retiring, stopping ---------------------------------------------------------------------------
 

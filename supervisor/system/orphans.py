@@ -30,6 +30,7 @@ from supervisor.system import reaper
 log = structlog.get_logger()
 
 MAX_ENVIRON = 256 * 1024  # bytes of an orphan's environment read to find LISTEN_PID
+MAX_PID_DIGITS = 10  # pid_max is at most 2^22 (7 digits): a longer LISTEN_PID names no process
 STOP_WAIT = 1.0  # seconds the master waits, when it stops, for the orphans it killed to be reaped
 
 
@@ -139,7 +140,8 @@ def adopt(pid: int) -> Orphan:
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read(MAX_ENVIRON)
         for entry in environ.split(b"\0"):
-            if entry.startswith(b"LISTEN_PID=") and entry[11:].isdigit():
+            # Bounded: a crafted value (5,000 digits: int() refuses more than 4,300) is no owner at all.
+            if entry.startswith(b"LISTEN_PID=") and entry[11:].isdigit() and len(entry) <= 11 + MAX_PID_DIGITS:
                 owner = int(entry[11:])
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             command = f.read(200).replace(b"\0", b" ").decode(errors="replace").strip()

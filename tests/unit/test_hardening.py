@@ -19,7 +19,7 @@ from supervisor.daemon import control
 from supervisor.errors import ConfigError, ControlError
 from supervisor.process.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
 from supervisor.protocol import requests
-from supervisor.system import limits, readiness
+from supervisor.system import limits, orphans, readiness
 from tests.harness import wait_for
 
 MINIMAL = "programs:\n  web:\n    command: [app]\n    listen: ['127.0.0.1:8000']\n"
@@ -277,3 +277,17 @@ def _children(pid: int) -> list[str]:
 
 def _wait_child(pid: int) -> int:
     return int(wait_for(f"a child of {pid}", lambda: _children(pid), timeout=2, interval=0.01)[0])
+
+
+class TestOrphanEnvironment:
+    """What the master reads of a process it did not start is bounded: a crafted LISTEN_PID names no owner."""
+
+    @pytest.mark.parametrize(("value", "owner"), [("1234", 1234), ("9" * 5000, None), ("12a", None), ("", None)])
+    def test_listen_pid_of_any_length(self, value: str, owner: int | None) -> None:
+        child = subprocess.Popen(["sleep", "30"], env={"LISTEN_PID": value, "PATH": os.environ["PATH"]})
+        try:
+            found = orphans.adopt(child.pid)
+            assert found.owner == owner and "sleep" in found.command
+        finally:
+            child.kill()
+            child.wait()
