@@ -28,6 +28,7 @@ log = structlog.get_logger()
 
 REQUEST_TIMEOUT = 10  # seconds a client has to send its request line
 MAX_CONNECTIONS = 32  # connections of root and the daemon's user open at once; more are refused
+MAX_FOLLOWERS = 64  # `tail -f` followers at once, counted apart: they never take a request's place
 MAX_REFUSING = 64  # refused connections given REFUSAL_GRACE to send before they are closed
 REFUSAL_GRACE = 0.5
 REFUSAL_LOG_EVERY = 1.0  # seconds: one control_refused line at most, however many are refused
@@ -38,6 +39,7 @@ class ControlServer:
     """Listens on the control socket; only root and the daemon's own user may talk to it."""
 
     connections = 0  # open connections of permitted peers (counted per server once it has one)
+    followers = 0  # `tail -f` connections following, not counted in `connections`
     refusing = 0  # refused connections waiting for their request before they are closed
     refused_logged = -math.inf  # when control_refused was last logged
 
@@ -94,17 +96,36 @@ class ControlServer:
         except ConnectionError:
             writer.close()
             return
-        self.post(ControlRequest(request, reply))
         if isinstance(request, requests.Tail) and request.follow:
+            if self.followers >= MAX_FOLLOWERS:
+                reply.finish(False, f"too many tail -f followers ({self.followers} open); stop one first")
+                return
+            await self._follow(reader, writer, ControlRequest(request, reply))
+            return
+        self.post(ControlRequest(request, reply))
+        # Counted as open until the master's answer closes it (or the client leaves).
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    async def _follow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      request: ControlRequest) -> None:
+        """A follower leaves the count of connections for its own: root can always `status` and `reload`
+        while log shippers and forgotten terminals follow."""
+        self.connections -= 1
+        self.followers += 1
+        try:
+            self.post(request)
             # A follower sends nothing more: its end of file is the user's Ctrl-C. Without this read its
             # connection would stay half-open, and counted, until the program writes its next line.
             with contextlib.suppress(OSError):
                 while await reader.read(4096):
                     pass
             writer.close()
-        # Counted as open until the master's answer closes it (or the client leaves).
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        finally:
+            self.followers -= 1
+            self.connections += 1  # _handle takes it off again
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
         """Answer with the reason, then wait a moment for the client's request before closing.
