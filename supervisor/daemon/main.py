@@ -20,6 +20,7 @@ from supervisor.config import schema
 from supervisor.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from supervisor.model import preflight
 from supervisor.process import reexec
+from supervisor.protocol import framing
 from supervisor.system import limits, logs
 
 log = structlog.get_logger()
@@ -94,18 +95,33 @@ async def _adopt(state_fd: int) -> int:
     from supervisor.daemon import handover
     from supervisor.daemon.master import Master
 
+    state: dict[str, object] = {}
     try:
         state = reexec.read_state(state_fd)
         master = Master(handover.config_of(state))
         master.restore(handover.restored(state))
-    except Exception:
-        # The check step makes this unlikely. The workers are this process's children and die with it
-        # (parent-death signal): stay alive, say so loudly, and let the operator decide (TERM ends all).
+        return await master.run(adopted=state)
+    except Exception as exc:
+        # The check step makes this unlikely (it imports the new code, it does not adopt). The workers
+        # are this process's children and die with it (parent-death signal): stay alive, say so
+        # loudly and to the client that asked, and let the operator decide (TERM ends all).
         log.critical("upgrade_adopt_failed", exc_info=True,
                      advice="workers still serve; restart supervisord to take control of them again")
+        _answer_upgrade(state, f"upgrade failed while the new code took over the state: {type(exc).__name__}: "
+                               f"{exc}; the workers serve on, but supervisord no longer answers: restart it")
         await _wait_for_a_stop_signal()
         return EXIT_FAILED
-    return await master.run(adopted=state)
+
+
+def _answer_upgrade(state: dict[str, object], error: str) -> None:
+    """Tell the client waiting for the upgrade (its connection crossed the exec) that it failed."""
+    handed = state.get("requests")
+    fd = handed[0].get("fd") if isinstance(handed, list) and handed and isinstance(handed[0], dict) else None
+    if isinstance(fd, int):
+        try:
+            os.write(fd, framing.encode({"ok": False, "error": error}))
+        except OSError:
+            pass  # it gave up, or the new code had answered it already
 
 
 async def _wait_for_a_stop_signal() -> None:

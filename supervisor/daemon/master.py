@@ -115,6 +115,8 @@ class Master:
             else:
                 await self.endpoints.adopt(adopted["endpoints"])
         except (OSError, SupervisorError) as exc:
+            if adopted is not None:
+                raise  # after an upgrade's exec: the workers must outlive this (daemon/main.py)
             log.error("migrate_unavailable" if isinstance(exc, migrate.MigrateError) else "startup_failed",
                       error=str(exc))
             self.endpoints.close()
