@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from supervisor.config import files
 from supervisor.errors import PreflightError
 
 if TYPE_CHECKING:
@@ -116,11 +117,11 @@ def inspect(cert_path: str, key_path: str, now: datetime.datetime | None = None,
 
 
 def _read(path: str) -> bytes:
+    """A certificate or key file, by the rules of every file the master reads (files.py)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise TlsError(f"{path}: cannot read: {exc.strerror}") from None
+        return files.read(path)
+    except files.Refused as exc:
+        raise TlsError(f"{path}: {exc}") from None
 
 
 def _subject(cert: x509.Certificate) -> str:

@@ -7,10 +7,11 @@ Apart from `config` so that supervisorctl, which only needs the control socket's
 from __future__ import annotations
 
 import os
-import stat
 
 import yaml
 
+from supervisor.config import files
+from supervisor.config.files import MAX_FILE, file_kind  # noqa: F401 (yamlfile.MAX_FILE: the API)
 from supervisor.errors import ConfigError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
@@ -22,7 +23,6 @@ DEFAULT_SOCKET = "./supervisor.sock"
 # libyaml reads a 1 MiB file about five times faster than the pure-Python one.
 LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-MAX_FILE = 1 << 20  # bytes of a config file; larger ones are refused unread
 MAX_EVENTS = 20_000  # YAML parser events (scalars, aliases, starts and ends of collections) in a file
 
 
@@ -49,55 +49,16 @@ def control_socket(path: str | os.PathLike[str]) -> str:
 
 
 def read(path: str | os.PathLike[str]) -> str:
-    """The file's text, read without blocking the master's loop (startup and `reload` both come here).
-
-    A FIFO would block open() until a writer comes, a device may never end (/dev/zero): only a
-    regular file is read, opened with O_NONBLOCK in case it was swapped since the stat, and at most
-    MAX_FILE bytes of it.
-    """
+    """The file's text, read without blocking the master's loop (startup and `reload` both come here)."""
     name = os.fspath(path)
     try:
-        kind = file_kind(os.stat(name).st_mode)
-        if kind:
-            raise ConfigError(name, 0, "", f"not a regular file ({kind})")
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        try:
-            info = os.fstat(fd)
-            size, kind = info.st_size, file_kind(info.st_mode)
-            if kind:
-                raise ConfigError(name, 0, "", f"not a regular file ({kind})")
-            data = _read_at_most(fd, MAX_FILE + 1)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise ConfigError(name, 0, "", f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE:
-        raise ConfigError(name, 0, "", f"larger than {MAX_FILE >> 20} MiB ({max(size, len(data))} bytes): not read")
+        data = files.read(name, MAX_FILE)
+    except files.Refused as exc:
+        raise ConfigError(name, 0, "", str(exc)) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(name, 0, "", "cannot read: not UTF-8 text") from None
-
-
-def file_kind(mode: int) -> str | None:
-    """What a file that is not a regular one is, for the error; None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    return next((text for test, text in kinds if test(mode)), "not a file")
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, min(65536, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def compose(text: str, path: str) -> yaml.Node | None:

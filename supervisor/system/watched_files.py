@@ -18,6 +18,8 @@ import os
 import stat
 from collections.abc import Iterable
 
+from supervisor.config import files
+
 INTERVAL = 1.0  # seconds between two looks
 MAX_WAIT = 5  # looks a reload waits for files that keep changing before it starts anyway
 MAX_HASHED = 4 << 20  # bytes of a file whose content is hashed
@@ -76,23 +78,11 @@ def fingerprint(info: os.stat_result | None) -> Fingerprint:
 
 
 def content_of(path: str, info: os.stat_result | None) -> Fingerprint:
-    """A hash of the content of a regular file of sane size; what stat says of anything else."""
+    """A hash of the content of a regular file of sane size (read by config/files.py's rules); what
+    stat says of anything else."""
     if info is None or not stat.S_ISREG(info.st_mode) or info.st_size > MAX_HASHED:
         return fingerprint(info)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        return ("unreadable", exc.errno)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ("not a regular file",)
-        digest = hashlib.sha256()
-        left = MAX_HASHED
-        while left > 0 and (chunk := os.read(fd, min(65536, left))):
-            digest.update(chunk)
-            left -= len(chunk)
-        return ("sha256", digest.hexdigest())
-    except OSError as exc:
-        return ("unreadable", exc.errno)
-    finally:
-        os.close(fd)
+        return ("sha256", hashlib.sha256(files.read(path, MAX_HASHED)).hexdigest())
+    except files.Refused as exc:
+        return ("unreadable", str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -51,3 +52,29 @@ def test_migration_problem_is_found_without_touching_the_sysctl(tmp_path: Path) 
     present.write_text("0\n")
     assert preflight.migration_problem(MigrateMode.REQUIRE, str(present)) is None
     assert present.read_text() == "0\n"
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    ("fifo", "not a regular file (a FIFO)"),
+    ("zero", "not a regular file (a character device)"),
+    ("huge", "larger than 1 MiB (2097152 bytes): not read"),
+    ("missing", "cannot read: No such file or directory"),
+])
+def test_certificate_files_are_read_by_the_rules_of_every_file(tmp_path: Path, make: str, reason: str) -> None:
+    """A cert path that became a FIFO, a device, a huge file: one line naming it, at once (never a hang
+    of the master's loop in open(), never a read without end)."""
+    cert, key = issue(trustme.CA(), tmp_path)
+    bad = str(tmp_path / "bad.pem")
+    if make == "fifo":
+        os.mkfifo(bad)
+    elif make == "zero":
+        bad = "/dev/zero"
+    elif make == "huge":
+        with open(bad, "wb") as f:
+            f.truncate(2 << 20)  # sparse: costs no disk
+    with pytest.raises(tls.TlsError) as cert_error:
+        tls.load(bad, key)
+    assert str(cert_error.value) == f"{bad}: {reason}"
+    with pytest.raises(tls.TlsError) as key_error:
+        tls.load(cert, bad)
+    assert str(key_error.value) == f"{bad}: {reason}"
