@@ -36,8 +36,12 @@ log = structlog.get_logger()
 RESULTS = ("done", "rolled_back", "refused")  # supervisor_reloads_total{result}
 WAYS = ("migrated", "drained", "reset")  # supervisor_reload_retirements_total{way}
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds, supervisor_reload_duration_seconds
-MAX_CLIENTS = 8  # HTTP connections at once; more are closed unanswered (each posts one event)
-REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request head; also the master's to answer it
+MAX_CLIENTS = 64  # HTTP connections at once; more are closed unanswered (each posts one event)
+# Connections of one peer address at once: a neighbour holding connections open (slowly sending, or
+# nothing) cannot take the slots the kubelet's probes and Prometheus need.
+MAX_PER_PEER = 4
+HEAD_TIMEOUT = 1.0  # seconds a client has to send its request head (a probe sends it at once)
+REQUEST_TIMEOUT = 5.0  # seconds the master has to answer, and a client to read the answer
 MAX_HEAD = 8192  # bytes of a request head
 TEXT = "text/plain; charset=utf-8"
 
@@ -263,6 +267,7 @@ class MetricsServer:
         # The server of the last move while it starts, and its socket (closed here if it never starts).
         self.starting: tuple[asyncio.Task[asyncio.Server], socket.socket] | None = None
         self.clients = 0
+        self.peers: dict[str, int] = {}  # open connections by peer address
 
     async def open(self, settings: Metrics | None) -> None:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
@@ -312,20 +317,25 @@ class MetricsServer:
             self.server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.clients >= MAX_CLIENTS:
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
+        if self.clients >= MAX_CLIENTS or self.peers.get(peer, 0) >= MAX_PER_PEER:
             writer.close()
             return
         self.clients += 1
+        self.peers[peer] = self.peers.get(peer, 0) + 1
         try:
             await self._serve(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass
         finally:
             self.clients -= 1
+            if (left := self.peers.pop(peer) - 1) > 0:
+                self.peers[peer] = left
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REQUEST_TIMEOUT)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
         parts = head.split(b"\r\n", 1)[0].split()
         if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
             return _respond(writer, 405, TEXT, b"only GET\n", head=False)
