@@ -12,14 +12,13 @@ from typing import Any, Protocol
 
 from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon.events import Event
-from supervisor.daemon.metrics import Tally
+from supervisor.daemon.facts import Facts
 from supervisor.daemon.watcher import Watcher
 from supervisor.model.drain import Departures
 from supervisor.model.generation import Generation, Spawner
 from supervisor.model.program import ProgramRuntime
 from supervisor.system.fdstore import FdStore, Inherited
 from supervisor.system.listeners import Groups
-from supervisor.system.migrate import MigrateStatus
 from supervisor.system.systemd import Notifier
 
 
@@ -30,13 +29,7 @@ class Clock(Protocol):
     def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle: ...
 
 
-class Host(Protocol):
-    @property
-    def config(self) -> Config: ...
-    @property
-    def programs(self) -> dict[str, ProgramRuntime]: ...
-    @property
-    def stopping(self) -> bool: ...
+class Host(Facts, Protocol):
     @property
     def clock(self) -> Clock: ...
     @property
@@ -51,10 +44,6 @@ class Host(Protocol):
     def groups(self) -> Groups: ...
     @property
     def inherited(self) -> Inherited: ...
-    @property
-    def tally(self) -> Tally: ...
-    @property
-    def migration(self) -> MigrateStatus: ...
     @property
     def departures(self) -> Departures: ...
     @property

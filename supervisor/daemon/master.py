@@ -43,6 +43,7 @@ from supervisor.daemon import handover, metrics, output, status, workers
 from supervisor.daemon.endpoints import Endpoints
 from supervisor.daemon.host import Clock
 from supervisor.daemon.reloads import Reloads
+from supervisor.daemon.tally import Tally
 from supervisor.daemon.watcher import Watcher
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.model import reload as reloading
@@ -91,7 +92,7 @@ class Master:
         self.inherited = Inherited(self.fdstore)  # listeners a previous master left in the fd store
         self.orphans = orphans.Orphans(lambda: self.post(ev.ChildrenChanged()))
         self.files = watched_files.Files(config.watch)
-        self.tally = metrics.Tally()  # reloads and restarts, for /metrics
+        self.tally = Tally()  # reloads, drains and restarts, for /metrics
         self.departures = Departures()  # workers leaving a generation, drained first
         self.metrics = metrics.MetricsServer(self.post)
 

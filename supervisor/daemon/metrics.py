@@ -17,25 +17,22 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from supervisor import __version__
-from supervisor.config.schema import Config, Metrics
+from supervisor.config.schema import Metrics
 from supervisor.daemon.events import Event, Scrape
+from supervisor.daemon.facts import Facts
+from supervisor.daemon.tally import BUCKETS, RESULTS, WAYS
 from supervisor.errors import ControlError, SupervisorError
-from supervisor.model.program import ProgramRuntime, ProgramState
-from supervisor.model.reload import Reload
+from supervisor.model.program import ProgramState
 from supervisor.process.worker import WorkerState
 from supervisor.system import migrate
 
 log = structlog.get_logger()
 
-RESULTS = ("done", "rolled_back", "refused")  # supervisor_reloads_total{result}
-WAYS = ("migrated", "drained", "reset")  # supervisor_reload_retirements_total{way}
-BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds, supervisor_reload_duration_seconds
 MAX_CLIENTS = 64  # HTTP connections at once; more are closed unanswered (each posts one event)
 # Connections of one peer address at once: a neighbour holding connections open (slowly sending, or
 # nothing) cannot take the slots the kubelet's probes and Prometheus need.
@@ -46,57 +43,9 @@ MAX_HEAD = 8192  # bytes of a request head
 TEXT = "text/plain; charset=utf-8"
 
 
-@dataclass
-class Tally:
-    """What only the master sees and /metrics counts; kept (a few integers) with or without `metrics:`."""
-
-    reloads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
-    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))  # reloads done within each bound
-    seconds: float = 0.0  # the sum of their durations
-    restarts: dict[str, int] = field(default_factory=dict)  # program -> workers restarted after a crash
-    retirements: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WAYS, 0))  # reloads by way
-    dropped: int = 0  # connections still queued in drained listeners when drain_timeout passed
-    drain_seconds: float = 0.0  # the sum of the drains' durations
-
-    def reloaded(self, result: str, seconds: float | None = None) -> None:
-        self.reloads[result] += 1
-        if seconds is not None:
-            self.seconds += seconds
-            for i, bound in enumerate(BUCKETS):
-                if seconds <= bound:
-                    self.buckets[i] += 1
-
-    def retired(self, way: str, dropped: int, drain_seconds: float, reload: bool = True) -> None:
-        """Old listeners were shut: migrated, drained or reset (model/drain.py), by a reload (counted by
-        way) or as workers left a generation (scale down, recycling: their drain only)."""
-        if reload:
-            self.retirements[way] += 1
-        self.dropped += dropped
-        if way == "drained":
-            self.drain_seconds += drain_seconds
-
-    def restarted(self, program: str) -> None:
-        self.restarts[program] = self.restarts.get(program, 0) + 1
-
-
-class View(Protocol):
-    """What /metrics, /healthz and /readyz read of the master."""
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def programs(self) -> dict[str, ProgramRuntime]: ...
-    @property
-    def reload(self) -> Reload | None: ...
-    @property
-    def stopping(self) -> bool: ...
-    @property
-    def tally(self) -> Tally: ...
-
-
 # -- what the master answers --------------------------------------------------------------------------
 
-def answer(master: View, path: str) -> tuple[int, str, bytes]:
+def answer(master: Facts, path: str) -> tuple[int, str, bytes]:
     """(HTTP status, content type, body) for a GET of `path`."""
     if path == "/healthz":
         return 200, TEXT, b"ok\n"
@@ -113,7 +62,7 @@ def answer(master: View, path: str) -> tuple[int, str, bytes]:
     return 404, TEXT, b"not found: /metrics, /healthz and /readyz are served here\n"
 
 
-def not_ready(master: View) -> list[str]:
+def not_ready(master: Facts) -> list[str]:
     """Why /readyz is 503: every program of the config serves, unless stopped by hand (and done stopping)."""
     reasons = []
     for program in master.config.programs:
@@ -132,7 +81,7 @@ def not_ready(master: View) -> list[str]:
     return reasons
 
 
-def families(master: View) -> list[Any]:
+def families(master: Facts) -> list[Any]:
     """Every metric, read from the master's records and the kernel now."""
     from prometheus_client.core import (
         CounterMetricFamily,
@@ -375,7 +324,7 @@ def bind(settings: Metrics) -> socket.socket:
     return sock
 
 
-def answer_scrape(master: View, event: Scrape) -> None:
+def answer_scrape(master: Facts, event: Scrape) -> None:
     """The master's side of a Scrape: answer unless the client has given up."""
     if event.answered.done():
         return

@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 
 from supervisor import __version__
-from supervisor.config.schema import Config
+from supervisor.daemon.facts import Facts
 from supervisor.model.generation import Generation
 from supervisor.model.program import ProgramRuntime
-from supervisor.model.reload import Reload
 from supervisor.model.roll import Roll
 from supervisor.process.worker import Worker
-from supervisor.system.migrate import MigrateStatus
 
 
-class View(Protocol):
-    """What `status` reads of the master (and nothing else)."""
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def programs(self) -> dict[str, ProgramRuntime]: ...
-    @property
-    def reload(self) -> Reload | None: ...
-    @property
-    def migration(self) -> MigrateStatus: ...
-    @property
-    def started(self) -> float: ...
-    @property
-    def started_at(self) -> float: ...
-    @property
-    def upgraded(self) -> dict[str, Any] | None: ...
-    @property
-    def last_reload(self) -> dict[str, Any] | None: ...
-
-
-def snapshot(master: View) -> dict[str, Any]:
+def snapshot(master: Facts) -> dict[str, Any]:
     """What `status` answers: a view of the master's records and nothing else."""
     starting: dict[str, list[Generation]] = {}
     for gen in master.reload.generations if master.reload else []:

@@ -286,6 +286,7 @@ class TestOrphanEnvironment:
     def test_listen_pid_of_any_length(self, value: str, owner: int | None) -> None:
         child = subprocess.Popen(["sleep", "30"], env={"LISTEN_PID": value, "PATH": os.environ["PATH"]})
         try:
+            wait_for("sleep to run", lambda: Path(f"/proc/{child.pid}/cmdline").read_bytes().startswith(b"sleep"))
             found = orphans.adopt(child.pid)
             assert found.owner == owner and "sleep" in found.command
         finally:

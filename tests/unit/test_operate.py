@@ -13,7 +13,8 @@ import pytest
 
 from supervisor.config import schema
 from supervisor.daemon import output
-from supervisor.daemon.metrics import Tally, not_ready
+from supervisor.daemon.metrics import not_ready
+from supervisor.daemon.tally import Tally
 from supervisor.errors import ConfigError, ControlError
 from supervisor.model.plan import plan_reload, select
 from supervisor.process.worker import Worker
