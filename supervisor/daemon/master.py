@@ -242,8 +242,8 @@ class Master:
                 metrics.answer_scrape(self, event)
             case ev.WatchdogDue():
                 # Sent from the loop itself: a master stuck in a handler misses its pings and systemd restarts it.
-                self.systemd.watchdog()
                 self.later(self.systemd.watchdog_interval or 1.0, ev.WatchdogDue())
+                self.systemd.watchdog()
 
     # -- signals and requests ----------------------------------------------------------------------
 

@@ -143,12 +143,14 @@ def scale(host: Host, name: str, count: int, reply: Reply) -> None:
 def recycle_check(host: Host) -> None:
     """Replace workers over max_rss or max_age: the new one listens first, the old one retires once it is ready."""
     now = host.clock.time()
-    for record, gen in serving(host.programs):
-        for slot, reason in gen.recycling(now):
-            log.info("worker_recycling", program=record.name, gen=gen.number, worker=slot.index,
-                     pid=slot.worker.pid if slot.worker else None, reason=reason)
-            slot.replacement = spawn_into(host, gen, slot.index)
-    host.later(RECYCLE_POLL, ev.RecycleCheck())
+    try:
+        for record, gen in serving(host.programs):
+            for slot, reason in gen.recycling(now):
+                log.info("worker_recycling", program=record.name, gen=gen.number, worker=slot.index,
+                         pid=slot.worker.pid if slot.worker else None, reason=reason)
+                slot.replacement = spawn_into(host, gen, slot.index)
+    finally:  # the next look whatever happens in this one (a failure is the master's catch-all's to log)
+        host.later(RECYCLE_POLL, ev.RecycleCheck())
 
 
 def stop_later(host: Host, program: Program, workers: list[Worker]) -> None:

@@ -160,6 +160,23 @@ class TestSlots:
         s.ready(*s.starting())
         assert reply.ok and s.state() == "serving" and s.record().fatal is None
 
+    def test_the_recycle_look_comes_again_after_a_look_that_failed(self, tmp_path: Path) -> None:
+        """A bug inside one look (here the spawner raising what it never should) is the catch-all's to
+        log; the next look is armed all the same, and recycles."""
+        s = scenario(tmp_path, max_age=100)
+        s.advance(101)
+        real, calls = s.spawner.spawn, []
+
+        def broken(*args: object) -> object:
+            calls.append(args)
+            raise RuntimeError("a bug")
+        s.spawner.spawn = broken  # type: ignore[assignment,method-assign]
+        s.recycle_check()  # handler_failed, logged by the master's catch-all
+        assert calls and s.starting() == []
+        s.spawner.spawn = real  # type: ignore[method-assign]
+        s.advance(1.0)  # RECYCLE_POLL: the next look
+        assert len(s.starting()) == 2
+
     def test_a_recycle_replacement_that_fails_then_one_that_works(self, tmp_path: Path) -> None:
         s = scenario(tmp_path, max_age=100)
         s.advance(101)
