@@ -3,23 +3,24 @@
 A minimal HTTP/1.1 server on uvloop, stdlib otherwise, quick to start: it starts on every reload.
 
 Environment (systemd socket activation and sd_notify, as supervisord provides them):
-  LISTEN_FDS=n            listening sockets at fds 3 .. 3+n-1
-  LISTEN_PID              if set, must be this process's pid
-  LISTEN_FDNAMES          optional, colon-separated names for those fds
-  NOTIFY_SOCKET           gets `READY=1` once every listener is served ('@' starts an abstract name)
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET, SUPERVISOR_BACKLOG: see supervisor.servers.activation
   SUPERVISOR_GENERATION, SUPERVISOR_WORKER   reported in every answer (default 0)
-  SUPERVISOR_BACKLOG      accept-queue length to keep (default: the one the listener already has)
+  SUPERVISOR_GRACEFUL_TIMEOUT   the stop's bound (see supervisor.servers.stopping)
   SUPERVISOR_TLS_CERT, SUPERVISOR_TLS_KEY    PEM files: serve HTTPS with them (read once, at start)
 Or standalone, for benchmarks: `--bind HOST:PORT` (repeatable, `[::1]:8000` for IPv6).
 
-GET / answers JSON {generation, worker, pid, listener} (`?delay=S`: after S seconds, at most 60);
-GET /health answers "ok". SIGTERM, SIGQUIT or SIGINT: graceful stop; a second one: exit now.
+GET / (or POST / with a body) answers JSON {generation, worker, pid, listener} (`?delay=S`: after S
+seconds, at most 60); GET /health answers "ok". SIGTERM, SIGQUIT or SIGINT: graceful stop, as the stop
+contract of supervisor.servers.stopping says (`--close-idle-at-stop`: the demo's stop before that
+contract, which closes idle keep-alive connections at once; for tests and comparisons only); a second
+one: exit now.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -27,21 +28,30 @@ import socket
 import ssl
 import struct
 import sys
+import termios
 from typing import cast
 
 import uvloop
 
-DEFAULT_BACKLOG = 1024
+from supervisor.servers.activation import (
+    DEFAULT_BACKLOG,
+    Listener,
+    StartError,
+    address,
+    backlog_override,
+    env_int,
+    inherited_listeners,
+    kept_backlog,
+    notify,
+    stderr,
+)
+from supervisor.servers.stopping import IDLE_CLOSE, finish_within
+
 MAX_DELAY = 60.0
-STOP_GRACE = 5.0  # seconds a connection accepted before the stop has to send its request
+STOP_GRACE = 5.0  # seconds a TLS handshake in progress at the stop has to finish
 HANDSHAKE_TIMEOUT = 60.0  # asyncio's ssl_handshake_timeout default
 MAX_HEAD = 65536
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 501: "Not Implemented"}
-Listener = tuple[str, socket.socket]  # (name or address, listening socket)
-
-
-class StartError(Exception):
-    """Bad arguments or environment: one line on stderr, exit status 2."""
 
 
 class BadRequest(Exception):
@@ -51,57 +61,7 @@ class BadRequest(Exception):
 
 
 def log(message: str) -> None:
-    try:
-        print(f"demo pid={os.getpid()} {message}", file=sys.stderr, flush=True)
-    except OSError:
-        # stderr is a pipe to supervisord; when it died (its parent-death signal is how we learn it),
-        # nobody reads it: the stop must go on, not end in BrokenPipeError.
-        pass
-
-
-def notify(message: str) -> None:
-    """Send one sd_notify datagram to NOTIFY_SOCKET, if there is one."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), "\0" + path[1:] if path.startswith("@") else path)
-    except OSError as exc:
-        log(f"cannot notify {path}: {exc}")
-
-
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
-    if not value.isdigit():
-        raise StartError(f"{name}={value!r}: expected a non-negative integer")
-    return int(value)
-
-
-def address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-
-
-def inherited_listeners() -> list[Listener]:
-    """The listening sockets passed by socket activation, named by LISTEN_FDNAMES or their address."""
-    pid = os.environ.get("LISTEN_PID")
-    if pid is not None and pid != str(os.getpid()):
-        raise StartError(f"LISTEN_PID={pid} but this is pid {os.getpid()}: the listening fds are not for us")
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    listeners = []
-    for index in range(env_int("LISTEN_FDS", 0)):
-        fd = 3 + index
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise StartError(f"fd {fd} from LISTEN_FDS: {exc.strerror}") from exc
-        # A listener shut down by the supervisor (it gave up on us) would rejoin its reuseport group
-        # if we called listen() on it: never do that, the connections routed to it would wait in vain.
-        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise StartError(f"fd {fd} from LISTEN_FDS is not a listening stream socket")
-        listeners.append((names[index] if index < len(names) and names[index] else address(sock), sock))
-    return listeners
+    stderr(f"demo pid={os.getpid()} {message}")
 
 
 def bound_listeners(binds: list[str], backlog: int) -> list[Listener]:
@@ -119,22 +79,6 @@ def bound_listeners(binds: list[str], backlog: int) -> list[Listener]:
             raise StartError(f"--bind {spec}: {exc.strerror}") from exc
         listeners.append((address(sock), sock))
     return listeners
-
-
-def kept_backlog(sock: socket.socket, override: int | None) -> int:
-    """The backlog to give create_server(), which calls listen() again (asyncio's default: 100).
-
-    listen() on a listening socket replaces its backlog, and the supervisor chose one for the whole
-    reuseport group: migration does not check the target's backlog, so a smaller one here would drop
-    connections after a reload. For a listener, tcp_get_info() (net/ipv4/tcp.c) reports the accept
-    queue's length in tcpi_unacked (offset 24) and its limit in tcpi_sacked (offset 28).
-    """
-    if override is not None:
-        return override
-    try:
-        return int(struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 28)[0])
-    except OSError:  # not TCP
-        return DEFAULT_BACKLOG
 
 
 def parse_head(head: bytes) -> tuple[str, str, bool, int]:
@@ -176,9 +120,11 @@ def parse_delay(query: str) -> float:
 class Demo:
     """The service: its servers, its open connections, and whether it is stopping."""
 
-    def __init__(self, identity: dict[str, int], backlog: int | None, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, identity: dict[str, int], backlog: int | None, tls: ssl.SSLContext | None,
+                 close_idle_at_stop: bool = False) -> None:
         self.identity, self.backlog = identity, backlog  # what answers report, SUPERVISOR_BACKLOG
         self.tls = tls
+        self.close_idle_at_stop = close_idle_at_stop  # the stop before the keep-alive contract (comparisons)
         self.loop = asyncio.get_running_loop()
         self.servers: list[asyncio.Server] = []
         self.connections: set[Connection] = set()
@@ -197,7 +143,16 @@ class Demo:
             server.close()
         waiting = sum(connection.stop() for connection in list(self.connections))
         log(f"stopping: {waiting} connections in progress")
+        self.loop.call_later(finish_within(), self.finish)
         self.check_done()
+
+    def finish(self) -> None:
+        """The stop's bound: drop what is left (a client that never reads, a request that never ends)."""
+        if self.connections:
+            log(f"closing {len(self.connections)} connections still open {finish_within():g} s after the stop")
+        for connection in list(self.connections):
+            connection.abort()
+        self.check_done(now=True)
 
     def check_done(self, now: bool = False) -> None:
         if (now or (self.stopping and not self.connections)) and not self.done.done():
@@ -205,7 +160,11 @@ class Demo:
 
 
 class Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: requests in order, a delayed answer holds the ones behind it."""
+    """One HTTP/1.1 connection: requests in order, a delayed answer holds the ones behind it.
+
+    Its stop follows supervisor.servers.stopping: every request read is answered, the last one with
+    `Connection: close`; with nothing in progress it is closed once quiet for IDLE_CLOSE seconds.
+    """
 
     transport: asyncio.Transport
 
@@ -217,7 +176,8 @@ class Connection(asyncio.Protocol):
         self.keep_alive = True
         self.answered = 0
         self.pending: asyncio.TimerHandle | None = None  # a delayed answer
-        self.grace: asyncio.TimerHandle | None = None  # stopping: the deadline for a request to arrive
+        self.grace: asyncio.TimerHandle | None = None  # stopping: when a quiet connection is closed
+        self.active = demo.loop.time()  # its last byte in or out, or its accept
         self.made = False  # connection_made() was called: over TLS, once the handshake is done
         # Counted from the accept, not from connection_made: over TLS that comes after the handshake,
         # and a stop in between must not exit under a client that is still shaking hands. A handshake
@@ -228,6 +188,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.made = True
+        self.active = self.demo.loop.time()
         self.demo.connections.add(self)  # again: a handshake just past the timer's deadline was dropped
         if self.handshake is not None:
             self.handshake.cancel()
@@ -241,27 +202,63 @@ class Connection(asyncio.Protocol):
         self.demo.connections.discard(self)
         self.demo.check_done()
 
+    def abort(self) -> None:
+        if self.made:
+            self.transport.abort()
+        self.connection_lost(None)
+
+    def idle(self) -> bool:
+        """Nothing in progress: no request partly read, none waiting for its answer, no answer unsent."""
+        return self.pending is None and self.request is None and not self.buffer and (
+            not self.made or not unsent(self.transport))
+
     def stop(self) -> bool:
-        """The service stops: close if idle, else finish the request. True if still in progress."""
+        """The service stops: finish what is in progress, close once quiet. True if still open."""
         if not self.made:  # TLS handshake in progress: as long as a client that has yet to ask
             if self.handshake is not None:
                 self.handshake.cancel()
             self.handshake = self.demo.loop.call_later(STOP_GRACE, self.connection_lost, None)
             return True
+        if self.demo.close_idle_at_stop:
+            return self.stop_closing_idle()
+        if self.idle():
+            self.close_when_quiet()
+        return True  # in progress: its last answer says Connection: close
+
+    def stop_closing_idle(self) -> bool:
+        """The stop before the keep-alive contract: a request sent to an idle connection at this instant is lost."""
         if self.pending is not None:
-            return True  # its answer will say Connection: close
-        if self.answered and not self.buffer and self.request is None:
-            # Idle keep-alive. A request sent at this very instant is lost, as with any keep-alive close:
-            # HTTP clients retry idempotent requests on a reused connection that closes.
+            return True
+        if self.answered and self.idle():
             self.transport.close()
             return False
-        # Accepted before the stop: its client is waiting for an answer, give it time to ask.
         self.grace = self.demo.loop.call_later(STOP_GRACE, self.transport.close)
         return True
 
+    def close_when_quiet(self) -> None:
+        """Close once nothing came or went for IDLE_CLOSE s: a client still using it gets an answer first."""
+        if self.grace is not None:
+            self.grace.cancel()
+        self.grace = self.demo.loop.call_at(self.active + IDLE_CLOSE, self.quiet)
+
+    def quiet(self) -> None:
+        self.grace = None
+        if self.transport.is_closing():
+            return
+        if self.idle():
+            self.transport.close()
+        elif self.pending is None and self.request is None and not self.buffer:  # answers still being sent
+            self.grace = self.demo.loop.call_later(IDLE_CLOSE, self.quiet)
+
     def data_received(self, data: bytes) -> None:
+        self.active = self.demo.loop.time()
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
         self.buffer += data
         self.process()
+        if self.demo.stopping and not self.demo.close_idle_at_stop and self.idle():
+            self.close_when_quiet()  # what came was not a whole request (or nothing but a close followed)
 
     def process(self) -> None:
         while self.pending is None and not self.transport.is_closing():
@@ -289,12 +286,10 @@ class Connection(asyncio.Protocol):
             self.handle(method, target)
 
     def handle(self, method: str, target: str) -> None:
-        if self.grace is not None:
-            self.grace.cancel()
         path, _, query = target.partition("?")
         if path not in ("/", "/health"):
             self.reply(404, b"not found\n")
-        elif method != "GET":
+        elif method != "GET" and not (method == "POST" and path == "/"):
             self.reply(405, b"method not allowed\n", extra="Allow: GET\r\n")
         elif path == "/health":
             self.reply(200, b"ok", "text/plain")
@@ -316,13 +311,30 @@ class Connection(asyncio.Protocol):
 
     def reply(self, status: int, body: bytes, content_type: str = "text/plain", close: bool = False,
               extra: str = "") -> None:
-        close = close or not self.keep_alive or self.demo.stopping
+        # Stopping, the last answer says close: the last one the demo has a request for (pipelined requests
+        # already read are answered too), or with --close-idle-at-stop the first one after the stop.
+        last = not self.buffer or self.demo.close_idle_at_stop
+        close = close or not self.keep_alive or (self.demo.stopping and last)
         head = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {content_type}\r\nContent-Length: "
                 f"{len(body)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n{extra}\r\n")
         self.transport.write(head.encode() + body)
         self.answered += 1
+        self.active = self.demo.loop.time()
         if close:
             self.transport.close()
+
+
+def unsent(transport: asyncio.Transport) -> int:
+    """Bytes of answers the client has yet to take: in the transport's buffer, and in the kernel's send
+    queue (SIOCOUTQ, which is TIOCOUTQ's number: sent but not acknowledged, or not sent yet)."""
+    queued = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            pass
+    return queued
 
 
 def tls_context() -> ssl.SSLContext | None:
@@ -347,8 +359,8 @@ async def start_server(demo: Demo, name: str, sock: socket.socket) -> asyncio.Se
 
 
 async def serve(listeners: list[Listener], identity: dict[str, int], backlog: int | None,
-                tls: ssl.SSLContext | None) -> None:
-    demo = Demo(identity, backlog, tls)
+                tls: ssl.SSLContext | None, close_idle_at_stop: bool = False) -> None:
+    demo = Demo(identity, backlog, tls, close_idle_at_stop)
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         demo.loop.add_signal_handler(signum, demo.stop)
     for name, sock in listeners:
@@ -359,7 +371,7 @@ async def serve(listeners: list[Listener], identity: dict[str, int], backlog: in
     if not demo.stopping:
         log(f"generation={identity['generation']} worker={identity['worker']} "
             f"serving {' '.join(name for name, _ in listeners)}")
-        notify(f"READY=1\nSTATUS=serving {len(listeners)} listeners")
+        notify(f"READY=1\nSTATUS=serving {len(listeners)} listeners", log)
     await demo.done
 
 
@@ -367,10 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supervisor.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", action="append", default=[], metavar="HOST:PORT", help="repeatable")
     parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help="with --bind")
+    parser.add_argument("--close-idle-at-stop", action="store_true",
+                        help="the stop before the keep-alive contract: close idle connections at once "
+                             "(loses requests sent at that instant; for tests and comparisons only)")
     args = parser.parse_args(argv)
     try:
         identity = {name: env_int(f"SUPERVISOR_{name.upper()}", 0) for name in ("generation", "worker")}
-        backlog = env_int("SUPERVISOR_BACKLOG", 0) if os.environ.get("SUPERVISOR_BACKLOG") else None
+        backlog = backlog_override()
         if args.bind and env_int("LISTEN_FDS", 0):
             raise StartError("both --bind and LISTEN_FDS given: use one source of listeners")
         listeners = bound_listeners(args.bind, args.backlog) if args.bind else inherited_listeners()
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
-    uvloop.run(serve(listeners, identity, backlog, tls))
+    uvloop.run(serve(listeners, identity, backlog, tls, args.close_idle_at_stop))
     return 0
 
 

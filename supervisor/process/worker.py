@@ -365,7 +365,8 @@ def socket_env(program: Program, generation: int, index: int, socks: list[Listen
     """What tells a worker its listeners (fds 3..) and who it is; set per worker."""
     return {"LISTEN_FDS": str(len(socks)), "LISTEN_FDNAMES": ":".join(s.name for s in socks),
             "SUPERVISOR_PROGRAM": program.name, "SUPERVISOR_GENERATION": str(generation),
-            "SUPERVISOR_WORKER": str(index), "SUPERVISOR_BACKLOG": str(program.backlog)}
+            "SUPERVISOR_WORKER": str(index), "SUPERVISOR_BACKLOG": str(program.backlog),
+            "SUPERVISOR_GRACEFUL_TIMEOUT": f"{program.graceful_timeout:g}"}
 
 
 def privileges(program: Program) -> list[str]:

@@ -203,20 +203,62 @@ def test_stop_after_an_outside_shutdown_does_not_spin(tmp_path: Path) -> None:
         assert demo.wait() == 0
 
 
-def test_stop_answers_accepted_connections_and_closes_idle_ones(tmp_path: Path) -> None:
-    """Accepted before the stop but not asked yet: still answered. Answered once and idle: closed."""
+def test_stop_answers_kept_and_accepted_connections_and_closes_quiet_ones(tmp_path: Path) -> None:
+    """The stop contract: a kept connection's next request, and one accepted but not asked yet, get an answer
+    that says `Connection: close`; a connection that stays quiet is closed IDLE_CLOSE s after its last byte."""
     with make_listener() as listener, running_demo(tmp_path, listener=listener) as demo:
         demo.wait_ready()
-        with connect_accepted(listener) as idle, connect_accepted(listener) as quiet:
-            idle.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert read_response(idle)[1]["connection"] == "keep-alive"
+        with connect_accepted(listener) as kept, connect_accepted(listener) as idle, \
+                connect_accepted(listener) as fresh:
+            for sock in (kept, idle):
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+                assert read_response(sock)[1]["connection"] == "keep-alive"
+            last_answer = time.monotonic()
             demo.signal(signal.SIGTERM)
             wait_for("the demo to close its listener", lambda: not demo.holds(listener))
-            assert idle.recv(1) == b"", "an idle keep-alive connection stays open during the stop"
-            quiet.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-            status, headers, _ = read_response(quiet)
-            assert (status, headers["connection"]) == (200, "close")
+            for sock in (kept, fresh):
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                status, headers, _ = read_response(sock)
+                assert (status, headers["connection"]) == (200, "close")
+                assert sock.recv(1) == b""
+            assert idle.recv(1) == b""
+            quiet_for = time.monotonic() - last_answer
+            assert demo_module.IDLE_CLOSE - 0.1 < quiet_for < demo_module.IDLE_CLOSE + 1, quiet_for
         assert demo.wait() == 0
+
+
+def test_stop_answers_every_pipelined_request_it_has_read(tmp_path: Path) -> None:
+    """Requests already read when the stop comes are all answered; only the last answer says close."""
+    with make_listener() as listener, running_demo(tmp_path, listener=listener) as demo:
+        demo.wait_ready()
+        with connect_accepted(listener) as sock:
+            sock.sendall(b"GET /?delay=0.5 HTTP/1.1\r\nHost: test\r\n\r\n" * 3)
+            time.sleep(0.2)  # read, the first one waiting for its answer
+            demo.signal(signal.SIGTERM)
+            answers = [read_response(sock) for _ in range(3)]
+            assert [(status, headers["connection"]) for status, headers, _ in answers] == [
+                (200, "keep-alive"), (200, "keep-alive"), (200, "close")]
+            assert sock.recv(1) == b""
+        assert demo.wait() == 0
+
+
+def test_stop_is_bounded_by_the_graceful_timeout(tmp_path: Path) -> None:
+    """A client that never reads its answers (its receive window full) cannot hold the demo: it exits at
+    FINISH_SHARE x SUPERVISOR_GRACEFUL_TIMEOUT after the stop signal."""
+    with make_listener() as listener, running_demo(tmp_path, listener=listener,
+                                                   SUPERVISOR_GRACEFUL_TIMEOUT="2") as demo:
+        demo.wait_ready()
+        with connect_accepted(listener) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(20000):  # until the demo's answers fill both sides' buffers
+                    sock.send(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            started = time.monotonic()
+            demo.signal(signal.SIGTERM)
+            assert demo.wait(5) == 0
+            assert 1.5 < time.monotonic() - started < 3  # at 1.8 s, and its exit (a busy machine is slow)
+        assert "closing 1 connections still open 1.8 s after the stop" in demo.log()
 
 
 def test_stop_waits_for_a_tls_handshake_in_progress(tmp_path: Path) -> None:

@@ -1,0 +1,43 @@
+"""How a worker stops without losing a request on a kept connection: the timing rule of the stop contract.
+
+After supervisord has shut a worker's listeners (their queues moved to the new generation) and sent its
+stop signal, the worker still holds established connections, and a keep-alive client may send its next
+request on one at any instant. HTTP/1.1 gives a server no way to say "close now" to an idle client:
+whenever a server closes an idle kept connection, a request sent at that instant gets EOF or a reset,
+and a client cannot safely send a POST again. The only close that cannot race is the one after an answer
+that said `Connection: close`. So a stopping worker:
+
+- answers every request it has read, pipelined ones included; the last answer it has a request for says
+  `Connection: close`, then it closes that connection;
+- closes a connection with nothing in progress only once it has been quiet for `IDLE_CLOSE` seconds
+  (counted from its last byte in or out, or its accept): a client that sent nothing for that long is in
+  the state of any keep-alive timeout, and clients that reuse connections promptly get their next
+  answer with `Connection: close` instead;
+- closes whatever is left (a client that never reads, a request that never ends) `finish_within()`
+  after the stop signal, before supervisord's `graceful_timeout` kills it.
+
+supervisord tells each worker its program's `graceful_timeout` in SUPERVISOR_GRACEFUL_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import os
+
+IDLE_CLOSE = 1.0  # seconds a connection with nothing in progress must be quiet before a stopping worker closes it
+GRACEFUL_TIMEOUT = 30.0  # supervisord's default, for a worker started without SUPERVISOR_GRACEFUL_TIMEOUT
+FINISH_SHARE = 0.9  # the share of graceful_timeout a worker takes before it closes what is left
+
+
+def graceful_timeout() -> float:
+    """The program's graceful_timeout, as supervisord passes it (its default when run by hand)."""
+    value = os.environ.get("SUPERVISOR_GRACEFUL_TIMEOUT", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return GRACEFUL_TIMEOUT
+    return seconds if seconds >= 0 else GRACEFUL_TIMEOUT  # also NaN
+
+
+def finish_within(graceful: float | None = None) -> float:
+    """Seconds after the stop signal at which a worker closes every connection it still holds and exits."""
+    return FINISH_SHARE * (graceful_timeout() if graceful is None else graceful)

@@ -1,0 +1,65 @@
+"""Keep-alive clients through reloads: every connection an old worker holds ends with an answer that says
+`Connection: close`, so not one request is lost (README "What a worker gets", the stop contract).
+
+64 persistent HTTP/1.1 connections send requests back to back while the program reloads about every
+0.5 s for 15 s. Each server runs as 2 workers under supervisord (`migrate: require`). The control runs
+prove the load can fail: the demo's stop before the contract (`--close-idle-at-stop`) loses about one
+request per open connection and reload.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import DEMO, Supervisor, program, supervisor
+from tests.load import Clients, Tally
+
+pytestmark = pytest.mark.usefixtures("netns")
+RELOADING = 15.0  # seconds of reloads per run
+PAUSE = 0.5  # seconds between one reload's end and the next one's start
+CONCURRENCY = 64
+
+
+def reload_under_keep_alive(tmp_path: Path, settings: dict[str, Any], method: str = "GET",
+                            seconds: float = RELOADING, **load: Any) -> tuple[Tally, int, Supervisor]:
+    """Reload back to back under 64 kept connections; the tally, the number of reloads, the supervisor."""
+    with supervisor(tmp_path, {"web": settings}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=CONCURRENCY, seconds=seconds + 60, keep_alive=True,
+                    method=method, **load) as clients:
+        time.sleep(0.5)  # the clients import and connect
+        reloads = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(PAUSE)
+            sup.reload()
+            reloads += 1
+        time.sleep(0.5)  # the last generation serves the kept connections
+        tally = clients.finish()
+    print(f"\n{tally.describe()}, {reloads} reloads")
+    return tally, reloads, sup
+
+
+def killed(sup: Supervisor) -> list[dict[str, Any]]:
+    """Workers supervisord had to kill at graceful_timeout."""
+    return sup.events("graceful_timeout")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_the_demo_loses_no_request_on_kept_connections(tmp_path: Path, method: str) -> None:
+    tally, reloads, sup = reload_under_keep_alive(tmp_path, program(DEMO, ready="notify"), method)
+    assert reloads >= 8 and tally.ok > 100 * reloads, tally.describe()
+    assert not tally.failures, tally.describe()
+    assert tally.generations.get(reloads + 1), tally.generations  # the last generation serves
+    assert not killed(sup)
+
+
+def test_closing_idle_connections_at_the_stop_loses_requests(tmp_path: Path) -> None:
+    """The control: an old worker that closes its idle kept connections at once loses requests on them."""
+    tally, reloads, _sup = reload_under_keep_alive(tmp_path, program([*DEMO, "--close-idle-at-stop"],
+                                                                     ready="notify"), seconds=5)
+    assert reloads >= 3 and tally.failures, tally.describe()
+    assert tally.reused() == len(tally.failures), tally.describe()  # the kernel's part is lossless
