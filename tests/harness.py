@@ -1,4 +1,4 @@
-"""Scenario helpers: a supervisord under test, HTTP clients and a bounded load.
+"""Scenario helpers: a supervisord under test and HTTP clients (the load is tests/load.py).
 
 Tests read as: write a config, start, load, reload, assert. Every wait has a deadline and says
 what it waited for.
@@ -15,11 +15,9 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import yaml
 
 from supervisor.ctl.main import exchange
 from supervisor.errors import ControlError
+from tests.load import failure_kind
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
@@ -244,77 +243,6 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, Any]]:
         return code, {}
 
 
-def classify(exc: BaseException) -> str:
-    """Failure kinds a load client counts: refused, reset, timeout, bad answer."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, ConnectionResetError | BrokenPipeError):
-        return "reset"
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timeout"
-    if isinstance(exc, ssl.SSLError):
-        return "tls"
-    return f"bad:{type(exc).__name__}"
-
-
-@dataclass
-class Load:
-    """New connections, one GET each, from `threads` threads until stopped or `seconds` pass."""
-
-    address: tuple[str, int] = ("127.0.0.1", 8000)
-    threads: int = 4
-    seconds: float = 30.0
-    max_requests: int = 200_000
-    tls: ssl.SSLContext | None = None
-    certificates: list[tuple[float, str]] = field(default_factory=list)  # (connect time, server cert sha256)
-    outcomes: Counter[str] = field(default_factory=Counter)
-    generations: Counter[int] = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.threads)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-    @property
-    def failed(self) -> int:
-        return sum(n for kind, n in self.outcomes.items() if kind != "ok")
-
-    @property
-    def total(self) -> int:
-        return sum(self.outcomes.values())
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.seconds
-        while not self._stop.is_set() and time.monotonic() < deadline and self.total < self.max_requests:
-            started = time.monotonic()
-            try:
-                code, body, cert = request_cert(self.address, timeout=10, tls=self.tls)
-                kind = "ok" if code == 200 else f"http:{code}"
-                gen = body.get("generation", -1)
-                if self.tls:
-                    with self._lock:
-                        self.certificates.append((started, cert))
-            except (OSError, ValueError) as exc:
-                kind, gen = classify(exc), -1
-                with self._lock:
-                    if len(self.errors) < 20:
-                        self.errors.append(f"{time.monotonic():.3f} {exc!r}")
-            with self._lock:
-                self.outcomes[kind] += 1
-                if kind == "ok":
-                    self.generations[gen] += 1
-
-
 def open_requests(n: int, address: tuple[str, int] = ("127.0.0.1", 8000)) -> list[socket.socket]:
     """n connections, each with a complete GET sent: they wait in an accept queue if nobody accepts."""
     socks = []
@@ -336,7 +264,7 @@ def collect(socks: list[socket.socket], timeout: float = 15) -> tuple[Counter[st
             outcomes["ok" if code == 200 else f"http:{code}"] += 1
             generations[body.get("generation", -1)] += 1
         except (OSError, ValueError) as exc:
-            outcomes[classify(exc)] += 1
+            outcomes[failure_kind(exc)] += 1
         finally:
             sock.close()
     return outcomes, generations

@@ -12,7 +12,6 @@ import pytest
 
 from tests.harness import (
     PYTHON,
-    Load,
     Supervisor,
     collect,
     kernel_counters,
@@ -22,6 +21,7 @@ from tests.harness import (
     supervisor,
     wait_for,
 )
+from tests.load import Clients, Tally
 
 pytestmark = pytest.mark.usefixtures("netns")
 
@@ -66,26 +66,28 @@ def test_without_migration_the_same_reload_loses_connections(tmp_path: Path) -> 
 def test_reload_under_load_fails_no_connection(tmp_path: Path) -> None:
     """New connections all the time, a reload every 0.5 s for ~10 s: zero failures, every generation serves."""
     before = kernel_counters()
-    with supervisor(tmp_path, {"web": program()}) as sup, Load(threads=4, seconds=30) as load:
+    with supervisor(tmp_path, {"web": program()}) as sup, Clients("127.0.0.1:8000", concurrency=16) as load:
         deadline = time.monotonic() + 10
         reloads = 0
         while time.monotonic() < deadline:
             time.sleep(0.5)  # pacing: the load runs between reloads
             sup.reload()
             reloads += 1
-        wait_for("answers from the last generation", lambda: load.generations.get(reloads + 1))
+        time.sleep(1.0)  # answers from the last generation
+        tally = load.finish()
     kernel = {key: value - before[key] for key, value in kernel_counters().items()}  # what the kernel saw, if it fails
-    assert load.failed == 0, (load.outcomes, load.errors, kernel)
-    assert load.total > 1000
-    served = set(load.generations)
-    assert len(served) >= reloads * 0.8, (reloads, load.generations)  # nearly every generation got traffic
+    assert not tally.failures, (tally.describe(), kernel)
+    assert tally.connections > 1000
+    served = set(tally.generations)
+    assert len(served) >= reloads * 0.8, (reloads, tally.generations)  # nearly every generation got traffic
     assert reloads + 1 in served
 
 
-def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Load:
+def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Tally:
     """Before each reload one old worker freezes (a long GC, a CPU-bound request): its queue fills."""
     with supervisor(tmp_path, {"web": program(graceful_timeout=1)}, migrate=migrate) as sup, \
-            Load(threads=4, seconds=30) as load:
+            Clients("127.0.0.1:8000", concurrency=16) as load:
+        time.sleep(0.3)  # the clients import
         for _ in range(8):
             time.sleep(0.3)  # pacing: the load runs between reloads
             # A serving worker: the last generation's retiring ones may still be finishing (stop_delay).
@@ -94,30 +96,32 @@ def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Load:
             time.sleep(0.2)  # the clients that hash to it now wait in its accept queue
             sup.reload()
             os.kill(busy, signal.SIGCONT)  # it recovers and finishes what it had accepted
-    return load
+        return load.finish()
 
 
 @pytest.mark.parametrize(("migrate", "loses"), [("require", False), ("off", True)])
 def test_busy_old_worker_under_load(tmp_path: Path, migrate: str, loses: bool) -> None:
     """With migration the frozen worker's queue moves to the new generation; without, it is reset."""
-    load = reload_with_a_busy_old_worker(tmp_path, migrate)
-    assert load.total > 500
+    tally = reload_with_a_busy_old_worker(tmp_path, migrate)
+    assert tally.connections > 500
     if loses:
-        assert load.outcomes["reset"] >= 8, load.outcomes  # at least one per reload
+        assert tally.failed()["reset"] >= 8, tally.describe()  # at least one per reload
     else:
-        assert load.failed == 0, (load.outcomes, load.errors)
+        assert not tally.failures, tally.describe()
 
 
-def failing_reload(tmp_path: Path, bad: dict[str, object]) -> tuple[int, str, Load, int]:
-    with supervisor(tmp_path, {"web": program()}) as sup, Load(threads=2, seconds=30) as load:
-        wait_for("some answers", lambda: load.total > 50)
+def failing_reload(tmp_path: Path, bad: dict[str, object]) -> tuple[int, str, Tally, int]:
+    with supervisor(tmp_path, {"web": program()}) as sup, Clients("127.0.0.1:8000", concurrency=8) as load:
+        time.sleep(0.5)  # the clients import and get answers
         sup.write({"web": {**program(), **bad}})
         result = sup.ctl("reload")
         gen_after = sup.generation()
         time.sleep(0.5)  # keep loading briefly after the rollback
         code, body = request()
         assert code == 200 and body["generation"] == 1
-    return result.returncode, result.stdout + result.stderr, load, gen_after
+        tally = load.finish()
+    assert tally.ok > 50, tally.describe()
+    return result.returncode, result.stdout + result.stderr, tally, gen_after
 
 
 def test_generation_that_exits_at_start_is_rolled_back(tmp_path: Path) -> None:
@@ -128,7 +132,7 @@ def test_generation_that_exits_at_start_is_rolled_back(tmp_path: Path) -> None:
     assert "exit status 3" in output and "cannot load app: boom" in output, output
     assert "rolled back" in output and "web#1" in output
     assert gen == 1
-    assert load.failed == 0, (load.outcomes, load.errors)
+    assert not load.failures, load.describe()
 
 
 def test_generation_not_ready_in_time_is_rolled_back(tmp_path: Path) -> None:
@@ -142,7 +146,7 @@ def test_generation_not_ready_in_time_is_rolled_back(tmp_path: Path) -> None:
     assert "not ready within 1 s" in output, output
     assert "last stderr lines of worker 0 (pid " in output and "still loading the model" in output, output
     assert gen == 1
-    assert load.failed == 0, (load.outcomes, load.errors)
+    assert not load.failures, load.describe()
 
 
 def test_bad_config_at_reload_changes_nothing(tmp_path: Path) -> None:
@@ -212,7 +216,7 @@ def test_reload_onto_an_address_in_use_is_refused(tmp_path: Path) -> None:
     assert "web: generation 2: " in output and "cannot listen on 127.0.0.1:8001: Address already in use" in output
     assert "rolled back, still serving: web#1" in output, output
     assert gen == 1
-    assert load.failed == 0, (load.outcomes, load.errors)
+    assert not load.failures, load.describe()
 
 
 @pytest.mark.parametrize("stop_signal", [None, "QUIT", "INT"])
