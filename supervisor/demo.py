@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import os
 import signal
 import socket
 import ssl
-import struct
 import sys
-import termios
 from typing import cast
 
 import uvloop
@@ -45,7 +42,7 @@ from supervisor.servers.activation import (
     notify,
     stderr,
 )
-from supervisor.servers.stopping import IDLE_CLOSE, finish_within
+from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unsent
 
 MAX_DELAY = 60.0
 STOP_GRACE = 5.0  # seconds a TLS handshake in progress at the stop has to finish
@@ -322,19 +319,6 @@ class Connection(asyncio.Protocol):
         self.active = self.demo.loop.time()
         if close:
             self.transport.close()
-
-
-def unsent(transport: asyncio.Transport) -> int:
-    """Bytes of answers the client has yet to take: in the transport's buffer, and in the kernel's send
-    queue (SIOCOUTQ, which is TIOCOUTQ's number: sent but not acknowledged, or not sent yet)."""
-    queued = transport.get_write_buffer_size()
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-        except OSError:
-            pass
-    return queued
 
 
 def tls_context() -> ssl.SSLContext | None:

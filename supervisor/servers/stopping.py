@@ -21,7 +21,11 @@ supervisord tells each worker its program's `graceful_timeout` in SUPERVISOR_GRA
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import os
+import struct
+import termios
 
 IDLE_CLOSE = 1.0  # seconds a connection with nothing in progress must be quiet before a stopping worker closes it
 GRACEFUL_TIMEOUT = 30.0  # supervisord's default, for a worker started without SUPERVISOR_GRACEFUL_TIMEOUT
@@ -41,3 +45,17 @@ def graceful_timeout() -> float:
 def finish_within(graceful: float | None = None) -> float:
     """Seconds after the stop signal at which a worker closes every connection it still holds and exits."""
     return FINISH_SHARE * (graceful_timeout() if graceful is None else graceful)
+
+
+def unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes of answers the client has yet to take: in the transport's buffer, and in the kernel's send
+    queue (SIOCOUTQ, which is TIOCOUTQ's number: not sent yet, or not acknowledged). A connection with
+    answers in flight is not quiet: closing it could reset them away."""
+    queued = transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            pass
+    return queued
