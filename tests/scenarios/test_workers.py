@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -16,7 +17,6 @@ from supervisor.system import migrate
 from tests.harness import (
     BIN,
     PYTHON,
-    Load,
     Supervisor,
     collect,
     open_requests,
@@ -26,6 +26,7 @@ from tests.harness import (
     supervisor,
     wait_for,
 )
+from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
 APPS = Path(__file__).resolve().parents[1] / "apps"
@@ -129,9 +130,13 @@ def test_a_reload_after_fatal_starts_the_crash_count_over(tmp_path: Path) -> Non
         wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal")
 
 
-def test_scaling_under_load_fails_no_connection(tmp_path: Path) -> None:
-    """TTIN/TTOU and `scale` add workers on fresh listeners or retire them with their queues migrated."""
-    with supervisor(tmp_path, {"web": program(graceful_timeout=2)}) as sup, Load(threads=4, seconds=30) as load:
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["new connections", "keep-alive"])
+def test_scaling_under_load_fails_no_connection(tmp_path: Path, keep_alive: bool) -> None:
+    """TTIN/TTOU and `scale` add workers on fresh listeners or retire them with their queues migrated; a
+    retired worker's kept connections end with an answer that says `Connection: close`."""
+    with supervisor(tmp_path, {"web": program(graceful_timeout=2)}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=64 if keep_alive else 16, keep_alive=keep_alive,
+                    method="POST" if keep_alive else "GET") as load:
         assert sup.proc is not None
         sup.proc.send_signal(signal.SIGTTIN)
         wait_for("3 ready workers", lambda: len(sup.workers()) == 3 and sup.serving())
@@ -146,8 +151,10 @@ def test_scaling_under_load_fails_no_connection(tmp_path: Path) -> None:
 
             wait_for(f"{count} workers", scaled)
         assert sup.ctl("scale", "web", "0").returncode == 1
-    assert load.failed == 0, (load.outcomes, load.errors)
-    assert load.total > 500
+        tally = load.finish()
+    print(f"\n{tally.describe()}")
+    assert not tally.failures, tally.describe()
+    assert tally.connections > 500
 
 
 def test_usr1_reopens_the_log_file(tmp_path: Path) -> None:
@@ -216,15 +223,20 @@ def test_accepting_readiness_waits_for_the_listener_to_be_polled(tmp_path: Path)
         assert sup.ctl("reload").returncode == 0  # settle only asks that it stays alive
 
 
-def test_max_age_recycles_workers_without_a_failed_connection(tmp_path: Path) -> None:
-    """Workers older than max_age are replaced one by one: new listener first, then the old one shut."""
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["new connections", "keep-alive"])
+def test_max_age_recycles_workers_without_a_failed_connection(tmp_path: Path, keep_alive: bool) -> None:
+    """Workers older than max_age are replaced one by one: new listener first, then the old one shut; a
+    recycled worker's kept connections end with an answer that says `Connection: close`."""
     with supervisor(tmp_path, {"web": program(max_age=1, graceful_timeout=2)}) as sup, \
-            Load(threads=4, seconds=30) as load:
+            Clients("127.0.0.1:8000", concurrency=64 if keep_alive else 16, keep_alive=keep_alive) as load:
         first = {w["pid"] for w in sup.workers()}
         wait_for("three rounds of recycling", lambda: sup.log_text().count('"worker_recycled"') >= 6, timeout=20)
         assert not first & {w["pid"] for w in sup.workers()}
         assert sup.generation() == 1  # recycling stays within the generation
-    assert load.failed == 0, (load.outcomes, load.errors)
+        tally = load.finish()
+    print(f"\n{tally.describe()}")
+    assert not tally.failures, tally.describe()
+    assert len(tally.pids) >= 6, tally.pids  # the recycled workers served
 
 
 def test_max_rss_recycles(tmp_path: Path) -> None:
@@ -266,11 +278,13 @@ def test_a_restarted_worker_that_is_never_ready_is_killed_and_retried(tmp_path: 
     with supervisor(tmp_path, {"web": program(hang, ready_timeout=1, crash_limit=4)}) as sup:
         before = migrate.counters()
         kill_worker(sup, 1)  # before the load: what a killed worker had accepted is lost, not the point here
-        with Load(threads=4, seconds=30) as load:
+        with Clients("127.0.0.1:8000", concurrency=16) as load:
             wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal", timeout=20)
-            served = load.total
-            wait_for("answers after FATAL", lambda: load.total > served + 200)
+            fatal = time.monotonic()
+            time.sleep(1.0)  # answers after FATAL
+            tally = load.finish()
         [serving] = sup.workers()
+        assert tally.pids[serving["pid"]][1] > fatal, "no answer after FATAL"
         assert serving["worker"] == 0 and serving["state"] == "ready" and serving["restarts"] == 0
     assert (migrate.counters() - before).success > 0, "no connection waited in a never-ready worker's listener"
     not_ready = sup.events("worker_not_ready")
@@ -281,5 +295,5 @@ def test_a_restarted_worker_that_is_never_ready_is_killed_and_retried(tmp_path: 
     crashed = sup.events("worker_crashed")
     assert [(e["worker"], e["status"]) for e in crashed] == [(1, "killed by SIGKILL")] * 4
     assert "worker 1 restarted: loading forever" in sup.log_text()
-    assert load.failed == 0, (load.outcomes, load.errors)
-    assert set(load.generations) == {1}
+    assert not tally.failures, tally.describe()
+    assert set(tally.generations) == {1}
