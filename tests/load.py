@@ -321,7 +321,6 @@ class KeptConnection:
                     started = time.monotonic()
                     self.reader, self.writer = await asyncio.open_connection(*self.address, family=self.family,
                                                                              ssl=self.tls)
-                    self.reused = False
                     if self.tls:
                         self.tally.cert(certificate(self.writer), started)
                 assert self.reader is not None
@@ -346,6 +345,7 @@ class KeptConnection:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
+        self.reused = False
 
 
 async def run(connect: str, concurrency: int, seconds: float, timeout: float, tls_ca: str | None = None,

@@ -9,14 +9,18 @@ request per open connection and reload.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.harness import DEMO, PYTHON, Supervisor, program, supervisor
-from tests.load import Clients, Tally
+from supervisor.servers.stopping import IDLE_CLOSE
+from tests.harness import DEMO, PYTHON, Supervisor, program, running, supervisor, wait_for
+from tests.load import Clients, Tally, header
 
 pytestmark = pytest.mark.usefixtures("netns")
 ROOT = Path(__file__).resolve().parents[2]  # the workers' cwd: `tests.apps...` imports from here
@@ -83,3 +87,101 @@ def test_stock_uvicorn_loses_requests_on_kept_connections(tmp_path: Path) -> Non
                     ready="accepting", settle=0.2, stop_delay=0.5, cwd=str(ROOT))
     tally, reloads, _sup = reload_under_keep_alive(tmp_path, stock, "POST", seconds=5)
     assert reloads >= 3 and tally.failures, tally.describe()
+
+
+@pytest.mark.parametrize(("server", "load"), [
+    ("demo", {"pipeline": 4}),
+    ("demo", {"http10": True}),
+    ("uvicorn runner", {"pipeline": 4}),
+    ("uvicorn runner", {"http10": True}),
+    ("hypercorn runner", {"http10": True}),
+], ids=["demo-pipelined", "demo-http10", "uvicorn-pipelined", "uvicorn-http10", "hypercorn-http10"])
+def test_pipelined_and_http10_clients_lose_nothing(tmp_path: Path, server: str, load: dict[str, Any]) -> None:
+    """4 requests written at once on each connection (every one the worker has read is answered), or
+    HTTP/1.0 with `Connection: keep-alive`. (hypercorn's runner does not answer pipelined requests behind
+    an answer that says close: its documented limit.)"""
+    tally, reloads, _sup = reload_under_keep_alive(tmp_path, SERVERS[server], seconds=8, **load)
+    assert not tally.failures, tally.describe()
+    assert reloads >= MIN_RELOADS and tally.ok > 1000, tally.describe()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_stop_program_ends_kept_connections_with_an_answer(tmp_path: Path, server: str) -> None:
+    """`stop PROGRAM` under keep-alive load: no request sent on a kept connection is lost (the new
+    connections the clients open afterwards are refused: nothing listens any more)."""
+    with supervisor(tmp_path, {"web": SERVERS[server]}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=CONCURRENCY, seconds=60, keep_alive=True, method="POST") as clients:
+        time.sleep(1.5)
+        stopped = time.monotonic()
+        result = sup.ctl("stop", "web")
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.3)
+        tally = clients.finish()
+    print(f"\n{tally.describe()}")
+    lost = [f for f in tally.failures if f[0] < stopped or not f[2].startswith("new: ")]
+    assert not lost and tally.reused() == 0, tally.describe()
+    assert tally.ok > 500 and tally.failed()["refused"] > 0, tally.describe()
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole answer with a Content-Length, and not a byte more."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        byte = sock.recv(1)
+        assert byte, f"closed after {raw!r}"
+        raw += byte
+    length = int(header(raw, b"content-length"))
+    while len(raw.partition(b"\r\n\r\n")[2]) < length:
+        raw += sock.recv(length - len(raw.partition(b"\r\n\r\n")[2]))
+    return raw
+
+
+def old_workers_reloaded(sup: Supervisor) -> tuple[list[int], float]:
+    """Reload; the pids of the workers it retired and when they get their stop signal."""
+    old = [w["pid"] for w in sup.workers()]
+    sup.reload()
+    return old, time.monotonic() + sup_stop_delay(sup)
+
+
+def sup_stop_delay(sup: Supervisor) -> float:
+    return float(yaml.safe_load(sup.config.read_text())["programs"]["web"].get("stop_delay", 0.5))
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_quiet_kept_connection_is_closed_cleanly_after_the_wait(tmp_path: Path, server: str) -> None:
+    """A kept connection that sends nothing more after the reload is closed with a FIN (not a reset)
+    IDLE_CLOSE s after its last answer, and the old worker exits soon after, well within graceful_timeout."""
+    with supervisor(tmp_path, {"web": SERVERS[server]}) as sup, \
+            socket.create_connection(("127.0.0.1", 8000), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        head = read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200") and b"close" not in head.lower(), head
+        answered = time.monotonic()
+        old, signalled = old_workers_reloaded(sup)
+        assert sock.recv(1) == b""  # FIN: a reset would raise ConnectionResetError
+        closed = time.monotonic()
+        wait_for("the old workers to exit", lambda: not any(running(pid) for pid in old), timeout=5)
+        exited = time.monotonic()
+    quiet = max(IDLE_CLOSE, signalled - answered)  # closed at the stop signal if quiet that long already
+    assert quiet - 0.1 < closed - answered < quiet + 1.0, (closed - answered, signalled - answered)
+    assert exited - signalled < IDLE_CLOSE + 2.0 and not killed(sup)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_client_that_never_reads_cannot_hold_an_old_worker(tmp_path: Path, server: str) -> None:
+    """Pipelined requests whose answers the client never reads (both sides' buffers full): the old worker
+    gives up on it at 0.9 x graceful_timeout and exits by itself, before supervisord would kill it."""
+    settings = {**SERVERS[server], "graceful_timeout": 2}
+    with supervisor(tmp_path, {"web": settings}) as sup, \
+            socket.create_connection(("127.0.0.1", 8000), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(20000):
+                sock.send(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        time.sleep(0.5)
+        old, signalled = old_workers_reloaded(sup)
+        wait_for("the old workers to exit", lambda: not any(running(pid) for pid in old), timeout=10)
+        exited = time.monotonic()
+    assert exited - signalled < 2.0 + 0.5, exited - signalled
+    assert not killed(sup), killed(sup)
