@@ -21,6 +21,7 @@ import yaml
 from supervisor.servers.stopping import IDLE_CLOSE
 from tests.harness import DEMO, PYTHON, Supervisor, program, running, supervisor, wait_for
 from tests.load import Clients, Tally, header
+from tests.scenarios.test_servers import UVICORN_WORKER, gunicorn
 
 pytestmark = pytest.mark.usefixtures("netns")
 ROOT = Path(__file__).resolve().parents[2]  # the workers' cwd: `tests.apps...` imports from here
@@ -43,8 +44,9 @@ def reload_under_keep_alive(tmp_path: Path, settings: dict[str, Any], method: st
             time.sleep(PAUSE)
             sup.reload()
             reloads += 1
-        time.sleep(0.5)  # the last generation serves the kept connections
+        time.sleep(1.5)  # past stop_delay: the kept connections move to the last generation
         tally = clients.finish()
+        assert sup.stop() == 0  # gracefully: gunicorn's arbiters stop their workers too
     print(f"\n{tally.describe()}, {reloads} reloads")
     return tally, reloads, sup
 
@@ -185,3 +187,44 @@ def test_a_client_that_never_reads_cannot_hold_an_old_worker(tmp_path: Path, ser
         exited = time.monotonic()
     assert exited - signalled < 2.0 + 0.5, exited - signalled
     assert not killed(sup), killed(sup)
+
+
+GUNICORN = {
+    # the uvicorn runner's protocol in gunicorn's uvicorn worker
+    "gunicorn uvicorn-worker": program(gunicorn(UVICORN_WORKER, "tests.apps.asgi:app"), ready="accepting",
+                                       settle=0.2, cwd=str(ROOT)),
+}
+
+
+@pytest.mark.parametrize("server", GUNICORN)
+def test_gunicorn_loses_no_request_on_kept_connections(tmp_path: Path, server: str) -> None:
+    tally, reloads, sup = reload_under_keep_alive(tmp_path, GUNICORN[server])
+    assert not tally.failures, tally.describe()
+    assert reloads >= MIN_RELOADS and tally.ok > 1000, tally.describe()
+    assert not killed(sup)
+
+
+def test_hypercorn_runner_closes_a_quiet_http2_connection_cleanly(tmp_path: Path) -> None:
+    """HTTP/2 (prior knowledge, cleartext) has no `Connection: close`. hypercorn 0.18 sends GOAWAY only on a
+    connection whose stream ends after its stop; an idle one is closed, here with a FIN, once the worker has
+    been quiet for IDLE_CLOSE s (the runner holds hypercorn's shutdown trigger back until then)."""
+    h2_connection = pytest.importorskip("h2.connection")
+    h2_events = pytest.importorskip("h2.events")
+    with supervisor(tmp_path, {"web": SERVERS["hypercorn runner"]}) as sup, \
+            socket.create_connection(("127.0.0.1", 8000), timeout=10) as sock:
+        conn = h2_connection.H2Connection()
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "test")],
+                          end_stream=True)
+        sock.sendall(conn.data_to_send())
+        events: list[Any] = []
+        while not any(isinstance(e, h2_events.StreamEnded) for e in events):
+            events += conn.receive_data(sock.recv(65536))
+        answered = time.monotonic()
+        old, _signalled = old_workers_reloaded(sup)
+        while data := sock.recv(65536):  # a reset would raise ConnectionResetError
+            events += conn.receive_data(data)
+        closed = time.monotonic()
+        wait_for("the old workers to exit", lambda: not any(running(pid) for pid in old), timeout=5)
+    assert closed - answered > IDLE_CLOSE - 0.1, closed - answered
+    assert not killed(sup)

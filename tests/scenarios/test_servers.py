@@ -26,6 +26,7 @@ RELOADING = 20.0  # seconds of reloads per server
 MIN_RELOADS = 8  # a slow server (hypercorn starts in 2-3 s on a busy machine) gets up to twice the time for these
 PAUSE = 0.2  # seconds between one reload's end and the next one's start
 CONCURRENCY = 64
+UVICORN_WORKER = "supervisor.servers.uvicorn_worker.UvicornWorker"  # uvicorn-worker's class with the stop contract
 
 
 @dataclass(frozen=True)
@@ -46,22 +47,19 @@ def gunicorn(worker_class: str, app: str) -> list[str]:
 
 SERVERS = {
     "demo": Server(DEMO, {"ready": "notify", "stop_signal": "TERM", "stop_delay": 0.5}, cwd=None),
-    # uvicorn closes the connections whose request it has not read yet when it stops: stop_delay lets it read them
-    "uvicorn": Server([PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "tests.apps.asgi:app"],
-                      {"ready": "accepting", "settle": 0.2, "stop_signal": "TERM", "stop_delay": 0.5}),
-    # uvloop: hypercorn's default stdlib asyncio loop logs a traceback for every failed accept() on the
-    # shut listener during stop_delay (thousands of lines per reload through the supervisor's log)
-    "hypercorn": Server([PYTHON, "-m", "hypercorn", "--worker-class", "uvloop", "--bind", "fd://3",
-                         "tests.apps.asgi:app"],
-                        {"ready": "accepting", "settle": 0.2, "stop_signal": "TERM", "stop_delay": 0.5}),
+    # The runners: every inherited listener, READY=1, and the stop contract (test_keepalive.py)
+    "uvicorn": Server([PYTHON, "-m", "supervisor.servers.uvicorn", "--no-access-log", "tests.apps.asgi:app"],
+                      {"ready": "notify", "stop_signal": "TERM", "stop_delay": 0.5}),
+    "hypercorn": Server([PYTHON, "-m", "supervisor.servers.hypercorn", "tests.apps.asgi:app"],
+                        {"ready": "notify", "stop_signal": "TERM", "stop_delay": 0.5}),
     # A sync worker serves each connection it accepts to the end before the next accept(): nothing to read
     # after the shut, and during a delay its accept() fails (EINVAL), it dies and its arbiter forks another.
     # TERM is gunicorn's graceful stop (INT and QUIT its fast one); its arbiter sends READY=1 before it forks
     # a worker, and sync workers wait in select(), so `settle` longer than the worker's boot.
     "gunicorn sync": Server(gunicorn("sync", "tests.apps.wsgi:app"),
                             {"ready": "settle", "settle": 1.0, "stop_signal": "TERM", "stop_delay": 0}),
-    # uvicorn inside: uvicorn's race, the same delay (the arbiter passes TERM on within milliseconds)
-    "gunicorn uvicorn-worker": Server(gunicorn("uvicorn_worker.UvicornWorker", "tests.apps.asgi:app"),
+    # uvicorn inside, with the uvicorn runner's protocol class (the arbiter passes TERM on within milliseconds)
+    "gunicorn uvicorn-worker": Server(gunicorn(UVICORN_WORKER, "tests.apps.asgi:app"),
                                       {"ready": "accepting", "settle": 0.2, "stop_signal": "TERM",
                                        "stop_delay": 0.5}),
 }
