@@ -8,7 +8,10 @@ Two modes:
   written at once; `http10`: HTTP/1.0 with `Connection: keep-alive`), as a browser, a connection pool or
   a reverse proxy does. A connection is opened again only after an answer that says `Connection: close`
   or a failure. A request the server never answers counts as failed, and its detail says whether it
-  was sent on a reused connection (`reused: ...`) or a new one (`new: ...`).
+  was sent on a reused connection (`reused: ...`) or a new one (`new: ...`);
+- httpx (`httpx=True`, `--httpx`): the same requests through a real client library's pool,
+  `httpx.AsyncClient` with `concurrency` pooled connections and its defaults otherwise (no retry), as
+  most service-to-service Python code uses it. Its failures say `pool: ` and httpx's exception.
 
 `Clients` runs it in subprocesses for a bounded time and returns their merged `Tally`:
 
@@ -139,6 +142,7 @@ class Mode:
     body: int = 64  # POST: bytes of body
     pipeline: int = 1  # keep-alive mode: requests written at once before reading their answers
     http10: bool = False  # keep-alive mode: HTTP/1.0 requests with `Connection: keep-alive`
+    httpx: bool = False  # the requests through httpx.AsyncClient's connection pool instead
 
     def request(self) -> bytes:
         if not self.keep_alive:
@@ -152,7 +156,7 @@ class Mode:
         if not self.keep_alive:
             return []
         return ["--keep-alive", "--method", self.method, "--body", str(self.body), "--pipeline", str(self.pipeline),
-                *(["--http10"] if self.http10 else [])]
+                *(["--http10"] if self.http10 else []), *(["--httpx"] if self.httpx else [])]
 
 
 class Clients:
@@ -164,8 +168,8 @@ class Clients:
 
     def __init__(self, connect: str, clients: int = 1, concurrency: int = 64, seconds: float = 60.0,
                  timeout: float = 5.0, tls_ca: str | None = None, *, keep_alive: bool = False, method: str = "GET",
-                 body: int = 64, pipeline: int = 1, http10: bool = False) -> None:
-        mode = Mode(keep_alive, method, body, pipeline, http10)
+                 body: int = 64, pipeline: int = 1, http10: bool = False, httpx: bool = False) -> None:
+        mode = Mode(keep_alive or httpx, method, body, pipeline, http10, httpx)
         command = [sys.executable, "-m", "tests.load", "--connect", connect, "--concurrency", str(concurrency),
                    "--seconds", str(seconds), "--timeout", str(timeout), *(["--tls-ca", tls_ca] if tls_ca else []),
                    *mode.arguments()]
@@ -375,9 +379,39 @@ async def run(connect: str, concurrency: int, seconds: float, timeout: float, tl
             await connection.round()
         connection.close()
 
-    await asyncio.gather(*((kept if mode.keep_alive else client)() for _ in range(concurrency)))
+    if mode.httpx:
+        await through_httpx(connect, concurrency, timeout, tls_ca, mode, tally, stop, deadline)
+    else:
+        await asyncio.gather(*((kept if mode.keep_alive else client)() for _ in range(concurrency)))
     tally.ended = time.monotonic()
     return tally
+
+
+async def through_httpx(connect: str, concurrency: int, timeout: float, tls_ca: str | None, mode: Mode,
+                        tally: Tally, stop: asyncio.Event, deadline: float) -> None:
+    """`concurrency` tasks sending requests back to back through one httpx.AsyncClient pool."""
+    import httpx  # a test dependency; only this mode needs it
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    url = f"{'https' if tls_ca else 'http'}://{connect}/"
+    body = b"x" * mode.body if mode.method == "POST" else None
+    kinds: dict[type[BaseException], str] = {httpx.ConnectError: "refused", httpx.ReadError: "reset",
+                                             httpx.WriteError: "reset", httpx.TimeoutException: "timeout"}
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, verify=ssl.create_default_context(
+            cafile=tls_ca) if tls_ca else True) as pool:
+
+        async def client() -> None:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    response = await pool.request(mode.method, url, content=body)
+                    answer = parse_answer(f"HTTP/1.1 {response.status_code} -".encode(), response.content)
+                except (httpx.HTTPError, BadAnswer) as exc:
+                    kind = next((k for cls, k in kinds.items() if isinstance(exc, cls)), "bad")
+                    tally.failures.append((time.monotonic(), kind, f"pool: {type(exc).__name__}: {exc}"))
+                else:
+                    tally.answer(answer, time.monotonic())
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body", type=int, default=64, help="bytes of each POST's body")
     parser.add_argument("--pipeline", type=int, default=1, help="with --keep-alive: requests written at once")
     parser.add_argument("--http10", action="store_true", help="with --keep-alive: HTTP/1.0, Connection: keep-alive")
+    parser.add_argument("--httpx", action="store_true", help="the requests through httpx.AsyncClient's pool")
     args = parser.parse_args(argv)
-    mode = Mode(args.keep_alive, args.method, args.body, args.pipeline, args.http10)
+    mode = Mode(args.keep_alive or args.httpx, args.method, args.body, args.pipeline, args.http10, args.httpx)
     tally = uvloop.run(run(args.connect, args.concurrency, args.seconds, args.timeout, args.tls_ca, mode))
     json.dump(tally.as_json(), sys.stdout)
     return 0
