@@ -42,7 +42,7 @@ from supervisor.servers.activation import (
     notify,
     stderr,
 )
-from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unsent
+from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unread, unsent
 
 MAX_DELAY = 60.0
 STOP_GRACE = 5.0  # seconds a TLS handshake in progress at the stop has to finish
@@ -207,7 +207,7 @@ class Connection(asyncio.Protocol):
     def idle(self) -> bool:
         """Nothing in progress: no request partly read, none waiting for its answer, no answer unsent."""
         return self.pending is None and self.request is None and not self.buffer and (
-            not self.made or not unsent(self.transport))
+            not self.made or not (unsent(self.transport) or unread(self.transport)))
 
     def stop(self) -> bool:
         """The service stops: finish what is in progress, close once quiet. True if still open."""
@@ -244,7 +244,7 @@ class Connection(asyncio.Protocol):
             return
         if self.idle():
             self.transport.close()
-        elif self.pending is None and self.request is None and not self.buffer:  # answers still being sent
+        elif self.pending is None and self.request is None and not self.buffer:  # answers on their way, or a request
             self.grace = self.demo.loop.call_later(IDLE_CLOSE, self.quiet)
 
     def data_received(self, data: bytes) -> None:

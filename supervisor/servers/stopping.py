@@ -10,9 +10,11 @@ that said `Connection: close`. So a stopping worker:
 - answers every request it has read, pipelined ones included; the last answer it has a request for says
   `Connection: close`, then it closes that connection;
 - closes a connection with nothing in progress only once it has been quiet for `IDLE_CLOSE` seconds
-  (counted from its last byte in or out, or its accept): a client that sent nothing for that long is in
-  the state of any keep-alive timeout, and clients that reuse connections promptly get their next
-  answer with `Connection: close` instead;
+  (counted from its last byte in or out, or its accept), and never while bytes of a request wait
+  unread in its socket: a client that sent nothing for that long is in the state of any keep-alive
+  timeout, and clients that reuse connections promptly get their next answer with `Connection: close`
+  instead. A client library's pool that leaves some of its connections idle about that long and then
+  sends on them meets the same race as at any keep-alive timeout (measured with httpx, see README);
 - closes whatever is left (a client that never reads, a request that never ends) `finish_within()`
   after the stop signal, before supervisord's `graceful_timeout` kills it.
 
@@ -45,6 +47,18 @@ def graceful_timeout() -> float:
 def finish_within(graceful: float | None = None) -> float:
     """Seconds after the stop signal at which a worker closes every connection it still holds and exits."""
     return FINISH_SHARE * (graceful_timeout() if graceful is None else graceful)
+
+
+def unread(transport: asyncio.BaseTransport) -> int:
+    """Bytes the client sent that the loop has not read yet (FIONREAD): a request may be there already,
+    and closing now would answer it with a reset."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+    except OSError:
+        return 0
 
 
 def unsent(transport: asyncio.BaseTransport) -> int:

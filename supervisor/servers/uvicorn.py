@@ -10,7 +10,8 @@ class (uvicorn's `http` setting, a public extension point) that, once stopping:
 
 - adds `Connection: close` to the next answer of every connection (not to answers that have pipelined
   requests read behind them: those are answered too), after which uvicorn closes it;
-- closes a connection with nothing in progress only once it has been quiet for `--stop-idle` seconds;
+- closes a connection with nothing in progress only once it has been quiet for `--stop-idle` seconds
+  (and no request waits unread in its socket);
 - and uvicorn's `--timeout-graceful-shutdown` defaults to finish_within() (0.9 x graceful_timeout).
 
 Every other option is uvicorn's own (`python -m uvicorn --help`); those that choose listeners or processes
@@ -33,10 +34,42 @@ from uvicorn.main import main as uvicorn_command
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from supervisor.servers.activation import StartError, backlog_override, inherited_listeners, kept_backlog, notify
-from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unsent
+from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unread, unsent
 
 PROG = "python -m supervisor.servers.uvicorn"
+LINGER = 2.0  # seconds a closing connection reads on after its FIN, for the client to close its side
 REFUSED = ("host", "port", "uds", "fd", "reload", "workers", "http")  # the listeners are supervisord's
+
+
+class LingeringTransport:
+    """The connection's transport, but its close() sends a FIN after the last answer and reads on until
+    the client closes (or LINGER s pass): a close() with bytes of the request still coming (a POST whose
+    body the application did not read, sent after its head as httpx does) would answer them with a
+    reset, which can throw the answer away in the client's kernel before it is read."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop = transport, loop
+        self.lingering: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def close(self) -> None:
+        if self.lingering is not None or self.transport.is_closing():
+            return
+        if not self.transport.can_write_eof():  # TLS: no half-close
+            self.transport.close()
+            return
+        self.transport.write_eof()  # after what is buffered
+        self.lingering = self.loop.call_later(LINGER, self.transport.close)
+
+    def is_closing(self) -> bool:
+        return self.lingering is not None or self.transport.is_closing()
+
+    def end(self) -> None:
+        if self.lingering is not None:
+            self.lingering.cancel()
+        self.transport.close()
 
 
 class StoppingH11Protocol(H11Protocol):
@@ -71,7 +104,7 @@ class StoppingH11Protocol(H11Protocol):
 
     def idle(self) -> bool:
         in_progress = self.cycle is not None and not self.cycle.response_complete
-        return not in_progress and not self.conn.trailing_data[0] and not unsent(self.transport)
+        return not (in_progress or self.conn.trailing_data[0] or unsent(self.transport) or unread(self.transport))
 
     def close_when_quiet(self) -> None:
         if self.quiet_timer is not None:
@@ -88,10 +121,19 @@ class StoppingH11Protocol(H11Protocol):
             except h11.LocalProtocolError:
                 pass
             self.transport.close()
-        elif self.cycle is None or self.cycle.response_complete:  # answers still on their way: look again
+        elif self.cycle is None or self.cycle.response_complete:  # answers on their way, or a request: look again
             self.quiet_timer = self.loop.call_later(self.idle_close, self.quiet)
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def eof_received(self) -> None:
+        if isinstance(self.transport, LingeringTransport) and self.transport.lingering is not None:
+            self.transport.end()  # the client has closed its side too
+
     def data_received(self, data: bytes) -> None:
+        if isinstance(self.transport, LingeringTransport) and self.transport.lingering is not None:
+            return  # after our FIN: whatever the client still sends is not answered
         self.active = self.loop.time()
         if self.quiet_timer is not None:
             self.quiet_timer.cancel()
@@ -109,6 +151,8 @@ class StoppingH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.quiet_timer is not None:
             self.quiet_timer.cancel()
+        if isinstance(self.transport, LingeringTransport) and self.transport.lingering is not None:
+            self.transport.lingering.cancel()
         super().connection_lost(exc)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import demo as demo_module
+from supervisor.servers.stopping import IDLE_CLOSE
 from tests.harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,7 +224,7 @@ def test_stop_answers_kept_and_accepted_connections_and_closes_quiet_ones(tmp_pa
                 assert sock.recv(1) == b""
             assert idle.recv(1) == b""
             quiet_for = time.monotonic() - last_answer
-            assert demo_module.IDLE_CLOSE - 0.1 < quiet_for < demo_module.IDLE_CLOSE + 1, quiet_for
+            assert IDLE_CLOSE - 0.1 < quiet_for < IDLE_CLOSE + 1, quiet_for
         assert demo.wait() == 0
 
 

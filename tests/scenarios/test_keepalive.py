@@ -32,10 +32,11 @@ CONCURRENCY = 64
 
 
 def reload_under_keep_alive(tmp_path: Path, settings: dict[str, Any], method: str = "GET",
-                            seconds: float = RELOADING, **load: Any) -> tuple[Tally, int, Supervisor]:
+                            seconds: float = RELOADING, concurrency: int = CONCURRENCY,
+                            **load: Any) -> tuple[Tally, int, Supervisor]:
     """Reload back to back under 64 kept connections; the tally, the number of reloads, the supervisor."""
     with supervisor(tmp_path, {"web": settings}) as sup, \
-            Clients("127.0.0.1:8000", concurrency=CONCURRENCY, seconds=seconds + 60, keep_alive=True,
+            Clients("127.0.0.1:8000", concurrency=concurrency, seconds=seconds + 60, keep_alive=True,
                     method=method, **load) as clients:
         time.sleep(0.5)  # the clients import and connect
         reloads = 0
@@ -233,9 +234,12 @@ def test_hypercorn_runner_closes_a_quiet_http2_connection_cleanly(tmp_path: Path
 @pytest.mark.parametrize(("server", "method"), [("demo", "GET"), ("uvicorn runner", "POST"),
                                                 ("hypercorn runner", "POST")])
 def test_a_real_client_librarys_pool_loses_nothing(tmp_path: Path, server: str, method: str) -> None:
-    """httpx.AsyncClient with 64 pooled connections and no retry, as service-to-service code uses it (before
+    """httpx.AsyncClient with pooled connections and no retry, as service-to-service code uses it (before
     the contract it lost about half a percent: `RemoteProtocolError: Server disconnected without sending a
-    response`)."""
-    tally, reloads, _sup = reload_under_keep_alive(tmp_path, SERVERS[server], method, seconds=10, httpx=True)
+    response`). 16 connections: one httpx process sends only ~80 requests/s here, and with 64 its pool
+    leaves some connections idle for a second or more before it sends on them again, which is the race
+    of any keep-alive timeout (README, "The stop contract")."""
+    tally, reloads, _sup = reload_under_keep_alive(tmp_path, SERVERS[server], method, seconds=10, concurrency=16,
+                                                   httpx=True)
     assert not tally.failures, tally.describe()
     assert reloads >= MIN_RELOADS and tally.ok > 50 * reloads, tally.describe()
