@@ -46,6 +46,7 @@ from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unread, unsen
 
 MAX_DELAY = 60.0
 STOP_GRACE = 5.0  # seconds a TLS handshake in progress at the stop has to finish
+LINGER = 2.0  # seconds a closing connection reads on after its FIN, for the client to close its side
 HANDSHAKE_TIMEOUT = 60.0  # asyncio's ssl_handshake_timeout default
 MAX_HEAD = 65536
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 501: "Not Implemented"}
@@ -174,6 +175,7 @@ class Connection(asyncio.Protocol):
         self.answered = 0
         self.pending: asyncio.TimerHandle | None = None  # a delayed answer
         self.grace: asyncio.TimerHandle | None = None  # stopping: when a quiet connection is closed
+        self.lingering: asyncio.TimerHandle | None = None  # closing: our FIN is sent, the client's is awaited
         self.active = demo.loop.time()  # its last byte in or out, or its accept
         self.made = False  # connection_made() was called: over TLS, once the handshake is done
         # Counted from the accept, not from connection_made: over TLS that comes after the handshake,
@@ -193,7 +195,7 @@ class Connection(asyncio.Protocol):
             self.stop()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self.pending, self.grace, self.handshake):
+        for timer in (self.pending, self.grace, self.handshake, self.lingering):
             if timer is not None:
                 timer.cancel()
         self.demo.connections.discard(self)
@@ -226,7 +228,7 @@ class Connection(asyncio.Protocol):
         """The stop before the keep-alive contract: a request sent to an idle connection at this instant is lost."""
         if self.pending is not None:
             return True
-        if self.answered and self.idle():
+        if self.answered and not self.buffer and self.request is None:  # not idle(): it looks at the socket
             self.transport.close()
             return False
         self.grace = self.demo.loop.call_later(STOP_GRACE, self.transport.close)
@@ -240,14 +242,28 @@ class Connection(asyncio.Protocol):
 
     def quiet(self) -> None:
         self.grace = None
-        if self.transport.is_closing():
+        if self.closing():
             return
         if self.idle():
-            self.transport.close()
+            self.close()
         elif self.pending is None and self.request is None and not self.buffer:  # answers on their way, or a request
             self.grace = self.demo.loop.call_later(IDLE_CLOSE, self.quiet)
 
+    def closing(self) -> bool:
+        return self.lingering is not None or self.transport.is_closing()
+
+    def close(self) -> None:
+        """FIN, then read on (and drop) until the client closes too, LINGER s at most: a close() with
+        request bytes arriving would answer them with a reset, which can destroy our last answer."""
+        if self.demo.close_idle_at_stop or not self.transport.can_write_eof():  # TLS has no half-close
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.lingering = self.demo.loop.call_later(LINGER, self.transport.close)
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            return
         self.active = self.demo.loop.time()
         if self.grace is not None:
             self.grace.cancel()
@@ -258,7 +274,7 @@ class Connection(asyncio.Protocol):
             self.close_when_quiet()  # what came was not a whole request (or nothing but a close followed)
 
     def process(self) -> None:
-        while self.pending is None and not self.transport.is_closing():
+        while self.pending is None and not self.closing():
             if self.request is None:
                 end = self.buffer.find(b"\r\n\r\n")
                 if end < 0:
@@ -317,7 +333,9 @@ class Connection(asyncio.Protocol):
         self.transport.write(head.encode() + body)
         self.answered += 1
         self.active = self.demo.loop.time()
-        if close:
+        if close and self.keep_alive:  # our decision: the client may be sending more
+            self.close()
+        elif close:
             self.transport.close()
 
 

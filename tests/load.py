@@ -143,6 +143,7 @@ class Mode:
     pipeline: int = 1  # keep-alive mode: requests written at once before reading their answers
     http10: bool = False  # keep-alive mode: HTTP/1.0 requests with `Connection: keep-alive`
     httpx: bool = False  # the requests through httpx.AsyncClient's connection pool instead
+    pause: float = 0.0  # keep-alive mode: seconds each client waits after an answer before its next request
 
     def request(self) -> bytes:
         if not self.keep_alive:
@@ -156,7 +157,8 @@ class Mode:
         if not self.keep_alive:
             return []
         return ["--keep-alive", "--method", self.method, "--body", str(self.body), "--pipeline", str(self.pipeline),
-                *(["--http10"] if self.http10 else []), *(["--httpx"] if self.httpx else [])]
+                *(["--http10"] if self.http10 else []), *(["--httpx"] if self.httpx else []),
+                *(["--pause", str(self.pause)] if self.pause else [])]
 
 
 class Clients:
@@ -168,8 +170,9 @@ class Clients:
 
     def __init__(self, connect: str, clients: int = 1, concurrency: int = 64, seconds: float = 60.0,
                  timeout: float = 5.0, tls_ca: str | None = None, *, keep_alive: bool = False, method: str = "GET",
-                 body: int = 64, pipeline: int = 1, http10: bool = False, httpx: bool = False) -> None:
-        mode = Mode(keep_alive or httpx, method, body, pipeline, http10, httpx)
+                 body: int = 64, pipeline: int = 1, http10: bool = False, httpx: bool = False,
+                 pause: float = 0.0) -> None:
+        mode = Mode(keep_alive or httpx, method, body, pipeline, http10, httpx, pause)
         command = [sys.executable, "-m", "tests.load", "--connect", connect, "--concurrency", str(concurrency),
                    "--seconds", str(seconds), "--timeout", str(timeout), *(["--tls-ca", tls_ca] if tls_ca else []),
                    *mode.arguments()]
@@ -377,6 +380,8 @@ async def run(connect: str, concurrency: int, seconds: float, timeout: float, tl
         connection = KeptConnection(family, address, timeout, tally, tls, mode)
         while not stop.is_set() and time.monotonic() < deadline:
             await connection.round()
+            if mode.pause:
+                await asyncio.sleep(mode.pause)
         connection.close()
 
     if mode.httpx:
@@ -427,8 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", type=int, default=1, help="with --keep-alive: requests written at once")
     parser.add_argument("--http10", action="store_true", help="with --keep-alive: HTTP/1.0, Connection: keep-alive")
     parser.add_argument("--httpx", action="store_true", help="the requests through httpx.AsyncClient's pool")
+    parser.add_argument("--pause", type=float, default=0.0, help="with --keep-alive: seconds between requests")
     args = parser.parse_args(argv)
-    mode = Mode(args.keep_alive or args.httpx, args.method, args.body, args.pipeline, args.http10, args.httpx)
+    mode = Mode(args.keep_alive or args.httpx, args.method, args.body, args.pipeline, args.http10, args.httpx,
+                args.pause)
     tally = uvloop.run(run(args.connect, args.concurrency, args.seconds, args.timeout, args.tls_ca, mode))
     json.dump(tally.as_json(), sys.stdout)
     return 0
