@@ -23,8 +23,10 @@ LAYERS: list[set[str]] = [
     {"supervisor.process"},
     {"supervisor.model"},
     {"supervisor.daemon", "supervisor.ctl"},
+    {"supervisor.servers"},  # the worker side (test_the_worker_side_needs_nothing_of_the_supervisor)
     {"supervisor.demo"},  # the programs a worker runs: they need nothing of the supervisor
 ]
+WORKER_SIDE = {"supervisor.servers", "supervisor.demo"}  # what a worker runs imports only supervisor.servers
 
 
 def modules() -> dict[str, Path]:
@@ -87,6 +89,14 @@ def test_imports_go_down_only(module: str) -> None:
     upward = sorted(target for target in GRAPH[module]
                     if rank(target) > rank(module) or (rank(target) == rank(module) and room(target) != room(module)))
     assert not upward, f"{module} imports from a higher or sibling layer: {', '.join(upward)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if room(m) in WORKER_SIDE))
+def test_the_worker_side_needs_nothing_of_the_supervisor(module: str) -> None:
+    """A worker's code (the demo, the runners) imports nothing of the daemon's layers: a worker runs
+    under any service manager, and the runners' imports stay small."""
+    outside = sorted(target for target in GRAPH[module] if room(target) != "supervisor.servers")
+    assert not outside, f"{module} imports from the supervisor: {', '.join(outside)}"
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
