@@ -249,3 +249,27 @@ def test_a_real_client_librarys_pool_loses_nothing(tmp_path: Path, server: str, 
                                                    httpx=True)
     assert not tally.failures, tally.describe()
     assert reloads >= MIN_RELOADS and tally.ok > 50 * reloads, tally.describe()
+
+
+def test_rolling_reloads_lose_no_request_on_kept_connections(tmp_path: Path) -> None:
+    """`strategy: rolling`: the batches' old workers retire by the same contract."""
+    rolling = program(DEMO, ready="notify", workers=4, strategy="rolling")
+    tally, reloads, sup = reload_under_keep_alive(tmp_path, rolling, "POST", seconds=8)
+    assert not tally.failures, tally.describe()
+    assert reloads >= 4 and tally.ok > 1000, tally.describe()  # 4 batches a reload: 5-6 fit in 16 s here
+    assert not killed(sup)
+
+
+def test_shutdown_ends_kept_connections_with_an_answer(tmp_path: Path) -> None:
+    """supervisord's graceful stop under keep-alive load: no request sent on a kept connection is lost."""
+    with supervisor(tmp_path, {"web": SERVERS["demo"]}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=CONCURRENCY, seconds=60, keep_alive=True, method="POST") as clients:
+        time.sleep(1.5)
+        stopped = time.monotonic()
+        assert sup.stop() == 0
+        time.sleep(0.3)
+        tally = clients.finish()
+    print(f"\n{tally.describe()}")
+    lost = [f for f in tally.failures if f[0] < stopped or not f[2].startswith("new: ")]
+    assert not lost and tally.reused() == 0, tally.describe()
+    assert tally.ok > 500 and tally.failed()["refused"] > 0, tally.describe()
