@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.scenario import RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
+from bench.scenario import KEEPALIVE, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair the comparison is about
 QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
 # the store's pair (the plain start is what every other part does)
+QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")  # the contract, and without it
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
-PARTS = ("reload", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint", "preload")
+PARTS = ("reload", "keepalive", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint",
+         "preload")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=256, help="connections in flight per load process")
     parser.add_argument("--timeout", type=float, default=5.0,
                         help="seconds from connect() to the whole answer before a connection counts as failed")
+    parser.add_argument("--keepalive-systems", default=",".join(KEEPALIVE), help="keep-alive part: from "
+                        + ", ".join(KEEPALIVE))
+    parser.add_argument("--keepalive-concurrency", type=int, default=64,
+                        help="keep-alive part: kept connections per load process")
     parser.add_argument("--delay-systems", default=",".join(STOP_DELAYS), help="stop_delay comparison: from "
                         + ", ".join(STOP_DELAYS))
     parser.add_argument("--delay-runs", type=int, default=3,
@@ -81,7 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
+        args.keepalive_systems = ",".join(QUICK_KEEPALIVE)
     unknown = (set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
+               | set(args.keepalive_systems.split(",")) - set(KEEPALIVE)
                | set(args.upgrade_systems.split(",")) - set(UPGRADES)
                | set(args.restart_systems.split(",")) - set(RESTARTS))
     if unknown:
@@ -99,6 +107,11 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "reloads": args.reloads, "interval": args.interval + stall, "warmup": min(1.0, args.interval),
                  **reload_load}
                 for system in args.systems.split(",") for stall in (0.0, args.stall)]
+    if "keepalive" in parts:  # the reloads under kept connections: what each server's stop loses of them
+        out += [{"scenario": "keepalive", "system": system, "stall": 0.0, "workers": args.workers,
+                 "reloads": args.reloads, "interval": args.interval, "warmup": min(1.0, args.interval),
+                 **reload_load, "clients": 1, "concurrency": args.keepalive_concurrency}
+                for system in args.keepalive_systems.split(",")]
     if "stop_delay" in parts:  # uvicorn and the demo, stop_delay 0 and 0.5 s, interleaved run by run
         out += [{"scenario": "stop_delay", "system": system, "run": run, "stall": 0.0, "workers": args.workers,
                  "reloads": args.delay_reloads, "interval": args.interval, "warmup": min(1.0, args.interval),

@@ -17,6 +17,8 @@ from tests.load import KINDS
 def describe(spec: dict[str, Any]) -> str:
     if spec["scenario"] == "reload":
         return f"reload: {spec['system']}, {mode(spec)}"
+    if spec["scenario"] == "keepalive":
+        return f"keep-alive: {spec['system']}"
     if spec["scenario"] in ("stop_delay", "upgrade", "restart"):
         return f"{spec['scenario']}: {spec['system']}, run {spec['run']}"
     if spec["scenario"] == "scaling":
@@ -70,6 +72,15 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             [[r["system"], p50_p99(r["latency_ms"]["command_ms"]), p50_p99(r["latency_ms"]["new_serving_ms"]),
               p50_p99(r["latency_ms"]["closed_ms"]), r["master"]["rss_mib"], r["master"]["cpu_percent"]]
              for r in steady]))
+    kept = [r for r in ok if r["scenario"] == "keepalive"]
+    if kept:
+        out.append(f"\nKeep-alive: the same reloads under {args.keepalive_concurrency} kept connections sending "
+                   "request after request (what proxies and browsers do); a request without an answer failed:\n\n")
+        out.append(table(
+            ["system", "requests", "failed", *KINDS, "per reload (max)", "reloads"],
+            [[r["system"], r["connections"], sum(r["failed"].values()), *(r["failed"][k] for k in KINDS),
+              f"{sum(r['failed_per_reload']) / max(1, r['reloads']):.1f} ({max(r['failed_per_reload'], default=0)})",
+              r["reloads"]] for r in kept]))
     delays = [r for r in ok if r["scenario"] == "stop_delay"]
     if delays:
         out.append(f"\nstop_delay: old workers get their stop signal 0 or 0.5 s after their listeners are shut "

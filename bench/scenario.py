@@ -49,6 +49,20 @@ SYSTEMS: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
 
 UVICORN = {"command": [systems.PYTHON, "-m", "uvicorn", "--fd", "3", "--no-access-log", "tests.apps.asgi:app"],
            "cwd": str(systems.ROOT), "ready": "accepting", "settle": 0.2}
+# The keep-alive part: the reload part's reloads under kept connections sending request after request (what
+# every proxy and browser does): what each server's stop loses of them. name -> as SYSTEMS
+KEEPALIVE: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
+    "supervisor + demo": (systems.Supervisor, {"migrate": "require"}, 1),
+    "supervisor + demo --close-idle-at-stop": (systems.Supervisor, {"migrate": "require", "program": {
+        "command": [systems.PYTHON, "-m", "supervisor.demo", "--close-idle-at-stop"]}}, 1),
+    "supervisor + uvicorn runner": (systems.Supervisor, {"migrate": "require", "program": {
+        "command": [systems.PYTHON, "-m", "supervisor.servers.uvicorn", "--no-access-log", "tests.apps.asgi:app"],
+        "cwd": str(systems.ROOT), "ready": "notify"}}, 1),
+    "supervisor + stock uvicorn --fd 3": (systems.Supervisor, {"migrate": "require", "program": UVICORN}, 1),
+    "nginx reuseport HUP": (systems.Nginx, {"reuseport": True}, 1),
+    "gunicorn --reuse-port HUP": (systems.Gunicorn, {}, 1),
+}
+
 # The stop_delay comparison: supervisor migrate=on with these program settings
 STOP_DELAYS: dict[str, dict[str, Any]] = {
     "uvicorn stop_delay=0": {**UVICORN, "stop_delay": 0},
@@ -199,8 +213,8 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     resumed STALL_AFTER s after the reload command returned: their accept queues are then full when
     their listeners close, as they are when workers are busy, which is when a reload loses connections.
     """
-    cls, settings, migrate = SYSTEMS.get(spec["system"]) or (systems.Supervisor,
-                                                               {"program": STOP_DELAYS[spec["system"]]}, 1)
+    cls, settings, migrate = SYSTEMS.get(spec["system"]) or KEEPALIVE.get(spec["system"]) or (
+        systems.Supervisor, {"program": STOP_DELAYS[spec["system"]]}, 1)
     kernel.set_migrate(migrate)
     server = cls(folder, workers=spec["workers"], backlog=spec["backlog"], **settings)
     with running(server):
@@ -209,7 +223,7 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         with Sampler(server.port, server.master_pid) as sampler, ExitStack() as stack:
             most = 2 * spec["warmup"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
             load = stack.enter_context(Clients(server.address, spec["clients"], spec["concurrency"], seconds=most,
-                                               timeout=spec["timeout"]))
+                                               timeout=spec["timeout"], keep_alive=spec.get("keep_alive", False)))
             time.sleep(spec["warmup"])
             reloads = []
             for _ in range(spec["reloads"]):
@@ -319,6 +333,11 @@ def stop_delay(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**result, "scenario": "stop_delay", "run": spec["run"],
             "old_cpu": {"window_percent": round(statistics.fmean(c["window_percent"] for c in cpu), 1),
                         "until_exit_ms": round(statistics.fmean(c["until_exit_ms"] for c in cpu), 1)}}
+
+
+def keepalive(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The reload part's reloads under kept connections (requests back to back): what the stop loses."""
+    return {**reload_under_load({**spec, "stall": 0.0, "keep_alive": True}, folder), "scenario": "keepalive"}
 
 
 def upgrade_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -515,7 +534,7 @@ def master_use(pid: int) -> dict[str, float]:
 
 
 SCENARIOS = {"restart": restart_under_load, "upgrade": upgrade_under_load,
-             "stop_delay": stop_delay, "reload": reload_under_load, "scaling": scaling,
+             "stop_delay": stop_delay, "reload": reload_under_load, "keepalive": keepalive, "scaling": scaling,
              "throughput": throughput, "footprint": footprint, "preload_reload": preload.preload_reload,
              "memory": preload.memory}
 

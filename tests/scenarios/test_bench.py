@@ -21,6 +21,7 @@ SYSTEMS = ("supervisor migrate=on", "supervisor migrate=off", "supervisor migrat
            "nginx reuseport migrate=0", "nginx shared listener", "gunicorn --reuse-port migrate=0",
            "gunicorn --reuse-port migrate=1")
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")
+QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 
 
@@ -39,6 +40,10 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     for r in reloads:
         assert r["connections"] > 0 and set(r["failed"]) == set(KINDS), r
         assert r["reloads"] == len(r["per_reload"]) == 2
+    kept = [r for r in results if r["scenario"] == "keepalive"]
+    assert sorted(r["system"] for r in kept) == sorted(QUICK_KEEPALIVE)
+    for r in kept:
+        assert r["connections"] > 0 and set(r["failed"]) == set(KINDS) and r["reloads"] == 2, r
         assert r["latency_ms"]["closed_ms"]["n"] == 2 and r["master"]["rss_mib"] > 0
     stalled_supervisor = next(r for r in reloads if r["system"] == "supervisor migrate=on" and r["stall"])
     assert stalled_supervisor["netstat"]["TCPMigrateReqSuccess"] > 0, "the stalled workers' queues did not move"
