@@ -38,6 +38,11 @@ MAX_CLIENTS = 64  # HTTP connections at once; more are closed unanswered (each p
 # nothing) cannot take the slots the kubelet's probes and Prometheus need.
 MAX_PER_PEER = 4
 HEAD_TIMEOUT = 1.0  # seconds a client has to send its request head (a probe sends it at once)
+# The listen backlog: a burst of connections (a neighbour's flood) that fills the accept queue makes the
+# kernel drop the next SYNs, a probe's too, and its client retries after 1 s: the kubelet's default probe
+# timeout. The loop accepts (and closes the excess) far faster than a burst of this size arrives. Given to
+# start_server too, which calls listen() again (with 100 unless told).
+BACKLOG = 1024
 REQUEST_TIMEOUT = 5.0  # seconds the master has to answer, and a client to read the answer
 MAX_HEAD = 8192  # bytes of a request head
 TEXT = "text/plain; charset=utf-8"
@@ -222,7 +227,8 @@ class MetricsServer:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
         self.settings = settings
         if settings is not None:
-            self.server = await asyncio.start_server(self._handle, sock=bind(settings), limit=MAX_HEAD)
+            self.server = await asyncio.start_server(self._handle, sock=bind(settings), limit=MAX_HEAD,
+                                                     backlog=BACKLOG)
             log.info("metrics_listening", address=str(settings.listen))
 
     def move(self, settings: Metrics | None) -> str | None:
@@ -240,7 +246,7 @@ class MetricsServer:
         if sock is not None:
             loop = asyncio.get_running_loop()
             # The socket listens already: connections wait in its queue until the server takes them.
-            task = loop.create_task(asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD))
+            task = loop.create_task(asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD, backlog=BACKLOG))
             self.starting = task, sock
             task.add_done_callback(self._started)
         return f"metrics: now on {settings.listen}" if settings else "metrics: off"
@@ -315,7 +321,7 @@ def bind(settings: Metrics) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address.sockaddr)
-        sock.listen(64)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
