@@ -132,7 +132,8 @@ class Reloads:
         """The listeners of the serving generations a reload replaces all at once (not those rolling)."""
         records = [self.host.programs.get(p.name) for p in plan.start if p.strategy is not Strategy.ROLLING]
         return [listener for r in records if r is not None and r.serving is not None for w in r.serving.workers
-                if w.alive and w.state is WorkerState.READY for listener in w.listeners if not listener.shut]
+                if w.alive and w.state is WorkerState.READY and w not in r.serving.leaving  # not those draining
+                for listener in w.listeners if not listener.shut]
 
     def apply(self, decision: Decision) -> None:
         if isinstance(decision, Commit):

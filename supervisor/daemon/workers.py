@@ -26,6 +26,7 @@ from supervisor.process.preload import Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol.reply import Reply
 from supervisor.system import fdstore, limits, listeners
+from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
 
@@ -202,9 +203,7 @@ def leave(host: Host, gen: Generation, leaving: list[Worker]) -> None:
         stop_later(host, gen.program, gen.leave(leaving))
         return
     gen.draining(leaving)
-    staying = [listener for w in gen.workers if w.alive and w not in gen.leaving and w.state is WorkerState.READY
-               for listener in w.listeners if not listener.shut]
-    steered = listeners.steer_to(staying)
+    steered = listeners.steer_to(_staying(gen))
     departure = Departure(gen, leaving, steered, Drain(Way.DRAINED, host.clock.time(), gen.program.drain_timeout))
     host.later(SWITCH_DRAIN, ev.LeaveDue(host.departures.add(departure)))
 
@@ -221,13 +220,21 @@ def departure_due(host: Host, number: int) -> None:
         return
     del host.departures.pending[number]
     gen = departure.gen
-    staying = [listener for w in gen.workers if w.alive and w not in gen.leaving
-               for listener in w.listeners if not listener.shut]
+    staying = _staying(gen)
     listeners.shut_steered(going, staying)
-    listeners.unsteer(departure.steered)
+    if any(d.gen is gen for d in host.departures.pending.values()):
+        listeners.steer_to(staying)  # another departure still drains: its workers get nothing new either
+    else:
+        listeners.unsteer(departure.steered)
     log.info("workers_drained", program=gen.program.name, gen=gen.number, pids=[w.pid for w in departure.workers],
              drain_ms=departure.drain.ms, dropped=step.dropped)
     if step.dropped:
         log.warning("drain_dropped", program=gen.program.name, dropped=step.dropped, drain_ms=departure.drain.ms)
     host.tally.retired("drained", step.dropped, departure.drain.ms / 1000, reload=False)
     stop_later(host, gen.program, gen.leave([w for w in departure.workers if w.alive]))
+
+
+def _staying(gen: Generation) -> list[Listener]:
+    """Where a generation's new connections go while some of its workers drain: its ready workers'."""
+    return [listener for w in gen.workers if w.alive and w not in gen.leaving and w.state is WorkerState.READY
+            for listener in w.listeners if not listener.shut]
