@@ -32,6 +32,7 @@ import termios
 IDLE_CLOSE = 1.0  # seconds a connection with nothing in progress must be quiet before a stopping worker closes it
 GRACEFUL_TIMEOUT = 30.0  # supervisord's default, for a worker started without SUPERVISOR_GRACEFUL_TIMEOUT
 FINISH_SHARE = 0.9  # the share of graceful_timeout a worker takes before it closes what is left
+FINISH_MARGIN = 0.5  # seconds, at least, between that close and supervisord's SIGKILL: the exit itself takes time
 
 
 def graceful_timeout() -> float:
@@ -46,7 +47,8 @@ def graceful_timeout() -> float:
 
 def finish_within(graceful: float | None = None) -> float:
     """Seconds after the stop signal at which a worker closes every connection it still holds and exits."""
-    return FINISH_SHARE * (graceful_timeout() if graceful is None else graceful)
+    graceful = graceful_timeout() if graceful is None else graceful
+    return max(0.0, min(FINISH_SHARE * graceful, graceful - FINISH_MARGIN))
 
 
 def unread(transport: asyncio.BaseTransport) -> int:

@@ -245,7 +245,7 @@ def test_stop_answers_every_pipelined_request_it_has_read(tmp_path: Path) -> Non
 
 def test_stop_is_bounded_by_the_graceful_timeout(tmp_path: Path) -> None:
     """A client that never reads its answers (its receive window full) cannot hold the demo: it exits at
-    FINISH_SHARE x SUPERVISOR_GRACEFUL_TIMEOUT after the stop signal."""
+    min(FINISH_SHARE x SUPERVISOR_GRACEFUL_TIMEOUT, the timeout less FINISH_MARGIN) after the stop signal."""
     with make_listener() as listener, running_demo(tmp_path, listener=listener,
                                                    SUPERVISOR_GRACEFUL_TIMEOUT="2") as demo:
         demo.wait_ready()
@@ -258,8 +258,8 @@ def test_stop_is_bounded_by_the_graceful_timeout(tmp_path: Path) -> None:
             started = time.monotonic()
             demo.signal(signal.SIGTERM)
             assert demo.wait(5) == 0
-            assert 1.5 < time.monotonic() - started < 3  # at 1.8 s, and its exit (a busy machine is slow)
-        assert "closing 1 connections still open 1.8 s after the stop" in demo.log()
+            assert 1.4 < time.monotonic() - started < 3  # at 1.5 s, and its exit (a busy machine is slow)
+        assert "closing 1 connections still open 1.5 s after the stop" in demo.log()
 
 
 def test_stop_waits_for_a_tls_handshake_in_progress(tmp_path: Path) -> None:

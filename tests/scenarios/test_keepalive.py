@@ -179,7 +179,8 @@ def test_a_quiet_kept_connection_is_closed_cleanly_after_the_wait(tmp_path: Path
 @pytest.mark.parametrize("server", SERVERS)
 def test_a_client_that_never_reads_cannot_hold_an_old_worker(tmp_path: Path, server: str) -> None:
     """Pipelined requests whose answers the client never reads (both sides' buffers full): the old worker
-    gives up on it at 0.9 x graceful_timeout and exits by itself, before supervisord would kill it."""
+    gives up on it at 0.9 x graceful_timeout (0.5 s before it at the most) and exits by itself, before
+    supervisord would kill it."""
     settings = {**SERVERS[server], "graceful_timeout": 2}
     with supervisor(tmp_path, {"web": settings}) as sup, \
             socket.create_connection(("127.0.0.1", 8000), timeout=10) as sock:
