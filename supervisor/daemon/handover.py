@@ -27,7 +27,7 @@ from supervisor import __version__
 from supervisor.config import plain
 from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon import events as ev
-from supervisor.daemon import status
+from supervisor.daemon import retiring, status
 from supervisor.daemon.endpoints import Endpoints
 from supervisor.daemon.events import ControlRequest
 from supervisor.daemon.host import Host
@@ -35,7 +35,6 @@ from supervisor.daemon.reloads import Reloads
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime
 from supervisor.process import reexec
-from supervisor.process.preload import Templates
 from supervisor.process.worker import WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
@@ -52,8 +51,6 @@ class Handing(Host, Protocol):
     def endpoints(self) -> Endpoints: ...
     @property
     def reloads(self) -> Reloads: ...
-    @property
-    def templates(self) -> Templates | None: ...
 
 
 def dump(master: Handing, waiting: list[ControlRequest], new_version: str) -> tuple[dict[str, Any], list[int]]:
@@ -215,7 +212,7 @@ async def adopt(master: Handing, state: dict[str, Any]) -> None:
                     master.later(max(0.0, w.started + gen.program.ready_timeout - now), ev.WorkerReadyTimeout(key))
             if gen.state is GenerationState.SERVING and any(s.restart_at is not None for s in gen.slots.values()):
                 master.post(ev.ManageWorkers())
-            master.forget_if_finished(gen)
+            retiring.forget_if_finished(master, gen)
     (request, reply), *waiting = await requests_of(state)
     text = summary(state, master.programs)
     log.info("upgraded", text=text)

@@ -13,10 +13,12 @@ from typing import Any, Protocol
 from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon.events import Event
 from supervisor.daemon.facts import Facts
+from supervisor.daemon.stops import StopWaiters
 from supervisor.daemon.watcher import Watcher
 from supervisor.model.drain import Departures
-from supervisor.model.generation import Generation, Spawner
+from supervisor.model.generation import Spawner
 from supervisor.model.program import ProgramRuntime
+from supervisor.process.preload import Templates
 from supervisor.system.fdstore import FdStore, Inherited
 from supervisor.system.listeners import Groups
 from supervisor.system.systemd import Notifier
@@ -52,10 +54,11 @@ class Host(Facts, Protocol):
     def post(self, event: Event) -> None: ...
     def later(self, delay: float, event: Event) -> asyncio.TimerHandle: ...
 
-    # -- the master's own steps, which the appliers call in their order
-    def retire(self, gen: Generation) -> int: ...
-    def generation_over(self, gen: Generation) -> None: ...
-    def forget_if_finished(self, gen: Generation) -> None: ...
+    @property
+    def templates(self) -> Templates | None: ...
+    @property
+    def stop_waiters(self) -> StopWaiters: ...
+
     def running(self, name: str) -> ProgramRuntime: ...
 
     # -- the master's fields, changed by the master on request

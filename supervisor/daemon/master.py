@@ -39,17 +39,18 @@ from supervisor import __version__
 from supervisor.config import tls
 from supervisor.config.schema import Config, MigrateMode
 from supervisor.daemon import events as ev
-from supervisor.daemon import handover, metrics, output, status, workers
+from supervisor.daemon import handover, metrics, output, retiring, status, workers
 from supervisor.daemon.endpoints import Endpoints
 from supervisor.daemon.host import Clock
 from supervisor.daemon.reloads import Reloads
+from supervisor.daemon.stops import StopWaiters
 from supervisor.daemon.tally import Tally
 from supervisor.daemon.watcher import Watcher
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
 from supervisor.model import reload as reloading
 from supervisor.model.drain import Departures
 from supervisor.model.exit import StartFailed
-from supervisor.model.generation import Generation, GenerationState, Spawner
+from supervisor.model.generation import Generation, Spawner
 from supervisor.model.plan import plan_reload, plan_start
 from supervisor.model.program import ProgramRuntime, names, serving
 from supervisor.model.reload import Reload, ReloadKind
@@ -80,7 +81,7 @@ class Master:
         self.watcher = Watcher(self.post, self.later, self.output.record)
         self.reloads = Reloads(self)
         self.upgrade = handover.Upgrade(self)
-        self.stop_waiters: list[tuple[Generation, Reply]] = []
+        self.stop_waiters = StopWaiters()
         self.shutdown_replies: list[Reply] = []
         self.stopping = False
         self.exit_code = EXIT_OK
@@ -231,7 +232,7 @@ class Master:
                 if self.reloads.switch is not None:
                     self.reloads.finish_switch()
             case ev.TemplateWoke():
-                self.on_template(event)
+                workers.template_woke(self, event)
             case ev.UpgradeChecked():
                 self.upgrade.checked(event.timed_out)
             case ev.ChildrenChanged():
@@ -281,7 +282,7 @@ class Master:
             elif isinstance(request, requests.Scale):
                 workers.scale(self, request.program, request.workers, reply)
             elif isinstance(request, requests.Stop):
-                self.stop_program(request.program, reply)
+                retiring.stop_program(self, request.program, reply)
             elif isinstance(request, requests.Start):
                 plan = plan_start(self.config, request.program, names(self.programs, running=True),
                                   names(self.programs, fatal=True))
@@ -308,11 +309,8 @@ class Master:
 
     def on_notify(self, event: ev.NotifyReceived) -> None:
         found = self.watcher.notified(event)
-        if found is None and self.watcher.pending and self.templates:
-            # A preload worker's READY=1 may be read before its template's "forked" message, sent
-            # before the worker could run: read those, then look again.
-            for t in list(self.templates.running.values()):
-                workers.forked(self, self.templates.read(t))
+        if found is None and self.watcher.pending:
+            workers.read_forks(self)  # its template's "forked" message may still wait: then look again
             found = self.watcher.notified(event)
         if found:
             self.worker_ready(*found)
@@ -327,22 +325,12 @@ class Master:
         gen, end = ended
         if isinstance(end, StartFailed):
             self.reloads.worker_failed(gen, w)
-        self.forget_if_finished(gen)
+        retiring.forget_if_finished(self, gen)
         self.reloads.worker_gone(gen)  # a rolled-out worker gone: the next batch may start
         self.check_children()  # what left the worker's session is now the master's: gone with the worker
 
     def template_woke(self, what: str, program: str, generation: int) -> None:
         self.post(ev.TemplateWoke(what, program, generation))
-
-    def on_template(self, event: ev.TemplateWoke) -> None:
-        if self.templates is None or (t := self.templates.find(event.program, event.generation)) is None:
-            return
-        if event.what == "message":
-            workers.forked(self, self.templates.read(t))
-        elif event.what == "exited":
-            workers.forked(self, self.templates.ended(t) or [])
-        else:
-            self.templates.output(t)
 
     # -- what the pieces ask of the master (host.Host) ----------------------------------------------------
 
@@ -417,29 +405,6 @@ class Master:
 
     # -- retiring, stopping ---------------------------------------------------------------------------
 
-    def retire(self, gen: Generation) -> int:
-        """Shut every listener of `gen` at once; its workers' stop signals follow after stop_delay."""
-        closed = gen.retire()
-        self.generation_over(gen)
-        # Those that left it before (scaled down, recycled, rolled out) were given their stop already.
-        workers.stop_later(self, gen.program, [w for w in gen.live_workers if w not in gen.leaving])
-        log.info("generation_retiring", program=gen.program.name, gen=gen.number, listeners_closed=closed,
-                 workers=len(gen.live_workers))
-        self.forget_if_finished(gen)
-        return closed
-
-    def generation_over(self, gen: Generation) -> None:
-        """`gen` starts no more workers: its preload template, if any, exits."""
-        if self.templates is not None:
-            workers.forked(self, self.templates.retire(gen.program.name, gen.number))
-
-    def stop_program(self, name: str, reply: Reply) -> None:
-        gen = self.running(name).stopping(by_hand=True)
-        assert gen is not None
-        reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
-        self.stop_waiters.append((gen, reply))
-        self.retire(gen)
-
     def shutdown(self, reply: Reply, fast: bool = False) -> None:
         """Stop everything: listeners shut, stop signals sent; the loop ends when no worker is left."""
         self.shutdown_replies.append(reply)
@@ -453,27 +418,8 @@ class Master:
                 self.reloads.finish_switch(force=True)
             self.upgrade.checked(timed_out=False, refuse="supervisord is shutting down")
             self.reloads.refuse_all("supervisord is shutting down")
-            for record in [r for r in self.programs.values() if r.running]:
-                if (gen := record.stopping(by_hand=False)) and self.fdstore.enabled:
-                    # Under systemd's fd store a stop is a restart to be: the listeners stay open
-                    # there, unshut, and their queues wait for the next start (system/fdstore.py).
-                    workers.stop_later(self, gen.program, gen.hand_over())
-                    self.generation_over(gen)
-                    self.forget_if_finished(gen)
-                elif gen:
-                    self.retire(gen)
+            retiring.stop_all(self)
         if fast:
             for record in self.programs.values():
                 for gen in record.retiring:
                     gen.kill()
-
-    def forget_if_finished(self, gen: Generation) -> None:
-        """A retiring or rolled-back generation stays in `status` until its last worker has exited."""
-        if gen.state in (GenerationState.SERVING, GenerationState.STARTING) or not gen.finished():
-            return
-        gen.finish()
-        self.programs[gen.program.name].generation_finished(gen)
-        log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
-        for waiter in [(g, r) for g, r in self.stop_waiters if g is gen]:
-            self.stop_waiters.remove(waiter)
-            waiter[1].finish(True, f"{gen.program.name} stopped")

@@ -23,7 +23,7 @@ import structlog
 from supervisor.config import tls
 from supervisor.config.schema import Config, Strategy
 from supervisor.daemon import events as ev
-from supervisor.daemon import rolls, status, workers
+from supervisor.daemon import retiring, rolls, status, workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
 from supervisor.model.drain import SWITCH_DRAIN, Drain, Shut, Way, way
@@ -230,7 +230,7 @@ class Reloads:
         dropped = queued if switch.drain.way is Way.RESET else step.dropped
         shut = listeners.shut_steered(old, switch.fresh)
         for gen in switch.retired:
-            host.retire(gen)
+            retiring.retire(host, gen)
         host.inherited.shut(programs)
         listeners.unsteer([*switch.steered, *reload.held])
         migrated = (migrate.counters() - switch.before).success
@@ -263,9 +263,9 @@ class Reloads:
         put_back = [said for roll in reload.rolls.values() if (said := rolls.put_back(host, roll))]
         for gen in reload.generations:
             workers.stop_later(host, gen.program, gen.rollback())
-            host.generation_over(gen)
+            retiring.generation_over(host, gen)
             host.programs[gen.program.name].rolled_back(gen)
-            host.forget_if_finished(gen)
+            retiring.forget_if_finished(host, gen)
         listeners.unsteer(reload.held)  # after the shut: nothing reached the new listeners meanwhile
         still = ", ".join(f"{name}#{r.serving.number}" for name, r in host.programs.items() if r.serving)
         log.error("reload_failed", reason=reason)

@@ -194,6 +194,26 @@ def forked(host: Host, answers: Iterable[Answer]) -> None:
             host.post(ev.WorkerExited(host.watcher.key(answer.worker)))
 
 
+def read_forks(host: Host) -> None:
+    """Every preload template's answers waiting to be read: a preload worker's READY=1 may be read
+    before its template's "forked" message, sent before the worker could run."""
+    if host.templates is not None:
+        for t in list(host.templates.running.values()):
+            forked(host, host.templates.read(t))
+
+
+def template_woke(host: Host, event: ev.TemplateWoke) -> None:
+    """A preload template wrote a message, wrote output, or exited."""
+    if host.templates is None or (t := host.templates.find(event.program, event.generation)) is None:
+        return
+    if event.what == "message":
+        forked(host, host.templates.read(t))
+    elif event.what == "exited":
+        forked(host, host.templates.ended(t) or [])
+    else:
+        host.templates.output(t)
+
+
 def leave(host: Host, gen: Generation, leaving: list[Worker]) -> None:
     """Workers leave a serving generation: with migration (or `off`) their listeners are shut now; when
     the master drains, new connections are steered to the workers that stay and the leaving ones
