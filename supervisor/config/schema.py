@@ -122,6 +122,7 @@ class Program:
     strategy: Strategy = Strategy.ALL_AT_ONCE
     batch: int = 1  # workers replaced at a time by a rolling reload
     preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
+    share_listen: bool = False  # another process's listener on a listen address is refused unless set
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ class _Reader:
             "crash_window": lambda n, k: self.number(n, k, positive=True),
             "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
             "strategy": lambda n, k: self.choice(n, k, Strategy), "batch": lambda n, k: self.integer(n, k, 1, 4096),
-            "preload": self.modules,
+            "preload": self.modules, "share_listen": self.boolean,
         }
         fields = self.mapping(node, key, allowed=tuple(sorted(readers)))
         for required in ("command", "listen"):
@@ -376,6 +377,11 @@ class _Reader:
             raise self.fail(node, key, f"expected {'more than' if positive else 'at least'} 0 seconds "
                                        f"(and at most a day), got {node.value}")
         return float(value)
+
+    def boolean(self, node: yaml.Node, key: str) -> bool:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:bool":
+            raise self.fail(node, key, f"expected true or false, got {_show(node)}")
+        return bool(yaml.SafeLoader("").construct_yaml_bool(node))
 
     def choice(self, node: yaml.Node, key: str, kind: type[_Choice]) -> _Choice:
         values = [m.value for m in kind]

@@ -33,10 +33,12 @@ from supervisor.model.program import ProgramRuntime, ProgramState, names
 from supervisor.model.reload import (
     Commit,
     Decision,
+    GiveUp,
     NextBatch,
     Reload,
     ReloadKind,
     RollBack,
+    Serve,
     Switch,
     SwitchBatch,
 )
@@ -96,6 +98,8 @@ class Reloads:
         host = self.host
         plan = plan or plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True))
         self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
+        # Listeners a previous master left in the fd store are shut once, at the Commit, in one step.
+        reload.together = {a.program for a in host.inherited.of([p.name for p in plan.start])}
         if host.migration.drains:
             reload.held = listeners.steer_to(self.serving_listeners(plan))
         for program in plan.start:
@@ -140,6 +144,10 @@ class Reloads:
             self.commit()
         elif isinstance(decision, RollBack):
             self.roll_back(decision.reason)
+        elif isinstance(decision, GiveUp) and self.current is not None:
+            self.give_up(decision.gen, decision.reason)
+        elif isinstance(decision, Serve) and self.current is not None:
+            self.serve(decision.gen)
         elif isinstance(decision, SwitchBatch | NextBatch) and (reload := self.current) is not None:
             try:
                 if isinstance(decision, SwitchBatch):
@@ -185,11 +193,7 @@ class Reloads:
         before = migrate.counters()
         old_gens: list[Generation | None] = []
         for gen in reload.generations:
-            gen.mark_serving()
-            reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
-                                  f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
-            bundle = reload.bundles.get(gen.program.name)
-            old_gens.append(host.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None))
+            old_gens.append(self.serving(reload, gen))
         for name in reload.plan.removed:  # gone from the config: retire without a successor
             old_gens.append(host.programs[name].stopping(by_hand=False))
         retired = [g for g in old_gens if g is not None]
@@ -281,6 +285,37 @@ class Reloads:
         elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
             host.systemd.ready(f"{status.describe(host.programs)}; last {reload.label} failed: {reason}")
         self.next_request()
+
+    def serve(self, gen: Generation) -> None:
+        """At startup, one program's first generation is ready: it serves now; the others go on starting."""
+        reload = self.current
+        assert reload is not None
+        reload.generations.remove(gen)
+        reload.served.append(gen)
+        self.serving(reload, gen)
+        log.info("program_serving", program=gen.program.name, gen=gen.number)
+        self.apply(reload.worker_ready())
+
+    def serving(self, reload: Reload, gen: Generation) -> Generation | None:
+        """A new generation is ready and serves; returns the one it replaces."""
+        gen.mark_serving()
+        reload.reply.progress(f"{gen.program.name}: generation {gen.number} ready in "
+                              f"{round(((gen.ready_at or gen.started) - gen.started) * 1000)} ms")
+        bundle = reload.bundles.get(gen.program.name)
+        return self.host.programs[gen.program.name].committed(gen, bundle.certificate if bundle else None)
+
+    def give_up(self, gen: Generation, reason: str) -> None:
+        """At startup, one program's first generation failed: it alone is FATAL; the others go on."""
+        host, reload = self.host, self.current
+        assert reload is not None
+        reload.generations.remove(gen)
+        workers.stop_later(host, gen.program, gen.rollback())
+        retiring.generation_over(host, gen)
+        host.programs[gen.program.name].start_failed(gen, reason)
+        retiring.forget_if_finished(host, gen)
+        log.error("program_fatal", program=gen.program.name, reason=reason)
+        reload.reply.progress(f"{gen.program.name}: FATAL: {reason}")
+        self.apply(reload.worker_ready())
 
     def refused(self, request: requests.Request, reason: str) -> None:
         """A request that changed nothing was answered: a refused reload is counted and told to systemd."""

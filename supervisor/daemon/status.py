@@ -46,7 +46,9 @@ def describe(programs: Mapping[str, ProgramRuntime]) -> str:
     """One line for `systemctl status`: what serves now."""
     serving = ", ".join(f"{name}#{r.serving.number} ({len(r.serving.live_workers)} workers)"
                         for name, r in programs.items() if r.serving)
-    return f"serving {serving}" if serving else "no program running"
+    fatal = ", ".join(name for name, r in programs.items() if r.fatal is not None)
+    said = f"serving {serving}" if serving else "no program running"
+    return said + (f"; FATAL: {fatal} (supervisorctl status)" if fatal else "")
 
 
 def program_facts(record: ProgramRuntime, starting: list[Generation], roll: Roll | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from supervisor.config import tls
 from supervisor.config.schema import Config, MigrateMode, Program
 from supervisor.process import worker
-from supervisor.system import accounts, limits, migrate
+from supervisor.system import accounts, holders, limits, migrate
 
 
 @dataclass
@@ -28,12 +28,15 @@ def check(config: Config, only: str | None = None) -> Preflight:
     report = Preflight()
     if fds := limits.problem(config, limits.soft_limit()):  # the whole config runs, whatever `only` starts
         report.problems.append(fds)
+    sockets, ours = holders.listening(), holders.own_inodes()
     for program in config.programs:
         if only is not None and program.name != only:
             continue
         for problem in (_command_problem(program), _account_problem(program)):
             if problem:
                 report.problems.append(f"{program.name}: {problem}")
+        if not program.share_listen:
+            report.problems += [f"{program.name}: {p}" for p in _foreign(program, sockets, ours)]
         if program.tls is not None:
             try:
                 bundle = tls.load(program.tls.cert, program.tls.key)
@@ -46,6 +49,14 @@ def check(config: Config, only: str | None = None) -> Preflight:
                 report.warnings.append(f"{program.name}: tls: {program.tls.cert} expires in "
                                        f"{cert.days_left():.1f} days ({cert.not_after:%Y-%m-%d %H:%M} UTC)")
     return report
+
+
+def _foreign(program: Program, sockets: list[holders.Socket], ours: set[int]) -> list[str]:
+    """Its addresses that another process listens on. One we listen on already (a reload, the fd store,
+    an upgrade) is not looked at again: a reload changes nothing there."""
+    fresh = [listen for listen in program.listen
+             if not any(s.inode in ours and holders.overlaps(listen, s) and str(s) == str(listen) for s in sockets)]
+    return holders.problems(fresh, sockets, ours)
 
 
 def migration_problem(mode: MigrateMode, sysctl: str = migrate.SYSCTL) -> str | None:

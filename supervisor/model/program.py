@@ -2,6 +2,7 @@
 
     STOPPED --starting--> STARTING --committed--> SERVING --starting--> RELOADING --committed--> SERVING
     STARTING --rolled_back--> STOPPED            RELOADING --rolled_back--> SERVING
+    STARTING --start_failed--> FATAL (at startup: the other programs start; `start` or a reload tries again)
     SERVING --went_fatal--> FATAL (its healthy workers serve on; a reload or `start` tries again)
     SERVING | RELOADING | FATAL --stopping--> STOPPING --(last worker gone)--> STOPPED
 
@@ -115,6 +116,13 @@ class ProgramRuntime:
               ProgramState.FATAL: ProgramState.FATAL}[self.state]
         self._move(to, ProgramState.STARTING, ProgramState.RELOADING, ProgramState.FATAL)
         self.retiring.append(gen)
+
+    def start_failed(self, gen: Generation, why: str) -> None:
+        """Its first generation failed at startup: FATAL, with nothing serving; the generation is kept
+        until its workers exit."""
+        self._move(ProgramState.FATAL, ProgramState.STARTING)
+        self.retiring.append(gen)
+        self.fatal = why
 
     def went_fatal(self, why: str) -> None:
         """Its serving generation's workers crashed too often (also while a reload of it waits)."""

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from supervisor.config import schema, tls
-from supervisor.config.schema import Config
+from supervisor.config.schema import Config, ReadyMode
 from supervisor.errors import ControlError, MigrateError
 from supervisor.model import preflight
 from supervisor.model.drain import Drain, Way
@@ -54,6 +54,23 @@ class RollBack:
 
 
 @dataclass(frozen=True)
+class GiveUp:
+    """At startup: this program's first generation cannot become ready. It alone is FATAL with
+    `reason`; the other programs go on starting (a reload, by contrast, rolls back whole)."""
+
+    gen: Generation
+    reason: str
+
+
+@dataclass(frozen=True)
+class Serve:
+    """At startup: this program's first generation is ready; it serves now, without waiting for the
+    others (there is nothing to switch from)."""
+
+    gen: Generation
+
+
+@dataclass(frozen=True)
 class SwitchBatch:
     """A rolling program's batch is ready: switch its slots to the new generation."""
 
@@ -67,7 +84,7 @@ class NextBatch:
     roll: Roll
 
 
-Decision = Pending | Commit | RollBack | SwitchBatch | NextBatch
+Decision = Pending | Commit | RollBack | GiveUp | Serve | SwitchBatch | NextBatch
 
 
 @dataclass(eq=False)
@@ -85,6 +102,8 @@ class Reload:
     # generations start, so that a rollback has nothing in the new listeners to lose; one per group.
     held: list[Listener] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    served: list[Generation] = field(default_factory=list)  # startup: those that serve already (Serve)
+    together: set[str] = field(default_factory=set)  # startup: programs that serve only at the Commit
 
     @property
     def label(self) -> str:
@@ -100,14 +119,20 @@ class Reload:
             if roll.next_due():
                 return NextBatch(roll)
         done = all(g.all_ready() for g in self.generations) and all(r.done for r in self.rolls.values())
-        return Commit() if done else Pending()
+        if done:
+            return Commit()
+        if self.kind is ReloadKind.STARTUP:
+            ready = [g for g in self.generations if g.all_ready() and g.program.name not in self.together]
+            if ready:
+                return Serve(ready[0])
+        return Pending()
 
     def worker_exited(self, gen: Generation, w: Worker) -> Decision:
         if gen not in self.generations:
             return Pending()
         how = f"(pid {w.pid}) {w.describe_exit()}" if w.forked else "was not forked"  # preload
-        return RollBack(f"{w.program}: generation {gen.number} worker {w.index} {how} before it was ready"
-                        + stderr_tail(w, lines=20 if not w.forked else 10))
+        return self.failed(gen, f"{w.program}: generation {gen.number} worker {w.index} {how} before it was ready"
+                           + stderr_tail(w, lines=20 if not w.forked else 10) + hint(w))
 
     def generation(self, program: str, number: int) -> Generation | None:
         return next((g for g in self.generations if g.program.name == program and g.number == number), None)
@@ -120,16 +145,24 @@ class Reload:
         workers = gen.workers
         ready = sum(w.state is WorkerState.READY for w in workers)
         quoted = next((w for w in workers if w.state is not WorkerState.READY and w.tail), None)
-        return RollBack(f"{gen.program.name}: generation {gen.number} not ready within "
-                        f"{gen.program.ready_timeout:g} s ({ready} of {len(workers)} workers ready)"
-                        + (stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
+        return self.failed(gen, f"{gen.program.name}: generation {gen.number} not ready within "
+                           f"{gen.program.ready_timeout:g} s ({ready} of {len(workers)} workers ready; "
+                           f"{WAITED_FOR[gen.program.ready]})"
+                           + (stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
+
+    def failed(self, gen: Generation, reason: str) -> Decision:
+        """A new generation cannot become ready: at startup, while another program may still start,
+        that program alone gives up; anywhere else the whole reload rolls back."""
+        if self.kind is ReloadKind.STARTUP and (len(self.generations) > 1 or self.served):
+            return GiveUp(gen, reason)
+        return RollBack(reason)
 
     def report(self, retired: list[Generation], shut: int, migrated: int, queued: int, drain: Drain,
                dropped: int) -> tuple[str, dict[str, Any]]:
         """The final answer of a reload that committed: a line for people, data for --json. `drain`: how
         the old listeners ended (drain.Way); `dropped`: what they still held when shut without migration."""
         elapsed = round((time.monotonic() - self.started) * 1000)
-        generations = {g.program.name: g.number for g in self.generations}
+        generations = {g.program.name: g.number for g in [*self.served, *self.generations]}
         log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
                  generations=generations, way=drain.way.value, drain_ms=drain.ms, dropped=dropped)
         summary = f"{self.label} done in {elapsed} ms: {shut} old listeners closed, "
@@ -198,6 +231,26 @@ def load_new_config(current: Config, reply: Reply, only: tuple[str, ...] = ()) -
             raise MigrateError(problem)
         reply.progress(f"migrate: {current.migrate.value} -> {config.migrate.value} once the new generation serves")
     return config, bundles
+
+
+# What a readiness timeout waited for, and what to change when the server cannot give it.
+WAITED_FOR = {
+    ReadyMode.NOTIFY: "ready: notify waits for each worker to send READY=1 to $NOTIFY_SOCKET; a server that "
+                      "does not send it needs ready: accepting",
+    ReadyMode.ACCEPTING: "ready: accepting waits for each worker to poll every listener it was given "
+                         "(fds from 3, $LISTEN_FDS) and stay alive for settle s",
+}
+# A worker that binds its own socket instead of serving on the ones it was given fails like this.
+ADDRESS_IN_USE = ("Address already in use", "[Errno 98]", "EADDRINUSE")
+
+
+def hint(w: Worker) -> str:
+    """What to change, where the worker's last words say what went wrong."""
+    if any(marker in line for line in w.tail for marker in ADDRESS_IN_USE):
+        return ("\nhint: the worker tried to bind an address itself; serve on the listening sockets it is "
+                "given instead: fds 3 to 3+$LISTEN_FDS-1 (uvicorn --fd 3, gunicorn --bind fd://3, "
+                "hypercorn --bind fd://3; docs/servers.md)")
+    return ""
 
 
 def stderr_tail(w: Worker, whose: str = "", lines: int = 10) -> str:

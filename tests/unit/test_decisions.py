@@ -21,6 +21,61 @@ def scenario(tmp_path: Path, **settings: object) -> Scenario:
     return s
 
 
+class TestStartup:
+    """At startup each program starts on its own: one that fails is FATAL, the others serve."""
+
+    def test_a_program_that_fails_is_fatal_and_the_others_serve(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": program(), "api": program(listen=["127.0.0.1:8001"])})
+        reply = s.start(ready=False)
+        web = [w for w in s.starting() if w.program == "web"]
+        api = [w for w in s.starting() if w.program == "api"]
+        s.ready(web[0])
+        s.exit(api[1])
+        assert reply.answer is None and s.state("api") == "fatal" and s.state("web") == "starting"
+        assert "api: FATAL: api: generation 1 worker 1 (pid" in reply.lines[-1]
+        assert all(x.shut for w in api for x in w.listeners)
+        s.ready(web[1])
+        assert reply.ok and s.state("web") == "serving" and s.record("api").serving is None
+        assert "worker 1" in (s.record("api").fatal or "")
+        assert status.describe(s.master.programs) == "serving web#1 (2 workers); FATAL: api (supervisorctl status)"
+        s.exit(api[0], 15)  # the given-up generation's last worker goes: api stays FATAL, nothing restarts
+        s.advance(5)
+        assert s.state("api") == "fatal" and s.record("api").generations() == [] and s.master.exit_code == 0
+        retry = s.ask(requests.Start("api"))
+        s.ready(*s.starting())
+        assert retry.ok and s.state("api") == "serving" and s.record("api").fatal is None
+
+    def test_a_ready_program_serves_at_once_and_one_not_ready_in_time_is_fatal(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": program(), "api": program(listen=["127.0.0.1:8001"], ready="accepting",
+                                                                  ready_timeout=3)})
+        reply = s.start(ready=False)
+        s.ready(*[w for w in s.starting() if w.program == "web"])
+        assert s.state("web") == "serving" and reply.answer is None  # it serves; the startup goes on
+        assert "web: generation 1 ready in" in reply.lines[-1]
+        s.advance(3)
+        assert reply.ok and s.state("web") == "serving" and s.state("api") == "fatal"
+        assert "not ready within 3 s (0 of 2 workers ready; ready: accepting waits" in (s.record("api").fatal or "")
+
+    def test_when_every_program_fails_supervisord_stops_with_exit_1(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": program(), "api": program(listen=["127.0.0.1:8001"])})
+        reply = s.start(ready=False)
+        s.exit(next(w for w in s.starting() if w.program == "api"))
+        assert s.master.exit_code == 0 and not s.master.stopping
+        s.exit(next(w for w in s.starting() if w.program == "web"))
+        assert reply.ok is False and "web: generation 1 worker" in reply.answer["error"]  # type: ignore[index]
+        assert s.master.exit_code == 1 and s.master.stopping
+
+    def test_a_worker_that_binds_its_own_address_gets_a_hint(self, tmp_path: Path) -> None:
+        s = Scenario(tmp_path, {"web": program()})
+        reply = s.start(ready=False)
+        w = s.starting()[0]
+        w.tail.append("OSError: [Errno 98] Address already in use")
+        s.exit(w, 1 << 8)
+        assert reply.ok is False
+        assert "hint: the worker tried to bind an address itself; serve on the listening sockets it is given" \
+            in reply.answer["error"]  # type: ignore[index]
+
+
 class TestReload:
     def test_startup_serves_once_every_worker_is_ready(self, tmp_path: Path) -> None:
         s = Scenario(tmp_path, {"web": program()})
@@ -77,7 +132,8 @@ class TestReload:
         assert reply.answer is None
         s.advance(0.2)
         assert reply.ok is False
-        assert "web: generation 2 not ready within 10 s (1 of 2 workers ready)" in reply.answer["error"]  # type: ignore[index]
+        assert "web: generation 2 not ready within 10 s (1 of 2 workers ready; ready: notify waits for each " \
+               "worker to send READY=1 to $NOTIFY_SOCKET" in reply.answer["error"]  # type: ignore[index]
         assert [sig for _, sig, _ in late[1].signals] == ["SIGKILL"]  # never ready: killed at once
         serving = s.record().serving
         assert serving is not None and serving.number == 1
