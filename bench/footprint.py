@@ -1,5 +1,5 @@
 """The footprint part: the master's resident memory with and without a `tls:` program, and what
-`supervisorctl status` costs next to a bare start of the same interpreter (issue 12's goals:
+`supervisorctl status` costs next to a bare start of the same interpreter (the goals:
 cryptography only loaded for TLS; status at most about twice `python -c pass`)."""
 
 from __future__ import annotations

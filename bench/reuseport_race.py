@@ -1,4 +1,4 @@
-"""The last reset of a reload (issue 15): shutdown() of a listener racing a handshake that completes on it.
+"""The last reset of a reload (docs/kernel.md §8): shutdown() of a listener racing a handshake that completes on it.
 
 `python -m bench.reuseport_race [--steer] [--drain S]` (root: it runs in its own `unshare --net`
 namespace, loopback only, with net.ipv4.tcp_migrate_req=1 there) prints one JSON object.

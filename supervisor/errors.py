@@ -5,7 +5,7 @@ Factored out of the concept modules so that any of them can raise without import
 
 from __future__ import annotations
 
-# Exit codes: a documented contract of `supervisord` and `supervisorctl` (see README and --help).
+# Exit codes: a documented contract of `supervisord` and `supervisorctl` (docs/operations.md, "Commands", and --help).
 EXIT_OK = 0
 EXIT_FAILED = 1  # the daemon refused or rolled back the request (reason printed)
 EXIT_USAGE = 2  # bad command line or configuration file

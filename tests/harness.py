@@ -272,7 +272,7 @@ def collect(socks: list[socket.socket], timeout: float = 15) -> tuple[Counter[st
 
 def kernel_counters() -> dict[str, int]:
     """The kernel's counters a lost connection shows in: TcpExt's listen and migration counters, and
-    Tcp OutRsts (the only one the shutdown-during-handshake race moves, see README "How it works")."""
+    Tcp OutRsts (the only one the shutdown-during-handshake race moves, see docs/kernel.md §8)."""
     from supervisor.system import migrate
 
     table = migrate.tcp_ext()

@@ -73,7 +73,7 @@ class Tls:
 
 
 class ReadyMode(enum.Enum):
-    """How the master knows a new worker serves (see README, "Readiness")."""
+    """How the master knows a new worker serves (docs/operations.md, "Readiness")."""
 
     NOTIFY = "notify"  # the worker sends READY=1 (sd_notify): exact
     ACCEPTING = "accepting"  # alive for `settle` s and polling every listener (epoll, /proc fdinfo)
@@ -81,7 +81,7 @@ class ReadyMode(enum.Enum):
 
 
 class Strategy(enum.Enum):
-    """How a reload replaces a program's workers (README, "Rolling reloads")."""
+    """How a reload replaces a program's workers (docs/operations.md, "Rolling reloads and preloading")."""
 
     ALL_AT_ONCE = "all-at-once"  # a whole new generation, then the old one retires: peak 2N workers
     ROLLING = "rolling"  # `batch` workers at a time: peak N+batch workers

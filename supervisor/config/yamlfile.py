@@ -1,7 +1,7 @@
 """A YAML file as supervisord reads it: bounded, never blocking, composed into nodes that keep their line.
 
 Apart from `config` so that supervisorctl, which only needs the control socket's path
-(`control_socket`), starts without importing the whole config model (README, "supervisorctl").
+(`control_socket`), starts without importing the whole config model (docs/operations.md, "Commands").
 """
 
 from __future__ import annotations

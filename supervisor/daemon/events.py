@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from supervisor.protocol.requests import Request
 
 
-# The signals the master acts on (README, "Commands"); each arrives as a SignalReceived.
+# The signals the master acts on (docs/operations.md, "Commands"); each arrives as a SignalReceived.
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 

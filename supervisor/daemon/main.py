@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.upgrade_check is not None:
         return _check_upgrade(args.upgrade_check, args.config)
-    limits.raise_soft_limit()  # workers, reloads and control connections all take fds (README, Hardening)
+    limits.raise_soft_limit()  # workers, reloads and control connections all take fds (docs/operations.md, Hardening)
     try:
         logs.configure(args.log_level, None if args.log_format is None else args.log_format == "json", args.log_file)
     except OSError as exc:

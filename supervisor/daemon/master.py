@@ -361,7 +361,8 @@ class Master:
     def enable_migration(self, mode: MigrateMode) -> None:
         """Set the sysctl as `mode` asks; raises MigrateError under `require` when it cannot."""
         self.migration = migrate.enable(mode)
-        # `prefer` running without migration is the one line an operator must not miss (README).
+        # `prefer` running without migration is the one line an operator must not miss
+        # (docs/configuration.md, "migrate").
         say = log.warning if mode is MigrateMode.PREFER and not self.migration.enabled else log.info
         say("migration", mode=mode.value, enabled=self.migration.enabled, detail=self.migration.reason)
 

@@ -2,7 +2,8 @@
 
 The HTTP side (`MetricsServer`) only parses a request line and posts a `Scrape` event; the master
 answers it in its loop with `answer()`, a read of its records at that moment. So /healthz is 200 only
-while the master's loop takes events, and no thread is involved (STYLE habit 12). prometheus_client
+while the master's loop takes events, and no thread is involved (the master runs none:
+docs/design.md, "The process model"). prometheus_client
 writes the exposition format; it is imported on the first scrape, not by a master without `metrics:`.
 
 The counts the kernel keeps (migrations, listen overflows) are read from the namespace's

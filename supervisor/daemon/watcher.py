@@ -2,7 +2,7 @@
 
 The watcher knows the live workers by pid (a READY=1 names its sender by pid), reads and re-arms
 their file descriptors (pidfd, stderr pipe) and looks for readiness as the program's `ready` mode
-says (README, "Readiness"). What a ready or ended worker means is the master's to decide.
+says (docs/operations.md, "Readiness"). What a ready or ended worker means is the master's to decide.
 
 Events name a worker by the number the watcher gave it (`key`), not by the record: an event that
 arrives after its worker was reaped and forgotten finds nothing and is dropped.

@@ -4,7 +4,8 @@ It imports the program's `preload` modules once, then forks a worker each time t
 starts no thread and no event loop: only a single-threaded process can fork safely. Only the standard
 library here: the program's interpreter need not have supervisor installed.
 
-Protocol (README, "Preloading"), on a SOCK_SEQPACKET socket at fd 3, one JSON object per message:
+Protocol (docs/operations.md, "Rolling reloads and preloading"), on a SOCK_SEQPACKET socket at fd 3,
+one JSON object per message:
 - template -> master: {"ready": ms} once the modules are imported. An import that fails prints its
   traceback to stderr and exits 1: the generation fails with that traceback.
 - master -> template: {"fork": id, "env": {...}} with, as SCM_RIGHTS, the worker's stderr and its

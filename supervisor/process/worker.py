@@ -318,7 +318,7 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     `extra_fds`, as a preload template's protocol socket).
 
     posix_spawn (vfork+exec in glibc) instead of fork: the master runs an event loop, and nothing
-    but exec may happen in its child (STYLE.md traps).
+    but exec may happen in its child (a fork inside a running event loop is unsafe).
     """
     env = {k: v for k, v in (os.environ if base_env is None else base_env).items()
            if k not in _MASTER_ONLY_ENV}

@@ -14,7 +14,8 @@ that said `Connection: close`. So a stopping worker:
   unread in its socket: a client that sent nothing for that long is in the state of any keep-alive
   timeout, and clients that reuse connections promptly get their next answer with `Connection: close`
   instead. A client library's pool that leaves some of its connections idle about that long and then
-  sends on them meets the same race as at any keep-alive timeout (measured with httpx, see README);
+  sends on them meets the same race as at any keep-alive timeout (measured with httpx, see
+  docs/servers.md, "The stop contract");
 - closes whatever is left (a client that never reads, a request that never ends) `finish_within()`
   after the stop signal, before supervisord's `graceful_timeout` kills it.
 

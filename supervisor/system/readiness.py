@@ -145,7 +145,7 @@ def polls_listeners(pid: int, socks: list[Listener]) -> bool:
     accepts connections. /proc/PID/fdinfo of an epoll fd lists each watched file with its inode
     ("tfd: 7 events: 19 data: ... ino:1a2b"); a listener is matched by its socket inode, so dup'd
     fds count too. Servers that use select() or poll(), or block in accept(), are not seen: use
-    `ready: settle` for them (see README, "Readiness").
+    `ready: settle` for them (see docs/operations.md, "Readiness").
     """
     wanted = {os.fstat(s.fileno()).st_ino for s in socks if not s.shut}
     try:

@@ -1,6 +1,6 @@
 """Steer a SO_REUSEPORT group's new connections to chosen members, before the others are shut.
 
-Why (issue 15): `shutdown()` of a listener races with a handshake completing on it. tcp_v4_rcv()
+Why (docs/kernel.md §8): `shutdown()` of a listener races with a handshake completing on it. tcp_v4_rcv()
 sees the request's listener in TCP_LISTEN (no lock taken), builds the child socket, then
 inet_csk_complete_hashdance() -> inet_csk_reqsk_queue_add() finds the listener closed under the
 queue lock and inet_child_forget() resets the new connection (RST+ACK, seq = ISN+1). The kernel does

@@ -1,4 +1,4 @@
-"""Nothing a worker, a local user or a bad file does can wedge the master (issue 11).
+"""Nothing a worker, a local user or a bad file does can wedge the master (docs/operations.md, "Hardening").
 
 Each test runs one attack against a serving supervisord and shows, while it runs: `status` is
 answered quickly, the master's memory stays bounded, the serving workers are the same processes and

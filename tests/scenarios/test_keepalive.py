@@ -1,5 +1,5 @@
 """Keep-alive clients through reloads: every connection an old worker holds ends with an answer that says
-`Connection: close`, so not one request is lost (README "What a worker gets", the stop contract).
+`Connection: close`, so not one request is lost (docs/servers.md, "The stop contract").
 
 64 persistent HTTP/1.1 connections send requests back to back while the program reloads about every
 0.5 s for 15 s. Each server runs as 2 workers under supervisord (`migrate: require`). The control runs
@@ -245,7 +245,7 @@ def test_a_real_client_librarys_pool_loses_nothing(tmp_path: Path, server: str, 
     the contract it lost about half a percent: `RemoteProtocolError: Server disconnected without sending a
     response`). 16 connections: one httpx process sends only ~80 requests/s here, and with 64 its pool
     leaves some connections idle for a second or more before it sends on them again, which is the race
-    of any keep-alive timeout (README, "The stop contract")."""
+    of any keep-alive timeout (docs/servers.md, "The stop contract")."""
     tally, reloads, _sup = reload_under_keep_alive(tmp_path, SERVERS[server], method, seconds=10, concurrency=16,
                                                    httpx=True)
     # Mostly 0; once in seven runs 1 of 2,498 (EOF before any answer, the uvicorn runner): the race of a

@@ -1,6 +1,6 @@
 """Real servers under the supervisor, reloaded as fast as they start while 64 new connections are in flight.
 
-Each server runs as 2 workers with the settings the README's "Tested servers" recommends for it; the
+Each server runs as 2 workers with the settings docs/servers.md, "Tested servers", recommends for it; the
 assertion is the product's promise: not one failed connection, and the last generation serves. A
 graceful stop at the end must leave no process behind (gunicorn's workers are its arbiter's children).
 """

@@ -192,7 +192,8 @@ def test_an_upgrade_waits_for_a_reload_and_a_hup_during_it_reloads_after(tmp_pat
         os.kill(sup.proc.pid, signal.SIGUSR2)
         time.sleep(0.05)
         os.kill(sup.proc.pid, signal.SIGHUP)  # during the check or the exec: one reload once it is done
-        # A status connection the old code accepted in the instant of the exec gets no answer (README).
+        # A status connection the old code accepted in the instant of the exec gets no answer
+        # (docs/operations.md, "Upgrading supervisord in place").
         wait_for("generation 3 serving", lambda: _quietly(lambda: sup.serving() and sup.generation() == 3), timeout=30)
         assert len(sup.events("upgraded")) == 2
     finally:

@@ -1,5 +1,6 @@
-"""The pure parts of issue 11: config reading bounds, stderr lines, control request parsing, fd
-arithmetic, the notify socket's sender checks. Real files, pipes and sockets; no supervisord."""
+"""The pure parts of the hardening (docs/operations.md, "Hardening"): config reading bounds, stderr lines,
+control request parsing, fd arithmetic, the notify socket's sender checks. Real files, pipes and sockets;
+no supervisord."""
 
 from __future__ import annotations
 

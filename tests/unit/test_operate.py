@@ -1,4 +1,4 @@
-"""The pieces of issue 12 that need no process: `metrics:` in the config, the requests `reload
+"""The operating features that need no process: `metrics:` in the config, the requests `reload
 PROGRAM...` and `tail`, the config a partial reload runs, and the bounds of the stderr ring and its
 followers (a real socket pair, a real event loop)."""
 
