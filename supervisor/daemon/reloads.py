@@ -41,6 +41,7 @@ from supervisor.model.reload import (
     Serve,
     Switch,
     SwitchBatch,
+    plural,
 )
 from supervisor.model.roll import Roll
 from supervisor.process.worker import Worker, WorkerState
@@ -240,8 +241,9 @@ class Reloads:
         migrated = (migrate.counters() - switch.before).success
         for gen in switch.retired:
             reload.reply.progress(
-                f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
-                f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
+                f"{gen.program.name}: generation {gen.number}: listeners closed, "
+                f"{plural(len(gen.live_workers), 'old worker')} stopping "
+                f"(graceful timeout {gen.program.graceful_timeout:g} s)")
         if dropped:
             log.warning("drain_dropped", dropped=dropped, drain_ms=switch.drain.ms, way=switch.drain.way.value)
         summary, data = reload.report(switch.retired, shut, migrated, switch.queued, switch.drain, dropped)

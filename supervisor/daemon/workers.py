@@ -46,6 +46,10 @@ def watch(host: Host, w: Worker, gen: Generation) -> None:
 def ready(host: Host, w: Worker, gen: Generation) -> None:
     w.mark_ready()
     slot = gen.slot_of(w)
+    if w in gen.unwanted and gen.state is GenerationState.SERVING:  # scaled down while it started: it leaves now
+        gen.unwanted.remove(w)
+        log.info("worker_started", program=w.program, gen=w.generation, worker=w.index, pid=w.pid, leaving=True)
+        return leave(host, gen, [w])
     if gen.state is GenerationState.SERVING and slot is not None:
         if w is slot.replacement:
             old = slot.replacement_ready()
@@ -138,7 +142,8 @@ def scale(host: Host, name: str, count: int, reply: Reply) -> None:
     failed = f", {len(due) - started} could not start (retried in {SPAWN_RETRY:g} s)" if started < len(due) else ""
     leave(host, gen, leaving)
     log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
-    reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{failed})")
+    waits = f", {len(gen.unwanted)} leaving once ready" if gen.unwanted else ""
+    reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{waits}{failed})")
 
 
 def recycle_check(host: Host) -> None:

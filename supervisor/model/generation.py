@@ -53,6 +53,9 @@ class Generation:
     number: int
     slots: dict[int, Slot] = field(default_factory=dict)
     leaving: list[Worker] = field(default_factory=list)  # scaled down or recycled out, until they exit
+    # Scaled down while still starting: each leaves once it is ready, so that no worker is ever handed
+    # a listener already shut; its listeners stay in the group meanwhile, and what queues there is served.
+    unwanted: list[Worker] = field(default_factory=list)
     state: GenerationState = GenerationState.STARTING
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
@@ -79,7 +82,7 @@ class Generation:
     @property
     def workers(self) -> list[Worker]:
         """Every worker of the generation, by slot, then those leaving it."""
-        return [w for index in sorted(self.slots) for w in self.slots[index].workers()] + self.leaving
+        return [w for index in sorted(self.slots) for w in self.slots[index].workers()] + self.leaving + self.unwanted
 
     @property
     def live_workers(self) -> list[Worker]:
@@ -114,13 +117,16 @@ class Generation:
         return spawner.spawn(self.program, self.number, index)
 
     def scale(self, count: int, now: float) -> list[Worker]:
-        """Slots 0..count-1, each to be filled now if empty; returns the workers of the slots that go."""
+        """Slots 0..count-1, each to be filled now if empty; returns the ready workers of the slots that go
+        (those still starting wait in `unwanted` until they are ready)."""
         for index in range(count):
             slot = self.slots.setdefault(index, Slot(index))
             if slot.worker is None:
                 slot.restart_at = now  # also one waiting for its restart: `scale` starts it now
         gone = [self.slots.pop(index) for index in sorted(self.slots) if index >= count]
-        return [w for slot in gone for w in slot.workers() if w.alive]
+        going = [w for slot in gone for w in slot.workers() if w.alive]
+        self.unwanted += [w for w in going if w.state is WorkerState.STARTING]
+        return [w for w in going if w.state is not WorkerState.STARTING]
 
     def due(self, now: float) -> list[Slot]:
         """Empty slots whose worker is to start now (restart after a crash, scale up, spawn retry)."""
@@ -149,6 +155,8 @@ class Generation:
         self.leaving += [w for w in workers if w not in self.leaving]
 
     def worker_gone(self, w: Worker) -> None:
+        if w in self.unwanted:
+            self.unwanted.remove(w)
         if w in self.leaving:
             self.leaving.remove(w)
 
@@ -236,12 +244,13 @@ class Generation:
         return {"program": plain.to_plain(self.program), "number": self.number, "state": self.state.value,
                 "started": self.started, "ready_at": self.ready_at, "tls_folder": self.tls_folder,
                 "slots": [self.slots[i].to_json() for i in sorted(self.slots)],
-                "leaving": [w.to_json() for w in self.leaving]}
+                "leaving": [w.to_json() for w in self.leaving], "unwanted": [w.to_json() for w in self.unwanted]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Generation:
         slots = [Slot.from_json(s) for s in data["slots"]]
         return cls(program=plain.from_plain(Program, data["program"]), number=data["number"],
                    slots={s.index: s for s in slots}, leaving=[Worker.from_json(w) for w in data["leaving"]],
+                   unwanted=[Worker.from_json(w) for w in data.get("unwanted", ())],
                    state=GenerationState(data["state"]), started=data["started"], ready_at=data["ready_at"],
                    tls_folder=data["tls_folder"])

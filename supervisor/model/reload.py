@@ -165,9 +165,12 @@ class Reload:
         generations = {g.program.name: g.number for g in [*self.served, *self.generations]}
         log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
                  generations=generations, way=drain.way.value, drain_ms=drain.ms, dropped=dropped)
-        summary = f"{self.label} done in {elapsed} ms: {shut} old listeners closed, "
-        if drain.way is Way.MIGRATED:
-            summary += f"{migrated} connections migrated"
+        summary = f"{self.label} done in {elapsed} ms: {plural(shut, 'old listener')} closed, "
+        if not retired and not shut:  # a start, or a reload of programs that were not running
+            summary = f"{self.label} done in {elapsed} ms: " + ", ".join(
+                f"{name}#{number} serving" for name, number in generations.items())
+        elif drain.way is Way.MIGRATED:
+            summary += f"{plural(migrated, 'connection')} migrated"
         elif drain.way is Way.DRAINED and not shut:
             summary += "none left to drain"
         elif drain.way is Way.DRAINED:
@@ -251,6 +254,10 @@ def hint(w: Worker) -> str:
                 "given instead: fds 3 to 3+$LISTEN_FDS-1 (uvicorn --fd 3, gunicorn --bind fd://3, "
                 "hypercorn --bind fd://3; docs/servers.md)")
     return ""
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def stderr_tail(w: Worker, whose: str = "", lines: int = 10) -> str:

@@ -157,6 +157,23 @@ def test_scaling_under_load_fails_no_connection(tmp_path: Path, keep_alive: bool
     assert tally.connections > 500
 
 
+def test_scale_up_then_down_back_to_back_under_load_fails_no_worker_and_no_connection(tmp_path: Path) -> None:
+    """`scale web 4` then `scale web 1` at once: the workers still starting are never handed a listener
+    already shut; each becomes ready, then leaves with its queue migrated."""
+    with supervisor(tmp_path, {"web": program(graceful_timeout=2)}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=64) as load:
+        time.sleep(0.3)
+        up = sup.request("scale", program="web", workers=4)
+        down = sup.request("scale", program="web", workers=1)  # while the new workers start
+        assert up["ok"] and down["ok"] and "2 leaving once ready" in down["message"], (up, down)
+        wait_for("1 worker", lambda: len(sup.workers()) == 1 and sup.serving())
+        time.sleep(0.5)
+        tally = load.finish()
+    assert not tally.failures and tally.connections > 100, tally.describe()
+    assert {e["status"] for e in sup.events("worker_exited")} == {"exit status 0"}
+    assert "not a listening stream socket" not in sup.log_text()
+
+
 def test_usr1_reopens_the_log_file(tmp_path: Path) -> None:
     """After logrotate moves the file, SIGUSR1 makes supervisord write to a new one."""
     log = tmp_path / "supervisord.log"

@@ -44,6 +44,8 @@ class TestStartup:
         retry = s.ask(requests.Start("api"))
         s.ready(*s.starting())
         assert retry.ok and s.state("api") == "serving" and s.record("api").fatal is None
+        assert retry.answer["message"].startswith("start api done in ")  # type: ignore[index]
+        assert retry.answer["message"].endswith(" ms: api#2 serving")  # type: ignore[index]
 
     def test_a_ready_program_serves_at_once_and_one_not_ready_in_time_is_fatal(self, tmp_path: Path) -> None:
         s = Scenario(tmp_path, {"web": program(), "api": program(listen=["127.0.0.1:8001"], ready="accepting",
@@ -264,6 +266,23 @@ class TestSlots:
         assert gen is not None and sorted(gen.slots) == [0] and len(gen.leaving) == 3
         assert all(all(x.shut for x in w.listeners) for w in gen.leaving)
         assert s.ask(requests.Scale("web", 0)).answer == {"ok": False, "error": "workers must be 1..4096, got 0"}
+
+    def test_scale_down_at_once_lets_the_starting_workers_become_ready_then_leave(self, tmp_path: Path) -> None:
+        """`scale web 4` then `scale web 1`: a worker is never handed a listener already shut."""
+        s = scenario(tmp_path)
+        s.ask(requests.Scale("web", 4))
+        fresh = s.starting()
+        down = s.ask(requests.Scale("web", 1))
+        assert down.answer["message"] == "web: 1 workers (0 started, 1 retiring, 2 leaving once ready)"  # type: ignore[index]
+        gen = s.record().serving
+        assert gen is not None and gen.unwanted == fresh
+        assert not any(x.shut for w in fresh for x in w.listeners) and all(w.signals == [] for w in fresh)
+        s.ready(fresh[0])
+        assert all(x.shut for x in fresh[0].listeners) and gen.unwanted == [fresh[1]]
+        s.advance(0.5)
+        assert [sig for _, sig, _ in fresh[0].signals] == ["SIGTERM"]
+        s.exit(fresh[1])  # one that never got ready and exits: gone, not restarted
+        assert gen.unwanted == [] and s.starting() == [] and sorted(gen.slots) == [0]
 
     def test_a_spawn_that_fails_is_retried(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
