@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from supervisor.config import unixpath
 from supervisor.config.yamlfile import DEFAULT_SOCKET, MAX_FILE, control_socket, file_kind  # noqa: F401 (schema.MAX_FILE, schema.control_socket)
 from supervisor.config.yamlfile import compose as _compose
 from supervisor.config.yamlfile import read as _read
@@ -249,6 +250,8 @@ class _Reader:
         fields = self.mapping(node, "control", allowed=("socket", "mode"), optional=True)
         sock = self.path_value(fields["socket"][1], "control.socket") if "socket" in fields else \
             self.resolve(DEFAULT_SOCKET)
+        if "socket" in fields and (problem := unixpath.problem(sock)) is not None:
+            raise self.fail(fields["socket"][1], "control.socket", f"{sock}: {problem}")
         mode = self.octal(fields["mode"][1], "control.mode", 0o777) if "mode" in fields else 0o600
         return Control(socket=sock, mode=mode)
 
