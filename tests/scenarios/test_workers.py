@@ -169,7 +169,11 @@ def test_ten_ttin_during_a_reload_give_ten_workers_more_after_it(tmp_path: Path)
         wait_for("the reload in progress", lambda: sup.status()["reloading"])  # generation 2 takes 2 s
         for n in range(1, 11):  # one at a time: the kernel keeps one of a signal pending, not ten
             sup.proc.send_signal(signal.SIGTTIN)
-            wait_for(f"TTIN {n} received", lambda n=n: len(sup.events("signal")) == n)
+
+            def received(count: int = n) -> bool:
+                return len(sup.events("signal")) == count
+
+            wait_for(f"TTIN {n} received", received)
         assert sup.status()["reloading"], "the reload ended before the tenth signal: the test proves nothing"
         assert reload.wait(30) == 0
         wait_for("11 ready workers of generation 2", lambda: len(sup.workers()) == 11 and sup.serving(), timeout=20)
