@@ -58,7 +58,7 @@ class ControlServer:
                 _refuse_if_in_use(self.path)
                 sock = _listening_unix_socket(self.path, self.mode)
             except OSError as exc:  # the one line of startup_failed: which socket, and why
-                raise OSError(exc.errno, f"control socket {self.path}: {exc.strerror or exc}") from None
+                raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
         self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=requests.MAX_LINE)
 
     def fileno(self) -> int:

@@ -85,3 +85,15 @@ def test_listen_by_name_and_by_port_alone_serve(tmp_path: Path) -> None:
     finally:
         sup.kill()
     print(f"\nlocalhost is {', '.join(loopback)} here")
+
+
+@pytest.mark.parametrize("depth", [80, 200])  # the socket path: 101 bytes, 221
+def test_a_control_socket_in_a_missing_folder_is_named_at_start(tmp_path: Path, depth: int) -> None:
+    """Exit 1 with one line that says which socket and why (it used to be a bare "AF_UNIX path too long")."""
+    sup = Supervisor(tmp_path, {"web": program(workers=1)})
+    missing = folder_of_length(tmp_path, depth) / "gone"
+    sup.config.write_text(f"control: {{socket: {missing}/supervisor.sock}}\n"
+                          + yaml.safe_dump({"programs": {"web": program(workers=1)}}))
+    assert sup.exit_status_of_refused_start() == 1
+    assert [e["error"] for e in sup.events("startup_failed")] == [
+        f"control socket {missing}/supervisor.sock: No such file or directory"]
