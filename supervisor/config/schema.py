@@ -194,11 +194,12 @@ def listen_addresses(text: str, lookup: Callable[[str], tuple[str, ...]]) -> tup
 def hosts_file(name: str) -> tuple[str, ...]:
     """The addresses HOSTS gives `name`, in its order; `localhost` without an entry there has
     127.0.0.1 and ::1 (RFC 6761). Not the resolver: the master reads its config in its loop, at
-    every reload, and a DNS query there would stall it for the resolver's timeouts."""
+    every reload, and a DNS query there would stall it for the resolver's timeouts. Read by the rules
+    of every file the master reads (files.py); ValueError when it cannot be (a missing file is empty)."""
     try:
-        text = files.read(HOSTS).decode("utf-8", "replace")
-    except files.Refused:
-        text = ""
+        text = files.read(HOSTS).decode("utf-8", "replace") if os.path.lexists(HOSTS) else ""
+    except files.Refused as exc:
+        raise ValueError(f"{HOSTS}, where names are looked up: {exc}; write the IP address") from None
     found = []
     for line in text.splitlines():
         fields = line.partition("#")[0].split()

@@ -230,6 +230,10 @@ class TestFormsPeopleType:
         assert error(MINIMAL + "metrics: {listen: 'localhost:9150'}\n") == (
             "conf.yaml:5: metrics.listen: localhost:9150 names 2 addresses (127.0.0.1:9150, [::1]:9150); "
             "this key takes one: write it")
+        (tmp_path / "hosts").write_bytes(b"0.0.0.0 ads.example\n" * 70_000)  # a blocklist over 1 MiB
+        assert error(MINIMAL.replace("'127.0.0.1:8000'", "'localhost:80'")) == (
+            f"conf.yaml:4: programs.web.listen[0]: {tmp_path / 'hosts'}, where names are looked up: larger than "
+            "1 MiB (1400000 bytes): not read; write the IP address")
         assert str(schema.parse(MINIMAL + "metrics: {listen: ':9150'}\n", "c.yaml").metrics.listen) == "0.0.0.0:9150"  # type: ignore[union-attr]
 
 
