@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from supervisor.config import files, unixpath
 from supervisor.config.yamlfile import DEFAULT_SOCKET, MAX_FILE, control_socket, file_kind  # noqa: F401 (schema.MAX_FILE, schema.control_socket)
 from supervisor.config.yamlfile import compose as _compose
 from supervisor.config.yamlfile import read as _read
@@ -34,6 +35,10 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PYTHON = re.compile(r"python[0-9.]*")
+_HOSTNAME = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")  # a name, not an IP address
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+) ?(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+HOSTS = "/etc/hosts"  # where a name in `listen` is looked up (never DNS: see listen_addresses)
 _Choice = TypeVar("_Choice", bound=enum.Enum)
 # A program's command and env after YAML aliases are expanded: an alias repeated a thousand times
 # costs the file a few bytes each but the master a full copy in every worker's argv or environ.
@@ -170,6 +175,45 @@ def parse_listen(text: str) -> Listen:
     return Listen(str(ip), int(port), family)
 
 
+def listen_addresses(text: str, lookup: Callable[[str], tuple[str, ...]]) -> tuple[Listen, ...]:
+    """What one `listen` entry names: an IP address ("127.0.0.1:8000", "[::1]:8000"); ":8000" or
+    "*:8000", every IPv4 address (nginx's `listen 8000`); or a name ("localhost:8000"), each address
+    `lookup` gives it, in its order (nginx binds every address a name resolves to). ValueError says
+    what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if sep and host in ("", "*"):
+        return (parse_listen(f"0.0.0.0:{port}"),)
+    if not sep or not _HOSTNAME.fullmatch(host):
+        return (parse_listen(text),)
+    found = lookup(host)
+    if not found:
+        raise ValueError(f'"{host}" has no address in {HOSTS} (names are looked up there only, never in DNS); '
+                         "add it there or write the IP address")
+    return tuple(parse_listen(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}") for ip in found)
+
+
+def hosts_file(name: str) -> tuple[str, ...]:
+    """The addresses HOSTS gives `name`, in its order; `localhost` without an entry there has
+    127.0.0.1 and ::1 (RFC 6761). Not the resolver: the master reads its config in its loop, at
+    every reload, and a DNS query there would stall it for the resolver's timeouts. Read by the rules
+    of every file the master reads (files.py); ValueError when it cannot be (a missing file is empty)."""
+    try:
+        text = files.read(HOSTS).decode("utf-8", "replace") if os.path.lexists(HOSTS) else ""
+    except files.Refused as exc:
+        raise ValueError(f"{HOSTS}, where names are looked up: {exc}; write the IP address") from None
+    found = []
+    for line in text.splitlines():
+        fields = line.partition("#")[0].split()
+        if len(fields) >= 2 and name.lower() in (alias.lower() for alias in fields[1:]):
+            try:
+                found.append(str(ipaddress.ip_address(fields[0])))
+            except ValueError:
+                continue
+    if not found and name.lower() == "localhost":
+        found = ["127.0.0.1", "::1"]
+    return tuple(dict.fromkeys(found))
+
+
 def python_main(command: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]] | None:
     """What a `python -m MODULE ARGS` or `python SCRIPT.py ARGS` command runs as __main__:
     ("module" | "script", the module or script, its arguments); None for any other command."""
@@ -202,6 +246,7 @@ class _Reader:
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
         self.expanded = 0  # bytes of command and env of the programs read so far (aliases expanded)
+        self.names: dict[str, tuple[str, ...]] = {}  # names in `listen` looked up so far (hosts_file)
 
     def fail(self, node: yaml.Node | None, key: str, problem: str) -> ConfigError:
         return ConfigError(self.path, node.start_mark.line + 1 if node is not None else 0, key, problem)
@@ -250,6 +295,8 @@ class _Reader:
         fields = self.mapping(node, "control", allowed=("socket", "mode"), optional=True)
         sock = self.path_value(fields["socket"][1], "control.socket") if "socket" in fields else \
             self.resolve(DEFAULT_SOCKET)
+        if "socket" in fields and (problem := unixpath.problem(sock)) is not None:
+            raise self.fail(fields["socket"][1], "control.socket", f"{sock}: {problem}")
         mode = self.octal(fields["mode"][1], "control.mode", 0o777) if "mode" in fields else 0o600
         return Control(socket=sock, mode=mode)
 
@@ -370,9 +417,15 @@ class _Reader:
         return int(value)
 
     def number(self, node: yaml.Node, key: str, positive: bool) -> float:
-        value = _construct(node) if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT) else None
+        """Seconds: a number, or a duration as nginx and Go write them: "500ms", "30s", "2m", "1h"."""
+        value: float | None = None
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT):
+            value = _construct(node)
+        elif isinstance(node, yaml.ScalarNode) and node.tag == _STR and (match := _DURATION.fullmatch(node.value)):
+            value = float(match[1]) * _UNITS[match[2]]
         if value is None or not _finite(value):
-            raise self.fail(node, key, f"expected a number of seconds, got {_show(node)}")
+            raise self.fail(node, key, f'expected a number of seconds, got {_show(node)} (or a duration: "500ms", '
+                                       '"30s", "2m", "1h")')
         if not (value > 0 if positive else value >= 0) or value > 86400:
             raise self.fail(node, key, f"expected {'more than' if positive else 'at least'} 0 seconds "
                                        f"(and at most a day), got {node.value}")
@@ -444,17 +497,30 @@ class _Reader:
         seen: dict[Listen, int] = {}
         for i, item in enumerate(items):
             sub = f"{key}[{i}]"
-            address = self.address(item, sub)
-            if address in seen:
-                raise self.fail(item, sub, f"{address} is listed twice")
-            seen[address] = i
+            for address in self.addresses(item, sub):  # a name may have several: each its own group
+                if address in seen:
+                    raise self.fail(item, sub, f"{address} is listed twice")
+                seen[address] = i
         return tuple(seen)
 
-    def address(self, node: yaml.Node, key: str) -> Listen:
+    def addresses(self, node: yaml.Node, key: str) -> tuple[Listen, ...]:
         try:
-            return parse_listen(self.string(node, key))
+            return listen_addresses(self.string(node, key), self.lookup)
         except ValueError as exc:
             raise self.fail(node, key, str(exc)) from None
+
+    def lookup(self, name: str) -> tuple[str, ...]:
+        if name not in self.names:
+            self.names[name] = hosts_file(name)
+        return self.names[name]
+
+    def address(self, node: yaml.Node, key: str) -> Listen:
+        """One address only (metrics): a name that has several is refused."""
+        found = self.addresses(node, key)
+        if len(found) > 1:
+            raise self.fail(node, key, f"{node.value} names {len(found)} addresses ({', '.join(map(str, found))}); "
+                                       "this key takes one: write it")
+        return found[0]
 
     def signal(self, node: yaml.Node, key: str) -> signal.Signals:
         text = str(node.value).upper() if isinstance(node, yaml.ScalarNode) else ""

@@ -10,7 +10,7 @@ import os
 
 import yaml
 
-from supervisor.config import files
+from supervisor.config import files, unixpath
 from supervisor.config.files import MAX_FILE, file_kind  # noqa: F401 (yamlfile.MAX_FILE: the API)
 from supervisor.errors import ConfigError
 
@@ -45,7 +45,10 @@ def control_socket(path: str | os.PathLike[str]) -> str:
         socket_path = node.value
     else:
         raise ConfigError(name, node.start_mark.line + 1, "control.socket", "expected a non-empty string")
-    return os.path.normpath(os.path.join(folder, os.path.expanduser(socket_path)))
+    path = os.path.normpath(os.path.join(folder, os.path.expanduser(socket_path)))
+    if node is not None and (problem := unixpath.problem(path)) is not None:
+        raise ConfigError(name, node.start_mark.line + 1, "control.socket", f"{path}: {problem}")
+    return path
 
 
 def read(path: str | os.PathLike[str]) -> str:

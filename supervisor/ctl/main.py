@@ -18,6 +18,7 @@ import time
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
 from supervisor.protocol import framing
+from supervisor.system import unixsocket
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
 if TYPE_CHECKING:
@@ -163,14 +164,15 @@ def exchange(path: str, request: dict[str, Any], timeout: float, forever: bool =
 def _connect(sock: socket.socket, path: str, deadline: float) -> None:
     """connect(), waiting while the daemon's accept queue is full: a unix socket with a timeout
     fails at once then (EAGAIN), which is a busy daemon, not an absent one."""
-    while True:
-        try:
-            sock.connect(path)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError from None
-            time.sleep(0.01)
+    with unixsocket.address(path) as where:  # a path too long for an address: through its folder
+        while True:
+            try:
+                sock.connect(where)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError from None
+                time.sleep(0.01)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from supervisor.daemon.events import ControlRequest, Event
 from supervisor.errors import ControlError
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
+from supervisor.system import unixsocket
 
 log = structlog.get_logger()
 
@@ -51,9 +52,13 @@ class ControlServer:
 
     async def start(self, adopted: socket.socket | None = None) -> None:
         """Listen on a new socket, or (after an upgrade) on the one the master had before its exec."""
-        if adopted is None:
-            _refuse_if_in_use(self.path)
-        sock = adopted or _listening_unix_socket(self.path, self.mode)
+        sock = adopted
+        if sock is None:
+            try:
+                _refuse_if_in_use(self.path)
+                sock = _listening_unix_socket(self.path, self.mode)
+            except OSError as exc:  # the one line of startup_failed: which socket, and why
+                raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
         self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=requests.MAX_LINE)
 
     def fileno(self) -> int:
@@ -206,9 +211,10 @@ def _listening_unix_socket(path: str, mode: int) -> socket.socket:
     """Bind, listen and chmod under a temporary name, then rename into place.
 
     A client never finds the path bound but not yet listening (it would get ECONNREFUSED and
-    conclude that no daemon runs) nor with looser permissions than configured.
+    conclude that no daemon runs) nor with looser permissions than configured. The temporary name
+    is short and in the same folder: any socket name the config takes fits (config/unixpath.py).
     """
-    staging = f"{path}.{os.getpid()}.new"
+    staging = os.path.join(os.path.dirname(path), f".supervisord.{os.getpid()}.new")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -216,7 +222,8 @@ def _listening_unix_socket(path: str, mode: int) -> socket.socket:
             os.unlink(staging)
         except FileNotFoundError:
             pass
-        sock.bind(staging)
+        with unixsocket.address(staging) as where:
+            sock.bind(where)
         sock.listen(64)
         os.chmod(staging, mode)
         os.rename(staging, path)
@@ -236,12 +243,10 @@ def _refuse_if_in_use(path: str) -> None:
     """Remove a stale socket file, but never take over the socket of a running daemon."""
     if not os.path.exists(path):
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: left over from a daemon that was killed
-    else:
-        raise ControlError(f"{path}: another supervisord is already running on this control socket")
-    finally:
-        probe.close()
+    with unixsocket.address(path) as where, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(where)
+        except OSError:
+            os.unlink(path)  # nobody listens: left over from a daemon that was killed
+        else:
+            raise ControlError(f"{path}: another supervisord is already running on this control socket")

@@ -15,12 +15,15 @@ from typing import Any
 
 import structlog
 
+from supervisor.config import unixpath
 from supervisor.config.schema import Control
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.events import Event, NotifyReceived
 from supervisor.system.readiness import NotifySocket
 
 log = structlog.get_logger()
+
+NOTIFY_SOCKET = "notify.sock"  # in the runtime folder
 
 
 class Endpoints:
@@ -41,7 +44,7 @@ class Endpoints:
         clear_stale(self.runtime_dir)  # a killed master's: its notify socket and TLS key copies
         os.mkdir(self.runtime_dir, 0o711)
         os.chmod(self.runtime_dir, 0o711)  # workers that dropped privileges still reach the notify socket
-        self.notify = NotifySocket(os.path.join(self.runtime_dir, "notify.sock"))
+        self.notify = NotifySocket(os.path.join(self.runtime_dir, NOTIFY_SOCKET))
         asyncio.get_running_loop().add_reader(self.notify.fileno(), self._notify_readable)
 
     def kept(self) -> list[int]:
@@ -86,9 +89,18 @@ class Endpoints:
 
 def runtime_folder(control_socket: str) -> str:
     """The master's private folder: under systemd in RuntimeDirectory=, else in $TMPDIR; named after
-    its control socket (one daemon per socket), so that the next start finds what a killed one left."""
+    its control socket (one daemon per socket), so that the next start finds what a killed one left.
+
+    Workers reach its notify socket by path (NOTIFY_SOCKET, the sd_notify protocol), which must fit
+    in an address: where that folder is too deep for it, in /tmp. Not an abstract socket: any local
+    user can send to one, and a flood filling its queue would make the workers' READY=1 fail.
+    """
     digest = hashlib.sha256(os.path.abspath(control_socket).encode()).hexdigest()[:16]
-    return os.path.join(os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir(), f"supervisord.{digest}")
+    name = f"supervisord.{digest}"
+    base = os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir()
+    if not unixpath.fits(os.path.join(base, name, NOTIFY_SOCKET)):
+        base = "/tmp"
+    return os.path.join(base, name)
 
 
 def clear_stale(path: str) -> None:

@@ -256,10 +256,10 @@ class Master:
             self.on_request(ev.ControlRequest(request, Reply(origin=name)))
         elif signum == signal.SIGUSR1:
             logs.reopen()  # workers need nothing: their stderr comes through the master
-        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-            for record, gen in serving(self.programs):
-                count = max(1, len(gen.active_slots()) + (1 if signum == signal.SIGTTIN else -1))
-                self.on_request(ev.ControlRequest(requests.Scale(record.name, count), Reply(origin=record.name)))
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):  # counted when carried out: it may wait behind a reload
+            for record, _gen in serving(self.programs):
+                by = 1 if signum == signal.SIGTTIN else -1
+                self.on_request(ev.ControlRequest(requests.Scale(record.name, by=by), Reply(origin=record.name)))
         else:  # QUIT, or a second TERM/INT: no more waiting
             self.shutdown(Reply(origin=name), fast=signum == signal.SIGQUIT or self.stopping)
 
@@ -280,7 +280,7 @@ class Master:
             elif isinstance(request, requests.Upgrade):
                 self.upgrade.begin(reply)
             elif isinstance(request, requests.Scale):
-                workers.scale(self, request.program, request.workers, reply)
+                workers.scale(self, request, reply)
             elif isinstance(request, requests.Stop):
                 retiring.stop_program(self, request.program, reply)
             elif isinstance(request, requests.Start):

@@ -24,6 +24,7 @@ from supervisor.model.restart import Fatal, Restart
 from supervisor.model.slot import SPAWN_RETRY
 from supervisor.process.preload import Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
+from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
 from supervisor.system import fdstore, limits, listeners
 from supervisor.system.listeners import Listener
@@ -126,10 +127,13 @@ def spawn_into(host: Host, gen: Generation, index: int) -> Worker | None:
     return w
 
 
-def scale(host: Host, name: str, count: int, reply: Reply) -> None:
-    """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes."""
+def scale(host: Host, request: requests.Scale, reply: Reply) -> None:
+    """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes.
+    A relative request (`by`, the signals) counts from the workers running now, at least one left."""
+    name = request.program
     gen = host.running(name).serving
     assert gen is not None
+    count = request.workers if request.workers is not None else max(1, len(gen.active_slots()) + (request.by or 0))
     if not 1 <= count <= 4096:
         raise ControlError(f"workers must be 1..4096, got {count}")
     running = {r.name: len(g.active_slots()) for r, g in serving(host.programs)}

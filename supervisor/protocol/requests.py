@@ -38,8 +38,13 @@ class Stop:
 
 @dataclass(frozen=True)
 class Scale:
+    """`workers` workers; or, with `by` instead, that many more (fewer when negative) than the program runs
+    when the request is carried out: SIGTTIN and SIGTTOU, which may wait in line behind a reload and
+    must then count from what it left (ten signals, ten workers more)."""
+
     program: str
-    workers: int
+    workers: int | None = None
+    by: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ COMMANDS: dict[str, type[Request]] = {
     "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
     "upgrade": Upgrade, "tail": Tail,
 }
-_ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "programs": list, "lines": int, "follow": bool}
+_ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "by": int, "programs": list, "lines": int,
+                               "follow": bool}
 
 
 def command_of(request: Request) -> str:
@@ -76,7 +82,8 @@ def command_of(request: Request) -> str:
 
 def to_message(request: Request) -> dict[str, Any]:
     """The request as the client sent it (parse_request reads it back)."""
-    return {"command": command_of(request), **{f.name: getattr(request, f.name) for f in fields(request)}}
+    return {"command": command_of(request), **{f.name: getattr(request, f.name) for f in fields(request)
+                                               if getattr(request, f.name) is not None}}
 
 
 def parse_request(line: bytes) -> Request:
@@ -97,6 +104,10 @@ def parse_request(line: bytes) -> Request:
                 raise ControlError(f"{command}: {name} must be a list of strings")
             message[name] = tuple(value)
     missing = [f.name for f in fields(kind) if f.name not in message and f.default is MISSING]
+    if kind is Scale and ("workers" in message) == ("by" in message):  # exactly one of them
+        if "workers" in message:
+            raise ControlError(f"{command}: workers and by exclude each other")
+        missing.append("workers")
     if missing:
         raise ControlError(f"{command}: missing argument {missing[0]!r}")
     return kind(**message)

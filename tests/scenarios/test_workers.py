@@ -174,6 +174,29 @@ def test_scale_up_then_down_back_to_back_under_load_fails_no_worker_and_no_conne
     assert "not a listening stream socket" not in sup.log_text()
 
 
+def test_ten_ttin_during_a_reload_give_ten_workers_more_after_it(tmp_path: Path) -> None:
+    """Each signal waits behind the reload and counts from what it left (they all used to say "2")."""
+    slow = [PYTHON, "-c", (
+        "import os, runpy, sys, time\n"
+        "if os.environ['SUPERVISOR_GENERATION'] == '2': time.sleep(2)\n"
+        "sys.argv = ['demo']; runpy.run_module('supervisor.demo', run_name='__main__')\n")]
+    with supervisor(tmp_path, {"web": program(slow, workers=1)}) as sup:
+        assert sup.proc is not None
+        reload = sup.ctl_async("reload")
+        wait_for("the reload in progress", lambda: sup.status()["reloading"])  # generation 2 takes 2 s
+        for n in range(1, 11):  # one at a time: the kernel keeps one of a signal pending, not ten
+            sup.proc.send_signal(signal.SIGTTIN)
+
+            def received(count: int = n) -> bool:
+                return len(sup.events("signal")) == count
+
+            wait_for(f"TTIN {n} received", received)
+        assert sup.status()["reloading"], "the reload ended before the tenth signal: the test proves nothing"
+        assert reload.wait(30) == 0
+        wait_for("11 ready workers of generation 2", lambda: len(sup.workers()) == 11 and sup.serving(), timeout=20)
+        assert {w["generation"] for w in sup.workers()} == {2}
+
+
 def test_usr1_reopens_the_log_file(tmp_path: Path) -> None:
     """After logrotate moves the file, SIGUSR1 makes supervisord write to a new one."""
     log = tmp_path / "supervisord.log"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from supervisor.config import schema
+from supervisor.config import schema, unixpath
 from supervisor.config.schema import MigrateMode, ReadyMode
+from supervisor.daemon import endpoints
 from supervisor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +132,9 @@ class TestErrors:
 
     @pytest.mark.parametrize(("listen", "expected"), [
         ("'::1:8000'", 'programs.web.listen[0]: expected "HOST:PORT" or "[IPV6]:PORT"'),
-        ("'localhost:8000'", 'programs.web.listen[0]: expected "HOST:PORT"'),
+        ("'no-such-host.invalid:8000'", 'programs.web.listen[0]: "no-such-host.invalid" has no address in /etc/hosts'),
+        ("'1.2.3:8000'", 'programs.web.listen[0]: expected "HOST:PORT"'),
+        ("':0'", "programs.web.listen[0]: port must be 1..65535"),
         ("'127.0.0.1:0'", "programs.web.listen[0]: port must be 1..65535"),
         ("['127.0.0.1:80', '127.0.0.1:80']", "programs.web.listen[1]: 127.0.0.1:80 is listed twice"),
         ("[]", "programs.web.listen: expected at least one address"),
@@ -162,6 +166,77 @@ class TestErrors:
             schema.load(tmp_path / "missing.yaml")
 
 
+DURATION_KEYS = ("ready_timeout", "graceful_timeout", "stop_delay", "drain_timeout", "settle", "crash_window",
+                 "max_age")
+
+
+class TestFormsPeopleType:
+    @pytest.mark.parametrize("key", DURATION_KEYS)
+    @pytest.mark.parametrize(("text", "seconds"), [
+        ("30s", 30.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0), ("1.5s", 1.5), ("250 ms", 0.25), ("45", 45.0),
+        ("2.5", 2.5),
+    ])
+    def test_every_duration_key_takes_units(self, key: str, text: str, seconds: float) -> None:
+        """As nginx and Go write durations; a plain number is seconds, as before."""
+        program = schema.parse(MINIMAL + f"    {key}: {text}\n", "conf.yaml").programs[0]
+        assert getattr(program, key) == seconds
+
+    @pytest.mark.parametrize(("change", "expected"), [
+        ("    graceful_timeout: 30 sec\n", 'conf.yaml:5: programs.web.graceful_timeout: expected a number of seconds, '
+                                         'got "30 sec" (or a duration: "500ms", "30s", "2m", "1h")'),
+        ("    stop_delay: -1s\n", 'conf.yaml:5: programs.web.stop_delay: expected a number of seconds, got "-1s"'),
+        ("    ready_timeout: 0ms\n", "conf.yaml:5: programs.web.ready_timeout: expected more than 0 seconds (and at "
+                                   "most a day), got 0ms"),
+        ("    max_age: 25h\n", "conf.yaml:5: programs.web.max_age: expected more than 0 seconds (and at most a day), "
+                             "got 25h"),
+        ("    settle: 1d\n", 'conf.yaml:5: programs.web.settle: expected a number of seconds, got "1d"'),
+    ])
+    def test_a_wrong_duration_is_one_line(self, change: str, expected: str) -> None:
+        assert error(MINIMAL + change).startswith(expected)
+
+    @pytest.mark.parametrize(("listen", "expected"), [
+        ("':8000'", ["0.0.0.0:8000"]),
+        ("'*:8000'", ["0.0.0.0:8000"]),
+        ("'localhost:8000'", ["127.0.0.1:8000", "[::1]:8000"]),
+        ("'web.internal:8000'", ["10.0.0.7:8000"]),
+        ("['Web.Internal:8000', 'localhost:8001']", ["10.0.0.7:8000", "127.0.0.1:8001", "[::1]:8001"]),
+    ])
+    def test_listen_by_name_or_port_alone(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, listen: str,
+                                          expected: list[str]) -> None:
+        """A name: each of its addresses in /etc/hosts, each its own reuseport group; ":PORT": every IPv4 address."""
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n# 10.9.9.9 web.internal\n::1 localhost ip6-localhost\n"
+                         "10.0.0.7 db web.internal  # the app\nnot-an-ip web.internal\n")
+        monkeypatch.setattr(schema, "HOSTS", str(hosts))
+        program = schema.parse(f"programs:\n  web:\n    command: [app]\n    listen: {listen}\n", "c.yaml").programs[0]
+        assert [str(a) for a in program.listen] == expected
+
+    def test_localhost_without_an_entry_is_the_loopback_addresses(self, monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+        (tmp_path / "hosts").write_text("10.0.0.7 db\n")
+        monkeypatch.setattr(schema, "HOSTS", str(tmp_path / "hosts"))
+        assert [str(a) for a in schema.parse(MINIMAL.replace("'127.0.0.1:8000'", "'localhost:80'"), "c.yaml")
+                .programs[0].listen] == ["127.0.0.1:80", "[::1]:80"]
+
+    def test_names_refused_in_one_line(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """Unknown names (never asked of DNS), an address twice, and metrics (one address) given a name of two."""
+        (tmp_path / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+        monkeypatch.setattr(schema, "HOSTS", str(tmp_path / "hosts"))
+        assert error(MINIMAL.replace("'127.0.0.1:8000'", "'example.com:80'")) == (
+            'conf.yaml:4: programs.web.listen[0]: "example.com" has no address in ' + str(tmp_path / "hosts") +
+            " (names are looked up there only, never in DNS); add it there or write the IP address")
+        assert error(MINIMAL.replace("'127.0.0.1:8000'", "'localhost:8000', '[::1]:8000'")) == (
+            "conf.yaml:4: programs.web.listen[1]: [::1]:8000 is listed twice")
+        assert error(MINIMAL + "metrics: {listen: 'localhost:9150'}\n") == (
+            "conf.yaml:5: metrics.listen: localhost:9150 names 2 addresses (127.0.0.1:9150, [::1]:9150); "
+            "this key takes one: write it")
+        (tmp_path / "hosts").write_bytes(b"0.0.0.0 ads.example\n" * 70_000)  # a blocklist over 1 MiB
+        assert error(MINIMAL.replace("'127.0.0.1:8000'", "'localhost:80'")) == (
+            f"conf.yaml:4: programs.web.listen[0]: {tmp_path / 'hosts'}, where names are looked up: larger than "
+            "1 MiB (1400000 bytes): not read; write the IP address")
+        assert str(schema.parse(MINIMAL + "metrics: {listen: ':9150'}\n", "c.yaml").metrics.listen) == "0.0.0.0:9150"  # type: ignore[union-attr]
+
+
 class TestControlSocket:
     def test_found_even_when_programs_are_wrong(self, tmp_path: Path) -> None:
         """The client finds the daemon's socket in a file whose programs would not validate."""
@@ -173,3 +248,33 @@ class TestControlSocket:
         path = tmp_path / "s.yaml"
         path.write_text(MINIMAL)
         assert schema.control_socket(path) == str(tmp_path / "supervisor.sock")
+
+    def test_any_depth_but_not_any_name(self, tmp_path: Path) -> None:
+        """A deep path is reached through its folder (/proc/self/fd/N/NAME); only a name too long for
+        that is refused, by the daemon's reader and the client's alike, in one line."""
+        deep = "/" + "d" * 150
+        assert schema.parse(MINIMAL + f"control:\n  socket: {deep}/supervisor.sock\n", "c.yaml").control.socket == \
+            f"{deep}/supervisor.sock"
+        fits = "/" + "n" * 105  # 106 bytes: the whole path fits, whatever its name
+        assert schema.parse(MINIMAL + f"control: {{socket: {fits}}}\n", "c.yaml").control.socket == fits
+        named = f"{deep}/{'s' * unixpath.MAX_NAME}"
+        assert schema.parse(MINIMAL + f"control: {{socket: {named}}}\n", "c.yaml").control.socket == named
+        impossible = named + "s"
+        expected = (f"c.yaml:7: control.socket: {impossible}: a unix socket's path holds 107 bytes, and in a deeper "
+                    f"folder its file name at most 82; this one is 235 bytes with a name of 83: choose a shorter name")
+        assert error(MINIMAL + "\n\n" + f"control: {{socket: {impossible}}}\n", "c.yaml") == expected
+        path = tmp_path / "c.yaml"
+        path.write_text(MINIMAL + "\n\n" + f"control: {{socket: {impossible}}}\n")
+        with pytest.raises(ConfigError) as info:
+            schema.control_socket(path)
+        assert str(info.value) == expected.replace("c.yaml", str(path), 1)
+
+    def test_the_runtime_folder_keeps_the_notify_socket_within_an_address(self, monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+        """Workers reach the notify socket by its path: where $TMPDIR is too deep for it, /tmp."""
+        monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+        monkeypatch.setattr(tempfile, "tempdir", "/var/tmp")
+        assert endpoints.runtime_folder("/x.sock").startswith("/var/tmp/supervisord.")
+        monkeypatch.setattr(tempfile, "tempdir", "/" + "t" * 80)
+        folder = endpoints.runtime_folder("/x.sock")
+        assert folder.startswith("/tmp/supervisord.") and unixpath.fits(f"{folder}/{endpoints.NOTIFY_SOCKET}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from supervisor.daemon import status
+from supervisor.daemon.events import SignalReceived
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
 from supervisor.model.slot import RECYCLE_RETRY
@@ -153,6 +155,21 @@ class TestReload:
         s.ready(*s.starting())
         assert second.ok and third.ok and second.answer == third.answer
         assert s.record().serving.number == 3 and s.record().last_number == 3  # type: ignore[union-attr]
+
+    def test_ten_ttin_during_a_reload_give_ten_workers_more_after_it(self, tmp_path: Path) -> None:
+        """Each signal waits as `by=+1`, counted when carried out (it was an absolute count taken at
+        the signal: ten of them all said 3)."""
+        s = scenario(tmp_path)
+        s.ask(requests.Reload())
+        for _ in range(10):
+            s.master.post(SignalReceived(signal.SIGTTIN))
+        s.drain()
+        s.ready(*s.starting())  # generation 2 serves; the ten requests are carried out in order
+        assert len(s.record().serving.active_slots()) == 12  # type: ignore[union-attr]
+        for _ in range(15):
+            s.master.post(SignalReceived(signal.SIGTTOU))
+        s.drain()
+        assert len(s.record().serving.active_slots()) == 1  # type: ignore[union-attr]  # never fewer than one
 
     def test_stop_during_a_reload_waits_and_shutdown_rolls_it_back(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)

@@ -15,6 +15,11 @@ class TestParseRequest:
         assert requests.parse_request(requests.encode({"command": "stop", "program": "web"})) == requests.Stop("web")
         assert requests.parse_request(b'{"command":"scale","program":"web","workers":3}') == requests.Scale("web", 3)
 
+    def test_a_relative_scale_goes_and_comes_back(self) -> None:
+        """SIGTTIN's `by` crosses an upgrade's exec as a message: it must read back the same."""
+        for request in (requests.Scale("web", by=-1), requests.Scale("web", 3)):
+            assert requests.parse_request(requests.encode(requests.to_message(request))) == request
+
     @pytest.mark.parametrize(("line", "message"), [
         (b"not json\n", "malformed message"),
         (b"[1, 2]\n", "expected a JSON object"),
@@ -24,6 +29,9 @@ class TestParseRequest:
         (b'{"command":"stop"}\n', "missing argument 'program'"),
         (b'{"command":"stop","program":3}\n', "program must be a str"),
         (b'{"command":"reload","force":true}\n', "unknown argument 'force'"),
+        (b'{"command":"scale","program":"web"}\n', "scale: missing argument 'workers'"),
+        (b'{"command":"scale","program":"web","workers":2,"by":1}\n', "scale: workers and by exclude each other"),
+        (b'{"command":"scale","program":"web","by":"1"}\n', "scale: by must be a int"),
     ])
     def test_malformed_requests(self, line: bytes, message: str) -> None:
         """Each kind of bad request has its own one-line error."""
