@@ -11,6 +11,14 @@ and so does everything a container's PID 1 inherits. Such an orphan is
 Which worker it came from is read from its environment: every worker starts with LISTEN_PID set to
 its own pid, and its descendants inherit it. One whose environment does not say (it was cleared) is
 kept until the master stops.
+
+As a subreaper, only descendants of the master's own children can become its children. As PID 1 (a
+container), every orphan of the namespace does, whoever started it, and anyone can write LISTEN_PID
+into their environment. So there the environment alone is not enough: an orphan is killed for its
+worker only if the kernel agrees that it came from there, when it is adopted (while its worker still
+lives): it is still in that worker's session, or it holds a socket of the master's (a listener fd,
+the threat above). Other orphans are spared (`orphan_spared`), reaped when they exit, and killed only
+when the master stops.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from dataclasses import dataclass
 import psutil
 import structlog
 
-from supervisor.system import reaper
+from supervisor.system import holders, reaper
 
 log = structlog.get_logger()
 
 MAX_ENVIRON = 256 * 1024  # bytes of an orphan's environment read to find LISTEN_PID
+MAX_FDS = 4096  # fds of an orphan looked at for a socket of the master's
 MAX_PID_DIGITS = 10  # pid_max is at most 2^22 (7 digits): a longer LISTEN_PID names no process
 STOP_WAIT = 1.0  # seconds the master waits, when it stops, for the orphans it killed to be reaped
 
@@ -40,6 +49,8 @@ class Orphan:
     owner: int | None  # the pid of the worker it descends from (its LISTEN_PID); None if unknown
     command: str
     killed: bool = False
+    proven: bool = True  # the kernel agrees it came from its worker (always, unless the master is PID 1)
+    spared: bool = False  # said once: PID 1 leaves it alone
 
 
 class Orphans:
@@ -75,6 +86,7 @@ class Orphans:
         if self._signals < 0 or hold:  # hold: a child may be ours before we know its pid; look later
             return
         current = children()
+        ours_now: set[int] | None = None  # the master's sockets, read once if an adoption needs them
         for pid in current - set(ours):
             if reap(pid):
                 gone = self.known.pop(pid, None)
@@ -84,8 +96,16 @@ class Orphans:
             orphan = self.known.get(pid)
             if orphan is None:
                 orphan = self.known[pid] = adopt(pid)
-                log.info("orphan_adopted", pid=pid, owner=orphan.owner, command=orphan.command)
-            if orphan.owner is not None and orphan.owner not in live_workers and not orphan.killed:
+                if os.getpid() == 1 and orphan.owner is not None:
+                    ours = holders.own_inodes() if ours_now is None else ours_now
+                    ours_now, orphan.proven = ours, descends(orphan, ours)
+                log.info("orphan_adopted", pid=pid, owner=orphan.owner, command=orphan.command, proven=orphan.proven)
+            if orphan.owner is not None and orphan.owner not in live_workers and not orphan.proven:
+                if not orphan.spared:
+                    orphan.spared = True
+                    log.info("orphan_spared", pid=pid, owner=orphan.owner, command=orphan.command,
+                             reason="PID 1: nothing but its environment says it came from a worker")
+            elif orphan.owner is not None and orphan.owner not in live_workers and not orphan.killed:
                 log.warning("orphan_killed", pid=pid, owner=orphan.owner, command=orphan.command,
                             reason=f"worker (pid {orphan.owner}) it came from is gone")
                 kill(orphan)
@@ -148,6 +168,27 @@ def adopt(pid: int) -> Orphan:
     except OSError:
         command = "?"
     return Orphan(pid=pid, owner=owner, command=command)
+
+
+def descends(orphan: Orphan, sockets: set[int]) -> bool:
+    """What the kernel says of an orphan's origin: it is in its worker's session (a worker leads its
+    own), or it holds one of `sockets` (the master's: a listener it was handed)."""
+    try:
+        if os.getsid(orphan.pid) == orphan.owner:
+            return True
+        with os.scandir(f"/proc/{orphan.pid}/fd") as fds:
+            for n, fd in enumerate(fds):
+                if n >= MAX_FDS:
+                    break
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1].isdigit() and int(target[8:-1]) in sockets:
+                    return True
+    except OSError:  # gone meanwhile
+        pass
+    return False
 
 
 def kill(orphan: Orphan) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -109,6 +110,37 @@ def test_what_a_worker_left_behind_goes_with_it(tmp_path: Path, pid1: bool) -> N
         os.kill(daemon, signal.SIGTERM)  # unshare does not pass signals on: to PID 1 itself
         assert sup.proc.wait(timeout=30) == 0  # unshare exits as its child did
         assert not escaped(tmp_path), "supervisord stopped and left its workers' descendants running"
+    finally:
+        sup.kill()
+
+
+def test_as_pid_1_a_stranger_is_not_killed_on_the_strength_of_its_environment(tmp_path: Path) -> None:
+    """Any orphan of a container becomes PID 1's child, and anyone can set LISTEN_PID: one that names a
+    worker gone (crafted, not descended from it) is spared and reaped, not killed; the master stays
+    responsive and a reload works."""
+    sup = Supervisor(tmp_path, {"web": program()})
+    sup.prefix = PID1
+    try:
+        sup.start()
+        assert sup.proc is not None
+        daemon = psutil.Process(sup.proc.pid).children()[0].pid
+        victim = sup.workers()[0]["pid"]  # its pid inside the namespace
+        os.kill(host_pid(daemon, victim), signal.SIGKILL)
+        wait_for("the slot restarted", lambda: sup.replaced(victim, 2))
+        # A process that enters the namespace from outside and is orphaned there: PID 1 adopts it.
+        subprocess.run(["nsenter", "--target", str(daemon), "--pid", "--", "sh", "-c",
+                        f"LISTEN_PID={victim} setsid sleep 61 >/dev/null 2>&1 &"], check=True)
+        spared = wait_for("the stranger adopted and spared", lambda: sup.events("orphan_spared"), timeout=5)
+        assert spared[0]["owner"] == victim and spared[0]["command"] == "sleep 61"
+        stranger = host_pid(daemon, spared[0]["pid"])
+        sup.reload()
+        started = time.monotonic()
+        sup.status()
+        assert time.monotonic() - started < 0.1
+        assert psutil.Process(stranger).is_running() and not sup.events("orphan_killed")
+        os.kill(daemon, signal.SIGTERM)
+        assert sup.proc.wait(timeout=30) == 0  # what is left when PID 1 stops goes with it
+        assert not psutil.pid_exists(stranger) or _status(psutil.Process(stranger)) == psutil.STATUS_ZOMBIE
     finally:
         sup.kill()
 
