@@ -51,7 +51,7 @@ from supervisor.model import reload as reloading
 from supervisor.model.drain import Departures
 from supervisor.model.exit import StartFailed
 from supervisor.model.generation import Generation, Spawner
-from supervisor.model.plan import plan_reload, plan_start
+from supervisor.model.plan import plan_reload, plan_restart, plan_start
 from supervisor.model.program import ProgramRuntime, names, serving
 from supervisor.model.reload import Reload, ReloadKind
 from supervisor.process import preload
@@ -267,7 +267,9 @@ class Master:
         request, reply = event.request, event.reply
         try:
             if isinstance(request, requests.Status):
-                reply.finish(True, "status", status.snapshot(self))
+                reply.finish(True, "status", status.snapshot(self, request.program))
+            elif isinstance(request, requests.Version):
+                reply.finish(True, __version__, {"version": __version__})
             elif isinstance(request, requests.Tail):
                 self.output.answer_tail(request, reply, {*self.programs, *(p.name for p in self.config.programs)},
                                         self.stopping)
@@ -283,12 +285,8 @@ class Master:
                 workers.scale(self, request.program, request.workers, reply)
             elif isinstance(request, requests.Stop):
                 retiring.stop_program(self, request.program, reply)
-            elif isinstance(request, requests.Start):
-                plan = plan_start(self.config, request.program, names(self.programs, running=True),
-                                  names(self.programs, fatal=True))
-                # A start is a new generation: its files are checked (and copied) anew, as at a reload.
-                bundles = reloading.check(self.config, reply, only=request.program)
-                self.reloads.begin(ReloadKind.START, self.config, reply, bundles, plan)
+            elif isinstance(request, requests.Start | requests.Restart):
+                self.start(request, reply)
             elif isinstance(request, requests.Reload):
                 self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
                 config, bundles = reloading.load_new_config(self.config, reply, request.programs)
@@ -299,6 +297,19 @@ class Master:
                 self.reloads.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
         except (ConfigError, ControlError, migrate.MigrateError) as exc:
             self.refuse(event, str(exc))
+
+    def start(self, request: requests.Start | requests.Restart, reply: Reply) -> None:
+        """`start` (a program not running, or FATAL) or `restart` (a running one, with the settings it runs):
+        a new generation, ready before the serving one retires, as in a reload of that program alone."""
+        running = names(self.programs, running=True)
+        if isinstance(request, requests.Restart):
+            kind, plan = ReloadKind.RESTART, plan_restart(self.config, request.program, running)
+        else:
+            kind, plan = ReloadKind.START, plan_start(self.config, request.program, running,
+                                                      names(self.programs, fatal=True))
+        # A new generation: its files are checked (and copied) anew, as at a reload.
+        bundles = reloading.check(self.config, reply, only=request.program)
+        self.reloads.begin(kind, self.config, reply, bundles, plan)
 
     def refuse(self, event: ev.ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""

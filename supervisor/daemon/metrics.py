@@ -153,7 +153,7 @@ def families(master: Facts) -> list[Any]:
             workers.add_metric([name, state.value], sum(w.state is state for w in live))
         for address, waiting in _queues(record.serving.workers if record.serving else []).items():
             queue.add_metric([name, address], waiting)
-        restarts.add_metric([name], tally.restarts.get(name, 0))
+        restarts.add_metric([name], record.restarts)  # what `status` shows on the program's row
         fatal.add_metric([name], 1 if record.fatal is not None else 0)
         generation.add_metric([name], record.serving.number if record.serving else 0)
         memory, seconds = _usage(w.pid for w in live)

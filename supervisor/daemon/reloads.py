@@ -44,6 +44,7 @@ from supervisor.model.roll import Roll
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Replies, Reply
+from supervisor.protocol.words import plural
 from supervisor.system import listeners, migrate
 from supervisor.system.listeners import Listener
 
@@ -111,8 +112,8 @@ class Reloads:
             old = record.serving if record.state is ProgramState.RELOADING else None
             rolling = program.strategy is Strategy.ROLLING and old is not None
             reply.progress(f"{program.name}: generation {gen.number} " + (
-                f"rolling in, {program.batch} worker{'s' if program.batch != 1 else ''} at a time" if rolling else
-                f"starting {program.workers} worker{'s' if program.workers != 1 else ''}"))
+                f"rolling in, {plural(program.batch, 'worker')} at a time" if rolling else
+                f"starting {plural(program.workers, 'worker')}"))
             try:
                 if rolling:
                     assert old is not None
@@ -236,8 +237,9 @@ class Reloads:
         migrated = (migrate.counters() - switch.before).success
         for gen in switch.retired:
             reload.reply.progress(
-                f"{gen.program.name}: generation {gen.number}: listeners closed, {len(gen.live_workers)} old "
-                f"workers stopping (graceful timeout {gen.program.graceful_timeout:g} s)")
+                f"{gen.program.name}: generation {gen.number}: listeners closed, "
+                f"{plural(len(gen.live_workers), 'old worker')} stopping "
+                f"(graceful timeout {gen.program.graceful_timeout:g} s)")
         if dropped:
             log.warning("drain_dropped", dropped=dropped, drain_ms=switch.drain.ms, way=switch.drain.way.value)
         summary, data = reload.report(switch.retired, shut, migrated, switch.queued, switch.drain, dropped)
@@ -286,6 +288,7 @@ class Reloads:
         """A request that changed nothing was answered: a refused reload is counted and told to systemd."""
         if isinstance(request, requests.Reload):
             self.host.tally.reloaded("refused")
+            self.last = {"at": time.time(), "what": "reload", "result": "refused", "reason": reason, "ms": None}
             if not self.host.stopping:
                 # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
                 self.host.systemd.ready(f"{status.describe(self.host.programs)}; last reload failed: {reason}")

@@ -17,6 +17,7 @@ from supervisor.model.drain import SWITCH_DRAIN, Drain, Way, way
 from supervisor.model.reload import Reload
 from supervisor.model.roll import Roll
 from supervisor.model.slot import Slot
+from supervisor.protocol.words import plural
 from supervisor.system import listeners
 
 log = structlog.get_logger()
@@ -70,7 +71,8 @@ def switch(host: Host, reload: Reload, roll: Roll, dropped: int) -> None:
     log.info("roll_switched", program=roll.old.program.name, slots=step, listeners_closed=shut,
              retiring=[w.pid for w in leaving])
     reload.reply.progress(f"{roll.old.program.name}: slots {_show(step)} now on generation {roll.new.number}: "
-                          f"{shut} old listeners closed{drained}, {len(leaving)} old workers stopping")
+                          f"{plural(shut, 'old listener')} closed{drained}, "
+                          f"{plural(len(leaving), 'old worker')} stopping")
 
 
 def put_back(host: Host, roll: Roll) -> str:

@@ -25,6 +25,7 @@ from supervisor.model.slot import SPAWN_RETRY
 from supervisor.process.preload import Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol.reply import Reply
+from supervisor.protocol.words import plural
 from supervisor.system import fdstore, limits, listeners
 from supervisor.system.listeners import Listener
 
@@ -81,7 +82,6 @@ def ended(host: Host, w: Worker, starting: bool) -> tuple[Generation, exit.End] 
                       window=gen.program.crash_window, serving=len(gen.live_workers))
         case exit.Crashed(then=Restart(after=after, restarts=restarts)):
             log.error("worker_crashed", **fields, was=was.value)
-            host.tally.restarted(record.name)
             log.info("worker_respawn_scheduled", program=record.name, worker=w.index, delay=after,
                      restarts=restarts)
             host.later(after, ev.ManageWorkers())
@@ -138,7 +138,7 @@ def scale(host: Host, name: str, count: int, reply: Reply) -> None:
     failed = f", {len(due) - started} could not start (retried in {SPAWN_RETRY:g} s)" if started < len(due) else ""
     leave(host, gen, leaving)
     log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
-    reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{failed})")
+    reply.finish(True, f"{name}: {plural(count, 'worker')} ({started} started, {len(leaving)} retiring{failed})")
 
 
 def recycle_check(host: Host) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from supervisor.daemon import status
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
+from supervisor.model.restart import STABLE_AFTER
 from supervisor.model.slot import RECYCLE_RETRY
 from supervisor.process.worker import WorkerState
 from supervisor.protocol import requests
@@ -131,6 +132,18 @@ class TestReload:
 
 
 class TestSlots:
+    def test_restarts_count_every_restart_while_the_backoff_starts_over(self, tmp_path: Path) -> None:
+        """A worker killed after running STABLE_AFTER: restarted at once (no backoff), and still counted:
+        the slot's restarts (`status`) and the program's (the metric) are both 1."""
+        s = scenario(tmp_path)
+        s.advance(STABLE_AFTER + 1)
+        s.exit(next(w for w in s.serving() if w.index == 1), 9)
+        s.advance(0)
+        s.ready(*s.starting())
+        slot = s.record().serving.slots[1]  # type: ignore[union-attr]
+        assert (slot.restarts, slot.streak, s.record().restarts) == (1, 0, 1)
+        assert status.snapshot(s.master)["programs"][0]["restarts"] == 1
+
     def test_crash_backoff_fatal_and_start_revives(self, tmp_path: Path) -> None:
         s = scenario(tmp_path, crash_limit=3, crash_window=60)
         for expected in (1, 2):
@@ -203,7 +216,7 @@ class TestSlots:
         assert reply.ok and [w.index for w in s.starting()] == [2, 3]
         s.ready(*s.starting())
         down = s.ask(requests.Scale("web", 1))
-        assert down.answer["message"] == "web: 1 workers (0 started, 3 retiring)"  # type: ignore[index]
+        assert down.answer["message"] == "web: 1 worker (0 started, 3 retiring)"  # type: ignore[index]
         gen = s.record().serving
         assert gen is not None and sorted(gen.slots) == [0] and len(gen.leaving) == 3
         assert all(all(x.shut for x in w.listeners) for w in gen.leaving)

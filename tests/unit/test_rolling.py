@@ -58,7 +58,7 @@ class TestRolling:
         assert serving is not None and serving.number == 2
         assert sorted(w.index for w in s.serving()) == [0, 1, 2, 3]
         assert all(w.state is WorkerState.EXITED for w in old)
-        assert "web: slots 0 now on generation 2: 1 old listeners closed, 1 old workers stopping" in reply.lines
+        assert "web: slots 0 now on generation 2: 1 old listener closed, 1 old worker stopping" in reply.lines
 
     def test_an_old_worker_is_shut_before_its_stop_signal_and_the_next_batch_waits_for_its_exit(
             self, tmp_path: Path) -> None:
