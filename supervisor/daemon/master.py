@@ -137,6 +137,8 @@ class Master:
         self.orphans.open(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)  # blocked across an upgrade's exec
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket,
+                 listen={p.name: [str(a) for a in p.listen] for p in self.config.programs},
+                 metrics=str(self.config.metrics.listen) if self.config.metrics else None,
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
         if adopted is None:
             for a in self.inherited.adopt(self.config, self.groups):

@@ -67,7 +67,8 @@ def program_facts(record: ProgramRuntime, starting: list[Generation], listen: li
         "state": record.state.value,
         "listen": [str(a) for a in record.serving.program.listen] if record.serving else listen,
         "restarts": record.restarts,
-        "generations": [{"generation": g.number, "state": g.state.value} for g in gens],
+        "generations": [{"generation": g.number, "state": g.state.value, "uptime": round(now - g.started, 1)}
+                        for g in gens],
         "workers": [worker_facts(w, g, now) for g in gens for w in g.workers if w.alive],
         "last_exit": record.last_exit,
         "tls": cert.as_dict() if cert else None,
@@ -80,6 +81,7 @@ def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
     slot = gen.slot_of(w)
     facts: dict[str, Any] = {
         "worker": w.index, "pid": w.pid if w.forked else None, "state": w.state.value, "generation": w.generation,
+        "leaving": w in gen.leaving,
         "uptime": round(now - w.started, 1), "restarts": slot.restarts if slot else None, "rss": None,
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
