@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from supervisor import __version__
 from supervisor.daemon import status
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
@@ -68,6 +69,35 @@ class TestReload:
         assert all(x.shut for x in ready.listeners)
         s.advance(0.5)  # the new worker that was ready may hold connections: stopped like an old one
         assert [sig for _, sig, _ in ready.signals] == ["SIGTERM"]
+
+    def test_restart_replaces_a_program_with_the_settings_it_runs_and_rolls_back_like_a_reload(
+            self, tmp_path: Path) -> None:
+        """`restart web`: generation 2 from the config as loaded (the file, changed meanwhile, is not read);
+        a worker of generation 3 that exits rolls it back, generation 2 serves on; both are the last reload."""
+        s = scenario(tmp_path)
+        s.write({"web": program(workers=5)})
+        first = s.ask(requests.Restart("web"))
+        assert s.state() == "reloading" and len(s.starting()) == 2
+        s.ready(*s.starting())
+        assert first.ok and first.answer["message"].startswith("restart web done in ")  # type: ignore[index]
+        assert s.record().serving.number == 2 and len(s.serving()) == 2  # type: ignore[union-attr]
+        assert s.master.last_reload is not None and s.master.last_reload["what"] == "restart web"
+        serving = s.serving()
+        second = s.ask(requests.Restart("web"))
+        ready, failing = s.starting()
+        s.ready(ready)
+        s.exit(failing)
+        assert second.ok is False and second.answer["error"].endswith(  # type: ignore[index]
+            "exit status 3 before it was ready; rolled back, still serving: web#2")
+        assert s.state() == "serving" and s.serving() == serving and all(w.signals == [] for w in serving)
+        assert s.master.last_reload["result"] == "rolled back"
+        assert s.master.tally.reloads == {"done": 0, "rolled_back": 0, "refused": 0}  # reloads only
+
+    def test_version_is_answered_even_behind_a_reload(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        s.ask(requests.Reload())
+        version = s.ask(requests.Version())
+        assert version.ok and version.answer["data"] == {"version": __version__}  # type: ignore[index]
 
     def test_a_generation_not_ready_in_time_rolls_back_and_names_it(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)

@@ -14,6 +14,10 @@ class TestParseRequest:
         assert requests.parse_request(b'{"command":"reload"}\n') == requests.Reload()
         assert requests.parse_request(requests.encode({"command": "stop", "program": "web"})) == requests.Stop("web")
         assert requests.parse_request(b'{"command":"scale","program":"web","workers":3}') == requests.Scale("web", 3)
+        assert requests.parse_request(b'{"command":"restart","program":"web"}') == requests.Restart("web")
+        assert requests.parse_request(b'{"command":"version"}') == requests.Version()
+        assert requests.parse_request(b'{"command":"status"}') == requests.Status()
+        assert requests.parse_request(b'{"command":"status","program":"api"}') == requests.Status("api")
 
     @pytest.mark.parametrize(("line", "message"), [
         (b"not json\n", "malformed message"),
@@ -24,6 +28,8 @@ class TestParseRequest:
         (b'{"command":"stop"}\n', "missing argument 'program'"),
         (b'{"command":"stop","program":3}\n', "program must be a str"),
         (b'{"command":"reload","force":true}\n', "unknown argument 'force'"),
+        (b'{"command":"restart"}\n', "restart: missing argument 'program'"),
+        (b'{"command":"version","program":"web"}\n', "version: unknown argument 'program'"),
     ])
     def test_malformed_requests(self, line: bytes, message: str) -> None:
         """Each kind of bad request has its own one-line error."""
