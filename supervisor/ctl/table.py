@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 STATES = {
     "starting": "started, not ready yet (a program: its first generation)",
     "serving": "ready and accepting connections",
-    "reloading": "a program serving while its next generation starts (reload, restart, start)",
+    "reloading": "a program serving while its next generation starts (reload, restart)",
     "draining": "a worker leaving (scale down, recycling): new connections go to the others",
     "stopping": "listeners shut, finishing what was accepted before it exits",
     "stopped": "a program not running (`stop`, or its first start failed)",

@@ -7,7 +7,9 @@ writes the exposition format; it is imported on the first scrape, not by a maste
 
 The counts the kernel keeps (migrations, listen overflows) are read from the namespace's
 /proc/net/netstat at each scrape: they are the kernel's own numbers, for every reuseport group of
-the network namespace, and they keep growing across reloads, crashes, scale and recycling.
+the network namespace, and they keep growing across reloads, crashes, scale and recycling. The
+master's own process_* series (memory, CPU, fds, start time) carry the names Prometheus's client
+libraries give them, so the usual dashboards read them. No series is one that can only ever be 0.
 """
 
 from __future__ import annotations
