@@ -10,7 +10,7 @@ docs/design.md tells the whole story; what each event leads to:
 
 | state                     | event                                   | action                                      |
 |---------------------------|-----------------------------------------|---------------------------------------------|
-| serving                   | reload (HUP, ctl, watch:), (re)start    | config read (reload only), checked; new gens |
+| serving                   | reload (HUP, ctl, watch:), (re)start    | config read (reload only), checked; new gens|
 | a reload in progress      | READY=1 of its last worker              | steer new connections to them (Commit)      |
 | a reload in progress      | one of its workers exits, ready timeout | shut the new listeners, stop them (RollBack)|
 | switching                 | SwitchDue (once migrated, drained)      | shut old listeners at once, stop old workers|
