@@ -42,8 +42,8 @@ def with_default_path(sup: Supervisor, layer: Path) -> tuple[str, ...]:
 
 
 def test_without_flags_through_the_environment(tmp_path: Path) -> None:
-    """$SUPERVISOR_CONFIG is enough for supervisord and supervisorctl alike; `version` names both
-    versions; `status PROGRAM` shows that program alone; an unknown name is one line, exit 1."""
+    """$SUPERVISOR_CONFIG is enough for supervisord and supervisorctl alike (-s still wins); `version` names
+    both versions; `status PROGRAM` shows that program alone; an unknown name is one line, exit 1."""
     env = {"SUPERVISOR_CONFIG": str(tmp_path / "supervisor.yaml")}
     sup = Supervisor(tmp_path, {"web": program(workers=1), "api": program(workers=1, listen=["127.0.0.1:8001"])})
     with open(sup.log, "ab") as log:
@@ -56,6 +56,7 @@ def test_without_flags_through_the_environment(tmp_path: Path) -> None:
         one = ctl("status", "api", "--json", env=env)
         unknown = ctl("status", "nope", env=env)
         missing = ctl("status", env={"SUPERVISOR_CONFIG": str(tmp_path / "gone.yaml")})
+        by_socket = ctl("-s", str(sup.socket), "status", env={"SUPERVISOR_CONFIG": str(tmp_path / "gone.yaml")})
     finally:
         sup.kill()
     assert status.returncode == 0 and "web:0" in status.stdout and "api:0" in status.stdout, status.stderr
@@ -66,6 +67,7 @@ def test_without_flags_through_the_environment(tmp_path: Path) -> None:
         1, "", "supervisorctl: status failed: no program named 'nope'\n")
     assert (missing.returncode, missing.stderr) == (
         2, f"supervisorctl: {tmp_path}/gone.yaml: no such file (named by $SUPERVISOR_CONFIG)\n")
+    assert by_socket.returncode == 0 and "web:0" in by_socket.stdout  # -s wins: no config read
     started = sup.events("supervisord_started")[0]
     assert started["config"] == env["SUPERVISOR_CONFIG"]
     assert started["listen"] == {"web": ["127.0.0.1:8000"], "api": ["127.0.0.1:8001"]}

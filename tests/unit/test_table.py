@@ -116,3 +116,20 @@ class TestLastReload:
             "at": at, "what": "reload", "result": "done", "ms": 655, "way": "drained", "drain_ms": 291,
             "dropped": 0, "migrated": 0}}).splitlines()[2] == (
             "last reload: done at 2026-12-07 05:59:58 UTC in 655 ms, old listeners drained in 291 ms, 0 dropped")
+
+
+class TestHelp:
+    def test_help_explains_the_states_and_where_the_config_is_found(self, capsys: Any) -> None:
+        """`supervisorctl --help` and `status --help` print the states; --version the client's version."""
+        from supervisor import __version__
+        from supervisor.config.locate import DEFAULT_PATH
+        from supervisor.ctl import main
+
+        assert main.main(["--help"]) == 0
+        top = capsys.readouterr().out
+        assert main.main(["status", "--help"]) == 0
+        status = capsys.readouterr().out
+        assert main.main(["--version"]) == 0
+        assert capsys.readouterr().out == f"supervisorctl {__version__}\n"
+        assert table.states_help() in top and table.states_help() in status
+        assert "$SUPERVISOR_CONFIG" in top and DEFAULT_PATH in top and "restart PROGRAM" in top
