@@ -15,6 +15,8 @@ import time
 
 # Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
 # psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
+from supervisor import __version__
+from supervisor.config.locate import DEFAULT_PATH, ENV, locate
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
 from supervisor.protocol import framing
@@ -26,10 +28,15 @@ if TYPE_CHECKING:
     from typing import Any
 
 EPILOG = """commands:
-  status [--json]     programs, generations, workers (pid, state, uptime, RSS, CPU), migration mode
+  status [PROGRAM] [--json]
+                      programs and their workers in one table (state, generation, pid, uptime, RSS,
+                      CPU, restarts, listen addresses), the last reload, the migration mode; PROGRAM:
+                      that program only
   reload [PROGRAM ...]
-                      start new generations (of the named programs only, if any; the others keep
-                      theirs), wait until ready, close the old listeners
+                      read the config file again and start new generations (of the named programs
+                      only, if any; the others keep theirs), wait until ready, close the old listeners
+  restart PROGRAM     replace a running program's workers by a new generation with the settings
+                      supervisord runs now (the file is not read again), with zero loss as a reload
   start PROGRAM       start a stopped or FATAL program
   stop PROGRAM        stop a program (its workers finish what they accepted)
   scale PROGRAM N     run N workers of a running program (until the next reload)
@@ -38,6 +45,13 @@ EPILOG = """commands:
   tail [-n N] [-f] PROGRAM
                       the last N (default 10) stderr lines of the program's workers; -f: then follow
                       until Ctrl-C
+  version             this supervisorctl's version and the running supervisord's
+
+states (the STATE column, for programs and workers alike):
+""" + table.states_help() + """
+
+the config file (to find the control socket): -c FILE, else $SUPERVISOR_CONFIG, else
+""" + DEFAULT_PATH + """; -s SOCKET names the control socket itself
 
 exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
 3 no supervisord answers on the control socket"""
@@ -46,21 +60,30 @@ exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or confi
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="supervisorctl", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", help="the daemon's YAML file (to find its control socket)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", help=f"the daemon's YAML file, to find its control socket (default: "
+                                              f"${ENV}, else {DEFAULT_PATH})")
     where.add_argument("-s", "--socket", help="the control socket itself")
+    parser.add_argument("--version", action="version", version=f"supervisorctl {__version__}")
     parser.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                         help="how long to wait for the answer (default 600); then exit 3")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status").add_argument("--json", action="store_true")
+    status = sub.add_parser("status", epilog="states:\n" + table.states_help(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Programs and their workers in one table; --json: every field "
+                                        "(docs/status.md).")
+    status.add_argument("program", nargs="?", default="", metavar="PROGRAM", help="only this program")
+    status.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
     sub.add_parser("reload").add_argument("programs", nargs="*", metavar="PROGRAM")
     sub.add_parser("start").add_argument("program")
+    sub.add_parser("restart").add_argument("program")
     sub.add_parser("stop").add_argument("program")
     scale = sub.add_parser("scale")
     scale.add_argument("program")
     scale.add_argument("workers", type=int)
     sub.add_parser("shutdown")
     sub.add_parser("upgrade")
+    sub.add_parser("version")
     tail = sub.add_parser("tail")
     tail.add_argument("-n", dest="lines", type=int, default=10, metavar="N")
     tail.add_argument("-f", dest="follow", action="store_true")
@@ -90,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from supervisor.config import yamlfile  # pyyaml is about half of this command's start
 
-            path = yamlfile.control_socket(args.config)
+            path = yamlfile.control_socket(locate(args.config))
     except ConfigError as exc:
         print(f"supervisorctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     request: dict[str, Any] = {"command": args.command}
-    if args.command in ("start", "stop", "scale", "tail"):
+    if args.command in ("start", "restart", "stop", "scale", "tail") or (args.command == "status" and args.program):
         request["program"] = args.program
     if args.command == "scale":
         request["workers"] = args.workers
@@ -103,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         request["programs"] = args.programs
     if args.command == "tail":
         request.update(lines=args.lines, follow=args.follow)
+    if args.command == "version":
+        print(f"supervisorctl {__version__}", flush=True)  # whether a daemon answers or not
     try:
         final = None
         # tail -f waits for lines as long as the user wants: --timeout bounds only the connect.
@@ -139,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     if args.command == "status":
         print(json.dumps(final["data"], indent=2) if args.json else table.render(final["data"]))
+    elif args.command == "version":
+        print(f"supervisord {final['data']['version']}")
     elif args.command != "tail":
         print(final.get("message", "ok"))
     return EXIT_OK

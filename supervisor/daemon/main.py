@@ -1,4 +1,4 @@
-"""`supervisord -c FILE`: run the master in the foreground until SIGTERM/SIGINT (or `shutdown`).
+"""`supervisord [-c FILE]`: run the master in the foreground until SIGTERM/SIGINT (or `shutdown`).
 
 Exit status: 0 after a clean shutdown, 1 when the first generation or the migration setup failed,
 2 for a bad command line or config file.
@@ -16,7 +16,7 @@ import structlog
 import uvloop
 
 from supervisor import __version__
-from supervisor.config import schema
+from supervisor.config import locate, schema
 from supervisor.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from supervisor.model import preflight
 from supervisor.process import reexec
@@ -32,13 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Signals: HUP reload, TERM/INT graceful stop, QUIT fast stop, USR1 reopen the log file, "
                "USR2 upgrade in place (as `supervisorctl upgrade`), TTIN/TTOU one worker more/less per program. "
                "Exit status: 0 clean stop, 1 start failed, 2 bad usage or config.")
-    parser.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    parser.add_argument("-c", "--config", help=f"YAML configuration file (default: ${locate.ENV}, else "
+                                               f"{locate.DEFAULT_PATH})")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["console", "json"], help="default: console on a TTY, else json")
     parser.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(reexec.CHECK_OPTION, metavar="FORMAT", help=argparse.SUPPRESS)  # `supervisorctl upgrade`
     args = parser.parse_args(argv)
+    try:
+        # Not after an upgrade's exec (the state names the config): a file gone meanwhile must not end
+        # the process its workers are children of.
+        if reexec.STATE_ENV not in os.environ:
+            args.config = locate.locate(args.config)
+    except ConfigError as exc:
+        print(f"supervisord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.upgrade_check is not None:
         return _check_upgrade(args.upgrade_check, args.config)
     limits.raise_soft_limit()  # workers, reloads and control connections all take fds (docs/operations.md, Hardening)

@@ -10,7 +10,7 @@ docs/design.md tells the whole story; what each event leads to:
 
 | state                     | event                                   | action                                      |
 |---------------------------|-----------------------------------------|---------------------------------------------|
-| serving                   | reload (HUP, ctl, watch:), start        | config read and checked; new generations    |
+| serving                   | reload (HUP, ctl, watch:), (re)start    | config read (reload only), checked; new gens|
 | a reload in progress      | READY=1 of its last worker              | steer new connections to them (Commit)      |
 | a reload in progress      | one of its workers exits, ready timeout | shut the new listeners, stop them (RollBack)|
 | switching                 | SwitchDue (once migrated, drained)      | shut old listeners at once, stop old workers|
@@ -51,7 +51,7 @@ from supervisor.model import reload as reloading
 from supervisor.model.drain import Departures
 from supervisor.model.exit import StartFailed
 from supervisor.model.generation import Generation, Spawner
-from supervisor.model.plan import plan_reload, plan_start
+from supervisor.model.plan import plan_reload, plan_restart, plan_start
 from supervisor.model.program import ProgramRuntime, names, serving
 from supervisor.model.reload import Reload, ReloadKind
 from supervisor.process import preload
@@ -137,6 +137,8 @@ class Master:
         self.orphans.open(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, ev.HANDLED_SIGNALS)  # blocked across an upgrade's exec
         log.info("supervisord_started", pid=os.getpid(), config=self.config.path, control=self.config.control.socket,
+                 listen={p.name: [str(a) for a in p.listen] for p in self.config.programs},
+                 metrics=str(self.config.metrics.listen) if self.config.metrics else None,
                  version=__version__, upgraded_from=adopted["version"] if adopted else None)
         if adopted is None:
             for a in self.inherited.adopt(self.config, self.groups):
@@ -267,7 +269,9 @@ class Master:
         request, reply = event.request, event.reply
         try:
             if isinstance(request, requests.Status):
-                reply.finish(True, "status", status.snapshot(self))
+                reply.finish(True, "status", status.snapshot(self, request.program))
+            elif isinstance(request, requests.Version):
+                reply.finish(True, __version__, {"version": __version__})
             elif isinstance(request, requests.Tail):
                 self.output.answer_tail(request, reply, {*self.programs, *(p.name for p in self.config.programs)},
                                         self.stopping)
@@ -283,12 +287,8 @@ class Master:
                 workers.scale(self, request, reply)
             elif isinstance(request, requests.Stop):
                 retiring.stop_program(self, request.program, reply)
-            elif isinstance(request, requests.Start):
-                plan = plan_start(self.config, request.program, names(self.programs, running=True),
-                                  names(self.programs, fatal=True))
-                # A start is a new generation: its files are checked (and copied) anew, as at a reload.
-                bundles = reloading.check(self.config, reply, only=request.program)
-                self.reloads.begin(ReloadKind.START, self.config, reply, bundles, plan)
+            elif isinstance(request, requests.Start | requests.Restart):
+                self.start(request, reply)
             elif isinstance(request, requests.Reload):
                 self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
                 config, bundles = reloading.load_new_config(self.config, reply, request.programs)
@@ -299,6 +299,19 @@ class Master:
                 self.reloads.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
         except (ConfigError, ControlError, migrate.MigrateError) as exc:
             self.refuse(event, str(exc))
+
+    def start(self, request: requests.Start | requests.Restart, reply: Reply) -> None:
+        """`start` (a program not running, or FATAL) or `restart` (a running one, with the settings it runs):
+        a new generation, ready before the serving one retires, as in a reload of that program alone."""
+        running = names(self.programs, running=True)
+        if isinstance(request, requests.Restart):
+            kind, plan = ReloadKind.RESTART, plan_restart(self.config, request.program, running)
+        else:
+            kind, plan = ReloadKind.START, plan_start(self.config, request.program, running,
+                                                      names(self.programs, fatal=True))
+        # A new generation: its files are checked (and copied) anew, as at a reload.
+        bundles = reloading.check(self.config, reply, only=request.program)
+        self.reloads.begin(kind, self.config, reply, bundles, plan)
 
     def refuse(self, event: ev.ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""

@@ -8,7 +8,9 @@ writes the exposition format; it is imported on the first scrape, not by a maste
 
 The counts the kernel keeps (migrations, listen overflows) are read from the namespace's
 /proc/net/netstat at each scrape: they are the kernel's own numbers, for every reuseport group of
-the network namespace, and they keep growing across reloads, crashes, scale and recycling.
+the network namespace, and they keep growing across reloads, crashes, scale and recycling. The
+master's own process_* series (memory, CPU, fds, start time) carry the names Prometheus's client
+libraries give them, so the usual dashboards read them. No series is one that can only ever be 0.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ BACKLOG = 1024
 REQUEST_TIMEOUT = 5.0  # seconds the master has to answer, and a client to read the answer
 MAX_HEAD = 8192  # bytes of a request head
 TEXT = "text/plain; charset=utf-8"
+# The states a live worker can be in (exited and failed workers are forgotten): supervisor_workers{state}.
+LIVE_STATES = (WorkerState.STARTING, WorkerState.READY, WorkerState.RETIRING)
 
 
 # -- what the master answers --------------------------------------------------------------------------
@@ -127,6 +131,8 @@ def families(master: Facts) -> list[Any]:
              "Connections dropped on a full accept queue in this network namespace (TcpExt ListenOverflows)")):
         out.append(CounterMetricFamily(name, doc, value=kernel.get(key, 0)))
 
+    out += _last_reload(master)
+    out += _process()
     names = [p.name for p in master.config.programs]
     names += [name for name in master.programs if name not in names]
     queue = GaugeMetricFamily("supervisor_listen_queue", "Connections waiting in the accept queues of the serving "
@@ -150,11 +156,11 @@ def families(master: Facts) -> list[Any]:
             continue
         gens = [*record.generations(), *(g for g in starting if g.program.name == name)]
         live = [w for g in gens for w in g.workers if w.alive]
-        for state in WorkerState:
+        for state in LIVE_STATES:
             workers.add_metric([name, state.value], sum(w.state is state for w in live))
         for address, waiting in _queues(record.serving.workers if record.serving else []).items():
             queue.add_metric([name, address], waiting)
-        restarts.add_metric([name], tally.restarts.get(name, 0))
+        restarts.add_metric([name], record.restarts)  # what `status` shows on the program's row
         fatal.add_metric([name], 1 if record.fatal is not None else 0)
         generation.add_metric([name], record.serving.number if record.serving else 0)
         memory, seconds = _usage(w.pid for w in live)
@@ -163,6 +169,42 @@ def families(master: Facts) -> list[Any]:
         if record.certificate is not None:
             expiry.add_metric([name], record.certificate.not_after.timestamp())
     return [*out, queue, workers, restarts, fatal, generation, rss, cpu, expiry]
+
+
+def _last_reload(master: Facts) -> list[Any]:
+    """The last reload, restart or start (what `status` shows): whether it was done, and when it ended.
+    Before any, the config read at startup counts, as Prometheus's own config_last_reload_* do."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    last = master.last_reload
+    done, at = (1, master.started_at) if last is None else (int(last["result"] == "done"), last["at"])
+    return [GaugeMetricFamily("supervisor_last_reload_successful", "1 if the last reload, restart or start was "
+                              "done, 0 if it was rolled back or refused", value=done),
+            GaugeMetricFamily("supervisor_last_reload_timestamp_seconds", "When the last reload, restart or start "
+                              "ended (Unix time; before any, when supervisord started)", value=at)]
+
+
+def _process() -> list[Any]:
+    """The master's own process_* series, under the names Prometheus's client libraries give them."""
+    import resource
+
+    import psutil
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    me = psutil.Process()
+    with me.oneshot():
+        memory, times, fds, started = me.memory_info(), me.cpu_times(), me.num_fds(), me.create_time()
+    return [
+        GaugeMetricFamily("process_resident_memory_bytes", "supervisord's resident memory in bytes", value=memory.rss),
+        GaugeMetricFamily("process_virtual_memory_bytes", "supervisord's virtual memory in bytes", value=memory.vms),
+        CounterMetricFamily("process_cpu_seconds", "supervisord's user and system CPU time in seconds",
+                            value=times.user + times.system),
+        GaugeMetricFamily("process_open_fds", "supervisord's open file descriptors", value=fds),
+        GaugeMetricFamily("process_max_fds", "supervisord's limit of open file descriptors",
+                          value=resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+        GaugeMetricFamily("process_start_time_seconds", "When supervisord's process started (Unix time; an "
+                          "upgrade keeps the process)", value=started),
+    ]
 
 
 def _queues(workers: Iterable[Any]) -> dict[str, int]:

@@ -41,12 +41,12 @@ from supervisor.model.reload import (
     Serve,
     Switch,
     SwitchBatch,
-    plural,
 )
 from supervisor.model.roll import Roll
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Replies, Reply
+from supervisor.protocol.words import plural
 from supervisor.system import listeners, migrate
 from supervisor.system.listeners import Listener
 
@@ -116,8 +116,8 @@ class Reloads:
             old = record.serving if record.state is ProgramState.RELOADING else None
             rolling = program.strategy is Strategy.ROLLING and old is not None
             reply.progress(f"{program.name}: generation {gen.number} " + (
-                f"rolling in, {program.batch} worker{'s' if program.batch != 1 else ''} at a time" if rolling else
-                f"starting {program.workers} worker{'s' if program.workers != 1 else ''}"))
+                f"rolling in, {plural(program.batch, 'worker')} at a time" if rolling else
+                f"starting {plural(program.workers, 'worker')}"))
             try:
                 if rolling:
                     assert old is not None
@@ -323,6 +323,7 @@ class Reloads:
         """A request that changed nothing was answered: a refused reload is counted and told to systemd."""
         if isinstance(request, requests.Reload):
             self.host.tally.reloaded("refused")
+            self.last = {"at": time.time(), "what": "reload", "result": "refused", "reason": reason, "ms": None}
             if not self.host.stopping:
                 # It sent RELOADING=1 first; Type=notify-reload waits for READY=1 after it (systemd.service(5)).
                 self.host.systemd.ready(f"{status.describe(self.host.programs)}; last reload failed: {reason}")

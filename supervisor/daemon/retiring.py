@@ -13,6 +13,7 @@ from supervisor.daemon import workers
 from supervisor.daemon.host import Host
 from supervisor.model.generation import Generation, GenerationState
 from supervisor.protocol.reply import Reply
+from supervisor.protocol.words import plural
 
 log = structlog.get_logger()
 
@@ -49,7 +50,7 @@ def stop_program(host: Host, name: str, reply: Reply) -> None:
     """`stop NAME`: its serving generation retires; answered once its last worker has exited."""
     gen = host.running(name).stopping(by_hand=True)
     assert gen is not None
-    reply.progress(f"{name}: stopping generation {gen.number} ({len(gen.live_workers)} workers)")
+    reply.progress(f"{name}: stopping generation {gen.number} ({plural(len(gen.live_workers), 'worker')})")
     host.stop_waiters.add(gen, reply)
     retire(host, gen)
 

@@ -14,9 +14,10 @@ from supervisor.daemon import workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
 from supervisor.model.drain import SWITCH_DRAIN, Drain, Way, way
-from supervisor.model.reload import Reload, plural
+from supervisor.model.reload import Reload
 from supervisor.model.roll import Roll
 from supervisor.model.slot import Slot
+from supervisor.protocol.words import plural
 from supervisor.system import listeners
 
 log = structlog.get_logger()

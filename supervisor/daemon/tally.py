@@ -1,4 +1,4 @@
-"""What only the master sees and /metrics counts: reloads by result and way, restarts, drains."""
+"""What only the master sees and /metrics counts: reloads by result and way, drains (restarts: model/program.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ class Tally:
     reloads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))  # reloads done within each bound
     seconds: float = 0.0  # the sum of their durations
-    restarts: dict[str, int] = field(default_factory=dict)  # program -> workers restarted after a crash
     retirements: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WAYS, 0))  # reloads by way
     dropped: int = 0  # connections still queued in drained listeners when drain_timeout passed
     drain_seconds: float = 0.0  # the sum of the drains' durations
@@ -37,6 +36,3 @@ class Tally:
         self.dropped += dropped
         if way == "drained":
             self.drain_seconds += drain_seconds
-
-    def restarted(self, program: str) -> None:
-        self.restarts[program] = self.restarts.get(program, 0) + 1

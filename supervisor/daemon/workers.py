@@ -26,6 +26,7 @@ from supervisor.process.preload import Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
+from supervisor.protocol.words import plural
 from supervisor.system import fdstore, limits, listeners
 from supervisor.system.listeners import Listener
 
@@ -86,7 +87,6 @@ def ended(host: Host, w: Worker, starting: bool) -> tuple[Generation, exit.End] 
                       window=gen.program.crash_window, serving=len(gen.live_workers))
         case exit.Crashed(then=Restart(after=after, restarts=restarts)):
             log.error("worker_crashed", **fields, was=was.value)
-            host.tally.restarted(record.name)
             log.info("worker_respawn_scheduled", program=record.name, worker=w.index, delay=after,
                      restarts=restarts)
             host.later(after, ev.ManageWorkers())
@@ -147,7 +147,8 @@ def scale(host: Host, request: requests.Scale, reply: Reply) -> None:
     leave(host, gen, leaving)
     log.info("program_scaled", program=name, workers=count, started=started, retiring=len(leaving))
     waits = f", {len(gen.unwanted)} leaving once ready" if gen.unwanted else ""
-    reply.finish(True, f"{name}: {count} workers ({started} started, {len(leaving)} retiring{waits}{failed})")
+    reply.finish(True, f"{name}: {plural(count, 'worker')} ({started} started, {len(leaving)} retiring"
+                       f"{waits}{failed})")
 
 
 def recycle_check(host: Host) -> None:

@@ -56,4 +56,6 @@ def worker_ended(w: Worker, was: WorkerState, gen: Generation, record: ProgramRu
     then = slot.crashed(w, now, record.crash_history(gen.program))
     if isinstance(then, Fatal):
         record.went_fatal(then.why)
+    else:
+        record.restarts += 1
     return Crashed(then)

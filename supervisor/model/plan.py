@@ -71,3 +71,16 @@ def plan_start(config: Config, name: str, running: Collection[str], fatal: Colle
     if name in running and name not in fatal:
         raise ControlError(f"{name} is already running")
     return ReloadPlan(start=(program,), retire=(name,) if name in running else ())
+
+
+def plan_restart(config: Config, name: str, running: Collection[str]) -> ReloadPlan:
+    """`restart NAME`: a new generation of a running program with the settings the daemon runs now (the
+    file is not read again: that is `reload NAME`); the serving one retires once it is ready, as in a
+    reload. A program that is not running has nothing to restart: `start` it."""
+    try:
+        program = config.program(name)
+    except KeyError:
+        raise ControlError(f"no program named {name!r}") from None
+    if name not in running:
+        raise ControlError(f"{name} is not running; `start` it instead")
+    return ReloadPlan(start=(program,), retire=(name,))

@@ -61,6 +61,7 @@ class ProgramRuntime:
     stopped_by_hand: bool = False  # `stop`: a reload leaves it stopped
     fatal: str | None = None  # why it is FATAL
     last_exit: str | None = None  # the last worker that ended unasked
+    restarts: int = 0  # workers restarted after a crash, every generation since supervisord started
     crashes: CrashHistory | None = None
     certificate: tls.Certificate | None = None  # what the serving generation's workers were given
 
@@ -154,7 +155,7 @@ class ProgramRuntime:
             "name": self.name, "state": self.state.value, "last_number": self.last_number,
             "serving": self.serving.to_json() if self.serving else None,
             "retiring": [g.to_json() for g in self.retiring], "stopped_by_hand": self.stopped_by_hand,
-            "fatal": self.fatal, "last_exit": self.last_exit,
+            "fatal": self.fatal, "last_exit": self.last_exit, "restarts": self.restarts,
             "crashes": self.crashes.to_json() if self.crashes else None,
             "certificate": None if cert is None else {
                 "subject": cert.subject, "sans": list(cert.sans), "not_after": cert.not_after.isoformat(),
@@ -168,7 +169,7 @@ class ProgramRuntime:
             name=data["name"], state=ProgramState(data["state"]), last_number=data["last_number"],
             serving=Generation.from_json(data["serving"]) if data["serving"] else None,
             retiring=[Generation.from_json(g) for g in data["retiring"]], stopped_by_hand=data["stopped_by_hand"],
-            fatal=data["fatal"], last_exit=data["last_exit"],
+            fatal=data["fatal"], last_exit=data["last_exit"], restarts=data.get("restarts", 0),
             crashes=CrashHistory.from_json(data["crashes"]) if data["crashes"] else None,
             certificate=None if cert is None else tls.Certificate(
                 subject=cert["subject"], sans=tuple(cert["sans"]),

@@ -26,6 +26,7 @@ from supervisor.model.plan import ReloadPlan, select
 from supervisor.model.roll import Roll, Timer
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol.reply import Reply
+from supervisor.protocol.words import plural
 from supervisor.system import migrate
 from supervisor.system.listeners import Listener
 
@@ -36,6 +37,7 @@ class ReloadKind(enum.Enum):
     STARTUP = "startup"  # the first generations; failing ends supervisord
     RELOAD = "reload"  # supervisorctl reload, SIGHUP; systemd hears RELOADING=1 ... READY=1
     START = "start"  # supervisorctl start NAME
+    RESTART = "restart"  # supervisorctl restart NAME: the settings as they run, the file not read
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,9 @@ class Reload:
 
     @property
     def label(self) -> str:
-        """For replies and logs: "reload" or "start web"."""
-        if self.kind is ReloadKind.START:
-            return f"start {' '.join(p.name for p in self.plan.start)}"
+        """For replies and logs: "reload", "start web" or "restart web"."""
+        if self.kind in (ReloadKind.START, ReloadKind.RESTART):
+            return f"{self.kind.value} {' '.join(p.name for p in self.plan.start)}"
         return "reload"
 
     def worker_ready(self) -> Decision:
@@ -146,7 +148,7 @@ class Reload:
         ready = sum(w.state is WorkerState.READY for w in workers)
         quoted = next((w for w in workers if w.state is not WorkerState.READY and w.tail), None)
         return self.failed(gen, f"{gen.program.name}: generation {gen.number} not ready within "
-                           f"{gen.program.ready_timeout:g} s ({ready} of {len(workers)} workers ready; "
+                           f"{gen.program.ready_timeout:g} s ({ready} of {plural(len(workers), 'worker')} ready; "
                            f"{WAITED_FOR[gen.program.ready]})"
                            + (stderr_tail(quoted, f" of worker {quoted.index} (pid {quoted.pid})") if quoted else ""))
 
@@ -174,11 +176,12 @@ class Reload:
         elif drain.way is Way.DRAINED and not shut:
             summary += "none left to drain"
         elif drain.way is Way.DRAINED:
-            summary += f"drained in {drain.ms} ms (up to {drain.waiting} connections waited), {dropped} dropped"
+            summary += (f"drained in {drain.ms} ms (up to {plural(drain.waiting, 'connection')} waited), "
+                        f"{dropped} dropped")
             if dropped:
                 summary += " (drain_timeout passed: their workers did not accept them)"
         else:
-            summary += f"{dropped} connections reset (migrate: off and the sysctl at 0)"
+            summary += f"{plural(dropped, 'connection')} reset (migrate: off and the sysctl at 0)"
         return summary, {"generations": generations, "retired": {g.program.name: g.number for g in retired},
                          "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
                          "way": drain.way.value, "drain_ms": drain.ms, "dropped": dropped}
@@ -254,10 +257,6 @@ def hint(w: Worker) -> str:
                 "given instead: fds 3 to 3+$LISTEN_FDS-1 (uvicorn --fd 3, gunicorn --bind fd://3, "
                 "hypercorn --bind fd://3; docs/servers.md)")
     return ""
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def stderr_tail(w: Worker, whose: str = "", lines: int = 10) -> str:

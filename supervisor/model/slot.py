@@ -22,7 +22,8 @@ class Slot:
     index: int
     worker: Worker | None = None  # None after a crash, until the restart
     replacement: Worker | None = None  # recycling: takes over once ready, then the old one retires
-    restarts: int = 0  # consecutive crash restarts of this slot's worker
+    restarts: int = 0  # crash restarts of this slot (what `status` shows; the program's sum is the metric's)
+    streak: int = 0  # of them, those in a row (each within STABLE_AFTER of its start): the backoff's count
     last_exit: str | None = None  # how the worker before the current one ended (a crash)
     recycle_after: float = 0.0  # after a failed replacement, no new one before this time
     restart_at: float | None = None  # an empty slot gets a worker again at this time
@@ -42,9 +43,10 @@ class Slot:
         """The slot's worker ended unasked: restart it after a backoff, or the program is FATAL."""
         self.worker = None
         self.last_exit = w.describe_exit()
-        decision = history.record(now, now - w.started, self.restarts)
+        decision = history.record(now, now - w.started, self.streak)
         if isinstance(decision, Restart):
-            self.restarts = decision.restarts
+            self.restarts += 1
+            self.streak = decision.restarts
             self.restart_at = now + decision.after
         return decision
 
@@ -86,7 +88,7 @@ class Slot:
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "worker": self.worker.to_json() if self.worker else None,
                 "replacement": self.replacement.to_json() if self.replacement else None,
-                "restarts": self.restarts, "last_exit": self.last_exit,
+                "restarts": self.restarts, "streak": self.streak, "last_exit": self.last_exit,
                 "recycle_after": self.recycle_after,
                 "restart_at": self.restart_at}
 
@@ -94,7 +96,9 @@ class Slot:
     def from_json(cls, data: Mapping[str, Any]) -> Slot:
         def worker(key: str) -> Worker | None:
             return Worker.from_json(data[key]) if data[key] is not None else None
+        # A state written before `streak` existed: its `restarts` counted the streak.
         return cls(index=data["index"], worker=worker("worker"), replacement=worker("replacement"),
-                   restarts=data["restarts"], last_exit=data["last_exit"],
+                   restarts=data["restarts"], streak=data.get("streak", data["restarts"]),
+                   last_exit=data["last_exit"],
                    recycle_after=data["recycle_after"],
                    restart_at=data["restart_at"])

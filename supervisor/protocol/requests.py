@@ -18,7 +18,7 @@ from supervisor.protocol.framing import MAX_LINE, decode, encode  # noqa: F401 (
 
 @dataclass(frozen=True)
 class Status:
-    pass
+    program: str = ""  # only this program; "": every program
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,14 @@ class Reload:
 
 @dataclass(frozen=True)
 class Start:
+    program: str
+
+
+@dataclass(frozen=True)
+class Restart:
+    """A new generation of a running program with the settings the daemon runs now (the file is not read):
+    zero loss, as a reload of it."""
+
     program: str
 
 
@@ -58,6 +66,11 @@ class Upgrade:
 
 
 @dataclass(frozen=True)
+class Version:
+    """The daemon's version (`supervisorctl version` prints its own beside it)."""
+
+
+@dataclass(frozen=True)
 class Tail:
     """The last `lines` stderr lines of a program's workers; `follow`: then every new one, until the client leaves."""
 
@@ -66,11 +79,11 @@ class Tail:
     follow: bool = False
 
 
-Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade | Tail
+Request = Status | Reload | Start | Restart | Stop | Scale | Shutdown | Upgrade | Tail | Version
 # command -> its request type; the type's fields are the arguments it takes (those with a default may be left out)
 COMMANDS: dict[str, type[Request]] = {
-    "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
-    "upgrade": Upgrade, "tail": Tail,
+    "status": Status, "reload": Reload, "start": Start, "restart": Restart, "stop": Stop, "scale": Scale,
+    "shutdown": Shutdown, "upgrade": Upgrade, "tail": Tail, "version": Version,
 }
 _ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "by": int, "programs": list, "lines": int,
                                "follow": bool}

@@ -70,7 +70,7 @@ def test_status_shows_programs_workers_and_migration(tmp_path: Path) -> None:
         table = sup.ctl("status")
         data = json.loads(sup.ctl("status", "--json").stdout)
     assert table.returncode == 0
-    assert "migration: require (on" in table.stdout and "web" in table.stdout and "ready" in table.stdout
+    assert "migration: require (on" in table.stdout and "web" in table.stdout and "  web:0  serving" in table.stdout
     assert data["migrate"]["enabled"] is True
     web = data["programs"][0]
     assert web["state"] == "serving" and len(web["workers"]) == 2

@@ -4,6 +4,7 @@ master reloads under load, restarts a crashed worker and scales down."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import socket
@@ -249,3 +250,54 @@ def test_healthz_answers_a_monitor_every_time_under_a_neighbours_slow_connection
         for sock in held:
             sock.close()
         sup.kill()
+
+
+def test_the_masters_process_the_last_reload_and_restart_counts_as_status_shows_them(tmp_path: Path) -> None:
+    """process_* of the master as psutil sees it; the last reload as gauges (refused: 0, done: 1); after a
+    crash and the SIGKILL of a worker that ran past STABLE_AFTER (no backoff, so no streak), `status`
+    (JSON and table) and supervisor_worker_restarts_total both say 2; no series that cannot be non-zero."""
+    import psutil
+
+    from supervisor.model.restart import STABLE_AFTER
+
+    sup = with_metrics(Supervisor(tmp_path, {"web": program(workers=2)})).start()
+    try:
+        first = scrape()
+        master = psutil.Process(sup.status()["pid"])
+        fds = len(os.listdir(f"/proc/{master.pid}/fd"))
+        started = sup.status()["started_at"]
+        good = sup.config.read_text()
+        sup.config.write_text(good.replace("workers: 2", "workers: two"))
+        assert sup.ctl("reload").returncode == 1
+        refused = scrape()
+        sup.config.write_text(good)
+        sup.reload()
+        done = scrape()
+        os.kill(next(w["pid"] for w in sup.workers() if w["worker"] == 0 and w["generation"] == 2), signal.SIGKILL)
+        wait_for("worker 0 restarted", lambda: sup.status()["programs"][0]["restarts"] == 1 and sup.replaced(-1, 2))
+        stable = next(w for w in sup.workers() if w["worker"] == 1)
+        time.sleep(max(0.0, STABLE_AFTER + 0.5 - stable["uptime"]))
+        os.kill(stable["pid"], signal.SIGKILL)
+        wait_for("worker 1 restarted", lambda: sup.replaced(stable["pid"], 2))
+        data, table = sup.status()["programs"][0], sup.ctl("status").stdout.splitlines()
+        after = scrape()
+    finally:
+        sup.kill()
+    assert value(first, "process_resident_memory_bytes") > 1 << 20
+    assert abs(value(first, "process_open_fds") - fds) <= 2  # the scrape's own connection, the ctl's
+    assert value(first, "process_max_fds") >= fds
+    assert abs(value(first, "process_start_time_seconds") - master.create_time()) < 0.1
+    assert 0 < value(first, "process_cpu_seconds_total") < 60
+    started_at = datetime.datetime.fromisoformat(started).timestamp()
+    assert (value(first, "supervisor_last_reload_successful"),
+            value(first, "supervisor_last_reload_timestamp_seconds")) == (1, pytest.approx(started_at))
+    assert value(refused, "supervisor_last_reload_successful") == 0
+    assert value(refused, "supervisor_last_reload_timestamp_seconds") > started_at
+    assert value(done, "supervisor_last_reload_successful") == 1
+    assert value(done, "supervisor_last_reload_timestamp_seconds") > value(
+        refused, "supervisor_last_reload_timestamp_seconds")
+    assert value(after, "supervisor_worker_restarts_total", program="web") == data["restarts"] == 2
+    assert sorted((w["worker"], w["restarts"]) for w in data["workers"]) == [(0, 1), (1, 1)]
+    assert next(line for line in table if line.startswith("web ")).split()[7] == "2"  # RESTARTS
+    states = {dict(labels).get("state") for name, labels in after if name == "supervisor_workers"}
+    assert states == {"starting", "ready", "retiring"}

@@ -21,10 +21,10 @@ def table_and_json(sup: Supervisor) -> tuple[list[str], dict[str, Any]]:
     return table.stdout.splitlines(), json.loads(data.stdout)["programs"][0]
 
 
-def row(lines: list[str], worker: int, state: str) -> list[str]:
-    """The table row of worker `worker` in `state`, split on the columns (LAST EXIT is the rest)."""
-    found = [line.split(maxsplit=8) for line in lines
-             if len(line.split()) >= 9 and line.split()[1:2] == [str(worker)] and line.split()[3] == state]
+def row(lines: list[str], name: str, state: str) -> list[str]:
+    """The table row of `name` ("web", or "web:1" for a worker) in `state`, split on the columns (NAME STATE
+    GEN PID UPTIME RSS CPU RESTARTS, then INFO as the rest)."""
+    found = [line.split(maxsplit=8) for line in lines if line.split()[:2] == [name, state]]
     assert len(found) == 1, "\n".join(lines)
     return found[0]
 
@@ -40,10 +40,11 @@ def test_a_restarted_worker_shows_its_restarts_and_last_exit(tmp_path: Path) -> 
     replaced, sibling = sorted(data["workers"], key=lambda w: w["worker"])
     assert (replaced["state"], replaced["restarts"], replaced["last_exit"]) == ("ready", 1, "killed by SIGKILL")
     assert (sibling["state"], sibling["restarts"], sibling["last_exit"]) == ("ready", 0, None)
-    assert lines[3].split()[-3:] == ["RESTARTS", "LAST", "EXIT"]
-    gen, _worker, pid, _state, *_, restarts, last_exit = row(lines, 0, "ready")
-    assert (gen, pid, restarts, last_exit) == ("1", str(replaced["pid"]), "1", "killed by SIGKILL")
-    assert row(lines, 1, "ready")[-2:] == ["0", "-"]
+    assert lines[4].split() == ["NAME", "STATE", "GEN", "PID", "UPTIME", "RSS", "CPU", "RESTARTS", "INFO"]
+    _name, _state, gen, pid, *_, restarts, info = row(lines, "web:0", "serving")
+    assert (gen, pid, restarts, info) == ("1", str(replaced["pid"]), "1", "last exit: killed by SIGKILL")
+    assert row(lines, "web:1", "serving")[7:] == ["0"]
+    assert row(lines, "web", "serving")[7:] == ["1", "2 workers, on 127.0.0.1:8000"]
 
 
 def test_a_fatal_program_and_the_worker_that_gave_up(tmp_path: Path) -> None:
@@ -61,6 +62,7 @@ def test_a_fatal_program_and_the_worker_that_gave_up(tmp_path: Path) -> None:
     assert data["fatal"] == {"reason": "2 crashes within 60 s", "workers": [
         {"worker": 1, "pid": None, "state": "fatal", "generation": 1, "restarts": 1, "last_exit": "killed by SIGKILL"}]}
     assert [(w["worker"], w["state"]) for w in data["workers"]] == [(0, "ready"), (2, "ready")]
-    assert "web             FATAL (2 crashes within 60 s: no restarts until reload or start)  (#1 serving)" in lines
-    assert row(lines, 1, "fatal")[:3] + row(lines, 1, "fatal")[-2:] == ["1", "1", "-", "1", "killed by SIGKILL"]
+    assert row(lines, "web", "fatal")[-1] == ("2 workers, on 127.0.0.1:8000, FATAL: 2 crashes within 60 s: no "
+                                              "restarts until reload or start")
+    assert row(lines, "web:1", "fatal")[2:] == ["1", "-", "-", "-", "-", "1", "last exit: killed by SIGKILL"]
     assert not any("FATAL" in line or " fatal " in line for line in after), after

@@ -227,7 +227,7 @@ def test_expiry_warning_and_status(tmp_path: Path, ca: trustme.CA) -> None:
         assert re.search(r"warning: web: tls: .*cert.pem expires in [45]\.\d days", result.stdout), result.stdout
         table = sup.ctl("status").stdout
         data = json.loads(sup.ctl("status", "--json").stdout)["programs"][0]["tls"]
-    assert "tls: OU=Testing cert" in table and "SANs localhost, 127.0.0.1, expires 20" in table
+    assert "web: tls OU=Testing cert" in table and "SANs localhost, 127.0.0.1, expires 20" in table
     assert 4.8 < data["days_left"] <= 5
 
 

@@ -6,10 +6,12 @@ import json
 import signal
 from pathlib import Path
 
+from supervisor import __version__
 from supervisor.daemon import status
 from supervisor.daemon.events import SignalReceived
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
+from supervisor.model.restart import STABLE_AFTER
 from supervisor.model.slot import RECYCLE_RETRY
 from supervisor.process.worker import WorkerState
 from supervisor.protocol import requests
@@ -127,6 +129,35 @@ class TestReload:
         s.advance(0.5)  # the new worker that was ready may hold connections: stopped like an old one
         assert [sig for _, sig, _ in ready.signals] == ["SIGTERM"]
 
+    def test_restart_replaces_a_program_with_the_settings_it_runs_and_rolls_back_like_a_reload(
+            self, tmp_path: Path) -> None:
+        """`restart web`: generation 2 from the config as loaded (the file, changed meanwhile, is not read);
+        a worker of generation 3 that exits rolls it back, generation 2 serves on; both are the last reload."""
+        s = scenario(tmp_path)
+        s.write({"web": program(workers=5)})
+        first = s.ask(requests.Restart("web"))
+        assert s.state() == "reloading" and len(s.starting()) == 2
+        s.ready(*s.starting())
+        assert first.ok and first.answer["message"].startswith("restart web done in ")  # type: ignore[index]
+        assert s.record().serving.number == 2 and len(s.serving()) == 2  # type: ignore[union-attr]
+        assert s.master.last_reload is not None and s.master.last_reload["what"] == "restart web"
+        serving = s.serving()
+        second = s.ask(requests.Restart("web"))
+        ready, failing = s.starting()
+        s.ready(ready)
+        s.exit(failing)
+        assert second.ok is False and second.answer["error"].endswith(  # type: ignore[index]
+            "exit status 3 before it was ready; rolled back, still serving: web#2")
+        assert s.state() == "serving" and s.serving() == serving and all(w.signals == [] for w in serving)
+        assert s.master.last_reload["result"] == "rolled back"
+        assert s.master.tally.reloads == {"done": 0, "rolled_back": 0, "refused": 0}  # reloads only
+
+    def test_version_is_answered_even_behind_a_reload(self, tmp_path: Path) -> None:
+        s = scenario(tmp_path)
+        s.ask(requests.Reload())
+        version = s.ask(requests.Version())
+        assert version.ok and version.answer["data"] == {"version": __version__}  # type: ignore[index]
+
     def test_a_generation_not_ready_in_time_rolls_back_and_names_it(self, tmp_path: Path) -> None:
         s = scenario(tmp_path)
         reply = s.ask(requests.Reload())
@@ -206,6 +237,18 @@ class TestReload:
 
 
 class TestSlots:
+    def test_restarts_count_every_restart_while_the_backoff_starts_over(self, tmp_path: Path) -> None:
+        """A worker killed after running STABLE_AFTER: restarted at once (no backoff), and still counted:
+        the slot's restarts (`status`) and the program's (the metric) are both 1."""
+        s = scenario(tmp_path)
+        s.advance(STABLE_AFTER + 1)
+        s.exit(next(w for w in s.serving() if w.index == 1), 9)
+        s.advance(0)
+        s.ready(*s.starting())
+        slot = s.record().serving.slots[1]  # type: ignore[union-attr]
+        assert (slot.restarts, slot.streak, s.record().restarts) == (1, 0, 1)
+        assert status.snapshot(s.master)["programs"][0]["restarts"] == 1
+
     def test_crash_backoff_fatal_and_start_revives(self, tmp_path: Path) -> None:
         s = scenario(tmp_path, crash_limit=3, crash_window=60)
         for expected in (1, 2):
@@ -278,7 +321,7 @@ class TestSlots:
         assert reply.ok and [w.index for w in s.starting()] == [2, 3]
         s.ready(*s.starting())
         down = s.ask(requests.Scale("web", 1))
-        assert down.answer["message"] == "web: 1 workers (0 started, 3 retiring)"  # type: ignore[index]
+        assert down.answer["message"] == "web: 1 worker (0 started, 3 retiring)"  # type: ignore[index]
         gen = s.record().serving
         assert gen is not None and sorted(gen.slots) == [0] and len(gen.leaving) == 3
         assert all(all(x.shut for x in w.listeners) for w in gen.leaving)
@@ -290,7 +333,7 @@ class TestSlots:
         s.ask(requests.Scale("web", 4))
         fresh = s.starting()
         down = s.ask(requests.Scale("web", 1))
-        assert down.answer["message"] == "web: 1 workers (0 started, 1 retiring, 2 leaving once ready)"  # type: ignore[index]
+        assert down.answer["message"] == "web: 1 worker (0 started, 1 retiring, 2 leaving once ready)"  # type: ignore[index]
         gen = s.record().serving
         assert gen is not None and gen.unwanted == fresh
         assert not any(x.shut for w in fresh for x in w.listeners) and all(w.signals == [] for w in fresh)

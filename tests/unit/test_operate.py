@@ -160,7 +160,7 @@ class TestDecisions:
         s.ready(*s.starting())
         s.exit(s.serving()[0])
         assert not_ready(s.master) == ["web: fatal (1 crashes within 60 s)"]
-        assert s.master.tally.restarts == {}  # FATAL: no restart
+        assert s.record().restarts == 0  # FATAL: no restart
         assert s.ask(requests.Start("web")).answer is None
         s.ready(*s.starting())
         assert not_ready(s.master) == []

@@ -8,7 +8,7 @@ import pytest
 
 from supervisor.config.schema import Config, Control, Listen, Program
 from supervisor.errors import ControlError
-from supervisor.model.plan import plan_reload, plan_start
+from supervisor.model.plan import plan_reload, plan_restart, plan_start
 
 
 def make_config(*names: str) -> Config:
@@ -58,3 +58,17 @@ class TestPlanStart:
         """`start` on a FATAL program (still serving what is left) replaces its generation."""
         plan = plan_start(make_config("web", "api"), "web", running=["web", "api"], fatal=["web"])
         assert [p.name for p in plan.start] == ["web"] and plan.retire == ("web",)
+
+
+class TestPlanRestart:
+    def test_restart_replaces_one_running_program(self) -> None:
+        """`restart web`: a new generation of web from the config the daemon runs, web's serving one retires."""
+        plan = plan_restart(make_config("web", "api"), "web", running=["web", "api"])
+        assert [p.name for p in plan.start] == ["web"] and plan.retire == ("web",) and plan.removed == ()
+
+    def test_restart_of_a_stopped_or_unknown_program_is_refused(self) -> None:
+        """Nothing runs to be restarted: the error says to `start` it; an unknown name is named."""
+        with pytest.raises(ControlError, match="api is not running; `start` it instead"):
+            plan_restart(make_config("web", "api"), "api", running=["web"])
+        with pytest.raises(ControlError, match="no program named 'x'"):
+            plan_restart(make_config("web"), "x", running=["web"])

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from supervisor.config.schema import MigrateMode
-from supervisor.ctl import table
 from supervisor.errors import MigrateError
 from supervisor.process import worker
 from supervisor.system import migrate, readiness, systemd
@@ -51,31 +50,6 @@ class TestStatusDescription:
         assert worker.describe_status(3 << 8) == "exit status 3"
         assert worker.describe_status(9) == "killed by SIGKILL"
         assert worker.describe_status(None) == "running"
-
-    def test_render_table(self) -> None:
-        """The status table lists the migration mode and one line per worker."""
-        data = {"pid": 1, "uptime": 75, "config": "/c.yaml", "migrate": {"mode": "require", "enabled": True,
-                "reason": "ipv4.tcp_migrate_req = 1"}, "programs": [{"name": "web", "state": "serving",
-                "generations": [{"generation": 4, "state": "serving"}], "last_exit": None, "workers": [
-                    {"worker": 0, "pid": 42, "state": "ready", "generation": 4, "uptime": 3.2,
-                     "rss": 20 * 2**20, "cpu": 0.25, "restarts": 0}]}]}
-        text = table.render(data)
-        assert "up 1m15s" in text and "migration: require (on" in text
-        assert "web             serving  (#4 serving)" in text
-        assert "42  ready" in text and "20.0M" in text and "0.25s" in text
-
-
-    def test_render_fatal(self) -> None:
-        """A FATAL program says so on its line; the slot that gave up is a `fatal` row with its last exit."""
-        data = {"pid": 1, "uptime": 5, "config": "/c.yaml", "migrate": {"mode": "off", "enabled": False,
-                "reason": "migrate: off"}, "programs": [{"name": "web", "state": "fatal",
-                "generations": [{"generation": 1, "state": "serving"}], "last_exit": None, "workers": [],
-                "fatal": {"reason": "5 crashes within 60 s", "workers": [{"worker": 0, "pid": None,
-                          "state": "fatal", "generation": 1, "restarts": 4, "last_exit": "exit status 1"}]}}]}
-        lines = table.render(data).splitlines()
-        assert lines[4] == ("web             FATAL (5 crashes within 60 s: no restarts until reload or start)"
-                            "  (#1 serving)")
-        assert lines[5].split() == ["1", "0", "-", "fatal", "-", "-", "-", "4", "exit", "status", "1"]
 
 
 class TestMigrate:
