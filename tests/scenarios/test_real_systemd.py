@@ -102,6 +102,7 @@ def install(box: nspawn.Machine) -> None:
             "/etc/reuseport-supervisor/supervisor.yaml")
     box.run("install", "-m", "0644", str(ROOT / "systemd" / f"{UNIT}.service"), "/etc/systemd/system/")
     box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "enable", f"{UNIT}.service")  # started by each test (the container runs basic.target)
 
 
 def systemctl(box: nspawn.Machine, *args: str) -> None:
@@ -199,7 +200,35 @@ def test_the_unit_under_a_real_systemd(machine: nspawn.Machine, request: pytest.
     assert show(box, "ActiveState") == "inactive" and show(box, "NFileDescriptorStore") == "0"
     with box.network(), pytest.raises(ConnectionRefusedError):
         open_requests(1)
+    if version >= 254:
+        stop_and_start_with_the_store_preserved(box)
+        clock.step("FileDescriptorStorePreserve=yes: start, stop, start, stop")
     print(f"\nsystemd {version}: {tally.ok} answers, {len(tally.failures)} failed; " + ", ".join(clock.steps))
+
+
+def stop_and_start_with_the_store_preserved(box: nspawn.Machine) -> None:
+    """FileDescriptorStorePreserve=yes (254+): the listeners stay in the store while the service is
+    stopped, so a request sent then waits and is answered after the next start. (The store lives as
+    long as the unit is loaded: an enabled unit stays loaded, one nothing refers to is unloaded.)"""
+    drop_in(box, "FileDescriptorStorePreserve=yes")
+    systemctl(box, "start", UNIT)
+    systemctl(box, "stop", UNIT)
+    assert show(box, "NFileDescriptorStore") == "2"
+    with box.network():
+        waiting = open_requests(2)
+    systemctl(box, "start", UNIT)
+    outcomes, _generations = collect(waiting)
+    assert outcomes == {"ok": 2}, outcomes
+    systemctl(box, "stop", UNIT)
+    systemctl(box, "clean", "--what=fdstore", UNIT)  # how to empty it then
+    assert show(box, "NFileDescriptorStore") == "0"
+
+
+def drop_in(box: nspawn.Machine, *lines: str) -> None:
+    """A drop-in of [Service] lines over the shipped unit, as an administrator adds one."""
+    folder = f"/etc/systemd/system/{UNIT}.service.d"
+    box.run("sh", "-c", f'mkdir -p {folder} && printf "%s\\n" "[Service]" "$@" > {folder}/test.conf', "sh", *lines)
+    box.run("systemctl", "daemon-reload")
 
 
 @pytest.mark.parametrize("machine", [252], indirect=True, ids=["systemd-252"])
@@ -207,9 +236,7 @@ def test_without_the_store_on_systemd_252_a_crash_refuses_connections(machine: n
     """Control: the unit without SUPERVISOR_FDSTORE on 252 (as it was before): nothing is stored, and
     a request sent after the same kill is refused, so the test above can fail."""
     box = machine
-    box.run("sh", "-c", f"mkdir -p /etc/systemd/system/{UNIT}.service.d && printf '[Service]\\n"
-                        f"Environment=SUPERVISOR_FDSTORE=\\n' > /etc/systemd/system/{UNIT}.service.d/off.conf")
-    box.run("systemctl", "daemon-reload")
+    drop_in(box, "Environment=SUPERVISOR_FDSTORE=")
     systemctl(box, "start", UNIT)
     assert show(box, "NFileDescriptorStore") == "0" and not events(box, "fdstore_enabled")
     with box.network():
