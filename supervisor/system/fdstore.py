@@ -2,15 +2,15 @@
 
 With `FileDescriptorStoreMax=` systemd 254+ sets $FDSTORE to its size. Older systemd keeps a store
 just the same (`FDSTORE=1` works since 219; 249-253 hand it back after a crash with `Restart=` and
-after `systemctl restart`) but does not say so: there the unit says it, with $SUPERVISOR_FDSTORE set
-to the same number (`Environment=`), read only when $FDSTORE is absent. Each listener the master creates is
-sent to the store (`FDSTORE=1`, `FDNAME=program.generation.worker.n`, the fd as SCM_RIGHTS) and
-removed (`FDSTOREREMOVE=1`) when its worker has gone, so the store holds the serving and the
-still-retiring listeners. A stored listener stays open while no master runs: its accept queue keeps
-filling, nothing is refused. The next start receives them as LISTEN_FDS / LISTEN_FDNAMES and adopts
-those it recognises (`inherited()`) as a previous generation without workers, shut once its new
-generation serves, as at a reload. Without a store (neither variable, or no $NOTIFY_SOCKET) every
-call here is a no-op.
+after `systemctl restart`) but does not say so: there the unit says it, with $SUPERVISOR_FDSTORE
+set to the same number (`Environment=`), read only when $FDSTORE is absent. Each listener the
+master creates is sent to the store (`FDSTORE=1`, `FDNAME=program.generation.worker.n`, the fd as
+SCM_RIGHTS) and removed (`FDSTOREREMOVE=1`) when its worker has gone, so the store holds the
+serving and the still-retiring listeners. A stored listener stays open while no master runs: its
+accept queue keeps filling, nothing is refused. The next start receives them as LISTEN_FDS /
+LISTEN_FDNAMES and adopts those it recognises (`inherited()`) as a previous generation without
+workers, shut once its new generation serves, as at a reload. Without a store (neither variable,
+or no $NOTIFY_SOCKET) every call here is a no-op.
 """
 
 from __future__ import annotations
