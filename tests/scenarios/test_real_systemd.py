@@ -1,7 +1,9 @@
 """The shipped unit under a real systemd (tests/nspawn.py boots one): systemd 254 from
 bookworm-backports, which announces the fd store with $FDSTORE, and this machine's own 252, where
 the unit's SUPERVISOR_FDSTORE does. Installed as docs/systemd.md says; then start, reload under
-load, supervisord killed (SIGKILL) and brought back by Restart=on-failure, restart under load, stop.
+load, supervisord killed (SIGKILL) and brought back by Restart=on-failure, restart under load, stop;
+on 254 also FileDescriptorStorePreserve=yes. A control on 252 without SUPERVISOR_FDSTORE shows the
+request after the kill refused.
 
 What a real systemd cannot show here (unknown fds in the store, ten kills in a row) the stand-in
 service manager covers (test_fdstore.py).
