@@ -21,7 +21,11 @@ _MAX_FDS = 16
 
 
 class ServiceManager:
-    def __init__(self, folder: Path) -> None:
+    """`announces`: sets $FDSTORE, as systemd 254+ does; False plays 249-253, which keep the store
+    just the same but set no $FDSTORE."""
+
+    def __init__(self, folder: Path, announces: bool = True) -> None:
+        self.announces = announces
         self.path = folder / "systemd-notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.path))
@@ -82,7 +86,7 @@ class ServiceManager:
         sup.prefix = [sys.executable, "-S", "-c", trampoline, ",".join(map(str, parked)),
                       ":".join(name for name, _ in named)]
         sup.pass_fds = tuple(parked)
-        sup.env = {**sup.env, "NOTIFY_SOCKET": str(self.path), "FDSTORE": "64"}
+        sup.env = {**sup.env, "NOTIFY_SOCKET": str(self.path), **({"FDSTORE": "64"} if self.announces else {})}
         try:
             return sup.start(timeout=timeout)
         finally:

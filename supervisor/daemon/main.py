@@ -21,7 +21,7 @@ from supervisor.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from supervisor.model import preflight
 from supervisor.process import reexec
 from supervisor.protocol import framing
-from supervisor.system import limits, logs
+from supervisor.system import fdstore, limits, logs
 
 log = structlog.get_logger()
 
@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = schema.load(args.config)
     except ConfigError as exc:
+        print(f"supervisord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        fdstore.announced(os.environ)  # a typo in the unit must not turn the store off unseen
+    except ValueError as exc:
         print(f"supervisord: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return uvloop.run(_serve(cfg))

@@ -51,7 +51,7 @@ _RESET_SIGNALS = (
 )
 # Variables that belong to the master's own supervisor (systemd), never to a worker.
 _MASTER_ONLY_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
-                    "WATCHDOG_PID", "MAINPID")
+                    "WATCHDOG_PID", "MAINPID", "FDSTORE", "SUPERVISOR_FDSTORE")
 
 
 class WorkerState(enum.Enum):

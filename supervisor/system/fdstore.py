@@ -1,12 +1,16 @@
 """systemd's file descriptor store: the listeners outlive a crash or a restart of supervisord.
 
-With `FileDescriptorStoreMax=` systemd (254+) sets $FDSTORE. Each listener the master creates is
-sent to the store (`FDSTORE=1`, `FDNAME=program.generation.worker.n`, the fd as SCM_RIGHTS) and
-removed (`FDSTOREREMOVE=1`) when its worker has gone, so the store holds the serving and the
-still-retiring listeners. A stored listener stays open while no master runs: its accept queue keeps
-filling, nothing is refused. The next start receives them as LISTEN_FDS / LISTEN_FDNAMES and adopts
-those it recognises (`inherited()`) as a previous generation without workers, shut once its new
-generation serves, as at a reload. Without $FDSTORE every call here is a no-op.
+With `FileDescriptorStoreMax=` systemd 254+ sets $FDSTORE to its size. Older systemd keeps a store
+just the same (`FDSTORE=1` works since 219; 249-253 hand it back after a crash with `Restart=` and
+after `systemctl restart`) but does not say so: there the unit says it, with $SUPERVISOR_FDSTORE
+set to the same number (`Environment=`), read only when $FDSTORE is absent. Each listener the
+master creates is sent to the store (`FDSTORE=1`, `FDNAME=program.generation.worker.n`, the fd as
+SCM_RIGHTS) and removed (`FDSTOREREMOVE=1`) when its worker has gone, so the store holds the
+serving and the still-retiring listeners. A stored listener stays open while no master runs: its
+accept queue keeps filling, nothing is refused. The next start receives them as LISTEN_FDS /
+LISTEN_FDNAMES and adopts those it recognises (`inherited()`) as a previous generation without
+workers, shut once its new generation serves, as at a reload. Without a store (neither variable,
+or no $NOTIFY_SOCKET) every call here is a no-op.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ log = structlog.get_logger()
 # may contain dots, so the three numbers are read from the right.
 _NAME = re.compile(r"(?P<program>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(?P<gen>\d+)\.(?P<worker>\d+)\.(?P<n>\d+)")
 SD_LISTEN_FDS_START = 3
+# Where the unit announces its store to a systemd older than 254 (which sets no $FDSTORE).
+STORE_ENV = "SUPERVISOR_FDSTORE"
 
 
 def name(program: str, generation: int, worker: int, n: int) -> str:
@@ -41,9 +47,12 @@ class FdStore:
     only a restart would not find it)."""
 
     def __init__(self, notifier: Notifier, environ: Mapping[str, str] | None = None) -> None:
-        limit = (os.environ if environ is None else environ).get("FDSTORE", "")
+        env = os.environ if environ is None else environ
         self.notifier = notifier
-        self.enabled = notifier.sock is not None and limit.isdigit() and int(limit) > 0
+        self.size = announced(env) if notifier.sock is not None else 0
+        self.enabled = self.size > 0
+        if self.enabled:
+            log.info("fdstore_enabled", size=self.size, announced_by="FDSTORE" if "FDSTORE" in env else STORE_ENV)
 
     def keep(self, names_and_fds: list[tuple[str, int]]) -> None:
         for fdname, fd in names_and_fds if self.enabled else ():
@@ -52,6 +61,17 @@ class FdStore:
     def remove(self, names: list[str]) -> None:
         for fdname in names if self.enabled else ():
             self.notifier.send_with_fds(f"FDSTOREREMOVE=1\nFDNAME={fdname}")
+
+
+def announced(environ: Mapping[str, str]) -> int:
+    """The store's size: $FDSTORE (systemd 254+), else $SUPERVISOR_FDSTORE (the unit's word for older
+    systemd); 0 when neither is set, or set empty. ValueError, naming the variable, for anything but
+    a count."""
+    key = "FDSTORE" if "FDSTORE" in environ else STORE_ENV
+    value = environ.get(key, "")
+    if value and not (value.isascii() and value.isdigit()):
+        raise ValueError(f"{key}={value}: expected the unit's FileDescriptorStoreMax=, a number of fds")
+    return int(value or 0)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from tests.servicemanager import ServiceManager
 pytestmark = pytest.mark.usefixtures("netns")
 
 
-def service(tmp_path: Path) -> tuple[ServiceManager, Supervisor]:
-    manager = ServiceManager(tmp_path)
+def service(tmp_path: Path, announces: bool = True) -> tuple[ServiceManager, Supervisor]:
+    manager = ServiceManager(tmp_path, announces)
     sup = Supervisor(tmp_path, {"web": program(graceful_timeout=5)})
     sup.env = {"RUNTIME_DIRECTORY": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()
@@ -101,3 +101,38 @@ def test_unknown_and_unusable_fds_are_closed_and_the_start_is_clean(tmp_path: Pa
         for sock in (udp, other, gone):
             sock.close()
 
+
+
+@pytest.mark.parametrize("unit_says", ["64", ""], ids=["SUPERVISOR_FDSTORE=64", "unset"])
+def test_systemd_older_than_254_keeps_the_store_when_the_unit_says_so(tmp_path: Path, unit_says: str) -> None:
+    """No $FDSTORE (systemd 249-253): the unit's SUPERVISOR_FDSTORE turns the store on, and a kill
+    hands the listeners over; without it nothing is stored (the real 252: test_real_systemd.py)."""
+    manager, sup = service(tmp_path, announces=False)
+    sup.env["SUPERVISOR_FDSTORE"] = unit_says
+    try:
+        manager.start(sup)
+        assert manager.stored() == (["web.1.0.0", "web.1.1.0"] if unit_says else [])
+        announced = [e["announced_by"] for e in sup.events("fdstore_enabled")]
+        assert announced == (["SUPERVISOR_FDSTORE"] if unit_says else [])
+        assert sup.proc is not None
+        sup.proc.kill()
+        sup.proc.wait(timeout=30)
+        manager.start(sup)
+        adopted = [sorted(e["listeners"]) for e in sup.events("fdstore_adopted")]
+        assert adopted == ([["web.1.0.0", "web.1.1.0"]] if unit_says else [])
+    finally:
+        sup.kill()
+        manager.close()
+
+
+def test_a_store_size_that_is_not_a_number_refuses_the_start(tmp_path: Path) -> None:
+    """A typo in the unit would turn the store off unseen: supervisord exits 2 and says which variable."""
+    manager, sup = service(tmp_path, announces=False)
+    sup.env["SUPERVISOR_FDSTORE"] = "4096x"
+    sup.env["NOTIFY_SOCKET"] = str(manager.path)
+    try:
+        assert sup.exit_status_of_refused_start() == 2
+        assert "supervisord: SUPERVISOR_FDSTORE=4096x: expected the unit's FileDescriptorStoreMax=, a number of fds" \
+            in sup.log_text()
+    finally:
+        manager.close()

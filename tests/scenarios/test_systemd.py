@@ -1,4 +1,5 @@
-"""Running under systemd: the unit file verifies, and supervisord speaks sd_notify in the right order."""
+"""Running under systemd: the unit file verifies, its example config fits it, and supervisord speaks
+sd_notify in the right order (a stand-in listens; test_real_systemd.py runs the unit under systemd)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.config import schema
+from supervisor.system import fdstore
 from tests.harness import BIN, PYTHON, Supervisor, program, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-UNIT = ROOT / "systemd" / "supervisor.service"
+UNIT = ROOT / "systemd" / "reuseport-supervisor.service"
+CONFIG = ROOT / "config" / "systemd.yaml"
 
 
 def verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
@@ -22,22 +26,56 @@ def verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
         if os.environ.get("CI") == "true":
             pytest.fail("systemd-analyze is missing (make test installs Debian's systemd package)")
         pytest.skip("systemd-analyze is missing")
-    unit = folder / "supervisor.service"
-    unit.write_text(unit_text.replace("/opt/reuseport-supervisor/.venv", str(BIN.parent))
-                    .replace("/etc/reuseport-supervisor/supervisor.yaml", str(ROOT / "config" / "example.yaml")))
+    unit = folder / UNIT.name
+    unit.write_text(unit_text.replace("/opt/reuseport-supervisor/bin/", f"{BIN}/")
+                    .replace("/etc/reuseport-supervisor/supervisor.yaml", str(CONFIG)))
     return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
 
 
 def test_unit_file_verifies(tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the shipped unit without a single warning."""
     result = verify(UNIT.read_text(), tmp_path)
-    assert result.returncode == 0 and "supervisor.service" not in result.stderr, result.stderr
+    assert result.returncode == 0 and UNIT.name not in result.stderr, result.stderr
 
 
 def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     """Control: a misspelt key is reported, so the test above can fail."""
     result = verify(UNIT.read_text().replace("KillMode=", "KilMode="), tmp_path)
     assert "Unknown key" in result.stderr
+
+
+def directives(unit_text: str) -> dict[str, list[str]]:
+    """The unit's KEY=VALUE lines (comments left out), every value of a key in order."""
+    found: dict[str, list[str]] = {}
+    for line in unit_text.splitlines():
+        if "=" in line and not line.startswith(("#", ";")):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_the_example_config_fits_the_unit() -> None:
+    """config/systemd.yaml, read by supervisord's own parser: the file the unit names, the control
+    socket in its RuntimeDirectory=, the venv's interpreter for the workers, and not as root."""
+    unit = directives(UNIT.read_text())
+    config = schema.load(CONFIG)
+    start = unit["ExecStart"][0].split()
+    assert start[1:] == ["-c", "/etc/reuseport-supervisor/supervisor.yaml"]
+    assert unit["ExecReload"][0].split()[1:] == [*start[1:], "reload"]
+    venv = Path(start[0]).parent
+    assert Path(config.control.socket).parent == Path("/run") / unit["RuntimeDirectory"][0]
+    for prog in config.programs:
+        assert Path(prog.command[0]).parent == venv, prog.command
+        assert prog.user not in (None, "root", "0"), prog.name
+        assert prog.graceful_timeout < float(unit["TimeoutStopSec"][0])
+    listeners = sum(p.workers * len(p.listen) for p in config.programs)
+    assert 2 * listeners <= int(unit["FileDescriptorStoreMax"][0])  # a reload holds two generations
+
+
+def test_the_unit_announces_its_store_to_systemd_older_than_254() -> None:
+    """SUPERVISOR_FDSTORE says what FileDescriptorStoreMax= says, for systemd 249-253 (no $FDSTORE)."""
+    unit = directives(UNIT.read_text())
+    assert unit["Environment"] == [f"{fdstore.STORE_ENV}={unit['FileDescriptorStoreMax'][0]}"]
 
 
 class NotifyListener:

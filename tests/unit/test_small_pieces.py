@@ -11,7 +11,7 @@ import pytest
 from supervisor.config.schema import MigrateMode
 from supervisor.errors import MigrateError
 from supervisor.process import worker
-from supervisor.system import migrate, readiness, systemd
+from supervisor.system import fdstore, migrate, readiness, systemd
 
 
 class TestNotifyParse:
@@ -31,6 +31,29 @@ class TestNotifier:
             notifier.close()
             assert manager.recv(4096).decode().splitlines()[:2] == [
                 "READY=1", "STATUS=serving web#1; last reload failed: boom; last stderr lines: Traceback Error"]
+
+
+class TestStoreSize:
+    @pytest.mark.parametrize(("environ", "size"), [
+        ({"FDSTORE": "4096"}, 4096),                              # systemd 254+
+        ({"SUPERVISOR_FDSTORE": "4096"}, 4096),                   # the unit, for systemd 249-253
+        ({"FDSTORE": "16", "SUPERVISOR_FDSTORE": "4096"}, 16),    # systemd's own word wins
+        ({"SUPERVISOR_FDSTORE": ""}, 0),                          # Environment=SUPERVISOR_FDSTORE= turns it off
+        ({}, 0),
+    ])
+    def test_announced(self, environ: dict[str, str], size: int) -> None:
+        assert fdstore.announced(environ) == size
+
+    # "\u0664": an Arabic-Indic 4, which str.isdigit() accepts
+    @pytest.mark.parametrize("value", ["yes", "-1", "4k", "\u0664"])
+    def test_not_a_count_names_the_variable(self, value: str) -> None:
+        with pytest.raises(ValueError, match=f"^SUPERVISOR_FDSTORE={value}: expected"):
+            fdstore.announced({"SUPERVISOR_FDSTORE": value})
+
+    def test_no_store_without_a_service_manager(self) -> None:
+        """Set by hand, outside systemd (no NOTIFY_SOCKET): there is no store to send to."""
+        store = fdstore.FdStore(systemd.Notifier({}), {"SUPERVISOR_FDSTORE": "64"})
+        assert not store.enabled
 
 
 class TestFdActions:
