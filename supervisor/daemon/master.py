@@ -77,7 +77,7 @@ class Master:
         self.groups = Groups()
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
-        self.output = output.Output()  # the last stderr lines of each program, and `tail -f` followers
+        self.output = output.Output(self.clock)  # what workers wrote: logged in budget, kept for `tail`
         self.watcher = Watcher(self.post, self.later, self.output.record)
         self.reloads = Reloads(self)
         self.upgrade = handover.Upgrade(self)
@@ -211,7 +211,7 @@ class Master:
                     self.worker_exited(w)
             case ev.WorkerOutput():
                 if w := self.watcher.find(event.worker):
-                    self.watcher.output(w)
+                    self.watcher.output(w, event.stream)
             case ev.WorkerReadyTimeout():
                 if w := self.watcher.find(event.worker):
                     workers.ready_timeout(self, w)

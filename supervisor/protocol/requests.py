@@ -54,11 +54,13 @@ class Upgrade:
 
 @dataclass(frozen=True)
 class Tail:
-    """The last `lines` stderr lines of a program's workers; `follow`: then every new one, until the client leaves."""
+    """The last `lines` output lines of a program's workers, of one `stream` (stdout, stderr) or both
+    (""); `follow`: then every new one, until the client leaves."""
 
     program: str
     lines: int = 10
     follow: bool = False
+    stream: str = ""
 
 
 Request = Status | Reload | Start | Stop | Scale | Shutdown | Upgrade | Tail
@@ -67,7 +69,8 @@ COMMANDS: dict[str, type[Request]] = {
     "status": Status, "reload": Reload, "start": Start, "stop": Stop, "scale": Scale, "shutdown": Shutdown,
     "upgrade": Upgrade, "tail": Tail,
 }
-_ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "programs": list, "lines": int, "follow": bool}
+_ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "programs": list, "lines": int, "follow": bool,
+                              "stream": str}
 
 
 def command_of(request: Request) -> str:
