@@ -15,8 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
 
@@ -38,8 +37,9 @@ REPORT_INTERVAL = 1.0  # seconds: at most one worker_output_dropped event per pr
 STREAMS = ("stdout", "stderr")
 
 
-@dataclass(frozen=True)
-class Line:
+class Line(NamedTuple):
+    """One line a worker wrote (a tuple: a flood makes hundreds of thousands a second)."""
+
     seq: int  # the order the master read it in, across the streams of a program
     stream: str
     generation: int
@@ -72,20 +72,26 @@ class Budget:
         self.dropped_lines = 0  # since the last report
         self.dropped_bytes = 0
 
-    def admit(self, size: int, now: float) -> bool:
-        """May a line of `size` bytes be logged at `now`? If not it is counted as dropped."""
+    def admit(self, sizes: list[int], now: float) -> int:
+        """How many of these lines (their sizes in bytes), written at `now`, may be logged: the first
+        ones, as many as the buckets allow; the rest are counted as dropped. (Within one instant the
+        buckets do not refill, so once a line is refused every later one is too.)"""
+        limit = self.limit
         elapsed = max(0.0, now - self.at)
         self.at = max(self.at, now)
-        limit = self.limit
         self.lines = min(limit.lines * limit.burst, self.lines + elapsed * limit.lines)
         self.bytes = min(limit.bytes * limit.burst, self.bytes + elapsed * limit.bytes)
-        if self.lines >= 1 and self.bytes > 0:
+        admitted = 0
+        for size in sizes:
+            if self.lines < 1 or self.bytes <= 0:
+                break
             self.lines -= 1
             self.bytes -= size
-            return True
-        self.dropped_lines += 1
-        self.dropped_bytes += size
-        return False
+            admitted += 1
+        if admitted < len(sizes):
+            self.dropped_lines += len(sizes) - admitted
+            self.dropped_bytes += sum(sizes[admitted:])
+        return admitted
 
     def take_dropped(self) -> tuple[int, int]:
         """What was dropped since the last call: (lines, bytes)."""
@@ -111,17 +117,20 @@ class Output:
             return
         program = w.program
         budget = self.budget(program, limit)
-        now = self.clock.time()
+        sizes = [len(text) + 1 for text in lines]
+        admitted = budget.admit(sizes, self.clock.time())
         event = f"worker_{stream}"
-        for text in lines:
-            if budget.admit(len(text) + 1, now):
-                log.info(event, program=program, gen=w.generation, worker=w.index, pid=w.pid, line=text)
-            elif program not in self.reports:
-                self.reports.add(program)
-                self.clock.call_later(REPORT_INTERVAL, self.report, program)
-        kept = [Line(next(self.seq), stream, w.generation, w.index, w.pid, text) for text in lines]
-        self.keep(program, stream, kept)
+        for text in lines[:admitted]:
+            log.info(event, program=program, gen=w.generation, worker=w.index, pid=w.pid, line=text)
+        if admitted < len(lines) and program not in self.reports:
+            self.reports.add(program)
+            self.clock.call_later(REPORT_INTERVAL, self.report, program)
         followers = self.followers.get(program)
+        # The ring keeps LINES at most: the lines before those (a dead worker's pipe read at once)
+        # are made only for followers.
+        kept = [Line(next(self.seq), stream, w.generation, w.index, w.pid, text)
+                for text in (lines if followers else lines[-LINES:])]
+        self.keep(program, stream, kept[-LINES:])
         if followers:
             data = b"".join(line.message(program) for line in kept)
             self.followers[program] = [(r, s) for r, s in followers if s not in ("", stream) or send(r, data)]

@@ -71,6 +71,7 @@ class Pipe:
     fd: int = -1  # -1 once closed, or never a pipe (`stdout: inherit`)
     partial: bytes = b""
     skipping: bool = False  # a line was cut: drop what comes up to its newline
+    full: bool = False  # the last read took its whole budget: more is probably waiting
 
     def read(self, budget: int) -> list[str]:
         """What was written since the last look, as complete lines: at most `budget` bytes read
@@ -82,6 +83,7 @@ class Pipe:
         (the worker and every child of it closed the stream) the pipe is closed.
         """
         chunks: list[bytes] = []
+        self.full = False
         while self.fd >= 0 and budget > 0:
             try:
                 chunk = os.read(self.fd, min(budget, 65536))
@@ -96,6 +98,7 @@ class Pipe:
                 break
             chunks.append(chunk)
             budget -= len(chunk)
+        self.full = budget <= 0
         lines = self.split(b"".join(chunks))
         return [line.decode(errors="replace").rstrip("\r") for line in lines]
 

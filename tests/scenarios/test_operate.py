@@ -72,7 +72,8 @@ def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:
             os.kill(pids[0], signal.SIGKILL)  # its replacement writes its first line after the follow began
             line = follower.stdout.readline()
             replacement = wait_for("the replacement", lambda: [w["pid"] for w in sup.workers() if w["pid"] not in pids])
-            assert line.startswith(f"web#1 worker 0 pid {replacement[0]} stderr: demo pid={replacement[0]} generation=1"), line
+            pid = replacement[0]
+            assert line.startswith(f"web#1 worker 0 pid {pid} stderr: demo pid={pid} generation=1"), line
         finally:
             follower.send_signal(signal.SIGINT)
             assert follower.wait(timeout=10) == 0

@@ -39,24 +39,24 @@ class TestBudget:
     def test_a_full_bucket_takes_a_burst_then_the_rate(self) -> None:
         """`burst` seconds' worth at once, then `lines` per second; what is over is counted."""
         budget = Budget(LogLimit(lines=10, bytes=1 << 20, burst=2), now=0.0)
-        assert sum(budget.admit(5, now=0.0) for _ in range(50)) == 20
+        assert budget.admit([5] * 50, now=0.0) == 20
         assert budget.take_dropped() == (30, 150) and budget.take_dropped() == (0, 0)
-        assert sum(budget.admit(5, now=0.5) for _ in range(50)) == 5  # half a second: 5 lines
-        assert sum(budget.admit(5, now=100.0) for _ in range(50)) == 20  # never more than the burst
+        assert budget.admit([5] * 50, now=0.5) == 5  # half a second: 5 lines
+        assert budget.admit([5] * 50, now=100.0) == 20  # never more than the burst
 
     def test_bytes_bound_the_log_as_lines_do(self) -> None:
         budget = Budget(LogLimit(lines=1000, bytes=1000, burst=1), now=0.0)
-        assert sum(budget.admit(100, now=0.0) for _ in range(50)) == 10
+        assert budget.admit([100] * 50, now=0.0) == 10
         assert budget.take_dropped() == (40, 4000)
         # Empty: nothing until some is paid back; then a line may take the balance below zero.
-        assert not budget.admit(100, now=0.0) and budget.admit(100, now=0.05)
-        assert not budget.admit(100, now=0.09) and budget.admit(100, now=0.2)
+        assert budget.admit([100], now=0.0) == 0 and budget.admit([100, 100], now=0.05) == 1
+        assert budget.admit([100], now=0.09) == 0 and budget.admit([100], now=0.2) == 1
 
     def test_a_line_longer_than_the_balance_passes_once_and_the_next_ones_pay_for_it(self) -> None:
         budget = Budget(LogLimit(lines=1000, bytes=1024, burst=1), now=0.0)
-        assert budget.admit(MAX_LINE, now=0.0)  # 64 KiB: the balance goes to -63 KiB
-        assert not budget.admit(1, now=1.0)  # 1 KiB paid back of 63
-        assert budget.admit(1, now=64.0)
+        assert budget.admit([MAX_LINE, 1], now=0.0) == 1  # 64 KiB: the balance goes to -63 KiB
+        assert budget.admit([1], now=1.0) == 0  # 1 KiB paid back of 63
+        assert budget.admit([1], now=64.0) == 1
 
     def test_over_any_span_the_log_gets_at_most_the_burst_and_the_rate(self) -> None:
         """A worker that writes 1000 lines of 100 bytes every 10 ms for 60 s (fake time)."""
@@ -64,10 +64,9 @@ class TestBudget:
         budget = Budget(limit, now=0.0)
         admitted_lines = admitted_bytes = 0
         for tick in range(6000):
-            for _ in range(1000):
-                if budget.admit(100, now=tick / 100):
-                    admitted_lines += 1
-                    admitted_bytes += 100
+            admitted = budget.admit([100] * 1000, now=tick / 100)
+            admitted_lines += admitted
+            admitted_bytes += 100 * admitted
         assert admitted_lines <= limit.lines * (limit.burst + 60)
         assert admitted_bytes <= limit.bytes * (limit.burst + 60) + MAX_LINE
         assert admitted_bytes >= limit.bytes * 60  # and the rate is given, not less
@@ -76,7 +75,7 @@ class TestBudget:
 
     def test_time_going_back_refills_nothing(self) -> None:
         budget = Budget(LogLimit(lines=1, bytes=1000, burst=1), now=10.0)
-        assert budget.admit(1, now=10.0) and not budget.admit(1, now=5.0) and not budget.admit(1, now=10.5)
+        assert [budget.admit([1], now=t) for t in (10.0, 5.0, 10.5, 11.0)] == [1, 0, 0, 1]
 
 
 class TestOutput:
