@@ -3,7 +3,8 @@
 The client sends one request, `{"command": "reload"}` (plus arguments such as "program" or
 "workers"). The daemon answers with any number of `{"progress": "text"}` lines and then exactly one
 final line, `{"ok": true, "message": "...", "data": {...}}` or `{"ok": false, "error": "..."}`,
-(`tail` sends `{"line": "text"}` messages before it; with `follow`, until the client leaves),
+(`tail` sends `{"line": "text", "stream": "stdout"}` messages before it; with `follow`, until the
+client leaves),
 and closes the connection.
 """
 

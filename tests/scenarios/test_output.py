@@ -5,8 +5,11 @@ load loses nothing; `stdout: inherit` passes through raw; preload workers' stdou
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import statistics
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -201,3 +204,39 @@ def test_a_preload_worker_has_its_own_stdout(tmp_path: Path, mode: str) -> None:
         else:
             wait_for("both raw lines", lambda: all(f"hello from {p}\n" in sup.log_text() for p in pids))
             assert sup.events("worker_stdout") == []
+
+
+# READY=1, half a line on stdout, and once the file argv[1] exists its end.
+HALF = """
+import os, socket, sys, time
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+os.write(1, b"begun before ")
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+os.write(1, b"ended after\\n")
+time.sleep(600)
+"""
+
+
+def test_a_stdout_line_begun_before_an_upgrade_ends_after_it(tmp_path: Path) -> None:
+    """`upgrade` hands the worker's stdout pipe over, with the line begun on it: one event, its pid."""
+    trigger = tmp_path / "go"
+    with supervisor(tmp_path, {"half": program([PYTHON, "-S", "-c", HALF, str(trigger)], workers=1)}) as sup:
+        pid = sup.workers("half")[0]["pid"]
+        wait_for("supervisord to read the half line", lambda: unread(pid) == 0)
+        upgraded = sup.ctl("upgrade")
+        assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+        trigger.touch()
+        events = wait_for("the line", lambda: sup.events("worker_stdout"))
+        assert [(e["pid"], e["line"]) for e in events] == [(pid, "begun before ended after")]
+        tail = sup.ctl("tail", "half", "stdout").stdout
+        assert tail == f"half#1 worker 0 pid {pid} stdout: begun before ended after\n"
+
+
+def unread(pid: int) -> int:
+    """Bytes waiting in the pipe that is the worker's stdout (a read end of it, through /proc)."""
+    fd = os.open(f"/proc/{pid}/fd/1", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), "little")
+    finally:
+        os.close(fd)

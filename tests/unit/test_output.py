@@ -203,6 +203,20 @@ class TestConfig:
         assert str(info.value) == error
 
 
+class TestHandover:
+    def test_a_state_of_a_version_that_captured_stderr_only_still_reads(self) -> None:
+        """An upgrade from the version before stdout was captured: stderr as an fd number, its line
+        begun at the top level; the stdout pipe closed (that worker's stdout was inherited)."""
+        data = a_worker().to_json()
+        data.update(stderr=7, partial="half a li", skipping=False)
+        del data["stdout"]
+        w = Worker.from_json(data)
+        assert (w.stderr.fd, w.stderr.partial, w.stdout.fd) == (7, b"half a li", -1)
+        w.stdout.fd, w.stdout.partial = 9, b"\xff\x00"
+        again = Worker.from_json(w.to_json())
+        assert (again.stdout.fd, again.stdout.partial, again.stderr.partial) == (9, b"\xff\x00", b"half a li")
+
+
 class TestSpawnActions:
     def test_stdout_is_placed_only_when_it_is_a_pipe(self) -> None:
         inherited = worker._fd_actions([4], stdin=9, stderr=10)
