@@ -392,7 +392,7 @@ def start_with_nofile(sup: Supervisor, soft: int, hard: int, wait: bool = True) 
 def test_the_soft_fd_limit_is_raised_and_configs_that_cannot_fit_are_refused(tmp_path: Path) -> None:
     """Soft 256, hard 1024: supervisord runs with 1024. A reload to 200 workers would need more:
     refused with the numbers, the serving generation stays; at start, the same config exits 2."""
-    need = limits.MASTER_FDS + 2 * 200 * 3  # 2 generations x 200 workers x (1 listener + pidfd + stderr)
+    need = limits.MASTER_FDS + 2 * 200 * 4  # 2 generations x 200 workers x (1 listener + pidfd + stderr + stdout)
     sup = start_with_nofile(Supervisor(tmp_path, {"web": program(workers=2)}), 256, 1024)
     try:
         assert resource.prlimit(master(sup).pid, resource.RLIMIT_NOFILE) == (1024, 1024)
@@ -412,7 +412,7 @@ def test_the_soft_fd_limit_is_raised_and_configs_that_cannot_fit_are_refused(tmp
 
 
 def test_a_scale_that_cannot_fit_is_refused_with_the_numbers(tmp_path: Path) -> None:
-    need = limits.MASTER_FDS + 2 * 200 * 3
+    need = limits.MASTER_FDS + 2 * 200 * 4
     sup = start_with_nofile(Supervisor(tmp_path, {"web": program(workers=2)}), 1024, 1024)
     try:
         pids = serving_pids(sup)
