@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import statistics
 import termios
 import threading
@@ -20,6 +21,7 @@ import pytest
 
 from supervisor.daemon import output
 from supervisor.process.worker import MAX_LINE
+from supervisor.protocol import framing
 from tests.harness import PYTHON, Supervisor, program, supervisor, wait_for
 from tests.load import Clients
 
@@ -100,11 +102,42 @@ def measuring(sup: Supervisor) -> Iterator[Latency]:
         thread.join(timeout=30)
 
 
+class Follower:
+    """`tail -n 0 -f PROGRAM [STREAM]` on a socket of its own (supervisorctl's framing), read by a thread
+    as raw bytes (no decoding there: it would hold this process's GIL from the measuring thread)."""
+
+    def __init__(self, sup: Supervisor, program: str, stream: str = "") -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(sup.socket))
+        request = {"command": "tail", "program": program, "lines": 0, "follow": True}
+        self.sock.sendall(framing.encode({**request, **({"stream": stream} if stream else {})}))
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> Follower:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536):
+                self.chunks.append(chunk)
+
+    def lines(self) -> list[dict[str, str]]:
+        return [framing.decode(line) for line in b"".join(self.chunks).splitlines(keepends=True)]
+
+
 def test_every_stdout_line_is_an_event_tail_has_the_last_ones_and_status_stays_quick(tmp_path: Path) -> None:
     trigger = tmp_path / "go"
     printer = program([PYTHON, "-S", "-c", PRINTER, str(trigger)], workers=1,
                       log_limit={"lines": 20000, "burst": 1})  # every line in the log: no drop here
-    with supervisor(tmp_path, {"printer": printer}) as sup:
+    with supervisor(tmp_path, {"printer": printer}) as sup, \
+            Follower(sup, "printer", "stdout") as only_stdout, Follower(sup, "printer") as both_streams:
         pid = sup.workers("printer")[0]["pid"]
         with measuring(sup) as latency:
             time.sleep(0.2)  # a few calls before, for comparison
@@ -116,6 +149,14 @@ def test_every_stdout_line_is_an_event_tail_has_the_last_ones_and_status_stays_q
         (tmp_path / "go.2").touch()  # now "done" on stderr: after them in the order supervisord reads
         wait_for("the stderr line", lambda: b'"done"' in sup.log.read_bytes())
         summary = latency.check()
+        # `tail -f` followers: every line as it was read, of the stream they asked for.
+        wait_for("the followers' lines",
+                 lambda: (len(only_stdout.lines()), len(both_streams.lines())) == (10000, 10001))
+        tag = f"printer#1 worker 0 pid {pid}"
+        assert only_stdout.lines() == [{"line": f"{tag} stdout: line {i:05d}", "stream": "stdout"}
+                                       for i in range(10000)]
+        assert both_streams.lines()[:10000] == only_stdout.lines()
+        assert both_streams.lines()[-1] == {"line": f"{tag} stderr: done", "stream": "stderr"}
         events = sup.events("worker_stdout")
         assert [e["line"] for e in events] == [f"line {i:05d}" for i in range(10000)]
         assert {(e["program"], e["pid"], e["gen"], e["worker"]) for e in events} == {("printer", pid, 1, 0)}
