@@ -34,6 +34,7 @@ LINES = 1000  # lines kept per program and stream
 BYTES = 256 * 1024  # bytes of text kept per program and stream; a `tail` sends at most this much
 FOLLOWER_BUFFER = 2 * BYTES  # bytes waiting for a follower before it is dropped as too slow (a whole tail fits)
 REPORT_INTERVAL = 1.0  # seconds: at most one worker_output_dropped event per program in each
+LOGGED_AT_ONCE = 512  # lines logged from one read at most: what worker.PIPE_READ bytes can hold
 STREAMS = ("stdout", "stderr")
 
 
@@ -93,6 +94,11 @@ class Budget:
             self.dropped_bytes += sum(sizes[admitted:])
         return admitted
 
+    def drop(self, sizes: list[int]) -> None:
+        """Count these lines as dropped without asking the buckets."""
+        self.dropped_lines += len(sizes)
+        self.dropped_bytes += sum(sizes)
+
     def take_dropped(self) -> tuple[int, int]:
         """What was dropped since the last call: (lines, bytes)."""
         dropped = self.dropped_lines, self.dropped_bytes
@@ -118,11 +124,14 @@ class Output:
         program = w.program
         budget = self.budget(program, limit)
         sizes = [len(text) + 1 for text in lines]
-        admitted = budget.admit(sizes, self.clock.time())
+        # A dead worker's pipe is read at once (up to worker.PIPE_AT_EXIT): no more is logged in one
+        # step than a read of a live one can bring (~25 us a line), the rest counts as dropped.
+        admitted = budget.admit(sizes[:LOGGED_AT_ONCE], self.clock.time())
+        budget.drop(sizes[LOGGED_AT_ONCE:])
         event = f"worker_{stream}"
         for text in lines[:admitted]:
             log.info(event, program=program, gen=w.generation, worker=w.index, pid=w.pid, line=text)
-        if admitted < len(lines) and program not in self.reports:
+        if budget.dropped_lines and program not in self.reports:
             self.reports.add(program)
             self.clock.call_later(REPORT_INTERVAL, self.report, program)
         followers = self.followers.get(program)

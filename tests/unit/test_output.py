@@ -111,6 +111,17 @@ class TestOutput:
         written = len(logged(logs, "worker_stderr"))
         assert written <= 100 * (1 + 5) and written + sum(d["lines"] for d in dropped) == 50_000
 
+    def test_no_more_than_a_reads_worth_is_logged_at_once(self) -> None:
+        """A dead worker's pipe read in one step: LOGGED_AT_ONCE lines logged, the rest counted."""
+        clock = FakeClock()
+        out = Output(clock)
+        with capture_logs() as logs:
+            out.record(a_worker(), "stderr", ["y"] * 32768, LogLimit())
+            clock.advance(output.REPORT_INTERVAL, lambda: None)
+        assert len(logged(logs, "worker_stderr")) == output.LOGGED_AT_ONCE
+        assert logged(logs, "worker_output_dropped")[0]["lines"] == 32768 - output.LOGGED_AT_ONCE
+        assert len(out.last("web", output.LINES)) == output.LINES
+
     def test_a_new_limit_starts_a_new_bucket(self) -> None:
         clock = FakeClock()
         out = Output(clock)
@@ -201,6 +212,16 @@ class TestConfig:
         with pytest.raises(ConfigError) as info:
             schema.parse(MINIMAL + extra, "c.yaml")
         assert str(info.value) == error
+
+
+class TestPipe:
+    def test_carriage_returns_and_bytes_that_are_not_utf8(self) -> None:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        pipe = Pipe("stdout", read_end)
+        os.write(write_end, b"crlf\r\n\xffbad \xe2\x82\n\xe2\x82\xac ok\nhalf")
+        assert pipe.read(4096) == ["crlf", "\ufffdbad \ufffd", "\u20ac ok"]
+        os.close(write_end)
+        assert pipe.read(4096) == ["half"] and pipe.fd == -1
 
 
 class TestHandover:
