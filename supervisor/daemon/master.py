@@ -131,7 +131,8 @@ class Master:
         reaper.become_subreaper()  # descendants that leave a worker's session stay ours to reap and kill
         if self._spawner is None:
             spawner = ProcessSpawner(self.endpoints.notify_path, self.groups)
-            self._spawner = self.templates = preload.Templates(spawner, self.template_woke)
+            self._spawner = self.templates = preload.Templates(spawner, self.template_woke,
+                                                                self.output.record_template)
         for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
         self.orphans.open(loop)

@@ -122,19 +122,9 @@ class Output:
         if not lines:
             return
         program = w.program
-        budget = self.budget(program, limit)
-        sizes = [len(text) + 1 for text in lines]
-        # A dead worker's pipe is read at once (up to worker.PIPE_AT_EXIT): no more is logged in one
-        # step than a read of a live one can bring (~25 us a line), the rest counts as dropped. A
-        # full 64 KiB pipe of short lines then takes 26 ms, not 178 (the 10,000 of a full bucket).
-        admitted = budget.admit(sizes[:LOGGED_AT_ONCE], self.clock.time())
-        budget.drop(sizes[LOGGED_AT_ONCE:])
         event = f"worker_{stream}"
-        for text in lines[:admitted]:
+        for text in lines[:self.admit(program, lines, limit)]:
             log.info(event, program=program, gen=w.generation, worker=w.index, pid=w.pid, line=text)
-        if budget.dropped_lines and program not in self.reports:
-            self.reports.add(program)
-            self.clock.call_later(REPORT_INTERVAL, self.report, program)
         followers = self.followers.get(program)
         # The ring keeps LINES at most: the lines before those (a dead worker's pipe read at once)
         # are made only for followers.
@@ -144,6 +134,26 @@ class Output:
         if followers:
             data = b"".join(line.message(program) for line in kept)
             self.followers[program] = [(r, s) for r, s in followers if s not in ("", stream) or send(r, data)]
+
+    def record_template(self, program: str, generation: int, pid: int, lines: list[str], limit: LogLimit) -> None:
+        """What a preload template wrote (an import's traceback): `template_stderr` events, within its
+        program's budget; not kept for `tail` (a failed reload quotes them)."""
+        for text in lines[:self.admit(program, lines, limit)]:
+            log.info("template_stderr", program=program, gen=generation, pid=pid, line=text)
+
+    def admit(self, program: str, lines: list[str], limit: LogLimit) -> int:
+        """How many of `lines` (the first ones) the program's budget lets into the log now."""
+        budget = self.budget(program, limit)
+        sizes = [len(text) + 1 for text in lines]
+        # A dead worker's pipe is read at once (up to worker.PIPE_AT_EXIT): no more is logged in one
+        # step than a read of a live one can bring (~25 us a line), the rest counts as dropped. A
+        # full 64 KiB pipe of short lines then takes 26 ms, not 178 (the 10,000 of a full bucket).
+        admitted = budget.admit(sizes[:LOGGED_AT_ONCE], self.clock.time())
+        budget.drop(sizes[LOGGED_AT_ONCE:])
+        if budget.dropped_lines and program not in self.reports:
+            self.reports.add(program)
+            self.clock.call_later(REPORT_INTERVAL, self.report, program)
+        return admitted
 
     def budget(self, program: str, limit: LogLimit) -> Budget:
         """The program's bucket; a reload that changes `log_limit` starts a full one."""

@@ -23,13 +23,14 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
 from supervisor.config import schema
-from supervisor.config.schema import OutputMode, Program
+from supervisor.config.schema import LogLimit, OutputMode, Program
 from supervisor.errors import SpawnError
 from supervisor.process import worker
 from supervisor.process.worker import Worker
@@ -53,6 +54,7 @@ class Template:
     control: socket.socket  # the master's end of the protocol socket
     pending: dict[int, Worker] = field(default_factory=dict)  # fork id -> the worker being forked
     ready_ms: int | None = None  # how long its imports took, once it said so
+    log_limit: LogLimit = field(default_factory=LogLimit)  # its program's: its output counts with its workers'
     retiring: bool = False  # its generation forks no more: closed once nothing is pending
     # Fork requests the socket had no room for (a template still importing holds ~160 in its socket
     # buffer): sent as it answers. Each: the message, the worker's pipe write ends (stderr, and stdout
@@ -85,15 +87,19 @@ class NotForked:
 Answer = Forked | NotForked
 # What wakes the master for a template (its socket, its pidfd, its stderr), with the template's key.
 Wake = Callable[[str, str, int], None]
+# Where a template's output lines go: (program, generation, pid, lines, the program's log_limit).
+Record = Callable[[str, int, int, list[str], LogLimit], None]
+OUTPUT_PACE = 3  # a template's pipe with more waiting is read again after 3x the time a look took (watcher.py)
 
 
 class Templates:
     """The master's spawner: a program with `preload` forks from its generation's template, the
     others start as before (`worker.Spawner`)."""
 
-    def __init__(self, spawner: worker.Spawner, wake: Wake) -> None:
+    def __init__(self, spawner: worker.Spawner, wake: Wake, record: Record) -> None:
         self.spawner = spawner
         self.wake = wake  # (what, program, generation): "message", "exited" or "output"
+        self.record = record  # its output: logged within the program's budget (daemon/output.py)
         self.running: dict[tuple[str, int], Template] = {}
         self.ids = itertools.count(1)
 
@@ -156,7 +162,7 @@ class Templates:
         finally:
             theirs.close()
         mine.setblocking(False)
-        template = Template(program.name, generation, process, mine)
+        template = Template(program.name, generation, process, mine, log_limit=program.log_limit)
         self.running[(program.name, generation)] = template
         for what, fd in (("message", mine.fileno()), ("exited", process.pidfd), ("output", process.stderr.fd)):
             self._once(fd, what, template)
@@ -245,14 +251,19 @@ class Templates:
         return answers
 
     def output(self, template: Template) -> None:
-        """Log what the template wrote (an import's traceback) and keep its last lines for the reply."""
+        """Log what the template wrote (an import's traceback) and keep its last lines for the reply;
+        paced as a worker's pipe is (watcher.Watcher.output)."""
+        started = time.monotonic()
         process = template.process
         lines = [line for _stream, words in process.last_words for line in words] + process.read_stderr()
         process.last_words.clear()
-        for line in lines:
-            log.info("template_stderr", program=template.program, gen=template.generation, pid=process.pid,
-                     line=line)
-        if process.alive and process.stderr.fd >= 0:  # at EOF read_stderr closed it: its pidfd says the rest
+        self.record(template.program, template.generation, process.pid, lines, template.log_limit)
+        if not process.alive or process.stderr.fd < 0:  # at EOF read_stderr closed it: its pidfd says the rest
+            return
+        if process.stderr.full:
+            asyncio.get_running_loop().call_later(OUTPUT_PACE * (time.monotonic() - started), self.wake, "output",
+                                                  template.program, template.generation)
+        else:
             self._once(process.stderr.fd, "output", template)
 
     def _once(self, fd: int, what: str, template: Template) -> None:

@@ -281,3 +281,19 @@ def unread(pid: int) -> int:
         return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), "little")
     finally:
         os.close(fd)
+
+
+def test_a_preload_template_that_floods_at_import_is_held_to_its_programs_budget(tmp_path: Path) -> None:
+    """A preloaded module writes 100,000 lines while imported: `template_stderr` events within the
+    program's `log_limit`, the rest counted; the workers forked after it serve."""
+    (tmp_path / "chatty.py").write_text("import sys\nfor i in range(100000):\n    print(f'import line {i}')\n")
+    settings = program([PYTHON, "-m", "supervisor.demo"], preload=["chatty"], cwd=str(tmp_path),
+                       log_limit={"lines": 100, "burst": 1})
+    started = time.monotonic()
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        dropped = wait_for("the count of what was dropped", lambda: sup.events("worker_output_dropped"))
+        elapsed = time.monotonic() - started
+        logged = sup.events("template_stderr")
+        assert logged[0]["line"] == "import line 0" and len(logged) <= 100 * (1 + elapsed)
+        assert sum(d["lines"] for d in dropped) + len(logged) <= 100000
+        assert all(w["state"] == "ready" for w in sup.workers())
