@@ -94,6 +94,14 @@ class Budget:
             self.dropped_bytes += sum(sizes[admitted:])
         return admitted
 
+    def retune(self, limit: LogLimit, now: float) -> None:
+        """Go on under another limit with what is left (never more than its capacity): a change back
+        and forth (two generations of a reload) never fills the buckets."""
+        self.admit([], now)  # refilled up to now under the limit in force until now
+        self.limit = limit
+        self.lines = min(self.lines, limit.lines * limit.burst)
+        self.bytes = min(self.bytes, limit.bytes * limit.burst)
+
     def drop(self, sizes: list[int]) -> None:
         """Count these lines as dropped without asking the buckets."""
         self.dropped_lines += len(sizes)
@@ -156,10 +164,13 @@ class Output:
         return admitted
 
     def budget(self, program: str, limit: LogLimit) -> Budget:
-        """The program's bucket; a reload that changes `log_limit` starts a full one."""
+        """The program's buckets, under `limit` (a reload may change it; until the old generation has
+        gone its workers bring the old one)."""
         budget = self.budgets.get(program)
-        if budget is None or budget.limit != limit:
+        if budget is None:
             budget = self.budgets[program] = Budget(limit, self.clock.time())
+        elif budget.limit != limit:
+            budget.retune(limit, self.clock.time())
         return budget
 
     def report(self, program: str) -> None:

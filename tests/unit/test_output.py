@@ -122,13 +122,21 @@ class TestOutput:
         assert logged(logs, "worker_output_dropped")[0]["lines"] == 32768 - output.LOGGED_AT_ONCE
         assert len(out.last("web", output.LINES)) == output.LINES
 
-    def test_a_new_limit_starts_a_new_bucket(self) -> None:
+    def test_a_new_limit_goes_on_with_what_is_left(self) -> None:
+        """A reload's two generations bring two limits in turn: the buckets never refill from it."""
         clock = FakeClock()
         out = Output(clock)
+        old, new = LogLimit(lines=10, burst=1), LogLimit(lines=50, burst=1)
         with capture_logs() as logs:
-            out.record(a_worker(), "stdout", ["a"] * 10, LogLimit(lines=1, burst=1))
-            out.record(a_worker(), "stdout", ["b"] * 10, LogLimit(lines=5, burst=1))
-        assert [e["line"] for e in logged(logs, "worker_stdout")] == ["a", *["b"] * 5]
+            out.record(a_worker(gen=1), "stdout", ["a"] * 8, old)
+            for _ in range(5):
+                out.record(a_worker(gen=2), "stdout", ["b"] * 10, new)
+                out.record(a_worker(gen=1), "stdout", ["a"] * 10, old)
+            out.record(a_worker(gen=2), "stdout", ["b"], new)  # the old generation has gone
+            clock.now += 1.0  # a second under the new limit: 50 more
+            out.record(a_worker(gen=2), "stdout", ["b"] * 100, new)
+        lines = [e["line"] for e in logged(logs, "worker_stdout")]
+        assert lines == ["a"] * 8 + ["b"] * 2 + ["b"] * 50
 
     def test_each_stream_has_its_own_bounded_ring_and_tail_merges_them_in_order(self) -> None:
         out = Output(FakeClock())
