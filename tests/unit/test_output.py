@@ -17,7 +17,7 @@ from supervisor.config import schema
 from supervisor.config.schema import LogLimit, OutputMode
 from supervisor.daemon import output
 from supervisor.daemon.output import Budget, Output
-from supervisor.errors import ConfigError
+from supervisor.errors import ConfigError, ControlError
 from supervisor.process import worker
 from supervisor.process.worker import MAX_LINE, Pipe, Worker
 from supervisor.protocol import requests
@@ -192,6 +192,17 @@ class TestOutput:
         finally:
             theirs.close()
             only_out_theirs.close()
+
+
+class TestTailRequest:
+    def test_the_stream_is_an_argument_and_a_wrong_one_is_refused(self) -> None:
+        line = b'{"command": "tail", "program": "web", "stream": "stdout"}\n'
+        assert requests.parse_request(line) == requests.Tail("web", 10, False, "stdout")
+        out = Output(FakeClock())
+        with pytest.raises(ControlError, match=r"^stream must be stdout or stderr, got 'stdin'$"):
+            out.answer_tail(requests.Tail("web", stream="stdin"), Reply(), {"web"}, stopping=False)
+        with pytest.raises(ControlError, match="stream must be a str"):
+            requests.parse_request(b'{"command": "tail", "program": "web", "stream": 1}\n')
 
 
 class TestConfig:
