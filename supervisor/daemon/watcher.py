@@ -1,8 +1,8 @@
 """Worker processes as facts for the master: this one is ready, this one has ended, it wrote this.
 
 The watcher knows the live workers by pid (a READY=1 names its sender by pid), reads and re-arms
-their file descriptors (pidfd, stdout and stderr pipes) and looks for readiness as the program's `ready` mode
-says (README, "Readiness"). What a ready or ended worker means is the master's to decide.
+their file descriptors (pidfd, stdout and stderr pipes) and looks for readiness as the program's
+`ready` mode says (README, "Readiness"). What a ready or ended worker means is the master's to decide.
 
 Events name a worker by the number the watcher gave it (`key`), not by the record: an event that
 arrives after its worker was reaped and forgotten finds nothing and is dropped.
@@ -20,7 +20,7 @@ import structlog
 from supervisor.config.schema import LogLimit, ReadyMode
 from supervisor.daemon.events import Event, NotifyReceived, ReadinessCheck, WorkerExited, WorkerOutput
 from supervisor.model.generation import Generation
-from supervisor.process.worker import Worker, WorkerState
+from supervisor.process.worker import OUTPUT_PACE, Worker, WorkerState
 from supervisor.system import readiness
 
 log = structlog.get_logger()
@@ -120,7 +120,7 @@ class Watcher:
         pipe = w.stdout if stream == "stdout" else w.stderr
         self.sink_lines(w, stream, w.read(pipe))
         if pipe.full:
-            self.later(3 * (time.monotonic() - started), WorkerOutput(self.key(w), stream))
+            self.later(OUTPUT_PACE * (time.monotonic() - started), WorkerOutput(self.key(w), stream))
         else:
             self.once(pipe.fd, WorkerOutput(self.key(w), stream))
 

@@ -89,7 +89,6 @@ Answer = Forked | NotForked
 Wake = Callable[[str, str, int], None]
 # Where a template's output lines go: (program, generation, pid, lines, the program's log_limit).
 Record = Callable[[str, int, int, list[str], LogLimit], None]
-OUTPUT_PACE = 3  # a template's pipe with more waiting is read again after 3x the time a look took (watcher.py)
 
 
 class Templates:
@@ -261,8 +260,8 @@ class Templates:
         if not process.alive or process.stderr.fd < 0:  # at EOF read_stderr closed it: its pidfd says the rest
             return
         if process.stderr.full:
-            asyncio.get_running_loop().call_later(OUTPUT_PACE * (time.monotonic() - started), self.wake, "output",
-                                                  template.program, template.generation)
+            asyncio.get_running_loop().call_later(worker.OUTPUT_PACE * (time.monotonic() - started), self.wake,
+                                                  "output", template.program, template.generation)
         else:
             self._once(process.stderr.fd, "output", template)
 

@@ -35,6 +35,9 @@ PIPE_AT_EXIT = 1 << 20  # what is read at once from the pipe of a worker that ha
 MAX_LINE = 65536  # bytes of one output line; a longer one is cut and its rest skipped
 CUT_MARK = b" [cut: line longer than 64 KiB]"
 STREAMS = ("stdout", "stderr")
+# A pipe that had more than PIPE_READ waiting is read again only after this many times as long as
+# the look took (daemon/watcher.py, where the measurements are; preload templates the same).
+OUTPUT_PACE = 3
 
 # LISTEN_PID must be the worker's own pid, which posix_spawn cannot know in advance: a one-line
 # shell sets it and execs, so the pid is the shell's and stays the worker's (as systemd does in
