@@ -115,6 +115,8 @@ class Budget:
 
 
 class Output:
+    """The master's record of what workers write: budgets, rings and followers, per program."""
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.rings: dict[tuple[str, str], collections.deque[Line]] = {}  # by (program, stream)
@@ -152,7 +154,7 @@ class Output:
     def admit(self, program: str, lines: list[str], limit: LogLimit) -> int:
         """How many of `lines` (the first ones) the program's budget lets into the log now."""
         budget = self.budget(program, limit)
-        sizes = [len(text) + 1 for text in lines]
+        sizes = [len(text.encode()) + 1 for text in lines]  # as the worker wrote them, with the newline
         # A dead worker's pipe is read at once (up to worker.PIPE_AT_EXIT): no more is logged in one
         # step than a read of a live one can bring (~25 us a line), the rest counts as dropped. A
         # full 64 KiB pipe of short lines then takes 26 ms, not 178 (the 10,000 of a full bucket).

@@ -28,7 +28,7 @@ log = structlog.get_logger()
 
 STDERR_TAIL = 20  # stderr lines kept for the rollback report
 # Bytes read from one of a worker's pipes (stdout, stderr) per wake-up of the master: each line is
-# a log call (~50 us), so 1 KiB (at most 512 lines) keeps a worker that floods its output with
+# a log call (~25 us), so 1 KiB (at most 512 lines) keeps a worker that floods its output with
 # newlines from holding the loop; it then waits on its pipe (64 KiB) at the master's pace.
 PIPE_READ = 1024
 PIPE_AT_EXIT = 1 << 20  # what is read at once from the pipe of a worker that has exited
