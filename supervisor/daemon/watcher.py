@@ -113,9 +113,10 @@ class Watcher:
         long as this look took: a worker writing without pause gets at most a quarter of the
         master's time (it waits on its pipe meanwhile), and the master stays a mostly idle process
         that the scheduler wakes at once for a `status`. Measured on 2 busy cores with a reload
-        under load in the middle (tests/scenarios/test_output.py): `status` took up to 225 ms when
-        the pipe was read again at once, 83-102 ms with a pause as long as the look, 26-50 ms with
-        three times as long (docs/logs.md)."""
+        under load in the middle (tests/scenarios/test_output.py): `status` took a median of 36 ms
+        and up to 225 ms when the pipe was read again at once; 5-6 ms and up to 83-102 ms with a
+        pause as long as the look; 2-8 ms and mostly up to 26-88 ms with three times as long
+        (docs/logs.md)."""
         started = time.monotonic()
         pipe = w.stdout if stream == "stdout" else w.stderr
         self.sink_lines(w, stream, w.read(pipe))
