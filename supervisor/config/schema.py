@@ -92,6 +92,26 @@ class Strategy(enum.Enum):
     ROLLING = "rolling"  # `batch` workers at a time: peak N+batch workers
 
 
+class OutputMode(enum.Enum):
+    """Where a worker's stdout goes (docs/logs.md)."""
+
+    LOG = "log"  # a pipe to the master: logged as `worker_stdout` events, kept for `tail`
+    INHERIT = "inherit"  # supervisord's own stdout, raw (as systemd's StandardOutput=inherit)
+
+
+@dataclass(frozen=True)
+class LogLimit:
+    """`log_limit:` what one program's workers may write into supervisord's log (docs/logs.md).
+
+    A token bucket per program: `lines` lines and `bytes` bytes per second sustained, and up to
+    `burst` seconds' worth of both at once after a quiet spell. What is over it is not logged (a
+    `worker_output_dropped` event counts it) but still kept for `tail`."""
+
+    lines: int = 1000
+    bytes: int = 1 << 20
+    burst: float = 10.0
+
+
 # Placeholders a command may contain; replaced per worker when it starts.
 PLACEHOLDERS = ("{tls.cert}", "{tls.key}")
 
@@ -128,6 +148,8 @@ class Program:
     batch: int = 1  # workers replaced at a time by a rolling reload
     preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
     share_listen: bool = False  # another process's listener on a listen address is refused unless set
+    stdout: OutputMode = OutputMode.LOG
+    log_limit: LogLimit = LogLimit()
 
 
 @dataclass(frozen=True)
@@ -326,6 +348,8 @@ class _Reader:
             "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
             "strategy": lambda n, k: self.choice(n, k, Strategy), "batch": lambda n, k: self.integer(n, k, 1, 4096),
             "preload": self.modules, "share_listen": self.boolean,
+            "stdout": lambda n, k: self.choice(n, k, OutputMode),
+            "log_limit": self.log_limit,
         }
         fields = self.mapping(node, key, allowed=tuple(sorted(readers)))
         for required in ("command", "listen"):
@@ -382,6 +406,17 @@ class _Reader:
         warn_days = self.integer(fields["warn_days"][1], f"{key}.warn_days", 0, 3650) if "warn_days" in fields else 30
         return Tls(cert=self.path_value(fields["cert"][1], f"{key}.cert"),
                    key=self.path_value(fields["key"][1], f"{key}.key"), warn_days=warn_days)
+
+    def log_limit(self, node: yaml.Node, key: str) -> LogLimit:
+        fields = self.mapping(node, key, allowed=("bytes", "burst", "lines"))
+        values: dict[str, Any] = {}
+        if "lines" in fields:
+            values["lines"] = self.integer(fields["lines"][1], f"{key}.lines", 1, 1_000_000)
+        if "bytes" in fields:
+            values["bytes"] = self.size(fields["bytes"][1], f"{key}.bytes", least=1024)
+        if "burst" in fields:
+            values["burst"] = self.number(fields["burst"][1], f"{key}.burst", positive=True)
+        return LogLimit(**values)
 
     # -- value readers ------------------------------------------------------------------------
 
@@ -453,14 +488,15 @@ class _Reader:
             raise self.fail(node, key, f'expected octal permission bits such as "0600", got {_show(node)}')
         return value
 
-    def size(self, node: yaml.Node, key: str) -> int:
+    def size(self, node: yaml.Node, key: str, least: int = 1 << 20) -> int:
         text = str(node.value).strip().upper() if isinstance(node, yaml.ScalarNode) else ""
         match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)I?B?", text)
         if not match or node.tag not in (_INT, _STR, _FLOAT):
             raise self.fail(node, key, f'expected a size such as "512M" or bytes, got {_show(node)}')
         value = int(float(match[1]) * 1024 ** " KMG".index(match[2] or " "))
-        if value < 1 << 20:
-            raise self.fail(node, key, f"expected at least 1M, got {node.value}")
+        if value < least:
+            shown = f"{least >> 20}M" if least >= 1 << 20 else f"{least >> 10}K"
+            raise self.fail(node, key, f"expected at least {shown}, got {node.value}")
         return value
 
     def command(self, node: yaml.Node, key: str) -> tuple[str, ...]:

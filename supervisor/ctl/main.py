@@ -42,9 +42,9 @@ EPILOG = """commands:
   scale PROGRAM N     run N workers of a running program (until the next reload)
   shutdown            stop every program and the daemon
   upgrade             run the installed code in the same process (same pid; workers and sockets kept)
-  tail [-n N] [-f] PROGRAM
-                      the last N (default 10) stderr lines of the program's workers; -f: then follow
-                      until Ctrl-C
+  tail [-n N] [-f] PROGRAM [stdout|stderr]
+                      the last N (default 10) lines the program's workers wrote, both streams in the
+                      order supervisord read them, or only the one named; -f: then follow until Ctrl-C
   version             this supervisorctl's version and the running supervisord's
 
 states (the STATE column, for programs and workers alike):
@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tail.add_argument("-n", dest="lines", type=int, default=10, metavar="N")
     tail.add_argument("-f", dest="follow", action="store_true")
     tail.add_argument("program")
+    tail.add_argument("stream", nargs="?", choices=("stdout", "stderr"), help="only this stream (default: both)")
     return parser.parse_args(argv)
 
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         request["programs"] = args.programs
     if args.command == "tail":
         request.update(lines=args.lines, follow=args.follow)
+        if args.stream:
+            request["stream"] = args.stream
     if args.command == "version":
         print(f"supervisorctl {__version__}", flush=True)  # whether a daemon answers or not
     try:

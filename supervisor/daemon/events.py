@@ -37,9 +37,10 @@ class WorkerExited:
 
 @dataclass(frozen=True)
 class WorkerOutput:
-    """A worker wrote to its stderr."""
+    """A worker wrote to its stdout or stderr pipe (`stream`)."""
 
     worker: int
+    stream: str = "stderr"
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def dump(master: Handing, waiting: list[ControlRequest], new_version: str) -> tu
     for record in master.programs.values():
         for gen in record.generations():
             for w in gen.live_workers:
-                kept += [w.pidfd, w.stderr, *(listener.fileno() for listener in w.listeners)]
+                kept += [w.pidfd, w.stderr.fd, w.stdout.fd, *(listener.fileno() for listener in w.listeners)]
     state = {
         "format": reexec.FORMAT, "version": __version__, "to_version": new_version,
         "began": time.monotonic(), "config": plain.to_plain(master.config),

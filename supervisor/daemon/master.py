@@ -77,7 +77,7 @@ class Master:
         self.groups = Groups()
         self.migration = migrate.MigrateStatus(config.migrate, False, "not checked yet")
         self.programs: dict[str, ProgramRuntime] = {p.name: ProgramRuntime(p.name) for p in config.programs}
-        self.output = output.Output()  # the last stderr lines of each program, and `tail -f` followers
+        self.output = output.Output(self.clock)  # what workers wrote: logged in budget, kept for `tail`
         self.watcher = Watcher(self.post, self.later, self.output.record)
         self.reloads = Reloads(self)
         self.upgrade = handover.Upgrade(self)
@@ -131,7 +131,8 @@ class Master:
         reaper.become_subreaper()  # descendants that leave a worker's session stay ours to reap and kill
         if self._spawner is None:
             spawner = ProcessSpawner(self.endpoints.notify_path, self.groups)
-            self._spawner = self.templates = preload.Templates(spawner, self.template_woke)
+            self._spawner = self.templates = preload.Templates(spawner, self.template_woke,
+                                                                self.output.record_template)
         for signum in ev.HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self.post, ev.SignalReceived(signum))
         self.orphans.open(loop)
@@ -213,7 +214,7 @@ class Master:
                     self.worker_exited(w)
             case ev.WorkerOutput():
                 if w := self.watcher.find(event.worker):
-                    self.watcher.output(w)
+                    self.watcher.output(w, event.stream)
             case ev.WorkerReadyTimeout():
                 if w := self.watcher.find(event.worker):
                     workers.ready_timeout(self, w)

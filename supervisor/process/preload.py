@@ -23,13 +23,14 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
 from supervisor.config import schema
-from supervisor.config.schema import Program
+from supervisor.config.schema import LogLimit, OutputMode, Program
 from supervisor.errors import SpawnError
 from supervisor.process import worker
 from supervisor.process.worker import Worker
@@ -53,10 +54,12 @@ class Template:
     control: socket.socket  # the master's end of the protocol socket
     pending: dict[int, Worker] = field(default_factory=dict)  # fork id -> the worker being forked
     ready_ms: int | None = None  # how long its imports took, once it said so
+    log_limit: LogLimit = field(default_factory=LogLimit)  # its program's: its output counts with its workers'
     retiring: bool = False  # its generation forks no more: closed once nothing is pending
     # Fork requests the socket had no room for (a template still importing holds ~160 in its socket
-    # buffer): sent as it answers. Each: the message, the worker's stderr write end, its listeners.
-    outbox: list[tuple[bytes, int, list[int]]] = field(default_factory=list)
+    # buffer): sent as it answers. Each: the message, the worker's pipe write ends (stderr, and stdout
+    # with `stdout: log`), its listeners.
+    outbox: list[tuple[bytes, list[int], list[int]]] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -84,15 +87,18 @@ class NotForked:
 Answer = Forked | NotForked
 # What wakes the master for a template (its socket, its pidfd, its stderr), with the template's key.
 Wake = Callable[[str, str, int], None]
+# Where a template's output lines go: (program, generation, pid, lines, the program's log_limit).
+Record = Callable[[str, int, int, list[str], LogLimit], None]
 
 
 class Templates:
     """The master's spawner: a program with `preload` forks from its generation's template, the
     others start as before (`worker.Spawner`)."""
 
-    def __init__(self, spawner: worker.Spawner, wake: Wake) -> None:
+    def __init__(self, spawner: worker.Spawner, wake: Wake, record: Record) -> None:
         self.spawner = spawner
         self.wake = wake  # (what, program, generation): "message", "exited" or "output"
+        self.record = record  # its output: logged within the program's budget (daemon/output.py)
         self.running: dict[tuple[str, int], Template] = {}
         self.ids = itertools.count(1)
 
@@ -103,26 +109,34 @@ class Templates:
         if template is None or not template.alive:
             template = self.start(program, generation)
         socks: list[Listener] = []
-        read_end = -1
+        stderr, stdout = worker.Pipe("stderr"), worker.Pipe("stdout")
+        ends: list[int] = []
         try:
             for n, listen in enumerate(program.listen):
                 socks.append(self.spawner.groups.open(listen, f"{program.name}.{n}", program.backlog))
-            read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            stderr.fd, _ = worker.pipe_to_master(ends)
+            # `stdout: inherit`: the worker keeps the template's fd 1, supervisord's own stdout.
+            piped = program.stdout is OutputMode.LOG
+            if piped:
+                stdout.fd, _ = worker.pipe_to_master(ends)
             fork_id = next(self.ids)
             env = worker.socket_env(program, generation, index, socks)
-            template.outbox.append((json.dumps({"fork": fork_id, "env": env}).encode(), write_end,
+            template.outbox.append((json.dumps({"fork": fork_id, "env": env, "stdout": piped}).encode(), ends,
                                     [s.fileno() for s in socks]))
             send(template)
         except BaseException as exc:
             for sock in socks:
                 listeners.close(sock)
-            if read_end >= 0:
-                os.close(read_end)
+            stderr.close()
+            stdout.close()
+            if not any(ends is entry[1] for entry in template.outbox):
+                for fd in ends:
+                    os.close(fd)
             if isinstance(exc, OSError):
                 raise SpawnError(f"{program.name}: cannot ask the preload template for worker {index}: {exc}") from None
             raise
-        w = Worker(program=program.name, generation=generation, index=index, pid=0, pidfd=-1, stderr=read_end,
-                   listeners=socks)
+        w = Worker(program=program.name, generation=generation, index=index, pid=0, pidfd=-1, stderr=stderr,
+                   stdout=stdout, listeners=socks)
         template.pending[fork_id] = w
         return w
 
@@ -138,17 +152,18 @@ class Templates:
             readiness.admit(self.spawner.notify_socket, accounts.account(program.user).pw_uid)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # Its own output (an import's traceback or prints) in one pipe, logged as template_stderr.
             process = worker.spawn(runner, generation, -1, [], self.spawner.notify_socket, program.cwd,
-                                   extra_fds=[theirs.fileno()])
+                                   extra_fds=[theirs.fileno()], stdout_to_stderr=True)
         except BaseException:
             mine.close()
             raise
         finally:
             theirs.close()
         mine.setblocking(False)
-        template = Template(program.name, generation, process, mine)
+        template = Template(program.name, generation, process, mine, log_limit=program.log_limit)
         self.running[(program.name, generation)] = template
-        for what, fd in (("message", mine.fileno()), ("exited", process.pidfd), ("output", process.stderr)):
+        for what, fd in (("message", mine.fileno()), ("exited", process.pidfd), ("output", process.stderr.fd)):
             self._once(fd, what, template)
         log.info("template_started", program=program.name, gen=generation, pid=process.pid,
                  preload=list(program.preload))
@@ -235,13 +250,20 @@ class Templates:
         return answers
 
     def output(self, template: Template) -> None:
-        """Log what the template wrote (an import's traceback) and keep its last lines for the reply."""
+        """Log what the template wrote (an import's traceback) and keep its last lines for the reply;
+        paced as a worker's pipe is (watcher.Watcher.output)."""
+        started = time.monotonic()
         process = template.process
-        for line in process.read_stderr():
-            log.info("template_stderr", program=template.program, gen=template.generation, pid=process.pid,
-                     line=line)
-        if process.alive and process.stderr >= 0:  # at EOF read_stderr closed it: its pidfd says the rest
-            self._once(process.stderr, "output", template)
+        lines = [line for _stream, words in process.last_words for line in words] + process.read_stderr()
+        process.last_words.clear()
+        self.record(template.program, template.generation, process.pid, lines, template.log_limit)
+        if not process.alive or process.stderr.fd < 0:  # at EOF read_stderr closed it: its pidfd says the rest
+            return
+        if process.stderr.full:
+            asyncio.get_running_loop().call_later(worker.OUTPUT_PACE * (time.monotonic() - started), self.wake,
+                                                  "output", template.program, template.generation)
+        else:
+            self._once(process.stderr.fd, "output", template)
 
     def _once(self, fd: int, what: str, template: Template) -> None:
         """Wake the master once when `fd` becomes readable (level-triggered: re-armed after handling)."""
@@ -260,21 +282,23 @@ def send(template: Template) -> None:
     """Send the waiting fork requests until the socket is full (never blocks: it is non-blocking).
     The rest go as the template answers (`message`): each request it reads gets an answer."""
     while template.outbox and template.control.fileno() >= 0:
-        data, stderr, fds = template.outbox[0]
+        data, ends, fds = template.outbox[0]
         try:
-            socket.send_fds(template.control, [data], [stderr, *fds])
+            socket.send_fds(template.control, [data], [*ends, *fds])
         except BlockingIOError:
             return
         except OSError as exc:  # EPIPE: it died; its pidfd tells, and its workers fail then (`exited`)
             log.warning("template_unreachable", program=template.program, gen=template.generation, error=str(exc))
             return
         template.outbox.pop(0)
-        os.close(stderr)  # the worker's copy travelled with the message
+        for fd in ends:  # the worker's copies travelled with the message
+            os.close(fd)
 
 
 def close(template: Template) -> None:
-    for _data, stderr, _fds in template.outbox:  # their workers fail as not forked when it is reaped
-        os.close(stderr)
+    for _data, ends, _fds in template.outbox:  # their workers fail as not forked when it is reaped
+        for fd in ends:
+            os.close(fd)
     template.outbox.clear()
     if template.control.fileno() >= 0:
         asyncio.get_running_loop().remove_reader(template.control.fileno())

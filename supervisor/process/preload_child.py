@@ -8,8 +8,9 @@ Protocol (docs/operations.md, "Rolling reloads and preloading"), on a SOCK_SEQPA
 one JSON object per message:
 - template -> master: {"ready": ms} once the modules are imported. An import that fails prints its
   traceback to stderr and exits 1: the generation fails with that traceback.
-- master -> template: {"fork": id, "env": {...}} with, as SCM_RIGHTS, the worker's stderr and its
-  listeners (they become fds 2 and 3..). EOF: the generation is over, the template exits.
+- master -> template: {"fork": id, "env": {...}, "stdout": bool} with, as SCM_RIGHTS, the worker's
+  stderr, its stdout if "stdout" is true (else it keeps the template's: supervisord's own), and its
+  listeners (they become fds 2, 1 and 3..). EOF: the generation is over, the template exits.
 - intermediate -> master: {"forked": id, "pid": pid} with a pidfd of the worker, or {"failed": id,
   "error": "..."}. The template forks an intermediate that forks the worker and exits: the worker is
   reparented to the master (PR_SET_CHILD_SUBREAPER), which learns its pid from a pidfd opened while the
@@ -123,14 +124,17 @@ def become_worker(request: dict[str, Any], fds: list[int], spec: dict[str, Any])
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, spec["pdeathsig"], 0, 0, 0) != 0 or os.getppid() != master:
         os._exit(EXIT_ORPHAN)  # the master died before the signal was set: nobody would stop us
-    listeners = fds[1:]
+    streams = 2 if request.get("stdout") else 1  # stderr, and stdout when it is a pipe of its own
+    listeners = fds[streams:]
     # Park every received fd above where they go, then place them: a received fd may sit in 3..3+n.
     park = max([*fds, CONTROL_FD, 2 + len(listeners)]) + 1
     parked = [os.dup2(fd, park + i, inheritable=False) for i, fd in enumerate(fds)]
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(parked[0], 2)
-    for i, fd in enumerate(parked[1:]):
+    if streams == 2:
+        os.dup2(parked[1], 1)
+    for i, fd in enumerate(parked[streams:]):
         os.dup2(fd, 3 + i)  # inheritable, as a spawned worker's are; fd 3 was the control socket
     for fd in {*fds, *parked, devnull} - set(range(3 + len(listeners))):
         os.close(fd)

@@ -19,21 +19,25 @@ from typing import Any
 import psutil
 import structlog
 
-from supervisor.config.schema import Program
+from supervisor.config.schema import OutputMode, Program
 from supervisor.errors import SpawnError
 from supervisor.system import accounts, listeners, readiness
 from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
 
-STDERR_TAIL = 20  # lines kept for the rollback report
-# Bytes read from a worker's stderr per wake-up of the master: each line is a log call (~50 us), so
-# 1 KiB (at most 512 lines) keeps a worker that floods its stderr with newlines from holding the
-# loop; it then waits on its pipe (64 KiB) at the master's pace.
-STDERR_READ = 1024
-STDERR_AT_EXIT = 1 << 20  # what is read at once from the pipe of a worker that has exited
-MAX_LINE = 65536  # bytes of one stderr line; a longer one is cut and its rest skipped
+STDERR_TAIL = 20  # stderr lines kept for the rollback report
+# Bytes read from one of a worker's pipes (stdout, stderr) per wake-up of the master: each line is
+# a log call (~25 us), so 1 KiB (at most 512 lines) keeps a worker that floods its output with
+# newlines from holding the loop; it then waits on its pipe (64 KiB) at the master's pace.
+PIPE_READ = 1024
+PIPE_AT_EXIT = 1 << 20  # what is read at once from the pipe of a worker that has exited
+MAX_LINE = 65536  # bytes of one output line; a longer one is cut and its rest skipped
 CUT_MARK = b" [cut: line longer than 64 KiB]"
+STREAMS = ("stdout", "stderr")
+# A pipe that had more than PIPE_READ waiting is read again only after this many times as long as
+# the look took (daemon/watcher.py, where the measurements are; preload templates the same).
+OUTPUT_PACE = 3
 
 # LISTEN_PID must be the worker's own pid, which posix_spawn cannot know in advance: a one-line
 # shell sets it and execs, so the pid is the shell's and stays the worker's (as systemd does in
@@ -63,6 +67,86 @@ class WorkerState(enum.Enum):
 
 
 @dataclass(eq=False)
+class Pipe:
+    """The master's read end of one of a worker's output streams, and the line begun on it."""
+
+    stream: str  # "stdout" or "stderr"
+    fd: int = -1  # -1 once closed, or never a pipe (`stdout: inherit`)
+    partial: bytes = b""
+    skipping: bool = False  # a line was cut: drop what comes up to its newline
+    full: bool = False  # the last read took its whole budget: more is probably waiting
+
+    def read(self, budget: int) -> list[str]:
+        """What was written since the last look, as complete lines: at most `budget` bytes read
+        (the master's reader fires again while more waits), so a worker that writes without pause
+        waits on the pipe at the master's pace and the master's loop goes on.
+
+        A line longer than MAX_LINE is cut there with CUT_MARK and the rest is skipped up to its
+        newline, so what the master holds per pipe is bounded whatever the worker writes. At EOF
+        (the worker and every child of it closed the stream) the pipe is closed.
+        """
+        chunks: list[bytes] = []
+        self.full = False
+        while self.fd >= 0 and budget > 0:
+            try:
+                chunk = os.read(self.fd, min(budget, 65536))
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                break
+            if not chunk:
+                self.close()
+                break
+            chunks.append(chunk)
+            budget -= len(chunk)
+        self.full = budget <= 0
+        lines = self.split(b"".join(chunks))
+        if not lines:
+            return []
+        # One decode for all (a newline is never part of a UTF-8 sequence, so the lines split the
+        # same): a dead worker's pipe may hold 32,768 lines, read in one step of the loop.
+        text = b"\n".join(lines).decode(errors="replace")
+        return [line.rstrip("\r") for line in text.split("\n")] if "\r" in text else text.split("\n")
+
+    def split(self, data: bytes) -> list[bytes]:
+        """`data` after what came before: the lines it completes (cut at MAX_LINE); at EOF the last one too."""
+        lines: list[bytes] = []
+        if data:
+            *complete, rest = data.split(b"\n")  # each of `complete` was ended by a newline
+            if complete:
+                if self.skipping:  # the first one is the rest of a line that was cut
+                    complete = complete[1:]
+                    self.skipping = False
+                else:
+                    complete[0] = self.partial + complete[0]
+                self.partial = b""
+                lines = [line if len(line) <= MAX_LINE else line[:MAX_LINE] + CUT_MARK for line in complete]
+            if not self.skipping:
+                self.partial += rest
+                if len(self.partial) > MAX_LINE:
+                    lines.append(self.partial[:MAX_LINE] + CUT_MARK)
+                    self.partial, self.skipping = b"", True
+        if self.fd < 0 and self.partial:  # the last line of a closed pipe has no newline to wait for
+            lines.append(self.partial)
+            self.partial = b""
+        return lines
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fd": self.fd, "partial": self.partial.decode("latin-1"), "skipping": self.skipping}
+
+    @classmethod
+    def from_json(cls, stream: str, data: Mapping[str, Any]) -> Pipe:
+        return cls(stream, data["fd"], data["partial"].encode("latin-1"), data.get("skipping", False))
+
+
+@dataclass(eq=False)
 class Worker:
     """A running (or finished) worker process and the master's copies of its listeners."""
 
@@ -71,8 +155,9 @@ class Worker:
     index: int
     pid: int
     pidfd: int
-    stderr: int  # read end of the worker's stderr pipe, -1 once closed
+    stderr: Pipe  # read end of the worker's stderr pipe
     listeners: list[Listener]
+    stdout: Pipe = field(default_factory=lambda: Pipe("stdout"))  # closed (-1) with `stdout: inherit`
     started: float = field(default_factory=time.monotonic)
     state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
@@ -82,8 +167,8 @@ class Worker:
     kept: bool = False  # its listeners stay open for the next master (fd store): never shut them
     doomed: bool = False  # preload: killed before its template forked it; killed once it has
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
-    _partial: bytes = b""
-    _skipping: bool = False  # a line was cut: drop what comes up to its newline
+    # Lines read from its pipes when it was reaped, for the watcher to log (a pipe is closed then).
+    last_words: list[tuple[str, list[str]]] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -166,15 +251,22 @@ class Worker:
         self.status = status
         self.state = WorkerState.EXITED if self.state is WorkerState.RETIRING else WorkerState.FAILED
         kill_group(self.pid)  # what it started in its session and left behind goes with it
-        self.read_stderr()
+        self.read_last_words()
         self.release()
         return True
 
     def abandon(self) -> None:
-        """A preload worker its template never forked: ended, its listeners and stderr closed."""
+        """A preload worker its template never forked: ended, its listeners and pipes closed."""
         self.state = WorkerState.FAILED
-        self.read_stderr()
+        self.read_last_words()
         self.release()
+
+    def read_last_words(self) -> None:
+        """What is left in its pipes once it has ended (the rollback report quotes stderr's), kept in
+        `last_words` until the watcher logs it."""
+        for pipe in (self.stdout, self.stderr):
+            if lines := self.read(pipe):
+                self.last_words.append((pipe.stream, lines))
 
     def release(self) -> None:
         """Close the master's listener copies and process handles (the worker is gone)."""
@@ -187,60 +279,20 @@ class Worker:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        if self.stderr >= 0:
-            os.close(self.stderr)
-            self.stderr = -1
+        self.stderr.close()
+        self.stdout.close()
 
     def read_stderr(self) -> list[str]:
-        """What the worker wrote since the last look, as complete lines; the last ones are kept.
+        return self.read(self.stderr)
 
-        At most STDERR_READ bytes per call (the master's reader fires again while more waits): a
-        worker that writes without pause then waits on the pipe at the master's pace, and the
-        master's loop goes on.
-        A line longer than MAX_LINE is cut there with CUT_MARK and the rest is skipped up to its
-        newline, so what the master holds per worker is bounded whatever the worker writes.
-        """
-        # A worker that has exited: what is left in its pipe (its last words, for the rollback
-        # report), up to STDERR_AT_EXIT; its pipe is closed right after.
-        budget = STDERR_READ if self.alive else STDERR_AT_EXIT
-        chunks: list[bytes] = []
-        while self.stderr >= 0 and budget > 0:
-            try:
-                chunk = os.read(self.stderr, min(budget, 65536))
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                break
-            if not chunk:  # EOF: the worker and every child of it closed their stderr
-                os.close(self.stderr)
-                self.stderr = -1
-                break
-            chunks.append(chunk)
-            budget -= len(chunk)
-        data = b"".join(chunks)
-        lines: list[bytes] = []
-        if data:
-            *complete, rest = data.split(b"\n")
-            for piece in complete:  # each one ended by a newline
-                if self._skipping:  # the rest of a line that was cut
-                    self._skipping = False
-                else:
-                    line = self._partial + piece
-                    lines.append(line[:MAX_LINE] + CUT_MARK if len(line) > MAX_LINE else line)
-                self._partial = b""
-            if not self._skipping:
-                self._partial += rest
-                if len(self._partial) > MAX_LINE:
-                    lines.append(self._partial[:MAX_LINE] + CUT_MARK)
-                    self._partial, self._skipping = b"", True
-        if self.stderr < 0 and self._partial:  # the last line of a dead worker has no newline to wait for
-            lines.append(self._partial)
-            self._partial = b""
-        text = [line.decode(errors="replace").rstrip("\r") for line in lines]
-        self.tail.extend(text)
-        return text
+    def read(self, pipe: Pipe) -> list[str]:
+        """What the worker wrote on `pipe` since the last look, as complete lines (Pipe.read); at most
+        PIPE_READ bytes while it runs, what is left (up to PIPE_AT_EXIT) once it has exited. The last
+        stderr lines are kept for the rollback report."""
+        lines = pipe.read(PIPE_READ if self.alive else PIPE_AT_EXIT)
+        if pipe is self.stderr:
+            self.tail.extend(lines)
+        return lines
 
     def describe_exit(self) -> str:
         return describe_status(self.status)
@@ -257,21 +309,25 @@ class Worker:
     def to_json(self) -> dict[str, Any]:
         """Plain data; the process and its fds are referenced by pid and fd number."""
         return {"program": self.program, "generation": self.generation, "index": self.index, "pid": self.pid,
-                "pidfd": self.pidfd, "stderr": self.stderr, "listeners": [s.to_json() for s in self.listeners],
+                "pidfd": self.pidfd, "stderr": self.stderr.to_json(), "stdout": self.stdout.to_json(),
+                "listeners": [s.to_json() for s in self.listeners],
                 "started": self.started, "state": self.state.value, "ready_at": self.ready_at,
                 "status": self.status, "stop_at": self.stop_at, "kill_at": self.kill_at, "kept": self.kept,
-                "tail": list(self.tail), "partial": self._partial.decode("latin-1"),
-                "skipping": self._skipping}
+                "tail": list(self.tail)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Worker:
+        stderr = data["stderr"]
+        if isinstance(stderr, int):  # written by a version that captured stderr only
+            stderr = {"fd": stderr, "partial": data["partial"], "skipping": data.get("skipping", False)}
+        stdout = data.get("stdout", {"fd": -1, "partial": ""})
         return cls(program=data["program"], generation=data["generation"], index=data["index"], pid=data["pid"],
-                   pidfd=data["pidfd"], stderr=data["stderr"],
+                   pidfd=data["pidfd"], stderr=Pipe.from_json("stderr", stderr),
+                   stdout=Pipe.from_json("stdout", stdout),
                    listeners=[Listener.from_json(s) for s in data["listeners"]], started=data["started"],
                    state=WorkerState(data["state"]), ready_at=data["ready_at"], status=data["status"],
                    stop_at=data.get("stop_at"), kill_at=data.get("kill_at"), kept=data.get("kept", False),
-                   tail=collections.deque(data["tail"], maxlen=STDERR_TAIL),
-                   _partial=data["partial"].encode("latin-1"), _skipping=data.get("skipping", False))
+                   tail=collections.deque(data["tail"], maxlen=STDERR_TAIL))
 
 
 class Spawner:
@@ -313,9 +369,12 @@ def describe_status(status: int | None) -> str:
 
 
 def spawn(program: Program, generation: int, index: int, socks: list[Listener], notify_socket: str,
-          cwd: str, base_env: Mapping[str, str] | None = None, extra_fds: Iterable[int] = ()) -> Worker:
+          cwd: str, base_env: Mapping[str, str] | None = None, extra_fds: Iterable[int] = (),
+          stdout_to_stderr: bool = False) -> Worker:
     """Start one worker: its listeners become fds 3.., with the socket-activation variables (then
-    `extra_fds`, as a preload template's protocol socket).
+    `extra_fds`, as a preload template's protocol socket). Its stderr, and its stdout unless the
+    program says `stdout: inherit`, are pipes to the master (`stdout_to_stderr`: one pipe for both,
+    as a preload template's own output is).
 
     posix_spawn (vfork+exec in glibc) instead of fork: the master runs an event loop, and nothing
     but exec may happen in its child (a fork inside a running event loop is unsafe).
@@ -330,11 +389,18 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
     if program.tls is not None:
         env.update(SUPERVISOR_TLS_CERT=program.tls.cert, SUPERVISOR_TLS_KEY=program.tls.key)
     env.update(NOTIFY_SOCKET=notify_socket, **socket_env(program, generation, index, socks))
-    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    os.set_blocking(write_end, True)
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    stderr, stdout = Pipe("stderr"), Pipe("stdout")
+    write_ends: list[int] = []
+    devnull = -1
     try:
-        actions = _fd_actions([*(s.fileno() for s in socks), *extra_fds], devnull, write_end)
+        stderr.fd, write_err = pipe_to_master(write_ends)
+        write_out = 1  # inherited: supervisord's own stdout
+        if program.stdout is OutputMode.LOG and stdout_to_stderr:
+            write_out = write_err
+        elif program.stdout is OutputMode.LOG:
+            stdout.fd, write_out = pipe_to_master(write_ends)
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        actions = _fd_actions([*(s.fileno() for s in socks), *extra_fds], devnull, write_err, write_out)
         umask = f"umask {program.umask:03o}; " if program.umask is not None else ""
         argv = [_SHELL, "-c", _TRAMPOLINE.format(umask=umask), program.name, cwd, *privileges(program), *command]
         try:
@@ -344,13 +410,26 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
             raise SpawnError(f"{program.name}: cannot start worker {index}: {exc}") from None
         pidfd = os.pidfd_open(pid)
     except BaseException:
-        os.close(read_end)
+        stderr.close()
+        stdout.close()
         raise
     finally:
-        os.close(write_end)
-        os.close(devnull)
+        for fd in write_ends:
+            os.close(fd)
+        if devnull >= 0:
+            os.close(devnull)
     return Worker(program=program.name, generation=generation, index=index, pid=pid, pidfd=pidfd,
-                  stderr=read_end, listeners=socks)
+                  stderr=stderr, stdout=stdout, listeners=socks)
+
+
+def pipe_to_master(write_ends: list[int]) -> tuple[int, int]:
+    """A pipe from a worker to the master: (read end, write end). The master's read end is
+    non-blocking; the worker's write end blocks (a worker that writes faster than the master reads
+    waits) and is appended to `write_ends`, closed once the worker has its copy."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    os.set_blocking(write_end, True)
+    write_ends.append(write_end)
+    return read_end, write_end
 
 
 def tls_command(program: Program) -> tuple[str, ...]:
@@ -385,15 +464,17 @@ def privileges(program: Program) -> list[str]:
     return [*argv, "--"]
 
 
-def _fd_actions(fds: Iterable[int], stdin: int, stderr: int) -> list[tuple[int, ...]]:
-    """posix_spawn file actions that place `fds` at 3, 4, ... in the child.
+def _fd_actions(fds: Iterable[int], stdin: int, stderr: int, stdout: int = 1) -> list[tuple[int, ...]]:
+    """posix_spawn file actions that place `fds` at 3, 4, ... in the child (and stdin, stdout, stderr).
 
     A source fd may itself sit in 3..3+n, so every source is first copied above all of them, then
     moved down; dup2 clears FD_CLOEXEC on the copies, so the parked ones are closed again.
     """
     fds = list(fds)
-    park = max([*fds, stdin, stderr, 2 + len(fds)]) + 1
+    park = max([*fds, stdin, stderr, stdout, 2 + len(fds)]) + 1
     actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    if stdout != 1:  # 1: the master's own, inherited as it is
+        actions.append((os.POSIX_SPAWN_DUP2, stdout, 1))
     actions += [(os.POSIX_SPAWN_DUP2, fd, park + i) for i, fd in enumerate(fds)]
     actions += [(os.POSIX_SPAWN_DUP2, park + i, 3 + i) for i in range(len(fds))]
     actions += [(os.POSIX_SPAWN_CLOSE, park + i) for i in range(len(fds))]

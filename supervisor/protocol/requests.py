@@ -3,7 +3,8 @@
 The client sends one request, `{"command": "reload"}` (plus arguments such as "program" or
 "workers"). The daemon answers with any number of `{"progress": "text"}` lines and then exactly one
 final line, `{"ok": true, "message": "...", "data": {...}}` or `{"ok": false, "error": "..."}`,
-(`tail` sends `{"line": "text"}` messages before it; with `follow`, until the client leaves),
+(`tail` sends `{"line": "text", "stream": "stdout"}` messages before it; with `follow`, until the
+client leaves),
 and closes the connection.
 """
 
@@ -72,11 +73,13 @@ class Version:
 
 @dataclass(frozen=True)
 class Tail:
-    """The last `lines` stderr lines of a program's workers; `follow`: then every new one, until the client leaves."""
+    """The last `lines` output lines of a program's workers, of one `stream` (stdout, stderr) or both
+    (""); `follow`: then every new one, until the client leaves."""
 
     program: str
     lines: int = 10
     follow: bool = False
+    stream: str = ""
 
 
 Request = Status | Reload | Start | Restart | Stop | Scale | Shutdown | Upgrade | Tail | Version
@@ -86,7 +89,7 @@ COMMANDS: dict[str, type[Request]] = {
     "shutdown": Shutdown, "upgrade": Upgrade, "tail": Tail, "version": Version,
 }
 _ARG_TYPES: dict[str, type] = {"program": str, "workers": int, "by": int, "programs": list, "lines": int,
-                               "follow": bool}
+                               "follow": bool, "stream": str}
 
 
 def command_of(request: Request) -> str:

@@ -1,6 +1,6 @@
 """File descriptors: how many a config needs, and the master's limit.
 
-Each worker costs the master one copy of each of its listeners, a pidfd and its stderr pipe, and a
+Each worker costs the master one copy of each of its listeners, a pidfd and its output pipes, and a
 reload holds two generations of every program until the old one has gone. A config or a `scale`
 that cannot fit in RLIMIT_NOFILE is refused with the numbers, before anything starts: otherwise a
 reload fails halfway with EMFILE, or `scale` starts fewer workers than it says.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 from collections.abc import Iterable, Mapping
 
-from supervisor.config.schema import Config, Program
+from supervisor.config.schema import Config, OutputMode, Program
 
 GENERATIONS = 2  # the serving generation and the one that replaces it, during a reload
 # The master's own: stdio, log file, event loop, signal wake-up, notify and control sockets, control
@@ -23,8 +23,9 @@ NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for RLIMIT_NOFILE
 
 
 def per_worker(program: Program) -> int:
-    """The master's fds for one worker: a listener copy per address, its pidfd, its stderr pipe."""
-    return len(program.listen) + 2
+    """The master's fds for one worker: a listener copy per address, its pidfd, its stderr pipe and
+    (`stdout: log`) its stdout pipe."""
+    return len(program.listen) + 2 + (program.stdout is OutputMode.LOG)
 
 
 def needed(programs: Iterable[Program], workers: Mapping[str, int] | None = None) -> int:

@@ -25,7 +25,8 @@ import psutil
 import pytest
 import yaml
 
-from supervisor.daemon import control
+from supervisor.config.schema import LogLimit
+from supervisor.daemon import control, output
 from supervisor.errors import ControlError
 from supervisor.process import worker
 from supervisor.system import limits
@@ -125,39 +126,44 @@ time.sleep(600)
 """
 
 
-def flood_stderr(tmp_path: Path, mode: str) -> tuple[list[str], str, int]:
+def flood_stderr(tmp_path: Path, mode: str) -> tuple[list[str], int, str, int]:
     """A worker of its own program floods stderr for 3 s (FLOOD `mode`), then writes "after the flood";
     status must stay quick, the master's RSS flat and the other program untouched meanwhile. Returns
-    the lines logged for it, the watch's summary and how much it wrote."""
+    the lines logged for it, how many were dropped from the log, the watch's summary and how much it wrote."""
     written = tmp_path / "written"
     noisy = program([PYTHON, "-S", "-c", FLOOD, "3", str(written), mode], workers=1, listen=["127.0.0.1:8001"])
     with supervisor(tmp_path, {"web": program(workers=1), "noisy": noisy}) as sup:
         pids, rss_before = serving_pids(sup), master(sup).memory_info().rss
         with watching(sup) as watch:
             wait_for("the flood to end", written.exists, timeout=30)
-            wait_for("the line after it", lambda: any(e["line"] == "after the flood"
-                                                      for e in sup.events("worker_stderr")), timeout=10)
+            # `tail` has it even when the log's budget (log_limit) had none left for it.
+            wait_for("the line after it", lambda: sup.ctl("tail", "-n", "1", "noisy").stdout.endswith(
+                " stderr: after the flood\n"), timeout=10)
         summary = watch.check(rss_before)
         untouched(sup, pids)
+        time.sleep(output.REPORT_INTERVAL + 0.2)  # the last worker_output_dropped is due
         lines = [e["line"] for e in sup.events("worker_stderr") if e["program"] == "noisy"]
-    return lines, summary, int(written.read_text())
+        dropped = sum(e["lines"] for e in sup.events("worker_output_dropped"))
+    return lines, dropped, summary, int(written.read_text())
 
 
 def test_a_worker_writing_stderr_without_a_newline(tmp_path: Path) -> None:
     """Up to 2 GiB in one 'line' for 3 s: the master reads it at its pace, logs the first 64 KiB
     with a mark, skips the rest, and logs the next line; status stays quick, its RSS flat."""
-    lines, summary, written = flood_stderr(tmp_path, "one line")
+    lines, dropped, summary, written = flood_stderr(tmp_path, "one line")
     cut = "x" * worker.MAX_LINE + worker.CUT_MARK.decode()
-    assert lines == [cut, "after the flood"], [line[-60:] for line in lines]
+    assert (lines, dropped) == ([cut, "after the flood"], 0), [line[-60:] for line in lines]
     print(f"{written >> 20} MiB written without a newline; {summary}")
 
 
 def test_a_worker_writing_short_lines_without_pause(tmp_path: Path) -> None:
-    """'y\\n' for 3 s: every line is a log call, so the master reads 1 KiB (512 lines) per wake-up and
-    the worker waits on its pipe; status stays quick."""
-    lines, summary, written = flood_stderr(tmp_path, "lines")
-    assert len(lines) == written // 2 + 2  # and an empty line, and "after the flood"
-    print(f"{len(lines)} lines logged in 3 s; {summary}")
+    """'y\\n' for 3 s: the master reads 1 KiB (512 lines) per wake-up, paced (the worker waits on its
+    pipe); the log gets the default budget (log_limit) and counts the rest; status stays quick."""
+    lines, dropped, summary, written = flood_stderr(tmp_path, "lines")
+    assert len(lines) + dropped == written // 2 + 2  # and an empty line, and "after the flood"
+    limit = LogLimit()
+    assert len(lines) <= limit.lines * (limit.burst + 10)  # the flood's 3 s, and the test's slack
+    print(f"{len(lines)} lines logged and {dropped} dropped in 3 s; {summary}")
 
 
 # -- a local user and the notify socket ----------------------------------------------------------------
@@ -386,7 +392,7 @@ def start_with_nofile(sup: Supervisor, soft: int, hard: int, wait: bool = True) 
 def test_the_soft_fd_limit_is_raised_and_configs_that_cannot_fit_are_refused(tmp_path: Path) -> None:
     """Soft 256, hard 1024: supervisord runs with 1024. A reload to 200 workers would need more:
     refused with the numbers, the serving generation stays; at start, the same config exits 2."""
-    need = limits.MASTER_FDS + 2 * 200 * 3  # 2 generations x 200 workers x (1 listener + pidfd + stderr)
+    need = limits.MASTER_FDS + 2 * 200 * 4  # 2 generations x 200 workers x (1 listener + pidfd + stderr + stdout)
     sup = start_with_nofile(Supervisor(tmp_path, {"web": program(workers=2)}), 256, 1024)
     try:
         assert resource.prlimit(master(sup).pid, resource.RLIMIT_NOFILE) == (1024, 1024)
@@ -406,7 +412,7 @@ def test_the_soft_fd_limit_is_raised_and_configs_that_cannot_fit_are_refused(tmp
 
 
 def test_a_scale_that_cannot_fit_is_refused_with_the_numbers(tmp_path: Path) -> None:
-    need = limits.MASTER_FDS + 2 * 200 * 3
+    need = limits.MASTER_FDS + 2 * 200 * 4
     sup = start_with_nofile(Supervisor(tmp_path, {"web": program(workers=2)}), 1024, 1024)
     try:
         pids = serving_pids(sup)

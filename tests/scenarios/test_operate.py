@@ -58,7 +58,7 @@ def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:
         assert last.returncode == 0 and len(last.stdout.splitlines()) == 1, last
         assert last.stdout.startswith("web#1 worker ") and " pid " in last.stdout and "generation=1" in last.stdout
         both = sup.ctl("tail", "web").stdout
-        assert all(f"pid {pid}: demo pid={pid} generation=1" in both for pid in pids), both
+        assert all(f"pid {pid} stderr: demo pid={pid} generation=1" in both for pid in pids), both
 
         # Ctrl-C ends a follow: SIGINT at its default even where pytest runs with it ignored (a job
         # started with `&` by a non-interactive shell), which an exec would keep.
@@ -72,7 +72,8 @@ def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:
             os.kill(pids[0], signal.SIGKILL)  # its replacement writes its first line after the follow began
             line = follower.stdout.readline()
             replacement = wait_for("the replacement", lambda: [w["pid"] for w in sup.workers() if w["pid"] not in pids])
-            assert line.startswith(f"web#1 worker 0 pid {replacement[0]}: demo pid={replacement[0]} generation=1"), line
+            pid = replacement[0]
+            assert line.startswith(f"web#1 worker 0 pid {pid} stderr: demo pid={pid} generation=1"), line
         finally:
             follower.send_signal(signal.SIGINT)
             assert follower.wait(timeout=10) == 0

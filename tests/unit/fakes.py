@@ -24,7 +24,7 @@ from supervisor.daemon.master import Master
 from supervisor.errors import SpawnError
 from supervisor.model.program import ProgramRuntime
 from supervisor.model.reload import ReloadKind
-from supervisor.process.worker import Worker, WorkerState
+from supervisor.process.worker import Pipe, Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
 from supervisor.system.listeners import Listener
@@ -76,7 +76,7 @@ class FakeSpawner:
         listeners = [Listener(listen, f"{program.name}.{n}", socket.socket(listen.family, socket.SOCK_STREAM))
                      for n, listen in enumerate(program.listen)]
         w = FakeWorker(program=program.name, generation=generation, index=index, pid=next(self.pids), pidfd=-1,
-                       stderr=-1, listeners=listeners, started=self.clock.time(), clock=self.clock)
+                       stderr=Pipe("stderr"), listeners=listeners, started=self.clock.time(), clock=self.clock)
         self.spawned.append(w)
         return w
 

@@ -18,7 +18,7 @@ import pytest
 from supervisor.config import schema
 from supervisor.daemon import control
 from supervisor.errors import ConfigError, ControlError
-from supervisor.process.worker import CUT_MARK, MAX_LINE, STDERR_READ, Worker
+from supervisor.process.worker import CUT_MARK, MAX_LINE, PIPE_READ, Pipe, Worker
 from supervisor.protocol import requests
 from supervisor.system import limits, orphans, readiness
 from tests.harness import wait_for
@@ -95,15 +95,15 @@ class TestConfigFiles:
 def pipe_worker() -> tuple[Worker, int]:
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     os.set_blocking(write_end, True)
-    return Worker("web", 1, 0, pid=0, pidfd=-1, stderr=read_end, listeners=[]), write_end
+    return Worker("web", 1, 0, pid=0, pidfd=-1, stderr=Pipe("stderr", read_end), listeners=[]), write_end
 
 
 def drain(w: Worker) -> list[str]:
     """read_stderr() until the pipe is empty, as the master's reader would fire."""
     lines: list[str] = []
-    while w.stderr >= 0 and int.from_bytes(fcntl.ioctl(w.stderr, termios.FIONREAD, b"\0" * 4), "little"):
+    while w.stderr.fd >= 0 and int.from_bytes(fcntl.ioctl(w.stderr.fd, termios.FIONREAD, b"\0" * 4), "little"):
         lines += w.read_stderr()
-        assert len(w._partial) <= MAX_LINE
+        assert len(w.stderr.partial) <= MAX_LINE
     return lines
 
 
@@ -120,24 +120,24 @@ class TestStderr:
         assert lines == ["first", "x" * MAX_LINE + CUT_MARK.decode(), "next"]
         os.close(pipe)
         assert w.read_stderr() == ["unfinished"]  # EOF: the last line needs no newline
-        assert w.stderr == -1
+        assert w.stderr.fd == -1
 
     def test_a_complete_line_too_long_is_cut_without_skipping_the_next(self) -> None:
         w, pipe = pipe_worker()
         os.write(pipe, b"y" * 100 + b"\n")
         assert w.read_stderr() == ["y" * 100]
-        w._partial = b"z" * (MAX_LINE - 10)
+        w.stderr.partial = b"z" * (MAX_LINE - 10)
         os.write(pipe, b"z" * 20 + b"\nafter\n")
         assert w.read_stderr() == ["z" * MAX_LINE + CUT_MARK.decode(), "after"]
         os.close(pipe)
 
     def test_a_bounded_read_per_call_and_everything_once_the_worker_has_exited(self) -> None:
-        """A call takes at most STDERR_READ bytes (the loop's reader fires again for the rest); once
+        """A call takes at most PIPE_READ bytes (the loop's reader fires again for the rest); once
         the worker is gone, what is left in the pipe is read at once (its last words)."""
         w, pipe = pipe_worker()
-        os.write(pipe, b"a\n" * STDERR_READ)  # 2 x STDERR_READ bytes
-        assert len(w.read_stderr()) == STDERR_READ // 2
-        assert len(w.read_stderr()) == STDERR_READ // 2
+        os.write(pipe, b"a\n" * PIPE_READ)  # 2 x PIPE_READ bytes
+        assert len(w.read_stderr()) == PIPE_READ // 2
+        assert len(w.read_stderr()) == PIPE_READ // 2
         assert w.read_stderr() == []
         os.write(pipe, b"b\n" * 20_000)
         w.status = 0  # reaped
@@ -171,15 +171,18 @@ class TestLimits:
         text = MINIMAL.replace("['127.0.0.1:8000']", "['127.0.0.1:8000', '[::1]:8000']") + \
             "    workers: 10\n  api:\n    command: [api]\n    listen: '127.0.0.1:9000'\n"
         cfg = schema.parse(text, "c.yaml")
-        # web: 10 workers x (2 listeners + pidfd + stderr); api: 1 x 3; two generations of each.
-        assert limits.needed(cfg.programs) == limits.MASTER_FDS + 2 * (10 * 4 + 1 * 3)
+        # web: 10 workers x (2 listeners + pidfd + stderr + stdout); api: 1 x 4; two generations of each.
+        assert limits.needed(cfg.programs) == limits.MASTER_FDS + 2 * (10 * 5 + 1 * 4)
         assert limits.problem(cfg, 1024) is None
         assert limits.problem(cfg, 200) == (
-            "needs 246 file descriptors (2 generations x [10 x 4 (web) + 1 x 3 (api)] + 160 for the master), "
+            "needs 268 file descriptors (2 generations x [10 x 5 (web) + 1 x 4 (api)] + 160 for the master), "
             "but the limit (RLIMIT_NOFILE) is 200")
         assert limits.scale_problem(cfg, "web", 200, limit=1024) == (
-            "scale web 200: needs 1766 file descriptors (2 generations x [200 x 4 (web) + 1 x 3 (api)] "
+            "scale web 200: needs 2168 file descriptors (2 generations x [200 x 5 (web) + 1 x 4 (api)] "
             "+ 160 for the master), but the limit (RLIMIT_NOFILE) is 1024")
+        # `stdout: inherit`: no stdout pipe.
+        inherit = schema.parse(text.replace("    workers: 10\n", "    workers: 10\n    stdout: inherit\n"), "c.yaml")
+        assert limits.per_worker(inherit.program("web")) == 4
         # The counts running now (api scaled to 50) count, not the config's.
         assert limits.scale_problem(cfg, "web", 10, running={"web": 10, "api": 50}, limit=500) is not None
         assert limits.scale_problem(cfg, "web", 10, running={"web": 10, "api": 1}, limit=500) is None

@@ -1,25 +1,20 @@
 """The operating features that need no process: `metrics:` in the config, the requests `reload
-PROGRAM...` and `tail`, the config a partial reload runs, and the bounds of the stderr ring and its
-followers (a real socket pair, a real event loop)."""
+PROGRAM...` and `tail`, the config a partial reload runs (the output ring and its followers:
+test_output.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
 from supervisor.config import schema
-from supervisor.daemon import output
 from supervisor.daemon.metrics import not_ready
 from supervisor.daemon.tally import Tally
 from supervisor.errors import ConfigError, ControlError
 from supervisor.model.plan import plan_reload, select
-from supervisor.process.worker import Worker
 from supervisor.protocol import requests
-from supervisor.protocol.reply import Reply
 from tests.unit.fakes import Scenario
 from tests.unit.fakes import program as fake_program
 
@@ -97,39 +92,6 @@ def test_reload_durations_fill_the_histogram_buckets() -> None:
     tally.reloaded("rolled_back")
     assert tally.reloads == {"done": 1, "rolled_back": 1, "refused": 0}
     assert tally.buckets == [0, 0, 1, 1, 1, 1, 1, 1, 1] and tally.seconds == 0.3
-
-
-def worker(pid: int = 100) -> Worker:
-    return Worker(program="web", generation=2, index=1, pid=pid, pidfd=-1, stderr=-1, listeners=[])
-
-
-class TestOutput:
-    def test_the_ring_is_bounded_in_lines_and_bytes(self) -> None:
-        out = output.Output()
-        out.record(worker(), [f"line {i}" for i in range(output.LINES + 5)])
-        assert len(out.rings["web"]) == output.LINES and out.rings["web"][0].text == "line 5"
-        out.record(worker(), ["x" * 65536] * 10)
-        assert out.sizes["web"] <= output.BYTES and len(out.rings["web"]) == output.BYTES // 65536
-        assert out.sizes["web"] == sum(len(line.text) for line in out.rings["web"])
-
-    def test_a_follower_that_does_not_read_is_dropped(self) -> None:
-        asyncio.run(self._slow_follower())
-
-    async def _slow_follower(self) -> None:
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        try:
-            _reader, writer = await asyncio.open_connection(sock=ours)
-            reply, out = Reply(writer), output.Output()
-            out.follow("web", reply)
-            out.record(worker(), ["first"])
-            await asyncio.sleep(0.01)
-            assert theirs.recv(4096) == requests.encode({"line": "web#2 worker 1 pid 100: first"})
-            for _ in range(output.FOLLOWER_BUFFER // 60000 + 20):  # never read from here on
-                out.record(worker(), ["y" * 60000])
-            assert out.followers["web"] == [] and writer.is_closing()
-        finally:
-            theirs.close()
 
 
 class TestDecisions:
