@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +199,80 @@ class Supervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class StatusWatch:
+    """`status` every `interval` seconds from a thread, through supervisorctl's own client code (as
+    `Supervisor.request` sends it), while an attack runs: each call's start, latency and error, and the
+    master's RSS after it."""
+
+    def __init__(self, sup: Supervisor, interval: float = 0.1) -> None:
+        self.sup = sup
+        self.interval = interval
+        self.calls: list[tuple[float, float, str]] = []  # (started, seconds, error or "")
+        self.rss: list[int] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        assert self.sup.proc is not None
+        master = psutil.Process(self.sup.proc.pid)
+        while not self._stop.wait(self.interval):
+            started = time.monotonic()
+            try:
+                final = self.sup.request("status", timeout=10)
+                error = "" if final.get("ok") else f"answered {final!r}"
+            except (OSError, ValueError, ControlError) as exc:
+                error = repr(exc)
+            self.calls.append((started, time.monotonic() - started, error))
+            with contextlib.suppress(psutil.Error):
+                self.rss.append(master.memory_info().rss)
+
+    def latencies(self, excluding: Iterable[tuple[float, float]] = (), refusal: str = "") -> list[float]:
+        """Seconds of each answered call; assertion error for any that failed. `excluding`: (from, to)
+        monotonic times when the master is known not to answer (an upgrade's exec); calls that overlap
+        them are left out. `refusal`: an answer with this text counts as answered (a refusal expected)."""
+        windows = list(excluding)
+        kept = [(seconds, error) for started, seconds, error in self.calls
+                if not any(started < end and started + seconds > begin for begin, end in windows)]
+        failed = [error for _seconds, error in kept if error and not (refusal and refusal in error)]
+        assert not failed, f"{len(failed)} of {len(kept)} status calls failed: {failed[:3]}"
+        return [seconds for seconds, _error in kept]
+
+    def check(self, p95: float = 0.1, worst: float = 1.5, excluding: Iterable[tuple[float, float]] = (),
+              refusal: str = "", rss_before: int | None = None, rss_growth: int = 48 << 20) -> str:
+        """Assert every status was answered, the 95th percentile within `p95` seconds, the slowest within
+        `worst` and (given `rss_before`) the master's RSS grew by less than `rss_growth`; a summary.
+        `excluding` and `refusal`: as for latencies()."""
+        seconds = self.latencies(excluding, refusal)
+        assert len(seconds) >= 5, f"only {len(seconds)} status calls: the attack was too short to watch"
+        p50, p95_seen = statistics.median(seconds), percentile(seconds, 0.95)
+        summary = (f"status p50 {p50 * 1000:.1f} ms, p95 {p95_seen * 1000:.1f} ms, max {max(seconds) * 1000:.1f} ms "
+                   f"({len(seconds)} calls)")
+        assert p95_seen <= p95 and max(seconds) < worst, summary
+        if rss_before is not None:
+            top = max(self.rss, default=rss_before)
+            summary += f"; master RSS {rss_before >> 20} -> {top >> 20} MiB"
+            assert top - rss_before < rss_growth, summary
+        return summary
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value that at least a fraction q of `values` do not exceed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * q) - 1)] if ordered else 0.0
+
+
+@contextlib.contextmanager
+def watching_status(sup: Supervisor, interval: float = 0.1) -> Iterator[StatusWatch]:
+    """A StatusWatch running for the block."""
+    watch = StatusWatch(sup, interval)
+    thread = threading.Thread(target=watch.run, daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        watch._stop.set()
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager
