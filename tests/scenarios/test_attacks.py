@@ -9,6 +9,7 @@ afterwards the feature the attack aimed at still does its job.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -43,15 +44,16 @@ def no_failures(*tallies: object) -> None:
 # -- 1. a crafted orphan environment ------------------------------------------------------------------
 
 # A worker whose descendants leave it by a double fork (setsid) and exec themselves with LISTEN_PID set
-# to 5,000 digits (int() refuses more than 4,300): one lives on, one exits after 0.3 s. argv[1] marks them.
+# to 5,000 digits (int() refuses more than 4,300): one lives on, one exits after 0.3 s. They are marked
+# `forged FOLDER` (argv[1]) in their command line.
 CRAFTED = """
 import os, sys
 def escape(seconds):
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-            os.execve(sys.executable, [sys.executable, "-S", "-c", "import sys, time; time.sleep(float(sys.argv[1]))",
-                                       seconds, "crafted", sys.argv[1]], dict(os.environ, LISTEN_PID="9" * 5000))
+            os.execve(sys.executable, [sys.executable, "-S", "-c", "import sys, time; time.sleep(float(sys.argv[3]))",
+                                       "forged", sys.argv[1], seconds], dict(os.environ, LISTEN_PID="9" * 5000))
         os._exit(0)
     os.wait()
 escape("600")
@@ -65,7 +67,7 @@ def crafted(folder: Path) -> set[int]:
     found = set()
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if cmdline[-2:] == ["crafted", str(folder)] and proc.info["status"] != psutil.STATUS_ZOMBIE:
+        if cmdline[-3:-1] == ["forged", str(folder)] and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.add(proc.pid)
     return found
 
@@ -95,7 +97,7 @@ def test_a_crafted_orphan_environment(tmp_path: Path) -> None:
         assert sup.proc is not None
         with watching_status(sup) as watch:
             wait_for("the crafted orphans adopted", lambda: len(crafted(tmp_path)) == 1 and [
-                e for e in sup.events("orphan_adopted") if "crafted" in e["command"]])
+                e for e in sup.events("orphan_adopted") if " forged " in e["command"]])
             first = wait_for("a lingerer per worker", lambda: len(escaped(tmp_path)) == 2 and escaped(tmp_path))
             with Clients("127.0.0.1:8000", seconds=60) as new, \
                     Clients("127.0.0.1:8000", seconds=60, keep_alive=True) as kept:
@@ -111,9 +113,11 @@ def test_a_crafted_orphan_environment(tmp_path: Path) -> None:
         no_failures(*tallies)
         killed = sup.events("orphan_killed")
         assert len(killed) == 2 and all("is gone" in e["reason"] for e in killed), killed
-        adopted = [e for e in sup.events("orphan_adopted") if "crafted" in e["command"]]
-        assert len(adopted) == 4 and all(e["owner"] is None for e in adopted), adopted  # 2 per generation
-        assert len(crafted(tmp_path)) == 2 and request()[0] == 200
+        # Adopted with no worker named (a short one may exit before the master looks: reaped unadopted).
+        adopted = [e for e in sup.events("orphan_adopted") if " forged " in e["command"]]
+        assert adopted and all(e["owner"] is None for e in adopted), adopted
+        assert len(crafted(tmp_path)) == 2 and request()[0] == 200  # the long-lived one of each generation
+        assert "Traceback" not in sup.log_text()
 
         assert sup.stop(signal.SIGTERM) == 0, sup.log_text()[-2000:]
         assert not escaped(tmp_path) and not crafted(tmp_path), "supervisord left descendants running"
@@ -121,6 +125,9 @@ def test_a_crafted_orphan_environment(tmp_path: Path) -> None:
         print(f"{len(reaped(sup))} orphans reaped; {summary}")
     finally:
         sup.kill()
+        for pid in escaped(tmp_path) | crafted(tmp_path):  # a failed test's: SIGKILL leaves them behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- 2. certificates and watched files ----------------------------------------------------------------
@@ -396,7 +403,7 @@ def test_a_broken_release_fails_while_adopting(tmp_path: Path) -> None:
         assert set(tallies[0].pids) == set(tallies[1].pids) == set(workers)
         refusal = ("upgrade failed while the new code took over the state: RuntimeError: a broken release; the "
                    "workers serve on, but supervisord takes no requests until it is restarted")
-        after = [error for at, _seconds, error in watch.calls if at > upgraded]
+        after = [call.error for call in watch.calls if call.started > upgraded]
         assert len(after) >= 5 and all(refusal in error for error in after), after[:3]
         summary = watch.check(excluding=[(began, upgraded)], refusal=refusal)
         status = sup.ctl("status")

@@ -51,7 +51,8 @@ def watching(sup: Supervisor) -> contextlib.AbstractContextManager[StatusWatch]:
 
 def checked(watch: StatusWatch, rss_before: int) -> str:
     """The master stayed responsive (every status within STATUS_BOUND) and small; a summary."""
-    return watch.check(p95=STATUS_BOUND, worst=STATUS_BOUND, rss_before=rss_before, rss_growth=RSS_GROWTH)
+    return watch.check(p95=STATUS_BOUND, worst=STATUS_BOUND, cpu=STATUS_BOUND, rss_before=rss_before,
+                       rss_growth=RSS_GROWTH)
 
 
 def master(sup: Supervisor) -> psutil.Process:
