@@ -9,17 +9,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 import yaml
@@ -196,6 +199,108 @@ class Supervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class StatusCall(NamedTuple):
+    started: float  # monotonic
+    seconds: float
+    error: str  # "" if answered ok
+    cpu: float  # seconds the master ran on a CPU meanwhile (its work, not the machine's contention)
+    waited: float  # seconds the master was runnable but waited for a CPU meanwhile (the machine)
+
+
+class StatusWatch:
+    """`status` every `interval` seconds from a thread, through supervisorctl's own client code (as
+    `Supervisor.request` sends it), while an attack runs: each call's latency and error, what the
+    master did meanwhile (/proc/PID/schedstat: on a CPU, or waiting for one), and its RSS after it.
+
+    On two shared cores a call can take 100 ms or more while the master only waited for a CPU; one
+    where the master ran for that long is the master's own doing: `check` bounds both."""
+
+    def __init__(self, sup: Supervisor, interval: float = 0.1) -> None:
+        self.sup = sup
+        self.interval = interval
+        self.calls: list[StatusCall] = []
+        self.rss: list[int] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        assert self.sup.proc is not None
+        master = psutil.Process(self.sup.proc.pid)
+        while not self._stop.wait(self.interval):
+            started, before = time.monotonic(), schedstat(master.pid)
+            try:
+                final = self.sup.request("status", timeout=10)
+                error = "" if final.get("ok") else f"answered {final!r}"
+            except (OSError, ValueError, ControlError) as exc:
+                error = repr(exc)
+            seconds, after = time.monotonic() - started, schedstat(master.pid)
+            self.calls.append(StatusCall(started, seconds, error, after[0] - before[0], after[1] - before[1]))
+            with contextlib.suppress(psutil.Error):
+                self.rss.append(master.memory_info().rss)
+
+    def answered(self, excluding: Iterable[tuple[float, float]] = (), refusal: str = "") -> list[StatusCall]:
+        """The calls, each answered (assertion error for any that failed). `excluding`: (from, to)
+        monotonic times when the master is known not to answer (an upgrade's exec); calls that overlap
+        them are left out. `refusal`: an answer with this text counts as answered (a refusal expected)."""
+        windows = list(excluding)
+        kept = [call for call in self.calls
+                if not any(call.started < end and call.started + call.seconds > begin for begin, end in windows)]
+        failed = [call.error for call in kept if call.error and not (refusal and refusal in call.error)]
+        assert not failed, f"{len(failed)} of {len(kept)} status calls failed: {failed[:3]}"
+        return kept
+
+    def check(self, p95: float = 0.1, worst: float = 1.5, cpu: float = 0.05,
+              excluding: Iterable[tuple[float, float]] = (), refusal: str = "", rss_before: int | None = None,
+              rss_growth: int = 48 << 20) -> str:
+        """Assert every status was answered, the 95th percentile within `p95` seconds, the slowest within
+        `worst`, the master never ran more than `cpu` seconds while one waited, and (given `rss_before`)
+        its RSS grew by less than `rss_growth`; a summary. `excluding`, `refusal`: as for answered()."""
+        calls = self.answered(excluding, refusal)
+        assert len(calls) >= 5, f"only {len(calls)} status calls: the attack was too short to watch"
+        seconds = [call.seconds for call in calls]
+        p50, p95_seen = statistics.median(seconds), percentile(seconds, 0.95)
+        slowest = max(calls, key=lambda call: call.seconds)
+        busiest = max(calls, key=lambda call: call.cpu)
+        summary = (f"status p50 {p50 * 1000:.1f} ms, p95 {p95_seen * 1000:.1f} ms, "
+                   f"max {slowest.seconds * 1000:.1f} ms (the master on a CPU {slowest.cpu * 1000:.0f} ms, waiting "
+                   f"for one {slowest.waited * 1000:.0f} ms), {len(calls)} calls; the master's most CPU during one "
+                   f"{busiest.cpu * 1000:.0f} ms")
+        assert p95_seen <= p95 and slowest.seconds < worst and busiest.cpu < cpu, summary
+        if rss_before is not None:
+            top = max(self.rss, default=rss_before)
+            summary += f"; master RSS {rss_before >> 20} -> {top >> 20} MiB"
+            assert top - rss_before < rss_growth, summary
+        return summary
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds a process has run on a CPU, and waited runnable for one (0, 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            ran, waited, _slices = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value that at least a fraction q of `values` do not exceed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * q) - 1)] if ordered else 0.0
+
+
+@contextlib.contextmanager
+def watching_status(sup: Supervisor, interval: float = 0.1) -> Iterator[StatusWatch]:
+    """A StatusWatch running for the block."""
+    watch = StatusWatch(sup, interval)
+    thread = threading.Thread(target=watch.run, daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        watch._stop.set()
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
+from typing import TYPE_CHECKING
 
 import structlog
 import uvloop
@@ -22,6 +24,9 @@ from supervisor.model import preflight
 from supervisor.process import reexec
 from supervisor.protocol import framing
 from supervisor.system import fdstore, limits, logs
+
+if TYPE_CHECKING:
+    from supervisor.daemon.master import Master
 
 log = structlog.get_logger()
 
@@ -110,6 +115,7 @@ async def _adopt(state_fd: int) -> int:
     from supervisor.daemon.master import Master
 
     state: dict[str, object] = {}
+    master: Master | None = None
     try:
         state = reexec.read_state(state_fd)
         master = Master(handover.config_of(state))
@@ -118,24 +124,51 @@ async def _adopt(state_fd: int) -> int:
     except Exception as exc:
         # The check step makes this unlikely (it imports the new code, it does not adopt). The workers
         # are this process's children and die with it (parent-death signal): stay alive, say so
-        # loudly and to the client that asked, and let the operator decide (TERM ends all).
+        # loudly, to the client that asked and to every later one, and let the operator decide (TERM
+        # ends all).
         log.critical("upgrade_adopt_failed", exc_info=True,
                      advice="workers still serve; restart supervisord to take control of them again")
-        _answer_upgrade(state, f"upgrade failed while the new code took over the state: {type(exc).__name__}: "
-                               f"{exc}; the workers serve on, but supervisord no longer answers: restart it")
+        reason = f"upgrade failed while the new code took over the state: {type(exc).__name__}: {exc}"
+        _answer_upgrade(state, f"{reason}; the workers serve on, but supervisord takes no more requests: restart it")
+        await _refuse_requests(master, state, f"{reason}; the workers serve on, but supervisord takes no requests "
+                                              "until it is restarted")
         await _wait_for_a_stop_signal()
         return EXIT_FAILED
 
 
 def _answer_upgrade(state: dict[str, object], error: str) -> None:
-    """Tell the client waiting for the upgrade (its connection crossed the exec) that it failed."""
+    """Tell the clients waiting for the upgrade, and those whose requests waited behind it (their
+    connections crossed the exec), that it failed."""
     handed = state.get("requests")
-    fd = handed[0].get("fd") if isinstance(handed, list) and handed and isinstance(handed[0], dict) else None
-    if isinstance(fd, int):
+    for request in handed if isinstance(handed, list) else []:
+        fd = request.get("fd") if isinstance(request, dict) else None
+        if isinstance(fd, int):
+            try:
+                os.write(fd, framing.encode({"ok": False, "error": error}))
+            except OSError:
+                pass  # it gave up, or the new code had answered it already
+
+
+async def _refuse_requests(master: Master | None, state: dict[str, object], error: str) -> None:
+    """Answer every later control request at once with `error`: nobody takes them any more, and a
+    client (`status`, `systemctl reload`) would otherwise wait for its timeout."""
+    from supervisor.daemon.control import ControlServer
+    from supervisor.daemon.events import ControlRequest, Event
+
+    def refuse(event: Event) -> None:
+        if isinstance(event, ControlRequest):
+            event.reply.finish(False, error)
+
+    if master is not None and master.endpoints.control is not None:  # it serves the socket already
+        master.endpoints.control.post = refuse
+        return
+    endpoints = state.get("endpoints")
+    fd = endpoints.get("control_fd") if isinstance(endpoints, dict) else None
+    if isinstance(fd, int):  # the failure came before the new code took its control socket over
         try:
-            os.write(fd, framing.encode({"ok": False, "error": error}))
+            await ControlServer("", 0, refuse).start(socket.socket(fileno=fd))
         except OSError:
-            pass  # it gave up, or the new code had answered it already
+            pass  # not a socket after all: the clients wait for their timeout
 
 
 async def _wait_for_a_stop_signal() -> None:

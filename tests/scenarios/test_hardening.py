@@ -12,13 +12,10 @@ import json
 import os
 import resource
 import socket
-import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -27,10 +24,19 @@ import yaml
 
 from supervisor.config.schema import LogLimit
 from supervisor.daemon import control, output
-from supervisor.errors import ControlError
 from supervisor.process import worker
 from supervisor.system import limits
-from tests.harness import BIN, PYTHON, Supervisor, program, request, supervisor, wait_for
+from tests.harness import (
+    BIN,
+    PYTHON,
+    StatusWatch,
+    Supervisor,
+    program,
+    request,
+    supervisor,
+    wait_for,
+    watching_status,
+)
 
 pytestmark = pytest.mark.usefixtures("netns")
 
@@ -39,55 +45,15 @@ STATUS_BOUND = 1.5  # seconds: the slowest `status` allowed during an attack (2 
 RSS_GROWTH = 48 << 20  # bytes the master may grow during an attack (was 238 MiB for a stderr flood)
 
 
-@dataclass
-class Watch:
-    """`status` every 0.1 s and the master's RSS, from a thread, while an attack runs."""
-
-    sup: Supervisor
-    latencies: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    rss: list[int] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        assert self.sup.proc is not None
-        master = psutil.Process(self.sup.proc.pid)
-        while not self._stop.wait(0.1):
-            started = time.monotonic()
-            try:
-                ask_status(self.sup)
-                self.latencies.append(time.monotonic() - started)
-            except (OSError, ValueError, AssertionError, ControlError) as exc:
-                self.failures.append(repr(exc))
-            self.rss.append(master.memory_info().rss)
-
-    def check(self, rss_before: int) -> str:
-        """Assert the master stayed responsive and small; a summary for the test's message."""
-        assert not self.failures, self.failures
-        assert len(self.latencies) >= 3, "the attack was too short to watch"
-        assert max(self.latencies) < STATUS_BOUND, f"status took up to {max(self.latencies):.2f} s"
-        assert max(self.rss) - rss_before < RSS_GROWTH, f"master RSS {rss_before >> 20} -> {max(self.rss) >> 20} MiB"
-        p50, worst = statistics.median(self.latencies) * 1000, max(self.latencies) * 1000
-        return (f"status p50 {p50:.0f} ms, max {worst:.0f} ms ({len(self.latencies)} calls); "
-                f"master RSS {rss_before >> 20} -> {max(self.rss) >> 20} MiB")
+def watching(sup: Supervisor) -> contextlib.AbstractContextManager[StatusWatch]:
+    """`status` every 0.1 s and the master's RSS, from a thread, while an attack runs (tests/harness.py)."""
+    return watching_status(sup)
 
 
-def ask_status(sup: Supervisor) -> None:
-    """One `status` through supervisorctl's own code (it waits while the accept queue is full, EAGAIN)."""
-    final = sup.request("status", timeout=10)
-    assert final.get("ok"), final
-
-
-@contextlib.contextmanager
-def watching(sup: Supervisor) -> Iterator[Watch]:
-    watch = Watch(sup)
-    thread = threading.Thread(target=watch.run, daemon=True)
-    thread.start()
-    try:
-        yield watch
-    finally:
-        watch._stop.set()
-        thread.join(timeout=30)
+def checked(watch: StatusWatch, rss_before: int) -> str:
+    """The master stayed responsive (every status within STATUS_BOUND) and small; a summary."""
+    return watch.check(p95=STATUS_BOUND, worst=STATUS_BOUND, cpu=STATUS_BOUND, rss_before=rss_before,
+                       rss_growth=RSS_GROWTH)
 
 
 def master(sup: Supervisor) -> psutil.Process:
@@ -139,7 +105,7 @@ def flood_stderr(tmp_path: Path, mode: str) -> tuple[list[str], int, str, int]:
             # `tail` has it even when the log's budget (log_limit) had none left for it.
             wait_for("the line after it", lambda: sup.ctl("tail", "-n", "1", "noisy").stdout.endswith(
                 " stderr: after the flood\n"), timeout=10)
-        summary = watch.check(rss_before)
+        summary = checked(watch, rss_before)
         untouched(sup, pids)
         time.sleep(output.REPORT_INTERVAL + 0.2)  # the last worker_output_dropped is due
         lines = [e["line"] for e in sup.events("worker_stderr") if e["program"] == "noisy"]
@@ -207,7 +173,7 @@ def test_the_notify_socket_admits_only_the_workers_users_and_a_flood_of_stranger
             out = flood.communicate(timeout=30)[0].split()
         elapsed = time.monotonic() - started
         cpu = sum(master(sup).cpu_times()[:2]) - sum(cpu_before[:2])
-        summary = watch.check(rss_before)
+        summary = checked(watch, rss_before)
         assert reload.returncode == 0, reload.stdout + reload.stderr
         assert serving_pids(sup).isdisjoint(pids) and request()[0] == 200
     print(f"{out[1]} datagrams in 3 s from a non-worker; master CPU {cpu / elapsed:.0%} over {elapsed:.1f} s; "
@@ -267,7 +233,7 @@ def test_a_stranger_holding_1100_control_connections(open_socket: Supervisor) ->
         while attacker.poll() is None:
             fds.append(master(sup).num_fds())
             time.sleep(0.05)
-    summary = watch.check(rss_before)
+    summary = checked(watch, rss_before)
     answers = json.loads(attacker.communicate(timeout=30)[0])
     assert answers == {"permission denied for uid 65534 (only root and the daemon's user may use this socket)": 1100}
     assert max(fds) < 300, f"the master held up to {max(fds)} fds"
