@@ -16,10 +16,12 @@ libraries give them, so the usual dashboards read them. No series is one that ca
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -41,6 +43,11 @@ MAX_CLIENTS = 64  # HTTP connections at once; more are closed unanswered (each p
 # nothing) cannot take the slots the kubelet's probes and Prometheus need.
 MAX_PER_PEER = 4
 HEAD_TIMEOUT = 1.0  # seconds a client has to send its request head (a probe sends it at once)
+# When every slot is taken (neighbours from many addresses), a new connection may take the slot of the
+# oldest one that has sent no request head yet: at once if the new one comes from an address that has
+# sent a whole request before (the kubelet, Prometheus: `known`), else once that one has waited this long.
+EVICT_AFTER = 0.1
+MAX_KNOWN = 256  # addresses remembered for having sent a whole request (the most recent ones)
 # The listen backlog: a burst of connections (a neighbour's flood) that fills the accept queue makes the
 # kernel drop the next SYNs, a probe's too, and its client retries after 1 s: the kubelet's default probe
 # timeout. The loop accepts (and closes the excess) far faster than a burst of this size arrives. Given to
@@ -265,6 +272,8 @@ class MetricsServer:
         self.starting: tuple[asyncio.Task[asyncio.Server], socket.socket] | None = None
         self.clients = 0
         self.peers: dict[str, int] = {}  # open connections by peer address
+        self.waiting: dict[int, _Client] = {}  # those still without a request head, oldest first
+        self.known: collections.OrderedDict[str, None] = collections.OrderedDict()  # MAX_KNOWN addresses
 
     async def open(self, settings: Metrics | None) -> None:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
@@ -317,23 +326,49 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         peer = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
-        if self.clients >= MAX_CLIENTS or self.peers.get(peer, 0) >= MAX_PER_PEER:
+        known = peer in self.known
+        if self.peers.get(peer, 0) >= MAX_PER_PEER or (self.clients >= MAX_CLIENTS and not self._evict(known)):
             writer.close()
             return
+        client = _Client(peer, asyncio.get_running_loop().time(), writer, known)
         self.clients += 1
         self.peers[peer] = self.peers.get(peer, 0) + 1
         try:
-            await self._serve(reader, writer)
+            self.waiting[id(client)] = client
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
+            self.waiting.pop(id(client), None)
+            self.known[peer] = None
+            self.known.move_to_end(peer)
+            while len(self.known) > MAX_KNOWN:
+                self.known.popitem(last=False)
+            await self._serve(head, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass
         finally:
-            self.clients -= 1
-            if (left := self.peers.pop(peer) - 1) > 0:
-                self.peers[peer] = left
+            self._free(client)
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
+    def _evict(self, known: bool) -> bool:
+        """Every slot is taken: free the slot of the oldest client, from an address not known, still
+        without a request head, if it has waited EVICT_AFTER or the new one is `known`. False when
+        there is none (the new connection is closed)."""
+        now = asyncio.get_running_loop().time()
+        oldest = next((c for c in self.waiting.values() if not c.known), None)
+        if oldest is None or (not known and now - oldest.started < EVICT_AFTER):
+            return False
+        self._free(oldest)
+        oldest.writer.transport.abort()  # its read ends; its task finds its slot freed already
+        return True
+
+    def _free(self, client: _Client) -> None:
+        self.waiting.pop(id(client), None)
+        if client.counted:
+            client.counted = False
+            self.clients -= 1
+            if (left := self.peers.pop(client.peer) - 1) > 0:
+                self.peers[client.peer] = left
+
+    async def _serve(self, head: bytes, writer: asyncio.StreamWriter) -> None:
         parts = head.split(b"\r\n", 1)[0].split()
         if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
             return _respond(writer, 405, TEXT, b"only GET\n", head=False)
@@ -346,6 +381,17 @@ class MetricsServer:
             code, kind, body = 503, TEXT, b"the master's loop did not answer in time\n"
         _respond(writer, code, kind, body, head=parts[0] == b"HEAD")
         await asyncio.wait_for(writer.drain(), timeout=REQUEST_TIMEOUT)  # a client that does not read: closed
+
+
+@dataclass(eq=False)
+class _Client:
+    """A connection holding a slot: whose, since when, and whether it still counts."""
+
+    peer: str
+    started: float
+    writer: asyncio.StreamWriter
+    known: bool  # from an address that has sent a whole request before
+    counted: bool = True
 
 
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
