@@ -1,7 +1,8 @@
 """`supervisorctl`: talk to a running supervisord through its control socket.
 
 Exit status (a contract): 0 done; 1 the daemon refused or rolled back the request (the reason is
-printed); 2 bad command line or unreadable config; 3 no daemon answers on the control socket.
+printed); 2 bad command line or unreadable config (or an installation shared with another distribution);
+3 no daemon answers on the control socket.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 # Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
 # psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
+from supervisor import install
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
 from supervisor.protocol import framing
@@ -38,13 +40,14 @@ EPILOG = """commands:
                       the last N (default 10) stderr lines of the program's workers; -f: then follow
                       until Ctrl-C
 
-exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
-3 no supervisord answers on the control socket"""
+exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error (or an
+installation shared with another distribution), 3 no supervisord answers on the control socket"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="supervisorctl", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=install.PrintVersion)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("-c", "--config", help="the daemon's YAML file (to find its control socket)")
     where.add_argument("-s", "--socket", help="the control socket itself")
@@ -79,6 +82,8 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if install.refuse_if_mixed("supervisorctl"):  # one line instead of a traceback from a replaced file
+        return EXIT_USAGE
     try:
         args = parse_args(argv)
     except SystemExit as exc:
