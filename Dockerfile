@@ -21,7 +21,8 @@ COPY supervisor ./supervisor
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-cache-dir --disable-pip-version-check . \
     && rm -rf build ./*.egg-info \
-    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin supervisor \
+    && groupadd --system --gid 10001 supervisor \
+    && useradd --system --uid 10001 --gid supervisor --home-dir /nonexistent --shell /usr/sbin/nologin supervisor \
     && install -d -o supervisor -g supervisor -m 0700 /run/reuseport-supervisor
 COPY config/container.yaml /etc/reuseport-supervisor/supervisor.yaml
 

@@ -114,6 +114,34 @@ def test_installed_alone_it_names_itself_serves_the_demo_and_answers(release: Re
             daemon.wait()
 
 
+def test_make_run_says_what_it_does_with_the_sysctl_before_it_starts(release: Release, netns: None) -> None:
+    """`make run` (here with the release's venv, which has what running needs) says in one line, before
+    supervisord starts, that it will set net.ipv4.tcp_migrate_req in this network namespace (as root),
+    then runs config/example.yaml's demo; the sysctl is 1 afterwards, as it said."""
+    (release.venv / ".installed-run").touch()  # what running needs is installed: make only runs it
+    assert _sysctl() == "0"
+    make = subprocess.Popen(["make", "--no-print-directory", "-C", str(ROOT), "run", f"VENV={release.venv}"],
+                            env=release.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert make.stdout is not None
+        said = make.stdout.readline()
+        assert said.startswith("make run: supervisord will set net.ipv4.tcp_migrate_req=1 in this network "
+                               "namespace"), said
+        wait_for("the demo serving", lambda: _answers(), timeout=20)
+        assert _sysctl() == "1"
+        done = release.run("supervisorctl", "-c", str(ROOT / "config" / "example.yaml"), "shutdown")
+        assert done.returncode == 0, done
+        assert make.wait(timeout=20) == 0
+    finally:
+        if make.poll() is None:
+            make.kill()
+            make.wait()
+
+
+def _sysctl() -> str:
+    return Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip()
+
+
 def test_classic_supervisor_in_the_same_venv_is_named_in_one_line(release: Release) -> None:
     """Installed over ours, the classic Supervisor owns the commands and `supervisor/__init__.py`; our code
     that still runs (`python -m supervisor.daemon`, `... ctl`) says so in one line, exit status 2. Ours
