@@ -145,6 +145,48 @@ def test_the_image_serves_reloads_under_load_and_stops_on_sigterm(image: tuple[P
         podman("rm", "--force", name, check=False)
 
 
+def test_a_configmap_edit_reloads_the_container_by_itself(image: tuple[Podman, str]) -> None:
+    """The Kubernetes recipe (deploy/kubernetes/): the config mounted as a folder laid out as the kubelet
+    lays out a ConfigMap volume (`supervisor.yaml -> ..data/supervisor.yaml`, `..data -> ..<version>`)
+    lists itself under `watch:`; swapping `..data` to a version with 3 workers reloads the container's
+    supervisord by itself, the demo serving throughout."""
+    podman, tag = image
+    volume = CACHE / f"configmap-{os.getpid()}"  # not under /tmp/pytest-of-root (0700): uid 10001 reads it
+    text = (ROOT / "config" / "container.yaml").read_text() + f"watch: [{CONFIG}]\n"
+    _configmap(volume, "..v1", text)
+    os.symlink("..data/supervisor.yaml", volume / "supervisor.yaml")
+    name = f"reuseport-supervisor-configmap-{os.getpid()}"
+    podman("run", "--detach", "--name", name, "--network", "none", "--health-interval", "disable",
+           "--volume", f"{volume}:{Path(CONFIG).parent}:ro", *_ulimits(), tag)
+    try:
+        with _netns_of(int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)):
+            wait_for("the demo serving in the container", lambda: _answers(), timeout=20)
+            _configmap(volume, "..v2", text.replace("workers: 2", "workers: 3"))
+            wait_for("generation 2 with 3 workers", lambda: _workers(podman, name) == (2, 3), timeout=20)
+            assert _answers()
+    finally:
+        podman("rm", "--force", name, check=False)
+        shutil.rmtree(volume, ignore_errors=True)
+
+
+def _configmap(volume: Path, version: str, text: str) -> None:
+    """Write a version of the volume and point `..data` at it with one rename, as the kubelet does."""
+    (volume / version).mkdir(parents=True)
+    (volume / version / "supervisor.yaml").write_text(text)
+    (volume / "..data_tmp").symlink_to(version)
+    (volume / "..data_tmp").rename(volume / "..data")
+
+
+def _workers(podman: Podman, name: str) -> tuple[int, int]:
+    """(serving generation, its workers) of the program `web`, as `supervisorctl status --json` says."""
+    done = podman("exec", name, "supervisorctl", "-c", CONFIG, "status", "--json", check=False)
+    if done.returncode != 0:
+        return (0, 0)
+    [web] = [p for p in json.loads(done.stdout)["programs"] if p["name"] == "web"]
+    serving = next((g["generation"] for g in web["generations"] if g["state"] == "serving"), 0)
+    return (serving, sum(w["generation"] == serving for w in web["workers"]))
+
+
 def _ulimits() -> list[str]:
     """The limits this process has (podman's defaults are higher, and raising needs CAP_SYS_RESOURCE)."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
