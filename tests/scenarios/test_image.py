@@ -35,6 +35,7 @@ from tests.load import Clients
 pytestmark = pytest.mark.usefixtures("netns")
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/tmp/reuseport-supervisor-tests")
+RUNROOT = "/run/reuseport-supervisor-tests"  # podman's state of running containers (and its tmp_dir): not the host's
 MIRROR = "http://deb.debian.org/debian"
 BASE_RECIPE = ["--variant=minbase", "--include=python3,python3-venv", "bookworm"]
 CONFIG = "/etc/reuseport-supervisor/supervisor.yaml"
@@ -51,12 +52,12 @@ class Podman:
         conf = CACHE / "containers.conf"
         runtime = "runc" if Path("/sys/fs/cgroup/unified").is_dir() else "crun"  # hybrid cgroups: crun refuses
         conf.write_text(f'[containers]\ndefault_sysctls = []\n[engine]\nruntime = "{runtime}"\n'
-                        'cgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+                        f'cgroup_manager = "cgroupfs"\nevents_logger = "file"\ntmp_dir = "{RUNROOT}/libpod"\n'
                         '[network]\nnetwork_backend = "netavark"\n')
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
         overlay_below = subprocess.run(["stat", "-f", "-c", "%T", str(CACHE)], capture_output=True, text=True)
         driver = "vfs" if overlay_below.stdout.strip() == "overlayfs" else "overlay"  # no overlay on overlay
-        self.base = ["podman", "--root", str(CACHE / f"store-{driver}"), "--runroot", "/run/reuseport-supervisor-tests",
+        self.base = ["podman", "--root", str(CACHE / f"store-{driver}"), "--runroot", RUNROOT,
                      "--storage-driver", driver]
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
