@@ -161,7 +161,7 @@ def test_classic_supervisor_in_the_same_venv_is_named_in_one_line(release: Relea
 
     release.pip("uninstall", "-y", "supervisor")
     _says_in_one_line(release.run("python", "-m", "supervisor.daemon", "-c", str(config)),
-                      "files of reuseport-supervisor")
+                      f"reuseport-supervisor {__version__} misses")
     release.pip("install", "--force-reinstall", "--no-deps", str(release.wheel))
     assert release.run("supervisorctl", "--version").stdout == f"reuseport-supervisor {__version__}\n"
 
