@@ -14,17 +14,19 @@ FROM ${BASE}
 # system pip refuses to install: PEP 668), and `python` in the config is the venv's.
 ENV VIRTUAL_ENV=/opt/reuseport-supervisor/venv
 ENV PATH=/opt/reuseport-supervisor/venv/bin:$PATH
-WORKDIR /opt/reuseport-supervisor
-COPY pyproject.toml README.md ./
-COPY supervisor ./supervisor
+# The source goes to a folder of its own and away after the install: the workers' `python -m ...` then
+# imports the venv's package, the one supervisord runs, not a copy in the working folder.
+COPY pyproject.toml README.md /tmp/src/
+COPY supervisor /tmp/src/supervisor
 # setpriv (parent-death signal of every worker) comes with util-linux, part of every Debian base.
 RUN python3 -m venv "$VIRTUAL_ENV" \
-    && pip install --no-cache-dir --disable-pip-version-check . \
-    && rm -rf build ./*.egg-info \
+    && pip install --no-cache-dir --disable-pip-version-check /tmp/src \
+    && rm -rf /tmp/src \
     && groupadd --system --gid 10001 supervisor \
     && useradd --system --uid 10001 --gid supervisor --home-dir /nonexistent --shell /usr/sbin/nologin supervisor \
     && install -d -o supervisor -g supervisor -m 0700 /run/reuseport-supervisor
 COPY config/container.yaml /etc/reuseport-supervisor/supervisor.yaml
+WORKDIR /opt/reuseport-supervisor
 
 # Not root: the sysctl comes from the container runtime (--sysctl, or the pod's securityContext), and
 # `migrate: prefer` in the config starts without migration (one warning) where it cannot be set.

@@ -123,6 +123,8 @@ def test_the_image_serves_reloads_under_load_and_stops_on_sigterm(image: tuple[P
         with _netns_of(pid):
             wait_for("the demo serving in the container", lambda: _answers(), timeout=20)
             wait_for("the HEALTHCHECK passing", lambda: podman("healthcheck", "run", name, check=False).returncode == 0)
+            where = podman("exec", name, "python", "-c", "import supervisor.demo as d; print(d.__file__)").stdout
+            assert where.startswith("/opt/reuseport-supervisor/venv/lib/"), where  # what the workers import
             with Clients("127.0.0.1:8000", concurrency=64, seconds=30) as load:
                 time.sleep(1.0)
                 reload = podman("exec", name, "supervisorctl", "-c", CONFIG, "reload", timeout=60)
