@@ -1,7 +1,8 @@
 """`supervisorctl`: talk to a running supervisord through its control socket.
 
 Exit status (a contract): 0 done; 1 the daemon refused or rolled back the request (the reason is
-printed); 2 bad command line or unreadable config; 3 no daemon answers on the control socket.
+printed); 2 bad command line or unreadable config (or an installation shared with another distribution);
+3 no daemon answers on the control socket.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 # Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
 # psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
-from supervisor import __version__
+from supervisor import __version__, install
 from supervisor.config.locate import DEFAULT_PATH, ENV, locate
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
@@ -53,8 +54,8 @@ states (the STATE column, for programs and workers alike):
 the config file (to find the control socket): -c FILE, else $SUPERVISOR_CONFIG, else
 """ + DEFAULT_PATH + """; -s SOCKET names the control socket itself
 
-exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error,
-3 no supervisord answers on the control socket"""
+exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error (or an
+installation shared with another distribution), 3 no supervisord answers on the control socket"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("-c", "--config", help=f"the daemon's YAML file, to find its control socket (default: "
                                               f"${ENV}, else {DEFAULT_PATH})")
     where.add_argument("-s", "--socket", help="the control socket itself")
-    parser.add_argument("--version", action="version", version=f"supervisorctl {__version__}")
+    parser.add_argument("--version", action=install.PrintVersion)
     parser.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                         help="how long to wait for the answer (default 600); then exit 3")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -104,6 +105,8 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if install.refuse_if_mixed("supervisorctl"):  # one line instead of a traceback from a replaced file
+        return EXIT_USAGE
     try:
         args = parse_args(argv)
     except SystemExit as exc:
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stream:
             request["stream"] = args.stream
     if args.command == "version":
-        print(f"supervisorctl {__version__}", flush=True)  # whether a daemon answers or not
+        print(f"supervisorctl (reuseport-supervisor) {__version__}", flush=True)  # whether a daemon answers or not
     try:
         final = None
         # tail -f waits for lines as long as the user wants: --timeout bounds only the connect.
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         print(json.dumps(final["data"], indent=2) if args.json else table.render(final["data"]))
     elif args.command == "version":
-        print(f"supervisord {final['data']['version']}")
+        print(f"supervisord (reuseport-supervisor) {final['data']['version']}")
     elif args.command != "tail":
         print(final.get("message", "ok"))
     return EXIT_OK

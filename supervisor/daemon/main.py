@@ -1,7 +1,7 @@
 """`supervisord [-c FILE]`: run the master in the foreground until SIGTERM/SIGINT (or `shutdown`).
 
 Exit status: 0 after a clean shutdown, 1 when the first generation or the migration setup failed,
-2 for a bad command line or config file.
+2 for a bad command line or config file, or an installation shared with another distribution.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 import uvloop
 
-from supervisor import __version__
+from supervisor import install
 from supervisor.config import locate, schema
 from supervisor.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from supervisor.model import preflight
@@ -32,17 +32,19 @@ log = structlog.get_logger()
 
 
 def main(argv: list[str] | None = None) -> int:
+    if install.refuse_if_mixed("supervisord"):  # before anything imports what another install replaced
+        return EXIT_USAGE
     parser = argparse.ArgumentParser(
         prog="supervisord", description="Run web workers on SO_REUSEPORT listeners; reload with zero loss.",
         epilog="Signals: HUP reload, TERM/INT graceful stop, QUIT fast stop, USR1 reopen the log file, "
                "USR2 upgrade in place (as `supervisorctl upgrade`), TTIN/TTOU one worker more/less per program. "
-               "Exit status: 0 clean stop, 1 start failed, 2 bad usage or config.")
+               "Exit status: 0 clean stop, 1 start failed, 2 bad usage or config (or a mixed installation).")
     parser.add_argument("-c", "--config", help=f"YAML configuration file (default: ${locate.ENV}, else "
                                                f"{locate.DEFAULT_PATH})")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["console", "json"], help="default: console on a TTY, else json")
     parser.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=install.PrintVersion)
     parser.add_argument(reexec.CHECK_OPTION, metavar="FORMAT", help=argparse.SUPPRESS)  # `supervisorctl upgrade`
     args = parser.parse_args(argv)
     try:
@@ -81,6 +83,8 @@ def _check_upgrade(state_format: str, config_path: str) -> int:
     """`--upgrade-check`, run by the master about to exec this code: import everything the daemon runs,
     load the config, and say whether this code reads the state format; print the version and exit 0,
     or say why not and exit 1."""
+    from supervisor import __version__
+
     try:
         from supervisor.daemon import master  # noqa: F401  # and with it every module the daemon runs
 

@@ -1,5 +1,6 @@
 """In a container: supervisord as PID 1 (and as a plain subreaper) reaps orphans and kills what a
-worker left behind when that worker goes; the Dockerfile and the Kubernetes example say what they must."""
+worker left behind when that worker goes; the Dockerfile says what it must (test_image.py builds and
+runs it, tests/unit/test_kubernetes.py checks the Kubernetes manifests)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from supervisor.config.schema import parse
 from tests.harness import PYTHON, Supervisor, program, request, wait_for
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -155,23 +154,3 @@ def test_the_dockerfile_runs_supervisord_as_pid_1() -> None:
             *sources, _target = line.split()[1:]
             for source in sources:
                 assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repository"
-
-
-def test_the_kubernetes_example_runs_on_a_stock_cluster_with_probes(tmp_path: Path) -> None:
-    """The manifest asks for no unsafe sysctl (a stock cluster admits it; `prefer` drains there), names
-    the probes, and its supervisor.yaml is a valid config."""
-    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text()) if d]
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    assert "sysctls" not in pod["securityContext"]
-    container = pod["containers"][0]
-    assert container["livenessProbe"] and container["readinessProbe"]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["supervisor.yaml"]
-    assert yaml.safe_load(config)["watch"], "the example reloads when its mounted Secret changes"
-    assert yaml.safe_load(config)["migrate"] == "prefer"
-    for name in ("tls.crt", "tls.key"):  # the Secret's files, mounted at /etc/tls in the pod
-        (tmp_path / name).write_text("PEM")
-    parsed = parse(config.replace("/etc/tls/", f"{tmp_path}/"), str(tmp_path / "supervisor.yaml"))
-    assert parsed.metrics is not None and str(parsed.metrics.listen) == "0.0.0.0:9150"
-    assert {probe["httpGet"]["path"] for probe in (container["livenessProbe"], container["readinessProbe"])} \
-        == {"/healthz", "/readyz"}

@@ -60,8 +60,8 @@ def test_without_flags_through_the_environment(tmp_path: Path) -> None:
     finally:
         sup.kill()
     assert status.returncode == 0 and "web:0" in status.stdout and "api:0" in status.stdout, status.stderr
-    assert version.returncode == 0 and version.stdout.splitlines() == [f"supervisorctl {__version__}",
-                                                                       f"supervisord {__version__}"]
+    assert version.returncode == 0 and version.stdout.splitlines() == [
+        f"supervisorctl (reuseport-supervisor) {__version__}", f"supervisord (reuseport-supervisor) {__version__}"]
     assert one.returncode == 0 and [p["name"] for p in json.loads(one.stdout)["programs"]] == ["api"]
     assert (unknown.returncode, unknown.stdout, unknown.stderr) == (
         1, "", "supervisorctl: status failed: no program named 'nope'\n")

@@ -87,11 +87,13 @@ class TestExample:
         assert schema.control_socket(path) == cfg.control.socket
 
     def test_the_container_config_serves_on_every_interface(self) -> None:
-        """config/container.yaml (the Dockerfile's): the demo on 0.0.0.0:8000, socket in /run/supervisor."""
+        """config/container.yaml (the Dockerfile's): the demo on 0.0.0.0:8000, socket in /run/reuseport-supervisor,
+        metrics on 9150 (the image's HEALTHCHECK asks its /healthz)."""
         cfg = schema.load(ROOT / "config" / "container.yaml")
         [web] = cfg.programs
         assert [str(a) for a in web.listen] == ["0.0.0.0:8000"] and cfg.migrate is MigrateMode.PREFER
-        assert cfg.control.socket == "/run/supervisor/supervisor.sock"
+        assert cfg.control.socket == "/run/reuseport-supervisor/supervisor.sock"
+        assert cfg.metrics is not None and str(cfg.metrics.listen) == "0.0.0.0:9150"
 
 
 class TestErrors:

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "supervisor"
 # folders of one layer (the daemon and supervisorctl) do not import each other.
 LAYERS: list[set[str]] = [
     {"supervisor", "supervisor.errors"},
+    {"supervisor.install"},  # the installation's version and integrity: the commands ask it first
     {"supervisor.config"},
     {"supervisor.protocol"},
     {"supervisor.system"},
@@ -48,7 +49,7 @@ def room(module: str) -> str:
     if len(parts) == 1:
         return "supervisor"
     if f"supervisor.{parts[1]}" in MODULES and len(parts) == 2 and not (PACKAGE / parts[1]).is_dir():
-        return module  # a top-level module: errors, demo
+        return module  # a top-level module: errors, install, demo
     return f"supervisor.{parts[1]}"
 
 

@@ -130,6 +130,6 @@ class TestHelp:
         assert main.main(["status", "--help"]) == 0
         status = capsys.readouterr().out
         assert main.main(["--version"]) == 0
-        assert capsys.readouterr().out == f"supervisorctl {__version__}\n"
+        assert capsys.readouterr().out == f"reuseport-supervisor {__version__}\n"
         assert table.states_help() in top and table.states_help() in status
         assert "$SUPERVISOR_CONFIG" in top and DEFAULT_PATH in top and "restart PROGRAM" in top
