@@ -17,7 +17,6 @@ from supervisor.daemon.stops import StopWaiters
 from supervisor.daemon.watcher import Watcher
 from supervisor.model.drain import Departures
 from supervisor.model.generation import Spawner
-from supervisor.model.program import ProgramRuntime
 from supervisor.process.preload import Templates
 from supervisor.system.fdstore import FdStore, Inherited
 from supervisor.system.listeners import Groups
@@ -59,7 +58,6 @@ class Host(Facts, Protocol):
     @property
     def stop_waiters(self) -> StopWaiters: ...
 
-    def running(self, name: str) -> ProgramRuntime: ...
 
     # -- the master's fields, changed by the master on request
     def enable_migration(self, mode: MigrateMode) -> None: ...

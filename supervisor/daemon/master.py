@@ -47,12 +47,10 @@ from supervisor.daemon.stops import StopWaiters
 from supervisor.daemon.tally import Tally
 from supervisor.daemon.watcher import Watcher
 from supervisor.errors import EXIT_FAILED, EXIT_OK, ConfigError, ControlError, SupervisorError
-from supervisor.model import reload as reloading
 from supervisor.model.drain import Departures
 from supervisor.model.exit import StartFailed
 from supervisor.model.generation import Generation, Spawner
-from supervisor.model.plan import plan_reload, plan_restart, plan_start
-from supervisor.model.program import ProgramRuntime, names, serving
+from supervisor.model.program import ProgramRuntime, serving
 from supervisor.model.reload import Reload, ReloadKind
 from supervisor.process import preload
 from supervisor.process.worker import Spawner as ProcessSpawner
@@ -289,30 +287,11 @@ class Master:
             elif isinstance(request, requests.Stop):
                 retiring.stop_program(self, request.program, reply)
             elif isinstance(request, requests.Start | requests.Restart):
-                self.start(request, reply)
+                self.reloads.start(request, reply)
             elif isinstance(request, requests.Reload):
-                self.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
-                config, bundles = reloading.load_new_config(self.config, reply, request.programs)
-                plan = plan_reload(config, names(self.programs, running=True), names(self.programs, by_hand=True),
-                                   request.programs)
-                if moved := self.metrics.move(config.metrics):
-                    reply.progress(moved)
-                self.reloads.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
+                self.reloads.reload(request, reply, self.metrics.move)
         except (ConfigError, ControlError, migrate.MigrateError) as exc:
             self.refuse(event, str(exc))
-
-    def start(self, request: requests.Start | requests.Restart, reply: Reply) -> None:
-        """`start` (a program not running, or FATAL) or `restart` (a running one, with the settings it runs):
-        a new generation, ready before the serving one retires, as in a reload of that program alone."""
-        running = names(self.programs, running=True)
-        if isinstance(request, requests.Restart):
-            kind, plan = ReloadKind.RESTART, plan_restart(self.config, request.program, running)
-        else:
-            kind, plan = ReloadKind.START, plan_start(self.config, request.program, running,
-                                                      names(self.programs, fatal=True))
-        # A new generation: its files are checked (and copied) anew, as at a reload.
-        bundles = reloading.check(self.config, reply, only=request.program)
-        self.reloads.begin(kind, self.config, reply, bundles, plan)
 
     def refuse(self, event: ev.ControlRequest, reason: str) -> None:
         """Answer a request that changed nothing."""
@@ -379,15 +358,6 @@ class Master:
         # (docs/configuration.md, "migrate").
         say = log.warning if mode is MigrateMode.PREFER and not self.migration.enabled else log.info
         say("migration", mode=mode.value, enabled=self.migration.enabled, detail=self.migration.reason)
-
-    def running(self, name: str) -> ProgramRuntime:
-        """The runtime of a running program, or the ControlError a user should see."""
-        record = self.programs.get(name)
-        if record is not None and record.serving is not None:
-            return record
-        if name in {p.name for p in self.config.programs}:
-            raise ControlError(f"{name} is not running")
-        raise ControlError(f"no program named {name!r}")
 
     # -- children and files ---------------------------------------------------------------------------
 

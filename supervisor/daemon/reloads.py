@@ -16,19 +16,20 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from supervisor.config import tls
-from supervisor.config.schema import Config, Strategy
+from supervisor.config.schema import Config, Metrics, Strategy
 from supervisor.daemon import events as ev
 from supervisor.daemon import retiring, rolls, status, workers
 from supervisor.daemon.host import Host
 from supervisor.errors import SupervisorError
 from supervisor.model.drain import SWITCH_DRAIN, Drain, Shut, Way, way
 from supervisor.model.generation import Generation
-from supervisor.model.plan import ReloadPlan, plan_reload
+from supervisor.model.plan import ReloadPlan, plan_reload, plan_restart, plan_start
 from supervisor.model.program import ProgramRuntime, ProgramState, names
 from supervisor.model.reload import (
     Commit,
@@ -41,6 +42,8 @@ from supervisor.model.reload import (
     Serve,
     Switch,
     SwitchBatch,
+    check,
+    load_new_config,
 )
 from supervisor.model.roll import Roll
 from supervisor.process.worker import Worker, WorkerState
@@ -132,6 +135,32 @@ class Reloads:
             timeout = ev.ReadyTimeout(reload.id, program.name, gen.number)
             reload.timers.append(host.later(program.ready_timeout, timeout))
         self.apply(reload.worker_ready())
+
+    def reload(self, request: requests.Reload, reply: Reply,
+               move_metrics: Callable[[Metrics | None], str | None]) -> None:
+        """`reload [PROGRAM...]`, SIGHUP, `watch:`: the config read and checked again (a ConfigError or
+        ControlError changes nothing), then the new generations begin."""
+        host = self.host
+        host.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
+        config, bundles = load_new_config(host.config, reply, request.programs)
+        plan = plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True),
+                           request.programs)
+        if moved := move_metrics(config.metrics):
+            reply.progress(moved)
+        self.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
+
+    def start(self, request: requests.Start | requests.Restart, reply: Reply) -> None:
+        """`start` (a program not running, or FATAL) or `restart` (a running one, with the settings it runs):
+        a new generation, ready before the serving one retires, as in a reload of that program alone."""
+        host = self.host
+        running = names(host.programs, running=True)
+        if isinstance(request, requests.Restart):
+            kind, plan = ReloadKind.RESTART, plan_restart(host.config, request.program, running)
+        else:
+            kind, plan = ReloadKind.START, plan_start(host.config, request.program, running,
+                                                      names(host.programs, fatal=True))
+        # A new generation: its files are checked (and copied) anew, as at a reload.
+        self.begin(kind, host.config, reply, check(host.config, reply, only=request.program), plan)
 
     def serving_listeners(self, plan: ReloadPlan) -> list[Listener]:
         """The listeners of the serving generations a reload replaces all at once (not those rolling)."""

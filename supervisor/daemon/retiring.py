@@ -12,6 +12,7 @@ import structlog
 from supervisor.daemon import workers
 from supervisor.daemon.host import Host
 from supervisor.model.generation import Generation, GenerationState
+from supervisor.model.program import running
 from supervisor.protocol.reply import Reply
 from supervisor.protocol.words import plural
 
@@ -48,7 +49,7 @@ def forget_if_finished(host: Host, gen: Generation) -> None:
 
 def stop_program(host: Host, name: str, reply: Reply) -> None:
     """`stop NAME`: its serving generation retires; answered once its last worker has exited."""
-    gen = host.running(name).stopping(by_hand=True)
+    gen = running(host.programs, host.config, name).stopping(by_hand=True)
     assert gen is not None
     reply.progress(f"{name}: stopping generation {gen.number} ({plural(len(gen.live_workers), 'worker')})")
     host.stop_waiters.add(gen, reply)

@@ -19,7 +19,7 @@ from supervisor.errors import ControlError, SupervisorError
 from supervisor.model import exit
 from supervisor.model.drain import SWITCH_DRAIN, Departure, Drain, Shut, Way
 from supervisor.model.generation import Generation, GenerationState
-from supervisor.model.program import serving
+from supervisor.model.program import running, serving
 from supervisor.model.restart import Fatal, Restart
 from supervisor.model.slot import SPAWN_RETRY
 from supervisor.process.preload import Answer, Forked
@@ -131,13 +131,13 @@ def scale(host: Host, request: requests.Scale, reply: Reply) -> None:
     """`scale NAME N`, TTIN, TTOU: more workers on fresh listeners, or retire the highest indexes.
     A relative request (`by`, the signals) counts from the workers running now, at least one left."""
     name = request.program
-    gen = host.running(name).serving
+    gen = running(host.programs, host.config, name).serving
     assert gen is not None
     count = request.workers if request.workers is not None else max(1, len(gen.active_slots()) + (request.by or 0))
     if not 1 <= count <= 4096:
         raise ControlError(f"workers must be 1..4096, got {count}")
-    running = {r.name: len(g.active_slots()) for r, g in serving(host.programs)}
-    if problem := limits.scale_problem(host.config, name, count, running):
+    sizes = {r.name: len(g.active_slots()) for r, g in serving(host.programs)}
+    if problem := limits.scale_problem(host.config, name, count, sizes):
         raise ControlError(problem)
     leaving = gen.scale(count, host.clock.time())
     due = gen.due(host.clock.time())

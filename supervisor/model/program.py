@@ -21,7 +21,8 @@ from typing import Any
 import structlog
 
 from supervisor.config import tls
-from supervisor.config.schema import Program
+from supervisor.config.schema import Config, Program
+from supervisor.errors import ControlError
 from supervisor.model.generation import Generation
 from supervisor.model.restart import CrashHistory
 
@@ -45,6 +46,16 @@ def names(programs: Mapping[str, ProgramRuntime], running: bool = False, by_hand
     """Programs with a serving generation, stopped by hand, or FATAL."""
     return [name for name, r in programs.items() if (running and r.serving is not None)
             or (by_hand and r.stopped_by_hand) or (fatal and r.fatal is not None)]
+
+
+def running(programs: Mapping[str, ProgramRuntime], config: Config, name: str) -> ProgramRuntime:
+    """The runtime of a running program (one with a serving generation), or the ControlError a user should see."""
+    record = programs.get(name)
+    if record is not None and record.serving is not None:
+        return record
+    if name in {p.name for p in config.programs}:
+        raise ControlError(f"{name} is not running")
+    raise ControlError(f"no program named {name!r}")
 
 
 def serving(programs: Mapping[str, ProgramRuntime]) -> list[tuple[ProgramRuntime, Generation]]:
