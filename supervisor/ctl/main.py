@@ -47,6 +47,7 @@ EPILOG = """commands:
                       the last N (default 10) lines the program's workers wrote, both streams in the
                       order supervisord read them, or only the one named; -f: then follow until Ctrl-C
   version             this supervisorctl's version and the running supervisord's
+  help [COMMAND]      this help, or a command's
 
 states (the STATE column, for programs and workers alike):
 """ + table.states_help() + """
@@ -90,7 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tail.add_argument("-f", dest="follow", action="store_true")
     tail.add_argument("program")
     tail.add_argument("stream", nargs="?", choices=("stdout", "stderr"), help="only this stream (default: both)")
-    return parser.parse_args(argv)
+    sub.add_parser("help").add_argument("topic", nargs="?", metavar="COMMAND", help="the help of this command")
+    args = parser.parse_args(argv)
+    if args.command == "help":  # as in Supervisor: `help`, `help COMMAND`
+        choices = sub.choices
+        if args.topic is not None and args.topic not in choices:
+            parser.error(f"help: no command named {args.topic!r} (one of {', '.join(choices)})")
+        (choices[args.topic] if args.topic else parser).print_help()
+        parser.exit()
+    return args
 
 
 def _seconds(text: str) -> float:

@@ -133,3 +133,14 @@ class TestHelp:
         assert capsys.readouterr().out == f"reuseport-supervisor {__version__}\n"
         assert table.states_help() in top and table.states_help() in status
         assert "$SUPERVISOR_CONFIG" in top and DEFAULT_PATH in top and "restart PROGRAM" in top
+
+    def test_help_command_as_in_supervisor(self, capsys: Any) -> None:
+        """`supervisorctl help` is --help; `help COMMAND` that command's; an unknown one exits 2 naming them."""
+        from supervisor.ctl import main
+
+        assert main.main(["help"]) == 0
+        assert "help [COMMAND]" in capsys.readouterr().out
+        assert main.main(["help", "tail"]) == 0
+        assert capsys.readouterr().out.startswith("usage: supervisorctl tail ")
+        assert main.main(["help", "nope"]) == 2
+        assert "help: no command named 'nope' (one of status, " in capsys.readouterr().err
