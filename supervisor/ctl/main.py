@@ -16,7 +16,7 @@ import time
 
 # Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
 # psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
-from supervisor import __version__, install
+from supervisor import install
 from supervisor.config.locate import DEFAULT_PATH, ENV, locate
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stream:
             request["stream"] = args.stream
     if args.command == "version":
-        print(f"supervisorctl (reuseport-supervisor) {__version__}", flush=True)  # whether a daemon answers or not
+        print(f"supervisorctl (reuseport-supervisor) {install.version()}", flush=True)  # whether a daemon answers
     try:
         final = None
         # tail -f waits for lines as long as the user wants: --timeout bounds only the connect.
