@@ -340,14 +340,15 @@ def test_first_generation_that_fails_stops_supervisord(tmp_path: Path) -> None:
 
 
 def test_address_in_use_refuses_the_start(tmp_path: Path) -> None:
-    """Another process listens on the port without SO_REUSEPORT: exit 1 with one line naming the address."""
+    """Another process listens on the port without SO_REUSEPORT: refused before anything starts, exit 2
+    with one line naming the address and the process (tests/scenarios/test_first_start.py: with it)."""
     with socket.create_server(("127.0.0.1", 8000)) as taken:
         sup = Supervisor(tmp_path, {"web": program()})
-        assert sup.exit_status_of_refused_start() == 1
+        assert sup.exit_status_of_refused_start() == 2
         assert taken.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1  # untouched
-    [failed] = sup.events("reload_failed")
-    assert "cannot listen on 127.0.0.1:8000: Address already in use" in failed["reason"], failed
-    assert "\n" not in failed["reason"]
+    [failed] = sup.events("preflight_failed")
+    assert f"web: 127.0.0.1:8000 is in use: pid {os.getpid()} (" in failed["problem"], failed
+    assert "\n" not in failed["problem"]
 
 
 def test_supervisorctl_timeout(tmp_path: Path) -> None:
@@ -374,7 +375,8 @@ def test_a_second_supervisord_on_the_same_control_socket_exits_and_leaves_the_fi
     with supervisor(tmp_path, {"web": program()}) as sup:
         (tmp_path / "second").mkdir()
         second = Supervisor(tmp_path / "second", {"web": program()})
-        second.config.write_text(sup.config.read_text())  # the same control socket (an absolute path)
+        # The same control socket (an absolute path), another address (one in use is refused before).
+        second.config.write_text(sup.config.read_text().replace("127.0.0.1:8000", "127.0.0.1:8001"))
         assert second.exit_status_of_refused_start() == 1
         [failed] = second.events("startup_failed")
         assert "another supervisord is already running on this control socket" in failed["error"]
