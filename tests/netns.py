@@ -38,6 +38,25 @@ def private_netns() -> Iterator[None]:
         os.close(home)
 
 
+@contextlib.contextmanager
+def netns_of(pid: int) -> Iterator[None]:
+    """This thread (and what it starts meanwhile) in the network namespace of `pid` for the block, then
+    back: a container's (podman, nspawn), for a load client or a request from the test."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into the network namespace of {pid}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the original network namespace failed")
+    finally:
+        os.close(target)
+        os.close(home)
+
+
 def migrate_sysctl() -> str:
     with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
         return f.read().strip()

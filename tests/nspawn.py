@@ -17,7 +17,6 @@ installed). What each step avoids, learnt the hard way:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import shutil
@@ -29,8 +28,7 @@ from pathlib import Path
 
 import psutil
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from tests.netns import netns_of
 
 # Runs as root in a new cgroup, then in a private mount namespace: the overlay, then nspawn (exec'd,
 # so the pid the test holds is nspawn's and its only child is the container's PID 1).
@@ -163,19 +161,8 @@ class Machine:
     @contextlib.contextmanager
     def network(self) -> Iterator[None]:
         """The calling thread (and what it starts meanwhile) in the container's network namespace."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        theirs = os.open(f"/proc/{self.pid1}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(theirs, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns into the container's network namespace failed")
-            try:
-                yield
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back to the original network namespace failed")
-        finally:
-            os.close(theirs)
-            os.close(home)
+        with netns_of(self.pid1):
+            yield
 
     def console(self) -> str:
         return (self.folder / "console.log").read_text(errors="replace")[-4000:]

@@ -14,8 +14,6 @@ may lack)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -31,6 +29,7 @@ import pytest
 from supervisor import __version__
 from tests.harness import request, wait_for
 from tests.load import Clients
+from tests.netns import netns_of
 
 pytestmark = pytest.mark.usefixtures("netns")
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,8 +39,6 @@ MIRROR = "http://deb.debian.org/debian"
 BASE_RECIPE = ["--variant=minbase", "--include=python3,python3-venv", "bookworm"]
 CONFIG = "/etc/reuseport-supervisor/supervisor.yaml"
 GRACE = 30  # podman stop -t: what Kubernetes' terminationGracePeriodSeconds is by default
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Podman:
@@ -120,7 +117,7 @@ def test_the_image_serves_reloads_under_load_and_stops_on_sigterm(image: tuple[P
            "--health-interval", "disable", *_ulimits(), tag)
     try:
         pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
-        with _netns_of(pid):
+        with netns_of(pid):
             wait_for("the demo serving in the container", lambda: _answers(), timeout=20)
             wait_for("the HEALTHCHECK passing", lambda: podman("healthcheck", "run", name, check=False).returncode == 0)
             where = podman("exec", name, "python", "-c", "import supervisor.demo as d; print(d.__file__)").stdout
@@ -162,7 +159,7 @@ def test_a_configmap_edit_reloads_the_container_by_itself(image: tuple[Podman, s
     podman("run", "--detach", "--name", name, "--network", "none", "--health-interval", "disable",
            "--volume", f"{volume}:{Path(CONFIG).parent}:ro", *_ulimits(), tag)
     try:
-        with _netns_of(int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)):
+        with netns_of(int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)):
             wait_for("the demo serving in the container", lambda: _answers(), timeout=20)
             _configmap(volume, "..v2", text.replace("workers: 2", "workers: 3"))
             wait_for("generation 2 with 3 workers", lambda: _workers(podman, name) == (2, 3), timeout=20)
@@ -194,24 +191,6 @@ def _ulimits() -> list[str]:
     """The limits this process has (podman's defaults are higher, and raising needs CAP_SYS_RESOURCE)."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return ["--ulimit", f"nofile={hard}:{hard}", "--ulimit", "nproc=4096:4096"]
-
-
-@contextlib.contextmanager
-def _netns_of(pid: int) -> Iterator[None]:
-    """This thread (and what it starts) in the network namespace of `pid` for the block, then back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into the network namespace of {pid}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 def _answers() -> bool:

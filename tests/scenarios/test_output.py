@@ -9,12 +9,9 @@ import fcntl
 import json
 import os
 import socket
-import statistics
 import termios
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,12 +19,11 @@ import pytest
 from supervisor.daemon import output
 from supervisor.process.worker import MAX_LINE
 from supervisor.protocol import framing
-from tests.harness import PYTHON, Supervisor, program, supervisor, wait_for
+from tests.harness import PYTHON, Supervisor, program, supervisor, wait_for, watching_status
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
 
-STATUS_BOUND = 0.1  # seconds: the slowest `status` allowed while a worker floods its output
 
 # READY=1, then once the file argv[1] exists: 10,000 numbered lines on stdout (then the file
 # argv[1].done), then once argv[1].2 exists "done" on stderr.
@@ -58,48 +54,6 @@ with open(f"{sys.argv[2]}.{os.environ['SUPERVISOR_GENERATION']}", "w") as done:
     done.write(str(written // 2))
 time.sleep(600)
 """
-
-
-@dataclass
-class Latency:
-    """`status` again and again from a thread (through supervisorctl's own code), while something runs."""
-
-    sup: Supervisor
-    pause: float = 0.02
-    seconds: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        while not self._stop.wait(self.pause):
-            started = time.monotonic()
-            try:
-                final = self.sup.request("status", timeout=10)
-                assert final.get("ok"), final
-                self.seconds.append(time.monotonic() - started)
-            except (OSError, ValueError, AssertionError) as exc:
-                self.failures.append(repr(exc))
-
-    def check(self) -> str:
-        assert not self.failures, self.failures
-        assert len(self.seconds) >= 10, f"only {len(self.seconds)} status calls"
-        worst = max(self.seconds)
-        summary = (f"status p50 {statistics.median(self.seconds) * 1000:.1f} ms, max {worst * 1000:.1f} ms "
-                   f"({len(self.seconds)} calls)")
-        assert worst < STATUS_BOUND, summary
-        return summary
-
-
-@contextlib.contextmanager
-def measuring(sup: Supervisor) -> Iterator[Latency]:
-    latency = Latency(sup)
-    thread = threading.Thread(target=latency.run, daemon=True)
-    thread.start()
-    try:
-        yield latency
-    finally:
-        latency._stop.set()
-        thread.join(timeout=30)
 
 
 class Follower:
@@ -139,7 +93,7 @@ def test_every_stdout_line_is_an_event_tail_has_the_last_ones_and_status_stays_q
     with supervisor(tmp_path, {"printer": printer}) as sup, \
             Follower(sup, "printer", "stdout") as only_stdout, Follower(sup, "printer") as both_streams:
         pid = sup.workers("printer")[0]["pid"]
-        with measuring(sup) as latency:
+        with watching_status(sup, interval=0.02) as latency:
             time.sleep(0.2)  # a few calls before, for comparison
             trigger.touch()
             began = time.monotonic()
@@ -188,7 +142,8 @@ def test_a_stderr_flood_is_held_to_the_budget_while_a_reload_under_load_loses_no
     with supervisor(tmp_path, {"web": program(workers=2), "noisy": flooder}) as sup:
         log_before = sup.log.stat().st_size
         started = time.monotonic()
-        with measuring(sup) as latency, Clients("127.0.0.1:8000", concurrency=64, seconds=60) as load:
+        with watching_status(sup, interval=0.02) as latency, \
+                Clients("127.0.0.1:8000", concurrency=64, seconds=60) as load:
             time.sleep(1.0)
             reloaded = sup.ctl("reload", timeout=60)
             wait_for("the second flood's end", lambda: Path(f"{done}.2").exists(), timeout=30)
