@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from supervisor.daemon import control, output
+from supervisor.daemon import output
 from supervisor.protocol import framing
 from tests.harness import BIN, Supervisor, program, wait_for
 from tests.load import Clients
@@ -121,31 +121,4 @@ def test_a_tail_follower_that_does_not_read_is_dropped_and_the_master_answers_on
             assert sup.status()["programs"][0]["state"] == "serving"
             assert len(sup.ctl("tail", "-n", "3", "flood").stdout.splitlines()) == 3
     finally:
-        sup.kill()
-
-
-def test_followers_have_a_cap_of_their_own_and_root_can_always_ask(tmp_path: Path) -> None:
-    """MAX_FOLLOWERS `tail -f` (twice MAX_CONNECTIONS): all follow, the next is refused in one line, and
-    `status` and `reload` are answered all the while."""
-    sup = Supervisor(tmp_path, {"web": program(workers=1)}).start()
-    followers: list[socket.socket] = []
-    try:
-        for _ in range(control.MAX_FOLLOWERS + 1):
-            follower = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            followers.append(follower)
-            follower.settimeout(10)
-            follower.connect(str(sup.socket))
-            follower.sendall(framing.encode({"command": "tail", "program": "web", "lines": 1, "follow": True}))
-            # Its first line comes in the same step as the follow begins: once it is read, it follows.
-            first = framing.decode(follower.makefile("rb").readline())
-            if len(followers) <= control.MAX_FOLLOWERS:
-                assert "line" in first, first
-            else:
-                assert first == {"ok": False, "error": f"too many tail -f followers ({control.MAX_FOLLOWERS} open); "
-                                                       "stop one first"}
-        assert sup.ctl("status").returncode == 0
-        assert "reload done" in sup.reload().stdout
-    finally:
-        for follower in followers:
-            follower.close()
         sup.kill()
