@@ -6,6 +6,7 @@ supervisord runs here from a copy of the package (PYTHONPATH), so a test can cha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -143,7 +144,12 @@ def test_usr2_upgrades_and_a_retiring_generation_is_still_killed_at_its_deadline
         assert [e["killing"] for e in sup.events("graceful_timeout")] == [old] or \
             sorted(p for e in sup.events("graceful_timeout") for p in e["killing"]) == sorted(old)
     finally:
+        # the serving workers ignore SIGTERM, their parent-death signal too: they would outlive the test
+        stubborn_now = psutil.Process(sup.proc.pid).children() if sup.proc and sup.proc.poll() is None else []
         sup.kill()
+        for child in stubborn_now:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
 
 def test_an_upgrade_waits_for_a_reload_and_a_hup_during_it_reloads_after(tmp_path: Path) -> None:
