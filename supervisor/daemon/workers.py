@@ -38,9 +38,11 @@ TIMER_SLACK = 0.005  # seconds a timer may fire early (see manage)
 
 def watch(host: Host, w: Worker, gen: Generation) -> None:
     if not host.watcher.watching(w) and w.alive:
+        # The generation's shared listeners go to the store with its first watched worker, not with each.
+        sent = any(host.watcher.watching(o) for o in gen.live_workers if o is not w)
         host.watcher.watch(w, gen)
-        # A shared listener is sent again with each worker: systemd keeps one copy of an fd it holds.
-        host.fdstore.keep([(stored_name(w, n, listener), listener.fileno()) for n, listener in enumerate(w.listeners)])
+        host.fdstore.keep([(stored_name(w, n, listener), listener.fileno()) for n, listener in enumerate(w.listeners)
+                           if not (listener.shared and sent)])
         if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
             host.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(host.watcher.key(w)))
 
