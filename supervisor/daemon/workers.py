@@ -104,6 +104,8 @@ def ended(host: Host, w: Worker, starting: bool) -> tuple[Generation, exit.End] 
 def stored_name(w: Worker, n: int, listener: Listener) -> str:
     """The fd store's name of a worker's listener `n`: its own, or its generation's shared one."""
     return fdstore.name(w.program, w.generation, fdstore.SHARED if listener.shared else w.index, n)
+
+
 def ready_timeout(host: Host, w: Worker) -> None:
     gen = host.watcher.generation_of(w)
     if gen is not None and w.state is WorkerState.STARTING:
