@@ -227,7 +227,7 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         cpu_before = psutil.Process(server.master_pid).cpu_times()
         net_before = kernel.netstat()
         with Sampler(server.port, server.master_pid) as sampler, ExitStack() as stack:
-            most = 2 * spec["warmup"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
+            most = 2 * spec["warmup"] + spec.get("steady", 0.0) + spec["reloads"] * (spec["interval"] + 60)  # a bound
             load = stack.enter_context(Clients(server.address, spec["clients"], spec["concurrency"], seconds=most,
                                                timeout=spec["timeout"], keep_alive=spec.get("keep_alive", False)))
             time.sleep(spec["warmup"] + spec.get("steady", 0.0))  # steady: load without reloads (accept_queue)
