@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.scenario import KEEPALIVE, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
+from bench.scenario import KEEPALIVE, LAYOUTS, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")  # the pair the comparison is about
 QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # without the baseline
 # the store's pair (the plain start is what every other part does)
 QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")  # the contract, and without it
+QUICK_QUEUES = ("demo per-worker", "demo shared")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
-PARTS = ("reload", "keepalive", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint",
-         "preload")
+PARTS = ("reload", "keepalive", "accept_queue", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput",
+         "footprint", "preload")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +47,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + ", ".join(KEEPALIVE))
     parser.add_argument("--keepalive-concurrency", type=int, default=64,
                         help="keep-alive part: kept connections per load process")
+    parser.add_argument("--queue-systems", default=",".join(LAYOUTS), help="accept_queue part: from "
+                        + ", ".join(LAYOUTS))
+    parser.add_argument("--queue-runs", type=int, default=3, help="accept_queue part: runs per system and mode")
+    parser.add_argument("--queue-reloads", type=int, default=10,
+                        help="accept_queue part: reloads per run (--interval s apart; as long without reloads)")
+    parser.add_argument("--queue-concurrency", type=int, default=64,
+                        help="accept_queue part: connections in flight per load process")
     parser.add_argument("--delay-systems", default=",".join(STOP_DELAYS), help="stop_delay comparison: from "
                         + ", ".join(STOP_DELAYS))
     parser.add_argument("--delay-runs", type=int, default=3,
@@ -88,8 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
         args.keepalive_systems = ",".join(QUICK_KEEPALIVE)
+        args.queue_runs, args.queue_reloads, args.queue_systems = 1, 2, ",".join(QUICK_QUEUES)
     unknown = (set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
                | set(args.keepalive_systems.split(",")) - set(KEEPALIVE)
+               | set(args.queue_systems.split(",")) - set(LAYOUTS)
                | set(args.upgrade_systems.split(",")) - set(UPGRADES)
                | set(args.restart_systems.split(",")) - set(RESTARTS))
     if unknown:
@@ -112,6 +122,13 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                  "reloads": args.reloads, "interval": args.interval, "warmup": min(1.0, args.interval),
                  **reload_load, "clients": 1, "concurrency": args.keepalive_concurrency}
                 for system in args.keepalive_systems.split(",")]
+    if "accept_queue" in parts:  # one queue per worker or one shared, with and without reloads, run by run in turn
+        out += [{"scenario": "accept_queue", "system": system, "run": run, "workers": args.workers,
+                 "reloads": args.queue_reloads if reloading else 0,
+                 "steady": 0.0 if reloading else args.queue_reloads * args.interval, "interval": args.interval,
+                 "warmup": 1.0, **reload_load, "concurrency": args.queue_concurrency}
+                for run in range(1, args.queue_runs + 1) for reloading in (False, True)
+                for system in args.queue_systems.split(",")]
     if "stop_delay" in parts:  # uvicorn and the demo, stop_delay 0 and 0.5 s, interleaved run by run
         out += [{"scenario": "stop_delay", "system": system, "run": run, "stall": 0.0, "workers": args.workers,
                  "reloads": args.delay_reloads, "interval": args.interval, "warmup": min(1.0, args.interval),

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ def describe(spec: dict[str, Any]) -> str:
         return f"reload: {spec['system']}, {mode(spec)}"
     if spec["scenario"] == "keepalive":
         return f"keep-alive: {spec['system']}"
+    if spec["scenario"] == "accept_queue":
+        reloads = "reloads" if spec["reloads"] else "no reload"
+        return f"accept queue: {spec['system']}, {reloads}, run {spec['run']}"
     if spec["scenario"] in ("stop_delay", "upgrade", "restart"):
         return f"{spec['scenario']}: {spec['system']}, run {spec['run']}"
     if spec["scenario"] == "scaling":
@@ -81,6 +85,9 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             [[r["system"], r["connections"], sum(r["failed"].values()), *(r["failed"][k] for k in KINDS),
               f"{sum(r['failed_per_reload']) / max(1, r['reloads']):.1f} ({max(r['failed_per_reload'], default=0)})",
               r["reloads"]] for r in kept]))
+    queues = [r for r in ok if r["scenario"] == "accept_queue"]
+    if queues:
+        out.append(queue_table(queues, args))
     delays = [r for r in ok if r["scenario"] == "stop_delay"]
     if delays:
         out.append(f"\nstop_delay: old workers get their stop signal 0 or 0.5 s after their listeners are shut "
@@ -125,6 +132,31 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if "error" in r:
             out.append(f"\nFAILED {describe(r)}: {r['error']}\n")
     return "".join(out)
+
+
+def queue_table(queues: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """One accept queue per worker against one per generation: medians over the runs of each row."""
+    rows = []
+    for reloading in (False, True):
+        for system in dict.fromkeys(r["system"] for r in queues):
+            runs = [r for r in queues if r["system"] == system and bool(r["reloads"]) == reloading]
+            if not runs:
+                continue
+
+            def median(key: str, runs: list[dict[str, Any]] = runs) -> float:
+                return statistics.median(r["answer_ms"][key] for r in runs)
+
+            rows.append([system, f"every {args.interval:g} s" if reloading else "none", len(runs),
+                         sum(r["ok"] for r in runs), sum(sum(r["failed"].values()) for r in runs),
+                         statistics.median(r["conn_per_s"] for r in runs), median("p50"), median("p90"),
+                         median("p99"), " / ".join(f"{r['answer_ms']['p99']:g}" for r in runs)])
+    first = queues[0]
+    return (f"\nOne accept queue per worker (`accept_queue: per-worker`) or one per generation (`shared`), "
+            f"{first['workers']} workers, load {first['clients']} x {first['concurrency']} new connections in "
+            f"flight, runs of about {round(first['seconds'])} s; medians over the runs; latency from connect to the "
+            f"whole answer, in ms:\n\n"
+            + table(["system", "reloads", "runs", "answered", "failed", "conn/s", "p50", "p90", "p99",
+                     "p99 per run"], rows))
 
 
 def footprint_table(r: dict[str, Any]) -> str:

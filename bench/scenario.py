@@ -63,6 +63,12 @@ KEEPALIVE: dict[str, tuple[type[systems.Server], dict[str, Any], int]] = {
     "gunicorn --reuse-port HUP": (systems.Gunicorn, {}, 1),
 }
 
+# The accept-queue part: supervisor migrate=on, one accept queue per worker or one per generation that its
+# workers share, with the demo and with stock uvicorn; name -> program settings
+LAYOUTS: dict[str, dict[str, Any]] = {
+    f"{server} {layout}": {**settings, "accept_queue": layout}
+    for server, settings in (("demo", {}), ("uvicorn", UVICORN)) for layout in ("per-worker", "shared")}
+
 # The stop_delay comparison: supervisor migrate=on with these program settings
 STOP_DELAYS: dict[str, dict[str, Any]] = {
     "uvicorn stop_delay=0": {**UVICORN, "stop_delay": 0},
@@ -214,17 +220,17 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     their listeners close, as they are when workers are busy, which is when a reload loses connections.
     """
     cls, settings, migrate = SYSTEMS.get(spec["system"]) or KEEPALIVE.get(spec["system"]) or (
-        systems.Supervisor, {"program": STOP_DELAYS[spec["system"]]}, 1)
+        systems.Supervisor, {"program": STOP_DELAYS.get(spec["system"]) or LAYOUTS[spec["system"]]}, 1)
     kernel.set_migrate(migrate)
     server = cls(folder, workers=spec["workers"], backlog=spec["backlog"], **settings)
     with running(server):
         cpu_before = psutil.Process(server.master_pid).cpu_times()
         net_before = kernel.netstat()
         with Sampler(server.port, server.master_pid) as sampler, ExitStack() as stack:
-            most = 2 * spec["warmup"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
+            most = 2 * spec["warmup"] + spec.get("steady", 0.0) + spec["reloads"] * (spec["interval"] + 60)  # a bound
             load = stack.enter_context(Clients(server.address, spec["clients"], spec["concurrency"], seconds=most,
                                                timeout=spec["timeout"], keep_alive=spec.get("keep_alive", False)))
-            time.sleep(spec["warmup"])
+            time.sleep(spec["warmup"] + spec.get("steady", 0.0))  # steady: load without reloads (accept_queue)
             reloads = []
             for _ in range(spec["reloads"]):
                 old = kernel.listening_pids(server.port, server.worker_pids())
@@ -270,6 +276,8 @@ def reload_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         "failed_before_first_reload": before_first,
         "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally.failures})[:5],
         "conn_per_s": round(tally.ok / seconds),
+        # from connect (or the request, on a kept connection) to the whole answer, every answer of the run
+        "answer_ms": {f"p{q}": tally.latency_ms(q) for q in (50, 90, 99)},
         "queue": {"mean": round(statistics.fmean(sampler.queued), 1) if sampler.queued else 0,
                   "max_total": max(sampler.queued, default=0), "max_one_listener": sampler.deepest},
         "netstat": net,
@@ -333,6 +341,13 @@ def stop_delay(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**result, "scenario": "stop_delay", "run": spec["run"],
             "old_cpu": {"window_percent": round(statistics.fmean(c["window_percent"] for c in cpu), 1),
                         "until_exit_ms": round(statistics.fmean(c["until_exit_ms"] for c in cpu), 1)}}
+
+
+def accept_queue(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """One run of the accept-queue comparison: how long answers take and how many come, under a reload every
+    `interval` s or (`reloads` 0) none for as long (`steady` s)."""
+    return {**reload_under_load({**spec, "stall": 0.0}, folder), "scenario": "accept_queue", "run": spec["run"],
+            "steady": spec.get("steady", 0.0), "clients": spec["clients"], "concurrency": spec["concurrency"]}
 
 
 def keepalive(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -534,7 +549,8 @@ def master_use(pid: int) -> dict[str, float]:
 
 
 SCENARIOS = {"restart": restart_under_load, "upgrade": upgrade_under_load,
-             "stop_delay": stop_delay, "reload": reload_under_load, "keepalive": keepalive, "scaling": scaling,
+             "stop_delay": stop_delay, "reload": reload_under_load, "accept_queue": accept_queue,
+             "keepalive": keepalive, "scaling": scaling,
              "throughput": throughput, "footprint": footprint, "preload_reload": preload.preload_reload,
              "memory": preload.memory}
 

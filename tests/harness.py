@@ -29,6 +29,7 @@ import yaml
 
 from supervisor.ctl.main import exchange
 from supervisor.errors import ControlError
+from supervisor.system import holders
 from tests.load import failure_kind
 
 PYTHON = sys.executable
@@ -62,6 +63,11 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interva
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def listening_inodes(port: int = 8000) -> list[int]:
+    """The kernel's LISTEN sockets on `port` in this thread's network namespace, by inode (sock_diag)."""
+    return sorted(s.inode for s in holders.listening() if s.port == port)
 
 
 def program(command: list[str] | None = None, **settings: Any) -> dict[str, Any]:

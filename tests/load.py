@@ -23,7 +23,8 @@ Two modes:
 `python -m tests.load --connect 127.0.0.1:8000 --concurrency 256 --seconds 30` keeps that many
 connections in flight (over TLS with `--tls-ca PEM`) until the time is up or it gets SIGTERM/SIGINT
 (then it lets the requests in flight finish), and prints one JSON object: the answers per server pid
-and generation, the server certificates seen (TLS), and every failure with its time and kind. Times are
+and generation, how long they took (from connect, or from the request on a kept connection, to the
+whole answer; 0.1 ms buckets), the server certificates seen (TLS), and every failure with its time and kind. Times are
 CLOCK_MONOTONIC, comparable between processes. Several of these processes make a load that one core
 alone could not.
 
@@ -76,9 +77,13 @@ class Tally:
     failures: list[tuple[float, str, str]] = field(default_factory=list)  # (time, kind, detail)
     started: float = 0.0
     ended: float = 0.0
+    latency: dict[int, int] = field(default_factory=dict)  # tenths of a millisecond -> answers that took that long
 
-    def answer(self, answer: Answer, at: float) -> None:
+    def answer(self, answer: Answer, at: float, took: float | None = None) -> None:
         self.ok += 1
+        if took is not None:
+            bucket = int(took * 10_000)
+            self.latency[bucket] = self.latency.get(bucket, 0) + 1
         seen = self.pids.setdefault(answer.pid, [at, at, 0])
         seen[1] = at
         seen[2] += 1
@@ -108,6 +113,18 @@ class Tally:
         """Failures of requests sent on a reused keep-alive connection."""
         return sum(1 for _t, _k, detail in self.failures if detail.startswith("reused: "))
 
+    def latency_ms(self, q: float) -> float | None:
+        """The q-th percentile (0-100) of the answers' latency in ms (None: none timed)."""
+        total = sum(self.latency.values())
+        if not total:
+            return None
+        rank, seen = q / 100 * (total - 1), 0
+        for bucket in sorted(self.latency):
+            seen += self.latency[bucket]
+            if seen > rank:
+                return bucket / 10
+        return max(self.latency) / 10
+
     def describe(self) -> str:
         examples = sorted({f"{kind}: {detail}" for _t, kind, detail in self.failures})[:5]
         return (f"{self.connections} requests, {self.ok} answered, failed {self.failed()} "
@@ -115,7 +132,7 @@ class Tally:
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "pids": self.pids, "generations": self.generations, "certs": self.certs,
-                "failures": self.failures, "started": self.started, "ended": self.ended}
+                "failures": self.failures, "started": self.started, "ended": self.ended, "latency": self.latency}
 
     @classmethod
     def merged(cls, tallies: list[dict[str, Any]]) -> Tally:
@@ -130,6 +147,8 @@ class Tally:
                     seen[0], seen[1], seen[2] = min(seen[0], first), max(seen[1], last), seen[2] + count
             for generation, count in tally["generations"].items():
                 out.generations[int(generation)] = out.generations.get(int(generation), 0) + count
+            for bucket, count in tally.get("latency", {}).items():
+                out.latency[int(bucket)] = out.latency.get(int(bucket), 0) + count
         return out
 
 
@@ -322,6 +341,7 @@ class KeptConnection:
     async def round(self) -> None:
         """Send `pipeline` requests and read their answers; each unanswered one is a failure."""
         answered = 0
+        sent = time.monotonic()  # a new connection's connect counts, as in the new-connections mode
         try:
             async with asyncio.timeout(self.timeout):
                 if self.writer is None:
@@ -335,7 +355,8 @@ class KeptConnection:
                 while answered < self.pipeline:
                     answer = await read_answer(self.reader)
                     answered += 1
-                    self.tally.answer(answer, time.monotonic())
+                    now = time.monotonic()
+                    self.tally.answer(answer, now, now - sent)
                     if answer.close:
                         if answered < self.pipeline:
                             raise BadAnswer(f"{self.pipeline - answered} pipelined requests unanswered: "
@@ -369,12 +390,14 @@ async def run(connect: str, concurrency: int, seconds: float, timeout: float, tl
 
     async def client() -> None:
         while not stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
             try:
                 answer = await one(loop, family, address, timeout, tally, tls)
             except (OSError, BadAnswer, TimeoutError) as exc:
                 tally.fail(exc)
             else:
-                tally.answer(answer, time.monotonic())
+                now = time.monotonic()
+                tally.answer(answer, now, now - started)
 
     async def kept() -> None:
         connection = KeptConnection(family, address, timeout, tally, tls, mode)

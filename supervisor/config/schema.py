@@ -92,6 +92,13 @@ class Strategy(enum.Enum):
     ROLLING = "rolling"  # `batch` workers at a time: peak N+batch workers
 
 
+class AcceptQueue(enum.Enum):
+    """Whose accept queue a connection waits in (docs/configuration.md, "One queue per worker or one shared")."""
+
+    PER_WORKER = "per-worker"  # one listener per worker and address: the kernel hashes each connection to one
+    SHARED = "shared"  # one listener per generation and address, inherited by all its workers
+
+
 class OutputMode(enum.Enum):
     """Where a worker's stdout goes (docs/logs.md)."""
 
@@ -147,6 +154,7 @@ class Program:
     strategy: Strategy = Strategy.ALL_AT_ONCE
     batch: int = 1  # workers replaced at a time by a rolling reload
     preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
+    accept_queue: AcceptQueue = AcceptQueue.PER_WORKER
     share_listen: bool = False  # another process's listener on a listen address is refused unless set
     stdout: OutputMode = OutputMode.LOG
     log_limit: LogLimit = LogLimit()
@@ -348,6 +356,7 @@ class _Reader:
             "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
             "strategy": lambda n, k: self.choice(n, k, Strategy), "batch": lambda n, k: self.integer(n, k, 1, 4096),
             "preload": self.modules, "share_listen": self.boolean,
+            "accept_queue": lambda n, k: self.choice(n, k, AcceptQueue),
             "stdout": lambda n, k: self.choice(n, k, OutputMode),
             "log_limit": self.log_limit,
         }

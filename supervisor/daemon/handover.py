@@ -63,8 +63,9 @@ def dump(master: Handing, waiting: list[ControlRequest], new_version: str) -> tu
         handed.append({"request": requests.to_message(event.request), "origin": event.reply.origin, "fd": fd})
     for record in master.programs.values():
         for gen in record.generations():
+            kept += [listener.fileno() for listener in gen.every_listener()]
             for w in gen.live_workers:
-                kept += [w.pidfd, w.stderr.fd, w.stdout.fd, *(listener.fileno() for listener in w.listeners)]
+                kept += [w.pidfd, w.stderr.fd, w.stdout.fd]
     state = {
         "format": reexec.FORMAT, "version": __version__, "to_version": new_version,
         "began": time.monotonic(), "config": plain.to_plain(master.config),
@@ -196,7 +197,7 @@ class Upgrade:
 async def adopt(master: Handing, state: dict[str, Any]) -> None:
     """The new code's first step: watch every live worker again, re-arm the deadlines, answer."""
     restored = {listener.fileno(): listener for r in master.programs.values() for gen in r.generations()
-                for w in gen.live_workers for listener in w.listeners}
+                for listener in gen.every_listener()}
     master.groups.restore(state.get("orders", {}), restored)
     now = master.clock.time()
     for record in master.programs.values():

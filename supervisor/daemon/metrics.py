@@ -165,7 +165,7 @@ def families(master: Facts) -> list[Any]:
         live = [w for g in gens for w in g.workers if w.alive]
         for state in LIVE_STATES:
             workers.add_metric([name, state.value], sum(w.state is state for w in live))
-        for address, waiting in _queues(record.serving.workers if record.serving else []).items():
+        for address, waiting in _queues(record.serving.every_listener() if record.serving else []).items():
             queue.add_metric([name, address], waiting)
         restarts.add_metric([name], record.restarts)  # what `status` shows on the program's row
         fatal.add_metric([name], 1 if record.fatal is not None else 0)
@@ -214,18 +214,17 @@ def _process() -> list[Any]:
     ]
 
 
-def _queues(workers: Iterable[Any]) -> dict[str, int]:
-    """Address -> connections waiting in the open listeners of these workers."""
+def _queues(listeners: Iterable[Any]) -> dict[str, int]:
+    """Address -> connections waiting in these listeners, the open ones (each once: Generation.every_listener)."""
     queued: dict[str, int] = {}
-    for w in workers:
-        for listener in w.listeners:
-            if listener.shut:
-                continue
-            address = str(listener.listen)
-            try:
-                queued[address] = queued.get(address, 0) + listener.queued()
-            except OSError:
-                queued.setdefault(address, 0)
+    for listener in listeners:
+        if listener.shut:
+            continue
+        address = str(listener.listen)
+        try:
+            queued[address] = queued.get(address, 0) + listener.queued()
+        except OSError:
+            queued.setdefault(address, 0)
     return queued
 
 

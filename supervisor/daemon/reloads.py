@@ -165,9 +165,11 @@ class Reloads:
     def serving_listeners(self, plan: ReloadPlan) -> list[Listener]:
         """The listeners of the serving generations a reload replaces all at once (not those rolling)."""
         records = [self.host.programs.get(p.name) for p in plan.start if p.strategy is not Strategy.ROLLING]
-        return [listener for r in records if r is not None and r.serving is not None for w in r.serving.workers
-                if w.alive and w.state is WorkerState.READY and w not in r.serving.leaving  # not those draining
-                for listener in w.listeners if not listener.shut]
+        return listeners.unique(listener for r in records if r is not None and r.serving is not None
+                                for w in r.serving.workers
+                                # not those draining
+                                if w.alive and w.state is WorkerState.READY and w not in r.serving.leaving
+                                for listener in w.listeners if not listener.shut)
 
     def apply(self, decision: Decision) -> None:
         if isinstance(decision, Commit):
@@ -228,7 +230,7 @@ class Reloads:
             old_gens.append(host.programs[name].stopping(by_hand=False))
         retired = [g for g in old_gens if g is not None]
         host.use_config(reload.config)
-        fresh = [listener for g in reload.generations for w in g.workers for listener in w.listeners]
+        fresh = [listener for g in reload.generations for listener in g.every_listener()]
         # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
         # that no handshake is completing on an old listener when it is shut (system/steer.py: the kernel
         # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
@@ -238,7 +240,7 @@ class Reloads:
         drain = Drain(way(host.migration.drains, host.migration.enabled), host.clock.time(),
                       max((g.program.drain_timeout for g in retired), default=0.0))
         self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired), drain)
-        still = any(not listener.shut for g in retired for w in g.workers for listener in w.listeners)
+        still = any(not listener.shut for g in retired for listener in g.every_listener())
         if steered or (still and drain.way is Way.DRAINED):
             host.later(SWITCH_DRAIN, ev.SwitchDue())
         else:
@@ -250,7 +252,7 @@ class Reloads:
         host, switch = self.host, self.switch
         assert switch is not None
         reload, programs = switch.reload, {g.program.name for g in switch.reload.generations}
-        old = [listener for g in switch.retired for w in g.workers for listener in w.listeners]
+        old = [listener for g in switch.retired for listener in g.every_listener()]
         old += [a.listener for a in host.inherited.of(programs)]  # a dead master's, if any
         queued = sum(listener.queued() for listener in old if not listener.shut)
         step = switch.drain.next(host.clock.time(), queued)

@@ -15,6 +15,7 @@ from supervisor.model.generation import Generation, GenerationState
 from supervisor.model.program import running
 from supervisor.protocol.reply import Reply
 from supervisor.protocol.words import plural
+from supervisor.system import fdstore
 
 log = structlog.get_logger()
 
@@ -41,6 +42,9 @@ def forget_if_finished(host: Host, gen: Generation) -> None:
     """A retiring or rolled-back generation stays in `status` until its last worker has exited."""
     if gen.state in (GenerationState.SERVING, GenerationState.STARTING) or not gen.finished():
         return
+    if not gen.kept:
+        host.fdstore.remove([fdstore.name(gen.program.name, gen.number, fdstore.SHARED, n)
+                             for n in range(len(gen.shared))])
     gen.finish()
     host.programs[gen.program.name].generation_finished(gen)
     log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)

@@ -38,9 +38,11 @@ TIMER_SLACK = 0.005  # seconds a timer may fire early (see manage)
 
 def watch(host: Host, w: Worker, gen: Generation) -> None:
     if not host.watcher.watching(w) and w.alive:
+        # The generation's shared listeners go to the store with its first watched worker, not with each.
+        sent = any(host.watcher.watching(o) for o in gen.live_workers if o is not w)
         host.watcher.watch(w, gen)
-        host.fdstore.keep([(fdstore.name(w.program, w.generation, w.index, n), listener.fileno())
-                           for n, listener in enumerate(w.listeners)])
+        host.fdstore.keep([(stored_name(w, n, listener), listener.fileno()) for n, listener in enumerate(w.listeners)
+                           if not (listener.shared and sent)])
         if gen.state is GenerationState.SERVING:  # a restart, scale-up or recycle: no reload times it
             host.later(gen.program.ready_timeout, ev.WorkerReadyTimeout(host.watcher.key(w)))
 
@@ -66,7 +68,8 @@ def ended(host: Host, w: Worker, starting: bool) -> tuple[Generation, exit.End] 
     """Reap `w` and apply what its end means (exit.worker_ended); None for a spurious wake-up.
     `starting`: its generation is one the reload in progress starts (the reload then decides)."""
     was = w.state
-    stored = [] if w.kept else [fdstore.name(w.program, w.generation, w.index, n) for n in range(len(w.listeners))]
+    stored = [] if w.kept else [stored_name(w, n, listener) for n, listener in enumerate(w.listeners)
+                                if not listener.shared]
     gen = host.watcher.exited(w)
     if gen is None:
         return None  # still running
@@ -93,7 +96,16 @@ def ended(host: Host, w: Worker, starting: bool) -> tuple[Generation, exit.End] 
         case _:
             log.info("worker_exited", **fields)
     gen.worker_gone(w)
+    if record.fatal is not None and gen.state is GenerationState.SERVING and not gen.live_workers:
+        gen.shut_shared()  # nobody left to accept and none to come: reset rather than leave them waiting
     return gen, end
+
+
+def stored_name(w: Worker, n: int, listener: Listener) -> str:
+    """The fd store's name of a worker's listener `n`: its own, or its generation's shared one."""
+    return fdstore.name(w.program, w.generation, fdstore.SHARED if listener.shared else w.index, n)
+
+
 def ready_timeout(host: Host, w: Worker) -> None:
     gen = host.watcher.generation_of(w)
     if gen is not None and w.state is WorkerState.STARTING:
@@ -228,7 +240,7 @@ def leave(host: Host, gen: Generation, leaving: list[Worker]) -> None:
     """Workers leave a serving generation: with migration (or `off`) their listeners are shut now; when
     the master drains, new connections are steered to the workers that stay and the leaving ones
     accept what waits in their queues first (model/drain.py), then are shut and stopped."""
-    going = [listener for w in leaving for listener in w.listeners if not listener.shut]
+    going = _own(leaving)  # a shared listener stays: the workers that stay accept from it
     if not host.migration.drains or not going:
         stop_later(host, gen.program, gen.leave(leaving))
         return
@@ -243,7 +255,7 @@ def departure_due(host: Host, number: int) -> None:
     departure = host.departures.pending.get(number)
     if departure is None:
         return
-    going = [listener for w in departure.workers for listener in w.listeners if not listener.shut]
+    going = _own(departure.workers)
     step = departure.drain.next(host.clock.time(), sum(listener.queued() for listener in going))
     if not isinstance(step, Shut):
         host.later(step.seconds, ev.LeaveDue(number))
@@ -266,5 +278,11 @@ def departure_due(host: Host, number: int) -> None:
 
 def _staying(gen: Generation) -> list[Listener]:
     """Where a generation's new connections go while some of its workers drain: its ready workers'."""
-    return [listener for w in gen.workers if w.alive and w not in gen.leaving and w.state is WorkerState.READY
-            for listener in w.listeners if not listener.shut]
+    return listeners.unique(listener for w in gen.workers
+                            if w.alive and w not in gen.leaving and w.state is WorkerState.READY
+                            for listener in w.listeners if not listener.shut)
+
+
+def _own(workers: list[Worker]) -> list[Listener]:
+    """The open listeners of these workers that are their own (not their generation's shared ones)."""
+    return [listener for w in workers for listener in w.listeners if not listener.shut and not listener.shared]

@@ -7,6 +7,10 @@ one method, checked and logged. Invariants:
 - every listener of a generation is shut before its workers get any signal (`Worker.stop` and
   `Worker.kill` shut first), so the kernel moves their queues to the remaining members instead
   of resetting them. `retire()` shuts all of them at once, before any worker is told anything.
+- with `accept_queue: shared` the generation owns one listener per address, opened with its first
+  worker and inherited by every worker it starts: a worker that goes (crash, recycling, scale down,
+  kill) leaves it open for its siblings; it is shut only when the generation retires or rolls back
+  (or, FATAL, once no worker is left to accept), and closed when its last worker has exited.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from typing import Any, Protocol
 import structlog
 
 from supervisor.config import plain, tls
-from supervisor.config.schema import Program
+from supervisor.config.schema import AcceptQueue, Program
+from supervisor.errors import SpawnError
 from supervisor.model.slot import Slot
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.system import accounts, listeners
+from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
 
@@ -42,7 +48,9 @@ class GenerationState(enum.Enum):
 class Spawner(Protocol):
     """What starts a worker: `worker.Spawner` for real, a fake in the unit tests."""
 
-    def spawn(self, program: Program, generation: int, index: int) -> Worker: ...
+    def listen(self, program: Program) -> list[Listener]: ...
+
+    def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker: ...
 
 
 @dataclass(eq=False)
@@ -60,6 +68,8 @@ class Generation:
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     tls_folder: str | None = None  # the copies of the certificate and key its workers read
+    shared: list[Listener] = field(default_factory=list)  # `accept_queue: shared`: one per address
+    kept: bool = False  # handed over to systemd's fd store: its shared listeners are never shut here
 
     @classmethod
     def create(cls, program: Program, number: int, runtime_dir: str, bundle: tls.Bundle | None) -> Generation:
@@ -113,8 +123,21 @@ class Generation:
             self.slots[index] = Slot(index, self.spawn(spawner, index))
 
     def spawn(self, spawner: Spawner, index: int) -> Worker:
-        """The one way a worker of this generation starts: on fresh listeners that join the groups."""
-        return spawner.spawn(self.program, self.number, index)
+        """The one way a worker of this generation starts: on fresh listeners that join the groups, or
+        (`accept_queue: shared`) on the generation's, opened with its first worker."""
+        if self.program.accept_queue is not AcceptQueue.SHARED:
+            return spawner.spawn(self.program, self.number, index)
+        if not self.shared:
+            self.shared = spawner.listen(self.program)
+            for listener in self.shared:
+                listener.shared = True
+        if any(listener.shut for listener in self.shared):
+            raise SpawnError(f"{self.name}: its shared listeners are shut; it starts no more workers")
+        return spawner.spawn(self.program, self.number, index, self.shared)
+
+    def every_listener(self) -> list[Listener]:
+        """Every listener of the generation, each once (its workers all hold the shared ones)."""
+        return listeners.unique([*self.shared, *(listener for w in self.workers for listener in w.listeners)])
 
     def scale(self, count: int, now: float) -> list[Worker]:
         """Slots 0..count-1, each to be filled now if empty; returns the ready workers of the slots that go
@@ -163,13 +186,12 @@ class Generation:
     def queued(self) -> int:
         """Connections waiting in this generation's accept queues (what a shut would migrate)."""
         total = 0
-        for w in self.workers:
-            for listener in w.listeners:
-                if not listener.shut:
-                    try:
-                        total += listener.queued()
-                    except OSError:
-                        pass
+        for listener in self.every_listener():
+            if not listener.shut:
+                try:
+                    total += listener.queued()
+                except OSError:
+                    pass
         return total
 
     def kill(self) -> None:
@@ -202,6 +224,7 @@ class Generation:
         """Retire without shutting anything: the listeners stay open in systemd's fd store for the next
         start (fdstore.py), so no signal or kill of these workers shuts them either."""
         self._move(GenerationState.RETIRING, GenerationState.SERVING)
+        self.kept = True
         for w in self.workers:
             w.kept = True
             w.retire()
@@ -221,19 +244,34 @@ class Generation:
         return [w for w in self.live_workers if w not in starting]
 
     def finish(self) -> None:
-        """The last worker has exited: the TLS copies go, a retiring generation is retired."""
+        """The last worker has exited: the shared listeners and the TLS copies go, a retiring generation
+        is retired."""
+        for listener in self.shared:
+            if self.kept:
+                listener.sock.close()  # the fd store keeps it open and listening for the next master
+            else:
+                listeners.close(listener)
+        self.shared = []
         if self.tls_folder is not None:
             shutil.rmtree(self.tls_folder, ignore_errors=True)
         if self.state is GenerationState.RETIRING:
             self._move(GenerationState.RETIRED, GenerationState.RETIRING)
 
+    def shut_shared(self) -> int:
+        """Shut the shared listeners (FATAL, no worker left: what waits there is reset, not left hanging)."""
+        count = 0
+        for listener in self.shared:
+            if not listener.shut and not self.kept:
+                listeners.shut(listener)
+                count += 1
+        return count
+
     def _shut_all(self) -> int:
         count = 0
-        for w in self.workers:
-            for listener in w.listeners:
-                if not listener.shut:
-                    listeners.shut(listener)
-                    count += 1
+        for listener in self.every_listener():
+            if not listener.shut:
+                listeners.shut(listener)
+                count += 1
         for w in self.workers:
             w.retire()
         return count
@@ -244,13 +282,18 @@ class Generation:
         return {"program": plain.to_plain(self.program), "number": self.number, "state": self.state.value,
                 "started": self.started, "ready_at": self.ready_at, "tls_folder": self.tls_folder,
                 "slots": [self.slots[i].to_json() for i in sorted(self.slots)],
-                "leaving": [w.to_json() for w in self.leaving], "unwanted": [w.to_json() for w in self.unwanted]}
+                "leaving": [w.to_json() for w in self.leaving], "unwanted": [w.to_json() for w in self.unwanted],
+                "shared": [listener.to_json() for listener in self.shared], "kept": self.kept}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Generation:
         slots = [Slot.from_json(s) for s in data["slots"]]
-        return cls(program=plain.from_plain(Program, data["program"]), number=data["number"],
-                   slots={s.index: s for s in slots}, leaving=[Worker.from_json(w) for w in data["leaving"]],
-                   unwanted=[Worker.from_json(w) for w in data.get("unwanted", ())],
-                   state=GenerationState(data["state"]), started=data["started"], ready_at=data["ready_at"],
-                   tls_folder=data["tls_folder"])
+        gen = cls(program=plain.from_plain(Program, data["program"]), number=data["number"],
+                  slots={s.index: s for s in slots}, leaving=[Worker.from_json(w) for w in data["leaving"]],
+                  unwanted=[Worker.from_json(w) for w in data.get("unwanted", ())],
+                  state=GenerationState(data["state"]), started=data["started"], ready_at=data["ready_at"],
+                  tls_folder=data["tls_folder"], shared=[Listener.from_json(s) for s in data.get("shared", ())],
+                  kept=data.get("kept", False))
+        for w in gen.live_workers:  # every live worker holds them (a worker's own record leaves them out)
+            w.listeners = [*gen.shared, *w.listeners]
+        return gen

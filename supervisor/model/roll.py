@@ -25,6 +25,7 @@ from supervisor.model.drain import Drain
 from supervisor.model.generation import Generation
 from supervisor.model.slot import Slot
 from supervisor.process.worker import Worker, WorkerState
+from supervisor.system import listeners
 from supervisor.system.listeners import Listener
 
 
@@ -79,16 +80,19 @@ class Roll:
         return all(s is not None and s.worker is not None and s.worker.state is WorkerState.READY for s in fresh)
 
     def leaving_listeners(self) -> list[Listener]:
-        """The listeners of the old workers of the step: shut at its switch."""
-        return [listener for i in self.step if i in self.old.slots for w in self.old.slots[i].workers()
-                for listener in w.listeners if not listener.shut]
+        """The listeners of the old workers of the step: shut at its switch. The old generation's shared
+        ones (`accept_queue: shared`) serve its other slots: they go with the step that leaves none."""
+        last = not set(self.old.slots) - set(self.step)
+        return listeners.unique(listener for i in self.step if i in self.old.slots
+                                for w in self.old.slots[i].workers()
+                                for listener in w.listeners if not listener.shut and (last or not listener.shared))
 
     def staying_listeners(self) -> list[Listener]:
         """Where the group's new connections go while the step's old listeners are shut."""
         going = set(map(id, self.leaving_listeners()))
-        return [listener for g in (self.old, self.new) for w in g.workers
-                if w.alive and w.state is not WorkerState.RETIRING
-                for listener in w.listeners if not listener.shut and id(listener) not in going]
+        return listeners.unique(listener for g in (self.old, self.new) for w in g.workers
+                                if w.alive and w.state is not WorkerState.RETIRING
+                                for listener in w.listeners if not listener.shut and id(listener) not in going)
 
     def switched(self) -> list[Slot]:
         """The step's old slots leave the old generation (returned, to be retired); the step is replaced."""

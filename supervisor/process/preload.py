@@ -102,18 +102,21 @@ class Templates:
         self.running: dict[tuple[str, int], Template] = {}
         self.ids = itertools.count(1)
 
-    def spawn(self, program: Program, generation: int, index: int) -> Worker:
+    def listen(self, program: Program) -> list[Listener]:
+        return self.spawner.listen(program)
+
+    def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker:
         if not program.preload:
-            return self.spawner.spawn(program, generation, index)
+            return self.spawner.spawn(program, generation, index, shared)
         template = self.running.get((program.name, generation))
         if template is None or not template.alive:
             template = self.start(program, generation)
-        socks: list[Listener] = []
+        socks: list[Listener] = list(shared) if shared is not None else []
         stderr, stdout = worker.Pipe("stderr"), worker.Pipe("stdout")
         ends: list[int] = []
         try:
-            for n, listen in enumerate(program.listen):
-                socks.append(self.spawner.groups.open(listen, f"{program.name}.{n}", program.backlog))
+            if shared is None:
+                socks = self.spawner.listen(program)
             stderr.fd, _ = worker.pipe_to_master(ends)
             # `stdout: inherit`: the worker keeps the template's fd 1, supervisord's own stdout.
             piped = program.stdout is OutputMode.LOG
@@ -126,7 +129,8 @@ class Templates:
             send(template)
         except BaseException as exc:
             for sock in socks:
-                listeners.close(sock)
+                if not sock.shared:
+                    listeners.close(sock)
             stderr.close()
             stdout.close()
             if not any(ends is entry[1] for entry in template.outbox):

@@ -182,11 +182,13 @@ class Worker:
                       pid=self.pid, ms=round((self.ready_at - self.started) * 1000))
 
     def shut(self) -> None:
-        """Shut this worker's listeners: with migration the kernel moves their queues to the group."""
+        """Shut this worker's own listeners: with migration the kernel moves their queues to the group.
+        Those it shares with its generation stay open for its siblings (their queue is theirs too)."""
         if self.kept:
             return
         for listener in self.listeners:
-            listeners.shut(listener)
+            if not listener.shared:
+                listeners.shut(listener)
 
     def retire(self) -> None:
         """Shut the listeners and mark the worker on its way out; its stop signal comes with stop()."""
@@ -269,8 +271,11 @@ class Worker:
                 self.last_words.append((pipe.stream, lines))
 
     def release(self) -> None:
-        """Close the master's listener copies and process handles (the worker is gone)."""
+        """Close the master's copies of its own listeners and its process handles (the worker is gone);
+        the shared ones are its generation's to close."""
         for listener in self.listeners:
+            if listener.shared:
+                continue
             if self.kept:
                 listener.sock.close()  # the fd store keeps it open and listening for the next master
             else:
@@ -310,7 +315,8 @@ class Worker:
         """Plain data; the process and its fds are referenced by pid and fd number."""
         return {"program": self.program, "generation": self.generation, "index": self.index, "pid": self.pid,
                 "pidfd": self.pidfd, "stderr": self.stderr.to_json(), "stdout": self.stdout.to_json(),
-                "listeners": [s.to_json() for s in self.listeners],
+                # The shared ones are written once, by the generation, which hands them back to each worker.
+                "listeners": [s.to_json() for s in self.listeners if not s.shared],
                 "started": self.started, "state": self.state.value, "ready_at": self.ready_at,
                 "status": self.status, "stop_at": self.stop_at, "kill_at": self.kill_at, "kept": self.kept,
                 "tail": list(self.tail)}
@@ -337,17 +343,29 @@ class Spawner:
         self.notify_socket = notify_socket
         self.groups = groups
 
-    def spawn(self, program: Program, generation: int, index: int) -> Worker:
-        if program.user is not None:  # before it exists: its READY=1 must not find the socket closed
-            readiness.admit(self.notify_socket, accounts.account(program.user).pw_uid)
+    def listen(self, program: Program) -> list[Listener]:
+        """One fresh listener per listen address of the program, each a new member of its group."""
         socks: list[Listener] = []
         try:
             for n, listen in enumerate(program.listen):
                 socks.append(self.groups.open(listen, f"{program.name}.{n}", program.backlog))
-            return spawn(program, generation, index, socks, self.notify_socket, program.cwd)
         except BaseException:
             for sock in socks:
                 listeners.close(sock)
+            raise
+        return socks
+
+    def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker:
+        """A worker on `shared` (its generation's listeners), or on fresh listeners of its own."""
+        if program.user is not None:  # before it exists: its READY=1 must not find the socket closed
+            readiness.admit(self.notify_socket, accounts.account(program.user).pw_uid)
+        socks = shared if shared is not None else self.listen(program)
+        try:
+            return spawn(program, generation, index, socks, self.notify_socket, program.cwd)
+        except BaseException:
+            for sock in socks:
+                if not sock.shared:
+                    listeners.close(sock)
             raise
 
 
@@ -419,7 +437,7 @@ def spawn(program: Program, generation: int, index: int, socks: list[Listener], 
         if devnull >= 0:
             os.close(devnull)
     return Worker(program=program.name, generation=generation, index=index, pid=pid, pidfd=pidfd,
-                  stderr=stderr, stdout=stdout, listeners=socks)
+                  stderr=stderr, stdout=stdout, listeners=list(socks))
 
 
 def pipe_to_master(write_ends: list[int]) -> tuple[int, int]:

@@ -5,7 +5,8 @@ just the same (`FDSTORE=1` works since 219; 249-253 hand it back after a crash w
 after `systemctl restart`) but does not say so: there the unit says it, with $SUPERVISOR_FDSTORE
 set to the same number (`Environment=`), read only when $FDSTORE is absent. Each listener the
 master creates is sent to the store (`FDSTORE=1`, `FDNAME=program.generation.worker.n`, the fd as
-SCM_RIGHTS) and removed (`FDSTOREREMOVE=1`) when its worker has gone, so the store holds the
+SCM_RIGHTS; a generation's shared listener `program.generation.shared.n`) and removed
+(`FDSTOREREMOVE=1`) when its worker (its generation) has gone, so the store holds the
 serving and the still-retiring listeners. A stored listener stays open while no master runs: its
 accept queue keeps filling, nothing is refused. The next start receives them as LISTEN_FDS /
 LISTEN_FDNAMES and adopts those it recognises (`inherited()`) as a previous generation without
@@ -30,15 +31,17 @@ from supervisor.system.systemd import Notifier
 
 log = structlog.get_logger()
 
-# program.generation.worker.n: printable ASCII, no ':' (systemd's rule for names); program names
-# may contain dots, so the three numbers are read from the right.
-_NAME = re.compile(r"(?P<program>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(?P<gen>\d+)\.(?P<worker>\d+)\.(?P<n>\d+)")
+# program.generation.worker.n (or program.generation.shared.n): printable ASCII, no ':' (systemd's
+# rule for names); program names may contain dots, so the name is read from the right.
+_NAME = re.compile(r"(?P<program>[A-Za-z0-9_][A-Za-z0-9_.-]*)\.(?P<gen>\d+)\.(?P<worker>\d+|shared)\.(?P<n>\d+)")
+SHARED = "shared"
 SD_LISTEN_FDS_START = 3
 # Where the unit announces its store to a systemd older than 254 (which sets no $FDSTORE).
 STORE_ENV = "SUPERVISOR_FDSTORE"
 
 
-def name(program: str, generation: int, worker: int, n: int) -> str:
+def name(program: str, generation: int, worker: int | str, n: int) -> str:
+    """The store's name of listener `n` of a worker, or (worker `SHARED`) of a generation."""
     return f"{program}.{generation}.{worker}.{n}"
 
 

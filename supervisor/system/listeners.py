@@ -1,4 +1,5 @@
-"""Listening sockets: one per worker and listen address, all members of one SO_REUSEPORT group.
+"""Listening sockets: one per worker (or, `accept_queue: shared`, per generation) and listen address,
+all members of one SO_REUSEPORT group.
 
 The master creates every listener (so they all share its uid, which the kernel requires of a group,
 and a worker that dropped privileges cannot add a socket of its own), hands it to the worker as an
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,25 +72,30 @@ class Groups:
 
 @dataclass(eq=False)
 class Listener:
-    """The master's copy of one worker's listening socket."""
+    """The master's copy of one worker's listening socket, or of one its generation's workers all share."""
 
     listen: Listen
     name: str  # LISTEN_FDNAMES entry: no ':' allowed there, so not the address itself
     sock: socket.socket = field(repr=False)
     shut: bool = False
+    # The generation's, inherited by each of its workers (`accept_queue: shared`): a worker that goes
+    # neither shuts nor closes it, its siblings accept from it; the generation ends it (model/generation.py).
+    shared: bool = False
     group: Group | None = field(default=None, repr=False)  # set as it joins Groups; None: not mirrored
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def to_json(self) -> dict[str, Any]:
-        return {"listen": str(self.listen), "name": self.name, "fd": self.fileno(), "shut": self.shut}
+        return {"listen": str(self.listen), "name": self.name, "fd": self.fileno(), "shut": self.shut,
+                "shared": self.shared}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Listener:
         """The record of a listener whose fd is open in this process (after an exec that kept it)."""
         listen = parse_listen(data["listen"])
-        return cls(listen=listen, name=data["name"], sock=socket.socket(fileno=data["fd"]), shut=data["shut"])
+        return cls(listen=listen, name=data["name"], sock=socket.socket(fileno=data["fd"]), shut=data["shut"],
+                   shared=data.get("shared", False))
 
     def queued(self) -> int:
         """Connections waiting in the accept queue (tcpi_unacked of a listener)."""
@@ -113,6 +119,11 @@ def open_listener(listen: Listen, name: str, backlog: int) -> Listener:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
     return Listener(listen=listen, name=name, sock=sock)
+
+
+def unique(listeners: Iterable[Listener]) -> list[Listener]:
+    """Each listener once, in order: the workers of a generation with one shared queue all hold its listeners."""
+    return list({id(listener): listener for listener in listeners}.values())
 
 
 def order_of(listener: Listener) -> steer.GroupOrder[Listener] | None:
@@ -181,7 +192,7 @@ def unsteer(steered: list[Listener]) -> None:
 
 def _by_address(listeners: list[Listener]) -> dict[str, list[Listener]]:
     out: dict[str, list[Listener]] = {}
-    for listener in listeners:
+    for listener in unique(listeners):
         out.setdefault(str(listener.listen), []).append(listener)
     return out
 

@@ -22,6 +22,7 @@ SYSTEMS = ("supervisor migrate=on", "supervisor migrate=off", "supervisor migrat
            "gunicorn --reuse-port migrate=1")
 QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")
 QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")
+QUICK_QUEUES = ("demo per-worker", "demo shared")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 
 
@@ -47,6 +48,14 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
         assert r["latency_ms"]["closed_ms"]["n"] == 2 and r["master"]["rss_mib"] > 0
     stalled_supervisor = next(r for r in reloads if r["system"] == "supervisor migrate=on" and r["stall"])
     assert stalled_supervisor["netstat"]["TCPMigrateReqSuccess"] > 0, "the stalled workers' queues did not move"
+
+    queues = [r for r in results if r["scenario"] == "accept_queue"]
+    assert sorted((r["system"], r["reloads"]) for r in queues) == sorted(
+        (system, reloads) for system in QUICK_QUEUES for reloads in (0, 2))
+    for r in queues:
+        assert r["ok"] > 0 and set(r["failed"]) == set(KINDS) and r["conn_per_s"] > 0, r
+        assert 0 < r["answer_ms"]["p50"] <= r["answer_ms"]["p90"] <= r["answer_ms"]["p99"], r
+    assert "| demo shared | every 0.5 s | 1 |" in (tmp_path / "table.md").read_text()
 
     delays = [r for r in results if r["scenario"] == "stop_delay"]
     assert sorted(r["system"] for r in delays) == sorted(QUICK_DELAYS)

@@ -44,12 +44,14 @@ def reloads_under_load(sup: Supervisor, reloads: int = RELOADS) -> tuple[Tally, 
     return tally, replies
 
 
-@pytest.mark.parametrize("migrate", ["drain", "off"])
-def test_reloads_without_the_sysctl_lose_nothing_when_they_drain(tmp_path: Path, migrate: str) -> None:
-    """`drain`: 0 failed over 10 reloads, each reply says how long it drained. `off`: the same reloads
-    reset what waited in the old listeners (so this test can fail)."""
+@pytest.mark.parametrize(("migrate", "accept_queue"), [("drain", "per-worker"), ("off", "per-worker"),
+                                                      ("drain", "shared")])
+def test_reloads_without_the_sysctl_lose_nothing_when_they_drain(tmp_path: Path, migrate: str,
+                                                                 accept_queue: str) -> None:
+    """`drain`: 0 failed over 10 reloads, each reply says how long it drained (also the one queue the old
+    workers shared). `off`: the same reloads reset what waited in the old listeners (so this test can fail)."""
     assert migrate_sysctl() == "0"
-    with supervisor(tmp_path, {"web": program(SLOW)}, migrate=migrate) as sup:
+    with supervisor(tmp_path, {"web": program(SLOW, accept_queue=accept_queue)}, migrate=migrate) as sup:
         tally, replies = reloads_under_load(sup)
         assert migrate_sysctl() == "0"  # never touched
         last = sup.status()["last_reload"]
@@ -60,7 +62,8 @@ def test_reloads_without_the_sysctl_lose_nothing_when_they_drain(tmp_path: Path,
         assert last["way"] == "reset"
         return
     assert tally.failures == [], tally.failures[:5]
-    assert all("old listeners closed, drained in" in r and ", 0 dropped" in r for r in replies), replies
+    closed = "1 old listener closed" if accept_queue == "shared" else "2 old listeners closed"
+    assert all(f"{closed}, drained in" in r and ", 0 dropped" in r for r in replies), replies
     assert last["result"] == "done" and last["way"] == "drained" and last["dropped"] == 0
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,26 +19,32 @@ from tests.servicemanager import ServiceManager
 pytestmark = pytest.mark.usefixtures("netns")
 
 
-def service(tmp_path: Path, announces: bool = True) -> tuple[ServiceManager, Supervisor]:
+def service(tmp_path: Path, announces: bool = True, **settings: Any) -> tuple[ServiceManager, Supervisor]:
     manager = ServiceManager(tmp_path, announces)
-    sup = Supervisor(tmp_path, {"web": program(graceful_timeout=5)})
+    sup = Supervisor(tmp_path, {"web": program(graceful_timeout=5, **settings)})
     sup.env = {"RUNTIME_DIRECTORY": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()
     return manager, sup
 
 
-def serving_listeners(sup: Supervisor) -> list[str]:
-    """The store names of the serving generation's listeners (one address: n is 0)."""
-    return sorted(f"web.{w['generation']}.{w['worker']}.0" for w in sup.workers() if w["state"] == "ready")
+def serving_listeners(sup: Supervisor, shared: bool = False) -> list[str]:
+    """The store names of the serving generation's listeners (one address: n is 0); with one shared
+    queue, the generation's one listener."""
+    return sorted({f"web.{w['generation']}.{'shared' if shared else w['worker']}.0" for w in sup.workers()
+                   if w["state"] == "ready"})
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize(("how", "accept_queue"), [("SIGKILL", "per-worker"), ("SIGTERM", "per-worker"),
+                                                   ("SIGKILL", "shared")])
+def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how: str, accept_queue: str) -> None:
     """64 connections in flight; supervisord killed (or stopped) and started again by the manager."""
-    manager, sup = service(tmp_path)
+    manager, sup = service(tmp_path, accept_queue=accept_queue)
+    shared = accept_queue == "shared"
+    stored = ["web.1.shared.0"] if shared else ["web.1.0.0", "web.1.1.0"]
     try:
         manager.start(sup)
-        assert manager.stored() == serving_listeners(sup) == ["web.1.0.0", "web.1.1.0"]
+        assert manager.stored() == serving_listeners(sup, shared) == stored
+        assert [len(manager.store[name]) for name in stored] == [1] * len(stored)  # sent once
         with Clients("127.0.0.1:8000", concurrency=64, seconds=60, timeout=10) as load:
             time.sleep(1.0)  # the load runs before the crash (Clients has no live count to wait on)
             assert sup.proc is not None
@@ -50,11 +57,11 @@ def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how
             tally = load.finish()
         assert tally.ok > 500 and not tally.failures, tally.failed()
         wait_for("the store to hold the serving listeners only",
-                 lambda: manager.stored() == serving_listeners(sup), timeout=10)
+                 lambda: manager.stored() == serving_listeners(sup, shared), timeout=10)
         # Their stop signal came as the parent-death signal (or from the stopping master): they finish and exit.
         wait_for("the old workers to exit", lambda: not [pid for pid in old_workers if running(pid)], timeout=15)
         adopted = sup.events("fdstore_adopted")[-1]
-        assert sorted(adopted["listeners"]) == ["web.1.0.0", "web.1.1.0"]
+        assert sorted(adopted["listeners"]) == stored
     finally:
         sup.kill()
         manager.close()

@@ -46,11 +46,14 @@ def templates(sup: Supervisor) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("name", PRELOADED)
-def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "accept_queue"), [("demo", "per-worker"), ("uvicorn", "per-worker"),
+                                                    ("uvicorn", "shared")])
+def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str, accept_queue: str) -> None:
     """Reloads of forked workers while 64 connections are in flight: 0 failed; each generation has its
-    own template, its workers are the master's children, the retired generations' templates exit."""
+    own template, its workers are the master's children, the retired generations' templates exit (with
+    one shared queue the template hands the generation's one listener to each fork)."""
     command, settings = PRELOADED[name]
+    settings = {**settings, "accept_queue": accept_queue}
     with supervisor(tmp_path, {"web": program(command, graceful_timeout=5, **settings)}) as sup, \
             Clients("127.0.0.1:8000", seconds=60) as load:
         assert sup.proc is not None

@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from tests.harness import (
     Supervisor,
     collect,
     kernel_counters,
+    listening_inodes,
     open_requests,
     program,
     request,
@@ -34,10 +36,12 @@ def stop_workers(pids: list[int]) -> None:
         os.kill(pid, signal.SIGSTOP)
 
 
-def queued_reload(tmp_path: Path, migrate: str, host: str = "127.0.0.1") -> tuple[dict[str, int], dict[int, int], int]:
+def queued_reload(tmp_path: Path, migrate: str, host: str = "127.0.0.1",
+                  accept_queue: str = "per-worker") -> tuple[dict[str, int], dict[int, int], int]:
     """Old workers frozen, 200 requests queued in their listeners, then a reload."""
     listen = f"[{host}]:8000" if ":" in host else f"{host}:8000"
-    with supervisor(tmp_path, {"web": program(graceful_timeout=1, listen=[listen])}, migrate=migrate) as sup:
+    settings = program(graceful_timeout=1, listen=[listen], accept_queue=accept_queue)
+    with supervisor(tmp_path, {"web": settings}, migrate=migrate) as sup:
         old = sup.workers()
         stop_workers([w["pid"] for w in old])
         socks = open_requests(QUEUED, (host, 8000))
@@ -46,38 +50,51 @@ def queued_reload(tmp_path: Path, migrate: str, host: str = "127.0.0.1") -> tupl
         return dict(outcomes), dict(generations), reload.returncode
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_queued_connections_migrate_to_the_new_generation(tmp_path: Path, host: str) -> None:
-    """Every request queued behind frozen old workers is answered by the new generation (IPv4 and IPv6)."""
-    outcomes, generations, code = queued_reload(tmp_path, "require", host)
+@pytest.mark.parametrize(("host", "accept_queue"), [("127.0.0.1", "per-worker"), ("::1", "per-worker"),
+                                                    ("127.0.0.1", "shared")])
+def test_queued_connections_migrate_to_the_new_generation(tmp_path: Path, host: str, accept_queue: str) -> None:
+    """Every request queued behind frozen old workers is answered by the new generation (IPv4 and IPv6;
+    per-worker queues, and the one queue the old workers shared)."""
+    outcomes, generations, code = queued_reload(tmp_path, "require", host, accept_queue)
     assert code == 0
     assert outcomes == {"ok": QUEUED}
     assert generations == {2: QUEUED}
 
 
-def test_without_migration_the_same_reload_loses_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accept_queue", ["per-worker", "shared"])
+def test_without_migration_the_same_reload_loses_connections(tmp_path: Path, accept_queue: str) -> None:
     """Control: with migrate off, the kernel resets what waited in the old listeners."""
-    outcomes, _generations, code = queued_reload(tmp_path, "off")
+    outcomes, _generations, code = queued_reload(tmp_path, "off", accept_queue=accept_queue)
     assert code == 0
     assert outcomes.get("ok", 0) < QUEUED, outcomes
     assert outcomes.get("reset", 0) > 0, outcomes
 
 
-def test_reload_under_load_fails_no_connection(tmp_path: Path) -> None:
-    """New connections all the time, a reload every 0.5 s for ~10 s: zero failures, every generation serves."""
+@pytest.mark.parametrize(("accept_queue", "load"), [
+    ("per-worker", {"concurrency": 16}),
+    ("shared", {"concurrency": 64}),
+    ("shared", {"concurrency": 64, "keep_alive": True, "method": "POST"}),
+], ids=["per-worker", "shared", "shared-keep-alive"])
+def test_reload_under_load_fails_no_connection(tmp_path: Path, accept_queue: str, load: dict[str, Any]) -> None:
+    """New connections all the time (or 64 kept ones), a reload every 0.5 s for ~10 s: zero failures,
+    every generation serves. With one shared queue the group holds one listener per generation."""
     before = kernel_counters()
-    with supervisor(tmp_path, {"web": program()}) as sup, Clients("127.0.0.1:8000", concurrency=16) as load:
-        deadline = time.monotonic() + 10
+    seconds = 10 if accept_queue == "per-worker" else 6
+    with supervisor(tmp_path, {"web": program(accept_queue=accept_queue)}) as sup, \
+            Clients("127.0.0.1:8000", **load) as clients:
+        deadline = time.monotonic() + seconds
         reloads = 0
         while time.monotonic() < deadline:
             time.sleep(0.5)  # pacing: the load runs between reloads
-            sup.reload()
+            assert sup.reload().returncode == 0
             reloads += 1
-        time.sleep(1.0)  # answers from the last generation
-        tally = load.finish()
+            if accept_queue == "shared":  # the old generation's one listener is shut, the new one's listens
+                assert len(listening_inodes()) == 1
+        time.sleep(1.0 if accept_queue == "per-worker" else 1.5)  # answers from the last generation (past stop_delay)
+        tally = clients.finish()
     kernel = {key: value - before[key] for key, value in kernel_counters().items()}  # what the kernel saw, if it fails
     assert not tally.failures, (tally.describe(), kernel)
-    assert tally.connections > 1000
+    assert tally.ok > 1000, tally.describe()
     served = set(tally.generations)
     assert len(served) >= reloads * 0.8, (reloads, tally.generations)  # nearly every generation got traffic
     assert reloads + 1 in served
@@ -110,12 +127,16 @@ def test_busy_old_worker_under_load(tmp_path: Path, migrate: str, loses: bool) -
         assert not tally.failures, tally.describe()
 
 
-def failing_reload(tmp_path: Path, bad: dict[str, object]) -> tuple[int, str, Tally, int]:
-    with supervisor(tmp_path, {"web": program()}) as sup, Clients("127.0.0.1:8000", concurrency=8) as load:
+def failing_reload(tmp_path: Path, bad: dict[str, object],
+                   accept_queue: str = "per-worker") -> tuple[int, str, Tally, int]:
+    with supervisor(tmp_path, {"web": program(accept_queue=accept_queue)}) as sup, \
+            Clients("127.0.0.1:8000", concurrency=8) as load:
         time.sleep(0.5)  # the clients import and get answers
-        sup.write({"web": {**program(), **bad}})
+        serving = listening_inodes()
+        sup.write({"web": {**program(accept_queue=accept_queue), **bad}})
         result = sup.ctl("reload")
         gen_after = sup.generation()
+        assert listening_inodes() == serving  # the new listeners are shut, the serving ones still listen
         time.sleep(0.5)  # keep loading briefly after the rollback
         code, body = request()
         assert code == 200 and body["generation"] == 1
@@ -135,13 +156,14 @@ def test_generation_that_exits_at_start_is_rolled_back(tmp_path: Path) -> None:
     assert not load.failures, load.describe()
 
 
-def test_generation_not_ready_in_time_is_rolled_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accept_queue", ["per-worker", "shared"])
+def test_generation_not_ready_in_time_is_rolled_back(tmp_path: Path, accept_queue: str) -> None:
     """A worker that never sends READY=1 holds its listener: its queue must move back on rollback.
 
     The reason quotes what the worker last wrote to stderr, as for a worker that exits.
     """
     silent = [PYTHON, "-c", "import sys, time; print('still loading the model', file=sys.stderr); time.sleep(60)"]
-    code, output, load, gen = failing_reload(tmp_path, {"command": silent, "ready_timeout": 1})
+    code, output, load, gen = failing_reload(tmp_path, {"command": silent, "ready_timeout": 1}, accept_queue)
     assert code == 1, output
     assert "not ready within 1 s" in output, output
     assert "last stderr lines of worker 0 (pid " in output and "still loading the model" in output, output

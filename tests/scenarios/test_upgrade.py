@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness import PYTHON, Supervisor, program, request, running, wait_for
+from tests.harness import PYTHON, Supervisor, listening_inodes, program, request, running, wait_for
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -50,10 +50,12 @@ def upgrade(sup: Supervisor) -> str:
     return result.stdout
 
 
-def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_path: Path) -> None:
-    """Three upgrades to new versions under 64 connections in flight: 0 failed, same pids, then a reload."""
+@pytest.mark.parametrize("accept_queue", ["per-worker", "shared"])
+def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_path: Path, accept_queue: str) -> None:
+    """Three upgrades to new versions under 64 connections in flight: 0 failed, same pids, then a reload
+    (with one shared queue: the generation's one listener is handed over, the same for both workers)."""
     site = installed(tmp_path)
-    sup = start(tmp_path, site)
+    sup = start(tmp_path, site, accept_queue=accept_queue)
     try:
         assert sup.proc is not None
         master, workers = sup.proc.pid, sorted(w["pid"] for w in sup.workers())
@@ -71,8 +73,11 @@ def test_upgrades_under_load_keep_the_pid_the_workers_and_every_connection(tmp_p
             tally = load.finish()
         assert tally.ok > 1000 and not tally.failures, tally.failed()
         assert "upgraded from 9.2.0" in sup.ctl("status").stdout
+        listening = listening_inodes()
         sup.reload()
         assert request()[1]["generation"] == 2
+        if accept_queue == "shared":  # the handed-over listener was shut by the reload, the new one listens
+            assert len(listening) == 1 and len(listening_inodes()) == 1 and listening_inodes() != listening
     finally:
         sup.kill()
 

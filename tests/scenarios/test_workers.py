@@ -19,6 +19,7 @@ from tests.harness import (
     PYTHON,
     Supervisor,
     collect,
+    listening_inodes,
     open_requests,
     program,
     request,
@@ -32,9 +33,10 @@ pytestmark = pytest.mark.usefixtures("netns")
 APPS = Path(__file__).resolve().parents[1] / "apps"
 
 
-def crash_with_queue(tmp_path: Path, migrate: str) -> tuple[dict[str, int], Supervisor]:
-    """Worker 0 frozen with requests queued in its listener, then SIGKILLed."""
-    sup = Supervisor(tmp_path, {"web": program()}, migrate=migrate).start()
+def crash_with_queue(tmp_path: Path, migrate: str,
+                     accept_queue: str = "per-worker") -> tuple[dict[str, int], Supervisor]:
+    """Worker 0 frozen with requests queued in its listener (or in the one both workers share), then SIGKILLed."""
+    sup = Supervisor(tmp_path, {"web": program(accept_queue=accept_queue)}, migrate=migrate).start()
     try:
         victim = sup.workers()[0]["pid"]
         os.kill(victim, signal.SIGSTOP)
@@ -47,12 +49,17 @@ def crash_with_queue(tmp_path: Path, migrate: str) -> tuple[dict[str, int], Supe
         raise
 
 
-def test_crashed_worker_queue_moves_to_its_siblings(tmp_path: Path) -> None:
-    """SIGKILL a frozen worker: every connection waiting in its listener is served; it is replaced."""
-    outcomes, sup = crash_with_queue(tmp_path, "require")
+@pytest.mark.parametrize("accept_queue", ["per-worker", "shared"])
+def test_crashed_worker_queue_moves_to_its_siblings(tmp_path: Path, accept_queue: str) -> None:
+    """SIGKILL a frozen worker: every connection waiting in its listener is served; it is replaced. A
+    shared listener is the sibling's too: it stays, and the replacement gets it (the kernel's inode)."""
+    outcomes, sup = crash_with_queue(tmp_path, "require", accept_queue)
     try:
+        listening = listening_inodes()
         assert outcomes == {"ok": 200}
         wait_for("the replacement", lambda: len(sup.workers()) == 2 and sup.serving())
+        if accept_queue == "shared":
+            assert len(listening) == 1 and listening_inodes() == listening
         replaced = next(w for w in sup.workers() if w["worker"] == 0)
         assert replaced["restarts"] == 1 and replaced["last_exit"] == "killed by SIGKILL"
         assert "killed by SIGKILL" in sup.ctl("status").stdout
@@ -130,14 +137,18 @@ def test_a_reload_after_fatal_starts_the_crash_count_over(tmp_path: Path) -> Non
         wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal")
 
 
-@pytest.mark.parametrize("keep_alive", [False, True], ids=["new connections", "keep-alive"])
-def test_scaling_under_load_fails_no_connection(tmp_path: Path, keep_alive: bool) -> None:
+@pytest.mark.parametrize(("keep_alive", "accept_queue"), [(False, "per-worker"), (True, "per-worker"),
+                                                          (False, "shared"), (True, "shared")],
+                         ids=["new connections", "keep-alive", "shared-new connections", "shared-keep-alive"])
+def test_scaling_under_load_fails_no_connection(tmp_path: Path, keep_alive: bool, accept_queue: str) -> None:
     """TTIN/TTOU and `scale` add workers on fresh listeners or retire them with their queues migrated; a
-    retired worker's kept connections end with an answer that says `Connection: close`."""
-    with supervisor(tmp_path, {"web": program(graceful_timeout=2)}) as sup, \
+    retired worker's kept connections end with an answer that says `Connection: close`. With one shared
+    queue, every worker started or retired leaves the generation's one listener as it was."""
+    with supervisor(tmp_path, {"web": program(graceful_timeout=2, accept_queue=accept_queue)}) as sup, \
             Clients("127.0.0.1:8000", concurrency=64 if keep_alive else 16, keep_alive=keep_alive,
                     method="POST" if keep_alive else "GET") as load:
         assert sup.proc is not None
+        listening = listening_inodes()
         sup.proc.send_signal(signal.SIGTTIN)
         wait_for("3 ready workers", lambda: len(sup.workers()) == 3 and sup.serving())
         sup.proc.send_signal(signal.SIGTTOU)
@@ -150,6 +161,8 @@ def test_scaling_under_load_fails_no_connection(tmp_path: Path, keep_alive: bool
                 return len(sup.workers()) == c and sup.serving()
 
             wait_for(f"{count} workers", scaled)
+            if accept_queue == "shared":
+                assert listening_inodes() == listening
         assert sup.ctl("scale", "web", "0").returncode == 1
         tally = load.finish()
     print(f"\n{tally.describe()}")
@@ -263,16 +276,23 @@ def test_accepting_readiness_waits_for_the_listener_to_be_polled(tmp_path: Path)
         assert sup.ctl("reload").returncode == 0  # settle only asks that it stays alive
 
 
-@pytest.mark.parametrize("keep_alive", [False, True], ids=["new connections", "keep-alive"])
-def test_max_age_recycles_workers_without_a_failed_connection(tmp_path: Path, keep_alive: bool) -> None:
-    """Workers older than max_age are replaced one by one: new listener first, then the old one shut; a
-    recycled worker's kept connections end with an answer that says `Connection: close`."""
-    with supervisor(tmp_path, {"web": program(max_age=1, graceful_timeout=2)}) as sup, \
+@pytest.mark.parametrize(("keep_alive", "accept_queue"), [(False, "per-worker"), (True, "per-worker"),
+                                                          (False, "shared"), (True, "shared")],
+                         ids=["new connections", "keep-alive", "shared-new connections", "shared-keep-alive"])
+def test_max_age_recycles_workers_without_a_failed_connection(tmp_path: Path, keep_alive: bool,
+                                                              accept_queue: str) -> None:
+    """Workers older than max_age are replaced one by one: new listener first, then the old one shut (with
+    one shared queue: the replacement accepts from the same listener, which stays); a recycled worker's
+    kept connections end with an answer that says `Connection: close`."""
+    settings = program(max_age=1, graceful_timeout=2, accept_queue=accept_queue)
+    with supervisor(tmp_path, {"web": settings}) as sup, \
             Clients("127.0.0.1:8000", concurrency=64 if keep_alive else 16, keep_alive=keep_alive) as load:
-        first = {w["pid"] for w in sup.workers()}
+        first, listening = {w["pid"] for w in sup.workers()}, listening_inodes()
         wait_for("three rounds of recycling", lambda: sup.log_text().count('"worker_recycled"') >= 6, timeout=20)
         assert not first & {w["pid"] for w in sup.workers()}
         assert sup.generation() == 1  # recycling stays within the generation
+        if accept_queue == "shared":
+            assert len(listening) == 1 and listening_inodes() == listening
         tally = load.finish()
     print(f"\n{tally.describe()}")
     assert not tally.failures, tally.describe()

@@ -69,12 +69,15 @@ class FakeSpawner:
         self.spawned: list[FakeWorker] = []
         self.fail_next = 0  # how many of the next spawns fail as an exec would
 
-    def spawn(self, program: Program, generation: int, index: int) -> Worker:
+    def listen(self, program: Program) -> list[Listener]:
+        return [Listener(listen, f"{program.name}.{n}", socket.socket(listen.family, socket.SOCK_STREAM))
+                for n, listen in enumerate(program.listen)]
+
+    def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker:
         if self.fail_next:
             self.fail_next -= 1
             raise SpawnError(f"{program.name}: cannot start worker {index}: [Errno 2] No such file")
-        listeners = [Listener(listen, f"{program.name}.{n}", socket.socket(listen.family, socket.SOCK_STREAM))
-                     for n, listen in enumerate(program.listen)]
+        listeners = list(shared) if shared is not None else self.listen(program)
         w = FakeWorker(program=program.name, generation=generation, index=index, pid=next(self.pids), pidfd=-1,
                        stderr=Pipe("stderr"), listeners=listeners, started=self.clock.time(), clock=self.clock)
         self.spawned.append(w)
