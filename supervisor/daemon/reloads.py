@@ -104,8 +104,9 @@ class Reloads:
         self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
         # Listeners a previous master left in the fd store are shut once, at the Commit, in one step.
         reload.together = {a.program for a in host.inherited.of([p.name for p in plan.start])}
-        if host.migration.drains:
-            reload.held = listeners.steer_to(self.serving_listeners(plan))
+        # New connections keep going to the serving workers while the new ones start (an interpreter
+        # and an app import: a second or more), rather than waiting in a queue nobody accepts from yet.
+        reload.held = listeners.steer_to(self.serving_listeners(plan))
         for program in plan.start:
             record = host.programs.setdefault(program.name, ProgramRuntime(program.name))
             try:
