@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import sys
 import time
 
 # Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
-# psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
+# psutil); pyyaml (yamlfile, not the config model) only for a -c file that socketpath cannot read alone.
+# Measured: bench's footprint part.
 from supervisor import install
+from supervisor.config import socketpath
 from supervisor.config.locate import DEFAULT_PATH, ENV, locate
 from supervisor.ctl import table
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
@@ -60,8 +63,8 @@ installation shared with another distribution), 3 no supervisord answers on the 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="supervisorctl", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="supervisorctl", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", help=f"the daemon's YAML file, to find its control socket (default: "
                                               f"${ENV}, else {DEFAULT_PATH})")
@@ -102,6 +105,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but its help formatter, which every add_argument makes, learns the terminal's
+    width here, as shutil.get_terminal_size would: argparse imports shutil for it (and bz2, lzma and zlib
+    with it) at every start, for a width only `--help` uses. The subcommands' parsers are of this class too."""
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        make: Any = self.formatter_class  # a HelpFormatter class (typeshed's protocol names only `prog`)
+        formatter: argparse.HelpFormatter = make(prog=self.prog, width=_columns() - 2)
+        return formatter
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def _seconds(text: str) -> float:
     """A positive, finite number of seconds (socket.settimeout refuses the rest with a traceback)."""
     try:
@@ -121,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
     try:
-        if args.socket:
-            path = args.socket
-        else:
-            from supervisor.config import yamlfile  # pyyaml is about half of this command's start
-
-            path = yamlfile.control_socket(locate(args.config))
+        path = args.socket or _control_socket(locate(args.config))
     except ConfigError as exc:
         print(f"supervisorctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -184,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command != "tail":
         print(final.get("message", "ok"))
     return EXIT_OK
+
+
+def _control_socket(config: str) -> str:
+    """The control socket the config file names: read without pyyaml where socketpath can (pyyaml's
+    import is about half of this command's start), else by the daemon's reader."""
+    if (quick := socketpath.control_socket(config)) is not None:
+        return quick
+    from supervisor.config import yamlfile
+
+    return yamlfile.control_socket(config)
 
 
 def exchange(path: str, request: dict[str, Any], timeout: float, forever: bool = False) -> Iterator[dict[str, Any]]:
