@@ -128,7 +128,8 @@ def reload_overhead(folder: Path, workers: int, reloads: int) -> dict[str, Any]:
             over.append(wall - daemons[-1])
     finally:
         sup.kill()
-    return {"n": reloads, "over_p50": round(statistics.median(over), 1), "over_max": round(max(over), 1),
+    return {"n": reloads, "over_min": round(min(over), 1), "over_p50": round(statistics.median(over), 1),
+            "over_max": round(max(over), 1),
             "wall_p50": round(statistics.median(walls), 1), "daemon_p50": round(statistics.median(daemons), 1)}
 
 
