@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--footprint-rounds", type=int, default=3, help="footprint part: masters started per mode")
     parser.add_argument("--footprint-runs", type=int, default=30,
                         help="footprint part: `supervisorctl status` and `python -c pass` runs, interleaved")
+    parser.add_argument("--footprint-reload-workers", default="2,64",
+                        help="footprint part: worker counts of `supervisorctl reload` against the daemon's figure")
+    parser.add_argument("--footprint-reloads", type=int, default=10, help="footprint part: reloads per worker count")
     parser.add_argument("--preload-workers", default="1,2,4,16,64", help="preload part: worker counts")
     parser.add_argument("--preload-reloads", type=int, default=5, help="preload part: reloads per row")
     parser.add_argument("--memory-workers", type=int, default=4, help="preload part: workers of the memory rows")
@@ -90,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
-        args.footprint_rounds, args.footprint_runs = 1, 3
+        args.footprint_rounds, args.footprint_runs, args.footprint_reloads = 1, 3, 2
+        args.footprint_reload_workers = "2"
         args.preload_workers, args.preload_reloads, args.memory_workers, args.memory_model = "2", 1, 2, 8
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
@@ -158,7 +162,9 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
                     "seconds": args.throughput_seconds, **load})
     if "footprint" in parts:
-        out.append({"scenario": "footprint", "rounds": args.footprint_rounds, "runs": args.footprint_runs})
+        out.append({"scenario": "footprint", "rounds": args.footprint_rounds, "runs": args.footprint_runs,
+                    "reload_workers": [int(n) for n in args.footprint_reload_workers.split(",")],
+                    "reloads": args.footprint_reloads})
     return out
 
 

@@ -1,10 +1,16 @@
-"""The footprint part: the master's resident memory with and without a `tls:` program, and what
-`supervisorctl status` costs next to a bare start of the same interpreter (the goals:
-cryptography only loaded for TLS; status at most about twice `python -c pass`)."""
+"""The footprint part: the master's resident memory with and without a `tls:` program, what
+`supervisorctl status` costs next to a bare start of the same interpreter, and what `supervisorctl
+reload` adds to the daemon's own "done in" figure. Each figure goes beside its goal (GOALS) and the
+command that produced it.
+
+The package's modules are compiled first (`compileall`), as `pip install` does: a source tree run under
+PYTHONDONTWRITEBYTECODE compiles every module at every start, which costs both time and memory.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -18,15 +24,24 @@ import yaml
 
 from tests import harness
 
+ROOT = Path(__file__).resolve().parents[1]
 METRICS_PORT = 9150
 SETTLE = 1.0  # seconds a started master runs before its RSS is read (the first status, imports done)
+GOALS = {"master_rss_mib": 25.0, "status_to_bare": 2.0, "reload_over_daemon_ms": 20.0}
+# The floor under the master's RSS: the interpreter with the dependencies the master cannot do without
+# imported and an event loop run, nothing of this package.
+FLOOR = ("import asyncio, argparse, psutil, structlog, uvloop, yaml\n"
+         f"uvloop.run(asyncio.sleep({SETTLE}))\n"
+         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) * 1024)")
 
 
 def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
-    rss: dict[str, list[float]] = {"plain": [], "tls": [], "metrics": []}
+    subprocess.run([harness.PYTHON, "-m", "compileall", "-q", str(ROOT / "supervisor")], check=True,
+                   stdout=subprocess.DEVNULL)
+    rss: dict[str, list[float]] = {"plain": [], "tls": [], "metrics": [], "floor": []}
     for run in range(spec["rounds"]):
         for mode in rss:
-            rss[mode].append(master_rss(folder / f"{mode}-{run}", mode))
+            rss[mode].append(floor_rss() if mode == "floor" else master_rss(folder / f"{mode}-{run}", mode))
     (folder / "ctl").mkdir()
     sup = harness.Supervisor(folder / "ctl", {"web": harness.program(workers=1)}).start()
     ctl = str(harness.BIN / "supervisorctl")
@@ -45,8 +60,15 @@ def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                  for i, kind in enumerate(("wall", "cpu")) for stat, fn in (("min", min), ("p50", statistics.median))}
           for name, runs in times.items()}
     bare = ms["python -c pass"]
-    return {"scenario": "footprint", "rounds": spec["rounds"], "runs": spec["runs"],
+    reload = {str(n): reload_overhead(folder / f"reload-{n}", n, spec["reloads"]) for n in spec["reload_workers"]}
+    return {"scenario": "footprint", "rounds": spec["rounds"], "runs": spec["runs"], "goals": GOALS,
+            "commands": {"master": "supervisord -c CONFIG (one demo worker; RSS of the master, "
+                                   f"{SETTLE:g} s after it serves)",
+                         "floor": f"{harness.PYTHON} -c {FLOOR!r}",
+                         **{name: " ".join(command) for name, command in commands.items()},
+                         "reload": f"{ctl} -c CONFIG reload (wall time) against its 'done in N ms'"},
             "master_rss_mib": {mode: round(statistics.median(v) / 2**20, 1) for mode, v in rss.items()},
+            "reload_over_daemon_ms": reload,
             "ctl_ms": ms,
             "status_to_bare": {key: round(ms["supervisorctl status"][key] / bare[key], 2) for key in bare},
             "socket_status_to_bare": {key: round(ms["supervisorctl -s SOCKET status"][key] / bare[key], 2)
@@ -76,6 +98,39 @@ def master_rss(folder: Path, mode: str) -> float:
         return float(psutil.Process(sup.proc.pid).memory_info().rss)
     finally:
         sup.kill()
+
+
+def floor_rss() -> float:
+    """The resident bytes of an interpreter that imported the master's dependencies and ran a loop."""
+    out = subprocess.run([harness.PYTHON, "-c", FLOOR], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def reload_overhead(folder: Path, workers: int, reloads: int) -> dict[str, Any]:
+    """`supervisorctl -c CONFIG reload` of `workers` demo workers: its wall time, the daemon's own figure
+    ("done in N ms", from the request taken to the old listeners closed) and the difference, which is
+    what the command adds (its start, the config read and checked, the answer's way back)."""
+    folder.mkdir(parents=True)
+    sup = harness.Supervisor(folder, {"web": harness.program(workers=workers)}).start(timeout=120)
+    ctl = [str(harness.BIN / "supervisorctl"), "-c", str(sup.config), "reload"]
+    over, walls, daemons = [], [], []
+    try:
+        for _ in range(reloads):
+            harness.wait_for("the old generation gone", lambda: len(sup.workers()) == workers, timeout=60)
+            started = time.perf_counter()
+            done = subprocess.run(ctl, capture_output=True, text=True, timeout=300)
+            wall = (time.perf_counter() - started) * 1000
+            figure = re.search(r"done in (\d+) ms", done.stdout)
+            if done.returncode != 0 or figure is None:
+                raise RuntimeError(f"{ctl} exited {done.returncode}: {done.stdout} {done.stderr}")
+            walls.append(wall)
+            daemons.append(float(figure.group(1)))
+            over.append(wall - daemons[-1])
+    finally:
+        sup.kill()
+    return {"n": reloads, "over_min": round(min(over), 1), "over_p50": round(statistics.median(over), 1),
+            "over_max": round(max(over), 1),
+            "wall_p50": round(statistics.median(walls), 1), "daemon_p50": round(statistics.median(daemons), 1)}
 
 
 def run_once(command: list[str]) -> tuple[float, float]:

@@ -28,7 +28,7 @@ def describe(spec: dict[str, Any]) -> str:
     if spec["scenario"] == "scaling":
         return f"scaling: {spec['workers']} workers, {spec['addresses']} addresses"
     if spec["scenario"] == "footprint":
-        return "footprint: master RSS, supervisorctl status"
+        return "footprint: master RSS, supervisorctl status, supervisorctl reload over the daemon's figure"
     if spec["scenario"] == "preload_reload":
         return f"preload: {spec['workers']} workers, {'forked from a template' if spec['preload'] else 'spawned'}"
     if spec["scenario"] == "memory":
@@ -160,12 +160,24 @@ def queue_table(queues: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def footprint_table(r: dict[str, Any]) -> str:
-    rss, ms, ratio = r["master_rss_mib"], r["ctl_ms"], r["status_to_bare"]
+    rss, ms, ratio, goals, commands = r["master_rss_mib"], r["ctl_ms"], r["status_to_bare"], r["goals"], r["commands"]
     keys = ("wall_min", "wall_p50", "cpu_min", "cpu_p50")
-    return (f"\nThe master's RSS serving one demo worker (median of {r['rounds']}): {rss['plain']} MiB, "
-            f"{rss['tls']} MiB with a `tls:` program (cryptography loaded), {rss['metrics']} MiB with `metrics:` "
-            f"after a scrape (prometheus_client loaded).\n\n"
-            f"`supervisorctl status` against the same interpreter's bare start, {r['runs']} runs each, interleaved "
+    mib = goals["master_rss_mib"]
+    rows = [["master RSS, plain (MiB)", rss["plain"], f"<= {mib:g}", commands["master"]],
+            ["master RSS, `tls:` program", rss["tls"], "-", "the same, with a certificate (cryptography loaded)"],
+            ["master RSS, `metrics:` scraped", rss["metrics"], "-", "the same, after one scrape (prometheus_client)"],
+            ["floor: the dependencies alone", rss["floor"], "-", commands["floor"]],
+            ["`status` / `python -c pass`, wall p50", ratio["wall_p50"], f"<= {goals['status_to_bare']:g}",
+             f"{commands['supervisorctl status']} against {commands['python -c pass']}"],
+            ["`status` / `python -c pass`, CPU p50", ratio["cpu_p50"], f"<= {goals['status_to_bare']:g}", "the same"]]
+    rows += [[f"`reload` over the daemon's figure, {n} workers (ms, min / p50 / max)",
+              f"{o['over_min']:g} / {o['over_p50']:g} / {o['over_max']:g}",
+              f"<= {goals['reload_over_daemon_ms']:g}",
+              f"{commands['reload']}: wall p50 {o['wall_p50']:g}, daemon p50 {o['daemon_p50']:g}, {o['n']} reloads"]
+             for n, o in r["reload_over_daemon_ms"].items()]
+    return (f"\nFootprint, each figure beside its goal (RSS: median of {r['rounds']} masters):\n\n"
+            + table(["figure", "measured", "goal", "command"], rows)
+            + f"\n`supervisorctl status` against the same interpreter's bare start, {r['runs']} runs each, interleaved "
             f"(ms; CPU = user + system of the process):\n\n"
             + table(["command", "wall min", "wall p50", "CPU min", "CPU p50"],
                     [[name, *(v[k] for k in keys)] for name, v in ms.items()]

@@ -1,7 +1,8 @@
 """A YAML file as supervisord reads it: bounded, never blocking, composed into nodes that keep their line.
 
 Apart from `config` so that supervisorctl, which only needs the control socket's path
-(`control_socket`), starts without importing the whole config model (docs/operations.md, "Commands").
+(`control_socket`), starts without importing the whole config model (docs/operations.md, "Commands");
+most files it does not even read with pyyaml (socketpath.py).
 """
 
 from __future__ import annotations
@@ -12,18 +13,16 @@ import yaml
 
 from supervisor.config import files, unixpath
 from supervisor.config.files import MAX_FILE, file_kind  # noqa: F401 (yamlfile.MAX_FILE: the API)
+from supervisor.config.socketpath import DEFAULT_SOCKET, MAX_EVENTS, resolve
 from supervisor.errors import ConfigError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
 if TYPE_CHECKING:
     from typing import Any
 
-DEFAULT_SOCKET = "./supervisor.sock"
 # libyaml's parser when pyyaml was built with it: the master parses at every reload, in its loop, and
 # libyaml reads a 1 MiB file about five times faster than the pure-Python one.
 LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-MAX_EVENTS = 20_000  # YAML parser events (scalars, aliases, starts and ends of collections) in a file
 
 
 def control_socket(path: str | os.PathLike[str]) -> str:
@@ -38,14 +37,13 @@ def control_socket(path: str | os.PathLike[str]) -> str:
         if not isinstance(root, yaml.MappingNode):
             raise ConfigError(name, root.start_mark.line + 1, where, "expected a mapping")
         root = node = next((value for k, value in root.value if k.value == key), None)
-    folder = os.path.dirname(os.path.abspath(name))
     if node is None:
         socket_path = DEFAULT_SOCKET
     elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and node.value:
         socket_path = node.value
     else:
         raise ConfigError(name, node.start_mark.line + 1, "control.socket", "expected a non-empty string")
-    path = os.path.normpath(os.path.join(folder, os.path.expanduser(socket_path)))
+    path = resolve(name, socket_path)
     if node is not None and (problem := unixpath.problem(path)) is not None:
         raise ConfigError(name, node.start_mark.line + 1, "control.socket", f"{path}: {problem}")
     return path

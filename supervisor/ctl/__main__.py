@@ -1,7 +1,5 @@
 """`python -m supervisor.ctl`: as `supervisorctl`."""
 
-import sys
+from supervisor.ctl.main import run
 
-from supervisor.ctl.main import main
-
-sys.exit(main())
+run()

@@ -7,18 +7,21 @@ printed); 2 bad command line or unreadable config (or an installation shared wit
 
 from __future__ import annotations
 
-import argparse
+import _socket
 import json
 import math
-import socket
+import os
 import sys
 import time
+from types import SimpleNamespace
 
-# Only what a command needs: the framing (not the requests' dataclasses), the table (status, without
-# psutil); pyyaml (yamlfile, not the config model) only with -c. Measured: bench's footprint part.
+# Only what a command needs: the framing (not the requests' dataclasses); argparse (arguments.py) only
+# for a command line quick_args does not read; the table (status, without psutil) only for status;
+# pyyaml (yamlfile, not the config model) only for a -c file that socketpath cannot read alone.
+# Measured: bench's footprint part.
 from supervisor import install
-from supervisor.config.locate import DEFAULT_PATH, ENV, locate
-from supervisor.ctl import table
+from supervisor.config import socketpath
+from supervisor.config.locate import locate
 from supervisor.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, ControlError
 from supervisor.protocol import framing
 from supervisor.system import unixsocket
@@ -26,107 +29,66 @@ from supervisor.system import unixsocket
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import Any
+    from typing import Any, NoReturn
 
-EPILOG = """commands:
-  status [PROGRAM] [--json]
-                      programs and their workers in one table (state, generation, pid, uptime, RSS,
-                      CPU, restarts, listen addresses), the last reload, the migration mode; PROGRAM:
-                      that program only
-  reload [PROGRAM ...]
-                      read the config file again and start new generations (of the named programs
-                      only, if any; the others keep theirs), wait until ready, close the old listeners
-  restart PROGRAM     replace a running program's workers by a new generation with the settings
-                      supervisord runs now (the file is not read again), with zero loss as a reload
-  start PROGRAM       start a stopped or FATAL program
-  stop PROGRAM        stop a program (its workers finish what they accepted)
-  scale PROGRAM N     run N workers of a running program (until the next reload)
-  shutdown            stop every program and the daemon
-  upgrade             run the installed code in the same process (same pid; workers and sockets kept)
-  tail [-n N] [-f] PROGRAM [stdout|stderr]
-                      the last N (default 10) lines the program's workers wrote, both streams in the
-                      order supervisord read them, or only the one named; -f: then follow until Ctrl-C
-  version             this supervisorctl's version and the running supervisord's
-  help [COMMAND]      this help, or a command's
-
-states (the STATE column, for programs and workers alike):
-""" + table.states_help() + """
-
-the config file (to find the control socket): -c FILE, else $SUPERVISOR_CONFIG, else
-""" + DEFAULT_PATH + """; -s SOCKET names the control socket itself
-
-exit status: 0 done, 1 refused or rolled back (reason printed), 2 usage or config error (or an
-installation shared with another distribution), 3 no supervisord answers on the control socket"""
+# The plain forms quick_args reads: each command with how many PROGRAM words it takes (fewest, most; None: any).
+QUICK_COMMANDS = {"status": (0, 1), "reload": (0, None), "start": (1, 1), "restart": (1, 1), "stop": (1, 1),
+                  "shutdown": (0, 0), "upgrade": (0, 0), "version": (0, 0)}
+QUICK_OPTIONS = {"-c": "config", "--config": "config", "-s": "socket", "--socket": "socket", "--timeout": "timeout"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="supervisorctl", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("-c", "--config", help=f"the daemon's YAML file, to find its control socket (default: "
-                                              f"${ENV}, else {DEFAULT_PATH})")
-    where.add_argument("-s", "--socket", help="the control socket itself")
-    parser.add_argument("--version", action=install.PrintVersion)
-    parser.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
-                        help="how long to wait for the answer (default 600); then exit 3")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = sub.add_parser("status", epilog="states:\n" + table.states_help(),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            description="Programs and their workers in one table; --json: every field "
-                                        "(docs/status.md).")
-    status.add_argument("program", nargs="?", default="", metavar="PROGRAM", help="only this program")
-    status.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
-    sub.add_parser("reload").add_argument("programs", nargs="*", metavar="PROGRAM")
-    sub.add_parser("start").add_argument("program")
-    sub.add_parser("restart").add_argument("program")
-    sub.add_parser("stop").add_argument("program")
-    scale = sub.add_parser("scale")
-    scale.add_argument("program")
-    scale.add_argument("workers", type=int)
-    sub.add_parser("shutdown")
-    sub.add_parser("upgrade")
-    sub.add_parser("version")
-    tail = sub.add_parser("tail")
-    tail.add_argument("-n", dest="lines", type=int, default=10, metavar="N")
-    tail.add_argument("-f", dest="follow", action="store_true")
-    tail.add_argument("program")
-    tail.add_argument("stream", nargs="?", choices=("stdout", "stderr"), help="only this stream (default: both)")
-    sub.add_parser("help").add_argument("topic", nargs="?", metavar="COMMAND", help="the help of this command")
-    args = parser.parse_args(argv)
-    if args.command == "help":  # as in Supervisor: `help`, `help COMMAND`
-        choices = sub.choices
-        if args.topic is not None and args.topic not in choices:
-            parser.error(f"help: no command named {args.topic!r} (one of {', '.join(choices)})")
-        (choices[args.topic] if args.topic else parser).print_help()
-        parser.exit()
-    return args
-
-
-def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (socket.settimeout refuses the rest with a traceback)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+def quick_args(argv: list[str]) -> SimpleNamespace | None:
+    """The command line in its plain forms, `[-c FILE | -s SOCKET] [--timeout SECONDS] COMMAND
+    [PROGRAM...]`, read without argparse: what arguments.parse_args gives for it. None for anything
+    else (help, --json, tail, scale, an option after the command, a word that starts with '-', an
+    option twice, a bad number): parse_args reads it, and words any error (tests/unit/test_arguments.py
+    holds the two against each other)."""
+    found: dict[str, Any] = {"config": None, "socket": None, "version": None, "timeout": 600.0}
+    given: set[str] = set()
+    at = 0
+    while at < len(argv) and argv[at] in QUICK_OPTIONS:
+        key = QUICK_OPTIONS[argv[at]]
+        if key in given or at + 1 == len(argv) or argv[at + 1][:1] in ("-", ""):
+            return None
+        given.add(key)
+        found[key] = argv[at + 1]
+        at += 2
+    if {"config", "socket"} <= given or at == len(argv) or argv[at] not in QUICK_COMMANDS:
+        return None
+    command, words = argv[at], argv[at + 1:]
+    fewest, most = QUICK_COMMANDS[command]
+    if any(word[:1] in ("-", "") for word in words) or len(words) < fewest or (most is not None and len(words) > most):
+        return None
+    if "timeout" in given:
+        try:
+            found["timeout"] = float(found["timeout"])
+        except ValueError:
+            return None
+        if not 0 < found["timeout"] < math.inf:
+            return None
+    found["command"] = command
+    if command == "status":
+        found.update(program=words[0] if words else "", json=False)
+    elif command == "reload":
+        found["programs"] = words
+    elif fewest:
+        found["program"] = words[0]
+    return SimpleNamespace(**found)
 
 
 def main(argv: list[str] | None = None) -> int:
     if install.refuse_if_mixed("supervisorctl"):  # one line instead of a traceback from a replaced file
         return EXIT_USAGE
-    try:
-        args = parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_USAGE if exc.code else EXIT_OK
-    try:
-        if args.socket:
-            path = args.socket
-        else:
-            from supervisor.config import yamlfile  # pyyaml is about half of this command's start
+    args: Any = quick_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        from supervisor.ctl import arguments
 
-            path = yamlfile.control_socket(locate(args.config))
+        try:
+            args = arguments.parse_args(argv)
+        except SystemExit as exc:
+            return EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        path = args.socket or _control_socket(locate(args.config))
     except ConfigError as exc:
         print(f"supervisorctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -178,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supervisorctl: {args.command} failed: {final.get('error')}", file=sys.stderr)
         return EXIT_FAILED
     if args.command == "status":
+        from supervisor.ctl import table
+
         print(json.dumps(final["data"], indent=2) if args.json else table.render(final["data"]))
     elif args.command == "version":
         print(f"supervisord (reuseport-supervisor) {final['data']['version']}")
@@ -186,24 +150,46 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _control_socket(config: str) -> str:
+    """The control socket the config file names: read without pyyaml where socketpath can (pyyaml's
+    import is about half of this command's start), else by the daemon's reader."""
+    if (quick := socketpath.control_socket(config)) is not None:
+        return quick
+    from supervisor.config import yamlfile
+
+    return yamlfile.control_socket(config)
+
+
 def exchange(path: str, request: dict[str, Any], timeout: float, forever: bool = False) -> Iterator[dict[str, Any]]:
     """Send one request; yield every message of the answer until the daemon closes (`forever`: no
     time limit once connected)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    # _socket: the C type socket.socket wraps. socket.py's own import (its enums, selectors) is a tenth
+    # of this command's start, for nothing a unix stream with a timeout needs.
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
         _connect(sock, path, time.monotonic() + timeout)
         sock.sendall(framing.encode(request))
         if forever:
             sock.settimeout(None)
-        with sock.makefile("rb") as stream:
-            for line in stream:
+        buffer = b""
+        while True:
+            chunk = sock.recv(65536)
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            if not chunk and buffer:
+                lines.append(buffer)  # the last line, without its newline
+            for line in lines:
                 message = framing.decode(line)
                 yield message
                 if "ok" in message:
                     return
+            if not chunk:
+                return
+    finally:
+        sock.close()
 
 
-def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+def _connect(sock: _socket.socket, path: str, deadline: float) -> None:
     """connect(), waiting while the daemon's accept queue is full: a unix socket with a timeout
     fails at once then (EAGAIN), which is a busy daemon, not an absent one."""
     with unixsocket.address(path) as where:  # a path too long for an address: through its folder
@@ -217,5 +203,19 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
                 time.sleep(0.01)
 
 
+def run() -> NoReturn:
+    """The `supervisorctl` command: main(), then the process ends without the interpreter's teardown,
+    its output flushed. The teardown (every module freed) was about 8 ms of CPU, a fifth of the
+    command; right after a reload, with the old workers stopping on every core, it stretched the
+    command's end by hundreds of milliseconds after the answer had arrived."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe: the usual teardown says so
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

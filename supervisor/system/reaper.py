@@ -8,13 +8,14 @@ kill it when the worker it came from retires.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter runs on, through the process's own symbols (dlopen(NULL)):
+# ctypes.util.find_library("c") would run `ldconfig -p` in a child process at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def become_subreaper() -> None:

@@ -93,11 +93,15 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     footprint = next(r for r in results if r["scenario"] == "footprint")
     assert footprint["master_rss_mib"]["tls"] > footprint["master_rss_mib"]["plain"] > 0, footprint
     assert footprint["ctl_ms"]["supervisorctl status"]["cpu_min"] > 0 and footprint["status_to_bare"]["wall_p50"] > 0
+    assert footprint["master_rss_mib"]["plain"] > footprint["master_rss_mib"]["floor"] > 0, footprint
+    reload = footprint["reload_over_daemon_ms"]["2"]
+    assert reload["n"] == 2 and reload["daemon_p50"] > 0, footprint
 
     table = (tmp_path / "table.md").read_text()
     assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
                                               *(r["system"] for r in upgrades.values())))
-    assert "ratio" in table and "ratio status / bare" in table and "| preload | 2 |" in table
+    assert "ratio" in table and "ratio status / bare" in table
+    assert "`reload` over the daemon's figure, 2 workers" in table and "| preload | 2 |" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 

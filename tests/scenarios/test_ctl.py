@@ -119,3 +119,21 @@ def test_restart_replaces_the_workers_under_load_with_the_settings_it_runs(tmp_p
     assert set(tally.generations) == {1, 2}
     assert (refused.returncode, refused.stderr) == (1, "supervisorctl: restart failed: web is not running; `start` it "
                                                       "instead\n")
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    # read without pyyaml (config/socketpath.py): the socket's own problem, with its line
+    ("control:\n  socket: /" + "d" * 150 + "/" + "s" * 83 + "\n", ":2: control.socket: /dd"),
+    # pyyaml's reader, the daemon's: broken YAML, a socket that is no string, control that is no mapping
+    ("control:\n  socket: /s\nprograms: {web: [}\n", ":3: broken YAML: "),
+    ("control:\n  socket: 8000\n", ":2: control.socket: expected a non-empty string"),
+    ("control: [a]\n", ":1: control: expected a mapping"),
+])
+def test_a_bad_config_is_one_line_with_file_line_and_key(tmp_path: Path, text: str, error: str) -> None:
+    """supervisorctl -c FILE with a config it cannot take the socket from: exit 2, one line naming the file,
+    the line and the key, whichever reader found the problem."""
+    path = tmp_path / "supervisor.yaml"
+    path.write_text(text)
+    bad = ctl("-c", str(path), "status")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith(f"supervisorctl: {path}{error}") and bad.stderr.count("\n") == 1, bad.stderr

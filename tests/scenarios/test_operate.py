@@ -103,6 +103,41 @@ def test_cryptography_is_loaded_only_once_a_program_has_tls(tmp_path: Path) -> N
         sup.kill()
 
 
+def imported(sup: Supervisor) -> set[str]:
+    """The modules the master imported so far, as `python -X importtime` listed them in its log."""
+    return {line.rpartition("|")[2].strip() for line in sup.log_text().splitlines() if line.startswith("import time:")}
+
+
+def test_prometheus_client_and_cryptography_are_imported_only_for_what_uses_them(tmp_path: Path) -> None:
+    """A master without `metrics:` and `tls:` never imports prometheus_client nor cryptography, through a
+    status and a reload; one with `metrics:` imports prometheus_client (and not cryptography) for a scrape."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "metrics").mkdir()
+    plain = Supervisor(tmp_path / "plain", {"web": program(workers=1)})
+    metered = Supervisor(tmp_path / "metrics", {"web": program(workers=1)})
+    metered.top = {"metrics": {"listen": "127.0.0.1:9150"}}
+    metered.write({"web": program(workers=1)})
+    for sup in (plain, metered):
+        sup.prefix = [sys.executable, "-X", "importtime"]  # the listing goes to the master's log (stderr)
+    plain.start()
+    try:
+        assert plain.ctl("status").returncode == 0 and plain.reload().returncode == 0
+        modules = imported(plain)
+    finally:
+        plain.kill()
+    assert "supervisor.daemon.master" in modules  # the listing is there to look at
+    assert not {m for m in modules if m.split(".")[0] in ("prometheus_client", "cryptography")}
+    metered.start()
+    try:
+        with socket.create_connection(("127.0.0.1", 9150), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        modules = imported(metered)
+    finally:
+        metered.kill()
+    assert "prometheus_client" in modules and "cryptography" not in modules
+
+
 # A worker that writes 1 KB stderr lines without pause (its readiness: alive for 0.2 s).
 FLOOD = [sys.executable, "-S", "-c", "import sys\nwhile True: sys.stderr.write('x' * 1000 + '\\n')"]
 

@@ -81,7 +81,7 @@ def test_the_wheel_and_the_sdist_hold_the_package_and_its_commands(release: Rele
     entry_points = zipfile.ZipFile(release.wheel).read(
         f"reuseport_supervisor-{__version__}.dist-info/entry_points.txt").decode()
     assert "supervisord = supervisor.daemon.main:main" in entry_points
-    assert "supervisorctl = supervisor.ctl.main:main" in entry_points
+    assert "supervisorctl = supervisor.ctl.main:run" in entry_points
     with tarfile.open(release.sdist) as sdist:
         members = sdist.getnames()
     assert f"reuseport_supervisor-{__version__}/supervisor/demo.py" in members
