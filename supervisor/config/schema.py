@@ -147,6 +147,7 @@ class Program:
     strategy: Strategy = Strategy.ALL_AT_ONCE
     batch: int = 1  # workers replaced at a time by a rolling reload
     preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
+    preload_spare: bool = True  # with preload: the next generation's template is started ahead, idle
     share_listen: bool = False  # another process's listener on a listen address is refused unless set
     stdout: OutputMode = OutputMode.LOG
     log_limit: LogLimit = LogLimit()
@@ -347,7 +348,7 @@ class _Reader:
             "crash_window": lambda n, k: self.number(n, k, positive=True),
             "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
             "strategy": lambda n, k: self.choice(n, k, Strategy), "batch": lambda n, k: self.integer(n, k, 1, 4096),
-            "preload": self.modules, "share_listen": self.boolean,
+            "preload": self.modules, "preload_spare": self.boolean, "share_listen": self.boolean,
             "stdout": lambda n, k: self.choice(n, k, OutputMode),
             "log_limit": self.log_limit,
         }

@@ -285,6 +285,7 @@ class Reloads:
         if reload.kind is ReloadKind.RELOAD:
             host.tally.reloaded("done", time.monotonic() - reload.started)
         host.systemd.ready(status.describe(host.programs))
+        workers.spares(host)  # after the answer: the next generations' templates import meanwhile
         self.next_request()
 
     def roll_back(self, reason: str) -> None:
@@ -315,6 +316,7 @@ class Reloads:
             host.startup_failed()
         elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
             host.systemd.ready(f"{status.describe(host.programs)}; last {reload.label} failed: {reason}")
+        workers.spares(host)  # a spare it adopted went with the rolled-back generation
         self.next_request()
 
     def serve(self, gen: Generation) -> None:
