@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.latency import MODES
 from bench.scenario import KEEPALIVE, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
@@ -23,7 +24,7 @@ QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # 
 QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")  # the contract, and without it
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 PARTS = ("reload", "keepalive", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint",
-         "preload")
+         "preload", "latency")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preload-reloads", type=int, default=5, help="preload part: reloads per row")
     parser.add_argument("--memory-workers", type=int, default=4, help="preload part: workers of the memory rows")
     parser.add_argument("--memory-model", type=int, default=64, help="preload part: MiB each worker loads")
+    parser.add_argument("--latency-workers", default="2,64", help="latency part: worker counts")
+    parser.add_argument("--latency-reloads", type=int, default=9, help="latency part: reloads per row")
+    parser.add_argument("--latency-ctl", type=int, default=5,
+                        help="latency part: of those, how many more through `supervisorctl reload`")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
@@ -84,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.throughput_rounds, args.throughput_seconds = 1, 1.0
         args.footprint_rounds, args.footprint_runs = 1, 3
         args.preload_workers, args.preload_reloads, args.memory_workers, args.memory_model = "2", 1, 2, 8
+        args.latency_workers, args.latency_reloads, args.latency_ctl = "2", 2, 1
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
@@ -137,12 +143,22 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         out += [{"scenario": "memory", "mode": mode, "workers": args.memory_workers, "model_mib": args.memory_model,
                  "reloads": max(1, args.preload_reloads // 2), "backlog": args.backlog}
                 for mode in ("all-at-once", "rolling", "preload")]
+    if "latency" in parts:  # nginx first, then each row of ours
+        latency = {"reloads": args.latency_reloads, "ctl_reloads": args.latency_ctl, "backlog": args.backlog}
+        out.append({"scenario": "reload_latency", "system": "nginx", "workers": 2, **latency})
+        out += [{"scenario": "reload_latency", "system": "supervisor", "workers": int(w), "mode": mode, **latency}
+                for w in args.latency_workers.split(",") for mode in latency_modes(int(w))]
     if "throughput" in parts:
         out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
                     "seconds": args.throughput_seconds, **load})
     if "footprint" in parts:
         out.append({"scenario": "footprint", "rounds": args.footprint_rounds, "runs": args.footprint_runs})
     return out
+
+
+def latency_modes(workers: int) -> tuple[str, ...]:
+    """The latency part's rows: every mode at 2 workers; at more, the spare and spawned workers."""
+    return MODES if workers <= 2 else ("spare", "spawned")
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,8 @@ from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
 
+SPAWN_SLICE = 0.01  # seconds of spawning a reload does in one step of the loop, then it answers what waits
+
 
 class Reloads:
     def __init__(self, host: Host, first_id: int = 1) -> None:
@@ -64,6 +66,7 @@ class Reloads:
         self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the slot
         self.ids = itertools.count(first_id)
         self.last: dict[str, Any] | None = None  # the last reload, start or startup that ended: for `status`
+        self.spawning: set[tuple[str, int]] = set()  # generations of the reload with workers still to spawn
 
     @property
     def busy(self) -> bool:
@@ -98,10 +101,13 @@ class Reloads:
     # -- begin, then apply what the reload decides -------------------------------------------------
 
     def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
-              plan: ReloadPlan | None = None) -> None:
+              plan: ReloadPlan | None = None, asked: float | None = None) -> None:
         host = self.host
         plan = plan or plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True))
         self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
+        self.spawning = set()
+        if asked is not None:
+            reload.marks["asked"] = asked
         # Listeners a previous master left in the fd store are shut once, at the Commit, in one step.
         reload.together = {a.program for a in host.inherited.of([p.name for p in plan.start])}
         if host.migration.drains:
@@ -126,28 +132,60 @@ class Reloads:
                     assert old is not None
                     reload.rolls[program.name] = Roll.of(old, gen)
                     continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
-                gen.start(host.spawner)
+                if not self.spawn_some(gen):
+                    self.spawning.add((program.name, gen.number))
+                    host.later(0, ev.SpawnDue(reload.id, program.name, gen.number))
             except (OSError, SupervisorError) as exc:
                 return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
-            finally:
-                for w in gen.workers:
-                    workers.watch(host, w, gen)
             timeout = ev.ReadyTimeout(reload.id, program.name, gen.number)
             reload.timers.append(host.later(program.ready_timeout, timeout))
+        if not self.spawning:
+            reload.marks["spawned"] = time.monotonic()
+        self.apply(reload.worker_ready())
+
+    def spawn_some(self, gen: Generation) -> bool:
+        """Spawn `gen`'s workers for SPAWN_SLICE at most (64 spawned workers take ~100 ms: a `status`
+        must not wait for all of them); True once every slot has one. Each is watched at once."""
+        deadline = time.monotonic() + SPAWN_SLICE
+        try:
+            while not gen.start(self.host.spawner, limit=1):
+                if time.monotonic() >= deadline:
+                    return False
+            return True
+        finally:
+            for w in gen.workers:
+                workers.watch(self.host, w, gen)
+
+    def spawn_due(self, reload_id: int, program: str, number: int) -> None:
+        """The next slice of a starting generation's workers. A timer of 0 s, not a post: the loop reads
+        its sockets (a `status`) before it, where a posted event would come first."""
+        reload = self.current
+        if reload is None or reload.id != reload_id or (gen := reload.generation(program, number)) is None:
+            return  # rolled back meanwhile
+        try:
+            done = self.spawn_some(gen)
+        except (OSError, SupervisorError) as exc:
+            return self.roll_back(f"{program}: generation {number}: {exc}")
+        if not done:
+            self.host.later(0, ev.SpawnDue(reload_id, program, number))
+            return
+        self.spawning.discard((program, number))
+        if not self.spawning:
+            reload.marks["spawned"] = time.monotonic()
         self.apply(reload.worker_ready())
 
     def reload(self, request: requests.Reload, reply: Reply,
                move_metrics: Callable[[Metrics | None], str | None]) -> None:
         """`reload [PROGRAM...]`, SIGHUP, `watch:`: the config read and checked again (a ConfigError or
         ControlError changes nothing), then the new generations begin."""
-        host = self.host
+        host, asked = self.host, time.monotonic()
         host.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
         config, bundles = load_new_config(host.config, reply, request.programs)
         plan = plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True),
                            request.programs)
         if moved := move_metrics(config.metrics):
             reply.progress(moved)
-        self.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
+        self.begin(ReloadKind.RELOAD, config, reply, bundles, plan, asked)
 
     def start(self, request: requests.Start | requests.Restart, reply: Reply) -> None:
         """`start` (a program not running, or FATAL) or `restart` (a running one, with the settings it runs):
@@ -220,6 +258,7 @@ class Reloads:
                 return self.roll_back(str(exc))
         self.current = None
         reload.cancel_timers()
+        reload.marks["ready"] = time.monotonic()
         before = migrate.counters()
         old_gens: list[Generation | None] = []
         for gen in reload.generations:

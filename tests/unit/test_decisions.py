@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 from supervisor import __version__
+from supervisor.config.schema import Program
 from supervisor.daemon import status
 from supervisor.daemon.events import SignalReceived
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
 from supervisor.model.restart import STABLE_AFTER
 from supervisor.model.slot import RECYCLE_RETRY
-from supervisor.process.worker import WorkerState
+from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
-from tests.unit.fakes import Scenario, program
+from tests.unit.fakes import FakeSpawner, Scenario, program
 
 
 def scenario(tmp_path: Path, **settings: object) -> Scenario:
@@ -382,3 +384,48 @@ class TestRecords:
             assert str(exc) == "program web: stopped -> fatal is not a transition"
         else:
             raise AssertionError("a stopped program cannot go FATAL")
+
+
+class SlowSpawner(FakeSpawner):
+    """Each spawn takes real time, as a posix_spawn of an interpreter does."""
+
+    def spawn(self, program: Program, generation: int, index: int) -> Worker:
+        time.sleep(0.004)
+        return super().spawn(program, generation, index)
+
+
+class TestSlicedSpawn:
+    """A generation's workers are spawned SPAWN_SLICE at a time: what waits in the queue is answered in between."""
+
+    def slow(self, tmp_path: Path, workers: int) -> Scenario:
+        s = scenario(tmp_path, workers=workers)
+        slow = SlowSpawner(s.clock)
+        slow.pids = s.spawner.pids
+        s.spawner = s.master._spawner = slow
+        return s
+
+    def test_status_is_answered_between_slices_and_the_reload_commits_once_all_are_ready(
+            self, tmp_path: Path) -> None:
+        s = self.slow(tmp_path, workers=12)
+        reply = s.ask(requests.Reload())
+        first = len(s.spawner.spawned)
+        assert 1 <= first < 12 and reply.answer is None
+        assert s.master.reloads.current is not None
+        [gen] = s.master.reloads.current.generations
+        assert len(gen.slots) == 12 and not gen.all_ready()  # the rest wait in empty slots
+        s.ready(*s.starting())
+        assert reply.answer is None  # all spawned ready, but not all spawned
+        assert s.ask(requests.Status()).ok
+        while len(s.spawner.spawned) < 12:
+            s.advance(0)
+        s.ready(*s.starting())
+        assert reply.ok and s.record().serving is gen and len(gen.live_workers) == 12
+
+    def test_a_rollback_stops_the_spawning(self, tmp_path: Path) -> None:
+        s = self.slow(tmp_path, workers=12)
+        reply = s.ask(requests.Reload())
+        s.exit(s.starting()[0])
+        assert reply.ok is False and s.state() == "serving"
+        spawned = len(s.spawner.spawned)
+        s.advance(1)
+        assert len(s.spawner.spawned) == spawned < 12
