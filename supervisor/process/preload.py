@@ -246,6 +246,8 @@ class Templates:
         discarded and a fresh template gets them."""
         wanted, template.proving = template.proving, None
         assert wanted is not None
+        if template.retiring:  # its generation ended meanwhile (retire): what it was asked for is not needed
+            return self._unasked(template)
         fields = {"program": template.program, "gen": template.generation, "pid": template.process.pid,
                   "check_ms": round((time.monotonic() - template.asked_at) * 1000, 1)}
         if not changed:
@@ -254,6 +256,14 @@ class Templates:
             return []
         log.info("template_spare_stale", **fields, changed=changed)
         return self._fresh(template, wanted)
+
+    def _unasked(self, template: Template) -> list[Answer]:
+        """A retiring spare that never answered its check: the forks it was never sent fail, it exits."""
+        answers: list[Answer] = [_not_forked(w, ["its generation ended before its spare template answered"])
+                                 for w in template.pending.values()]
+        template.pending.clear()
+        close(template)
+        return answers
 
     def _fresh(self, old: Template, program: Program) -> list[Answer]:
         """A fresh template for `old`'s generation takes over the forks `old` was asked for and never got."""
@@ -266,7 +276,9 @@ class Templates:
             for _data, ends, _fds in outbox:
                 for fd in ends:
                     os.close(fd)
-            return [_not_forked(w, [f"its preload template could not start: {exc}"]) for w in pending.values()]
+            failed: list[Answer] = [_not_forked(w, [f"its preload template could not start: {exc}"])
+                                    for w in pending.values()]
+            return failed
         fresh.outbox, fresh.pending = outbox, pending
         send(fresh)
         return []
@@ -280,12 +292,9 @@ class Templates:
             return []
         template.retiring = True
         answers = self.read(template)
-        if template.proving is not None:  # asked for forks it never got: they fail, it exits
+        if template.proving is not None:
             template.proving = None
-            answers += [_not_forked(w, ["its generation ended before its spare template answered"])
-                        for w in template.pending.values()]
-            template.pending.clear()
-            close(template)
+            answers += self._unasked(template)
         elif template.ready_ms is None:
             template.process.kill()  # still importing (or stuck there); its pending workers fail when it is reaped
         elif not template.pending:
@@ -349,11 +358,10 @@ class Templates:
         if not process.reap():
             self._once(process.pidfd, "exited", template)
             return None
+        answers: list[Answer] = []
         if template.proving is not None:  # an adopted spare died before it answered: a fresh one forks
             wanted, template.proving = template.proving, None
-            answers = self._fresh(template, wanted)
-        else:
-            answers = []
+            answers = self._unasked(template) if template.retiring else self._fresh(template, wanted)
         close(template)
         if self.running.get(template.key) is template:
             del self.running[template.key]
