@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,13 @@ from supervisor.system.listeners import Listener
 log = structlog.get_logger()
 
 SPAWN_SLICE = 0.01  # seconds of spawning a reload does in one step of the loop, then it answers what waits
+# Workers of a generation starting (spawned, not ready yet) at a time: enough to keep every core busy
+# with interpreters starting, few enough that the master keeps a share of the CPU.
+STARTING_AT_ONCE = 4 * (os.cpu_count() or 1)
+
+
+def starting(gen: Generation) -> int:
+    return sum(w.state is WorkerState.STARTING and w.alive for w in gen.workers)
 
 
 class Reloads:
@@ -67,6 +75,7 @@ class Reloads:
         self.ids = itertools.count(first_id)
         self.last: dict[str, Any] | None = None  # the last reload, start or startup that ended: for `status`
         self.spawning: set[tuple[str, int]] = set()  # generations of the reload with workers still to spawn
+        self.due: set[tuple[str, int]] = set()  # of them, those with a SpawnDue on its way
 
     @property
     def busy(self) -> bool:
@@ -75,8 +84,14 @@ class Reloads:
     # -- what the master tells it --------------------------------------------------------------------
 
     def worker_ready(self) -> None:
-        if self.current is not None:
-            self.apply(self.current.worker_ready())
+        if (reload := self.current) is not None:
+            for program, number in sorted(self.spawning - self.due):  # room for the next ones
+                if (gen := reload.generation(program, number)) is not None:
+                    try:
+                        self.spawn_more(reload, gen)
+                    except (OSError, SupervisorError) as exc:
+                        return self.roll_back(f"{program}: generation {number}: {exc}")
+            self.apply(reload.worker_ready())
 
     def worker_failed(self, gen: Generation, w: Worker) -> None:
         """A worker of a generation it starts ended before it was ready."""
@@ -105,7 +120,7 @@ class Reloads:
         host = self.host
         plan = plan or plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True))
         self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
-        self.spawning = set()
+        self.spawning, self.due = set(), set()
         if asked is not None:
             reload.marks["asked"] = asked
         # Listeners a previous master left in the fd store are shut once, at the Commit, in one step.
@@ -132,9 +147,8 @@ class Reloads:
                     assert old is not None
                     reload.rolls[program.name] = Roll.of(old, gen)
                     continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
-                if not self.spawn_some(gen):
-                    self.spawning.add((program.name, gen.number))
-                    host.later(0, ev.SpawnDue(reload.id, program.name, gen.number))
+                self.spawning.add((program.name, gen.number))
+                self.spawn_more(reload, gen)
             except (OSError, SupervisorError) as exc:
                 return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
             timeout = ev.ReadyTimeout(reload.id, program.name, gen.number)
@@ -143,35 +157,40 @@ class Reloads:
             reload.marks["spawned"] = time.monotonic()
         self.apply(reload.worker_ready())
 
-    def spawn_some(self, gen: Generation) -> bool:
-        """Spawn `gen`'s workers for SPAWN_SLICE at most (64 spawned workers take ~100 ms: a `status`
-        must not wait for all of them); True once every slot has one. Each is watched at once."""
-        deadline = time.monotonic() + SPAWN_SLICE
+    def spawn_more(self, reload: Reload, gen: Generation) -> None:
+        """Spawn more of `gen`'s workers: for SPAWN_SLICE of the loop's time at most (64 spawned workers
+        take ~100 ms of it: `status` must not wait for all), and while fewer than STARTING_AT_ONCE of
+        them are starting (64 interpreters starting at once on 2 cores leave the master 1/65 of the
+        CPU; each one ready makes room for the next). What is left goes on after the loop's turn
+        (SpawnDue) or at the next READY=1. Each worker is watched as soon as it exists; a spawn that
+        fails raises (the reload rolls back)."""
+        key = (gen.program.name, gen.number)
+        deadline, done = time.monotonic() + SPAWN_SLICE, False
         try:
-            while not gen.start(self.host.spawner, limit=1):
-                if time.monotonic() >= deadline:
-                    return False
-            return True
+            while not done and time.monotonic() < deadline and starting(gen) < STARTING_AT_ONCE:
+                done = gen.start(self.host.spawner, limit=1)
         finally:
             for w in gen.workers:
                 workers.watch(self.host, w, gen)
+        if done:
+            self.spawning.discard(key)
+            if not self.spawning:
+                reload.marks["spawned"] = time.monotonic()
+        elif starting(gen) < STARTING_AT_ONCE and key not in self.due:  # the slice is used up
+            self.due.add(key)
+            self.host.later(0, ev.SpawnDue(reload.id, *key))
 
     def spawn_due(self, reload_id: int, program: str, number: int) -> None:
         """The next slice of a starting generation's workers. A timer of 0 s, not a post: the loop reads
         its sockets (a `status`) before it, where a posted event would come first."""
+        self.due.discard((program, number))
         reload = self.current
         if reload is None or reload.id != reload_id or (gen := reload.generation(program, number)) is None:
             return  # rolled back meanwhile
         try:
-            done = self.spawn_some(gen)
+            self.spawn_more(reload, gen)
         except (OSError, SupervisorError) as exc:
             return self.roll_back(f"{program}: generation {number}: {exc}")
-        if not done:
-            self.host.later(0, ev.SpawnDue(reload_id, program, number))
-            return
-        self.spawning.discard((program, number))
-        if not self.spawning:
-            reload.marks["spawned"] = time.monotonic()
         self.apply(reload.worker_ready())
 
     def reload(self, request: requests.Reload, reply: Reply,

@@ -7,9 +7,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from supervisor import __version__
 from supervisor.config.schema import Program
-from supervisor.daemon import status
+from supervisor.daemon import reloads, status
 from supervisor.daemon.events import SignalReceived
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
@@ -398,7 +400,9 @@ class TestSlicedSpawn:
     """A generation's workers are spawned SPAWN_SLICE at a time: what waits in the queue is answered in between."""
 
     def slow(self, tmp_path: Path, workers: int) -> Scenario:
-        s = scenario(tmp_path, workers=workers)
+        """Two workers serving; the next reload starts `workers`, each spawn taking real time."""
+        s = scenario(tmp_path)
+        s.write({"web": program(workers=workers)})
         slow = SlowSpawner(s.clock)
         slow.pids = s.spawner.pids
         s.spawner = s.master._spawner = slow
@@ -414,12 +418,30 @@ class TestSlicedSpawn:
         [gen] = s.master.reloads.current.generations
         assert len(gen.slots) == 12 and not gen.all_ready()  # the rest wait in empty slots
         s.ready(*s.starting())
-        assert reply.answer is None  # all spawned ready, but not all spawned
-        assert s.ask(requests.Status()).ok
-        while len(s.spawner.spawned) < 12:
+        assert reply.answer is None  # those spawned are ready, but not all are spawned
+        for _ in range(12):
+            if reply.answer is not None:
+                break
+            assert s.ask(requests.Status()).ok  # answered between two slices
             s.advance(0)
-        s.ready(*s.starting())
-        assert reply.ok and s.record().serving is gen and len(gen.live_workers) == 12
+            s.ready(*s.starting())
+        assert len(s.spawner.spawned) == 12 and reply.ok and s.record().serving is gen and len(gen.live_workers) == 12
+
+    def test_no_more_than_starting_at_once_workers_start_at_a_time(self, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(reloads, "STARTING_AT_ONCE", 3)
+        s = scenario(tmp_path)
+        s.write({"web": program(workers=8)})
+        reply = s.ask(requests.Reload())
+        s.advance(0)
+        assert len(s.starting()) == 3
+        s.ready(s.starting()[0])  # one ready: room for one more
+        s.advance(0)
+        assert len(s.starting()) == 3
+        while s.starting():
+            s.ready(*s.starting())
+            s.advance(0)
+        assert reply.ok and len(s.serving()) == 8
 
     def test_a_rollback_stops_the_spawning(self, tmp_path: Path) -> None:
         s = self.slow(tmp_path, workers=12)
