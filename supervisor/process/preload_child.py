@@ -93,18 +93,18 @@ def stamp(paths: set[str]) -> Stamps:
     return stamps
 
 
-def import_all(modules: list[str]) -> set[str]:
-    """Import `modules`; returns the files read meanwhile and those of every module loaded by then.
-    Once per process: the audit hook stays."""
+def record_reads() -> None:
+    """From now on, what is opened for reading is recorded (once per process: the audit hook stays)."""
     global _reading
     _reading = set()
     sys.addaudithook(_record_open)
-    try:
-        for module in modules:
-            importlib.import_module(module)
-        return _reading | imported_files()
-    finally:
-        _reading = None
+
+
+def recorded() -> set[str]:
+    """What was read since record_reads, and the file of every module loaded by now; recording stops."""
+    global _reading
+    read, _reading = _reading or set(), None
+    return read | imported_files()
 
 
 def imported_files() -> set[str]:
@@ -125,7 +125,10 @@ def main() -> int:
         os.environ.pop(name, None)
     control = socket.socket(fileno=CONTROL_FD)
     started = time.monotonic()
-    stamps = stamp(import_all(spec["preload"]))  # a failure: traceback on stderr, exit status 1
+    record_reads()
+    for module in spec["preload"]:
+        importlib.import_module(module)  # a failure: traceback on stderr, exit status 1
+    stamps = stamp(recorded())
     # What the imports created is never collected in a worker: the collector would write to every
     # object's header and so copy every shared page (gc.freeze, Python 3.7).
     gc.freeze()

@@ -113,7 +113,7 @@ def test_the_template_stamps_what_its_imports_read(tmp_path: Path) -> None:
     late.write_text("y")
     (tmp_path / "reader.py").write_text(f"open({str(data)!r}).read()\nopen({str(tmp_path / 'out')!r}, 'w').close()\n")
     script = ("import sys, json; sys.path.insert(0, sys.argv[1]); from supervisor.process import preload_child\n"
-              "read = preload_child.import_all(['reader'])\n"
+              "preload_child.record_reads(); import reader; read = preload_child.recorded()\n"
               f"open({str(late)!r}).read()\n"
               "print(json.dumps(sorted(p for p in read if p.startswith(sys.argv[1]))))\n")
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
