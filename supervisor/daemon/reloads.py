@@ -165,10 +165,11 @@ class Reloads:
         (SpawnDue) or at the next READY=1. Each worker is watched as soon as it exists; a spawn that
         fails raises (the reload rolls back)."""
         key = (gen.program.name, gen.number)
-        deadline, done = time.monotonic() + SPAWN_SLICE, False
+        deadline, done, busy = time.monotonic() + SPAWN_SLICE, False, starting(gen)
         try:
-            while not done and time.monotonic() < deadline and starting(gen) < STARTING_AT_ONCE:
+            while not done and time.monotonic() < deadline and busy < STARTING_AT_ONCE:
                 done = gen.start(self.host.spawner, limit=1)
+                busy += 1
         finally:
             for w in gen.workers:
                 workers.watch(self.host, w, gen)
@@ -176,7 +177,7 @@ class Reloads:
             self.spawning.discard(key)
             if not self.spawning:
                 reload.marks["spawned"] = time.monotonic()
-        elif starting(gen) < STARTING_AT_ONCE and key not in self.due:  # the slice is used up
+        elif busy < STARTING_AT_ONCE and key not in self.due:  # the slice is used up
             self.due.add(key)
             self.host.later(0, ev.SpawnDue(reload.id, *key))
 
