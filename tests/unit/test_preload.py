@@ -15,6 +15,7 @@ import pytest
 from supervisor.config import schema
 from supervisor.errors import ConfigError
 from supervisor.process import preload, preload_child
+from tests.unit import fakes  # noqa: F401  (loaded: what prepare_main compiles)
 
 
 @pytest.mark.parametrize(("command", "main"), [
@@ -119,3 +120,13 @@ def test_the_template_stamps_what_its_imports_read(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
     read = set(json.loads(out.stdout))
     assert {str(data), str(tmp_path / "reader.py")} <= read and not {str(tmp_path / "out"), str(late)} & read, read
+
+
+def test_the_main_module_is_compiled_once_in_the_template_only_when_that_imports_nothing() -> None:
+    """`python -m MODULE`: compiled in the template when the imports loaded it (not a package, whose
+    __main__ would be imported there); otherwise each worker runs runpy.run_module as before."""
+    name, spec, code = preload_child.prepare_main("module", "tests.unit.fakes")
+    assert name == "tests.unit.fakes" and spec.name == name and code.co_filename.endswith("fakes.py")
+    assert preload_child.prepare_main("module", "json") is None  # a package
+    assert preload_child.prepare_main("module", "never_imported_module") is None
+    assert preload_child.prepare_main("script", "serve.py") is None
