@@ -1,4 +1,4 @@
-"""The `latency` part of the benchmark: how long a reload takes on a quiet machine, where the time goes,
+"""The `latency` part of the benchmark: how long a reload of an idle program takes, where the time goes,
 beside `nginx -s reload` and the goals.
 
 - `reload_latency`: one system, `reloads` reloads, each once the last one has settled (its old workers
@@ -100,7 +100,7 @@ def tables(results: list[dict[str, Any]], table: Any) -> str:
     if not rows:
         return ""
     nginx = next((r["ctl_ms"] for r in rows if r["system"] == "nginx"), None)
-    out = [f"\nReload latency on a quiet machine, median of {rows[0]['reloads']} reloads, ms: the daemon's own "
+    out = [f"\nReload latency of an idle program, median of {rows[0]['reloads']} reloads, ms: the daemon's own "
            "figure, the control request's wall time (without supervisorctl's start), `supervisorctl reload`'s "
            "wall time, and where the daemon's time went (config read; spawn: every worker asked for; ready: "
            "until the last is ready; switch: old listeners shut and the answer):\n\n"]
