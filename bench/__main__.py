@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.latency import MODES
 from bench.scenario import KEEPALIVE, LAYOUTS, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
@@ -24,7 +25,7 @@ QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop"
 QUICK_QUEUES = ("demo per-worker", "demo shared")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 PARTS = ("reload", "keepalive", "accept_queue", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput",
-         "footprint", "preload")
+         "footprint", "preload", "latency")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preload-reloads", type=int, default=5, help="preload part: reloads per row")
     parser.add_argument("--memory-workers", type=int, default=4, help="preload part: workers of the memory rows")
     parser.add_argument("--memory-model", type=int, default=64, help="preload part: MiB each worker loads")
+    parser.add_argument("--latency-workers", default="2,64", help="latency part: worker counts")
+    parser.add_argument("--latency-reloads", type=int, default=9, help="latency part: reloads per row")
+    parser.add_argument("--latency-ctl", type=int, default=5,
+                        help="latency part: of those, how many more through `supervisorctl reload`")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
@@ -96,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.footprint_rounds, args.footprint_runs, args.footprint_reloads = 1, 3, 2
         args.footprint_reload_workers = "2"
         args.preload_workers, args.preload_reloads, args.memory_workers, args.memory_model = "2", 1, 2, 8
+        args.latency_workers, args.latency_reloads, args.latency_ctl = "2", 2, 1
         args.delay_runs, args.delay_reloads, args.delay_systems = 1, 2, ",".join(QUICK_DELAYS)
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
@@ -158,6 +164,11 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         out += [{"scenario": "memory", "mode": mode, "workers": args.memory_workers, "model_mib": args.memory_model,
                  "reloads": max(1, args.preload_reloads // 2), "backlog": args.backlog}
                 for mode in ("all-at-once", "rolling", "preload")]
+    if "latency" in parts:  # nginx first, then each row of ours
+        latency = {"reloads": args.latency_reloads, "ctl_reloads": args.latency_ctl, "backlog": args.backlog}
+        out.append({"scenario": "reload_latency", "system": "nginx", "workers": 2, **latency})
+        out += [{"scenario": "reload_latency", "system": "supervisor", "workers": int(w), "mode": mode, **latency}
+                for w in args.latency_workers.split(",") for mode in latency_modes(int(w))]
     if "throughput" in parts:
         out.append({"scenario": "throughput", "workers": args.workers, "rounds": args.throughput_rounds,
                     "seconds": args.throughput_seconds, **load})
@@ -166,6 +177,11 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "reload_workers": [int(n) for n in args.footprint_reload_workers.split(",")],
                     "reloads": args.footprint_reloads})
     return out
+
+
+def latency_modes(workers: int) -> tuple[str, ...]:
+    """The latency part's rows: every mode at 2 workers; at more, the spare and spawned workers."""
+    return MODES if workers <= 2 else ("spare", "spawned")
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench import preload
+from bench import latency, preload
 from bench.scenario import BASELINE_ROUND, CPU_WINDOW, RESTART_SETTLE, summary
 from tests.load import KINDS
 
@@ -33,6 +33,8 @@ def describe(spec: dict[str, Any]) -> str:
         return f"preload: {spec['workers']} workers, {'forked from a template' if spec['preload'] else 'spawned'}"
     if spec["scenario"] == "memory":
         return f"memory: {spec['mode']}, {spec['workers']} workers"
+    if spec["scenario"] == "reload_latency":
+        return f"latency: {spec['system']}, {spec['workers']} workers, {spec.get('mode', '-s reload')}"
     return f"throughput: {spec['workers']} workers"
 
 
@@ -121,6 +123,7 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             [[r["workers"], r["addresses"], p50_p99(r["reload_ms"]), r["master"]["rss_mib_start"],
               r["master"]["rss_mib_end"], r["master"]["fds"]] for r in scaling]))
     out.append(preload.tables(ok, table))
+    out.append(latency.tables(ok, table))
     for r in throughput:
         out.append(f"\nConnections per second through the demo app, median of {r['rounds']} runs of "
                    f"{r['seconds']:g} s: directly {r['direct_conn_per_s']}, under the supervisor "

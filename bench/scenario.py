@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from bench import kernel, preload, systems
+from bench import kernel, latency, preload, systems
 from bench.footprint import footprint
 from tests import harness
 from tests.harness import wait_for
@@ -552,7 +552,7 @@ SCENARIOS = {"restart": restart_under_load, "upgrade": upgrade_under_load,
              "stop_delay": stop_delay, "reload": reload_under_load, "accept_queue": accept_queue,
              "keepalive": keepalive, "scaling": scaling,
              "throughput": throughput, "footprint": footprint, "preload_reload": preload.preload_reload,
-             "memory": preload.memory}
+             "memory": preload.memory, "reload_latency": latency.reload_latency}
 
 
 def main(argv: list[str]) -> int:

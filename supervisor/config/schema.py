@@ -155,6 +155,7 @@ class Program:
     batch: int = 1  # workers replaced at a time by a rolling reload
     preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
     accept_queue: AcceptQueue = AcceptQueue.PER_WORKER
+    preload_spare: bool = True  # with preload: the next generation's template is started ahead, idle
     share_listen: bool = False  # another process's listener on a listen address is refused unless set
     stdout: OutputMode = OutputMode.LOG
     log_limit: LogLimit = LogLimit()
@@ -355,7 +356,7 @@ class _Reader:
             "crash_window": lambda n, k: self.number(n, k, positive=True),
             "max_rss": self.size, "max_age": lambda n, k: self.number(n, k, positive=True),
             "strategy": lambda n, k: self.choice(n, k, Strategy), "batch": lambda n, k: self.integer(n, k, 1, 4096),
-            "preload": self.modules, "share_listen": self.boolean,
+            "preload": self.modules, "preload_spare": self.boolean, "share_listen": self.boolean,
             "accept_queue": lambda n, k: self.choice(n, k, AcceptQueue),
             "stdout": lambda n, k: self.choice(n, k, OutputMode),
             "log_limit": self.log_limit,

@@ -58,6 +58,16 @@ class ControlRequest:
 
 
 @dataclass(frozen=True)
+class SpawnDue:
+    """Generation `generation` of `program`, started by the reload `reload_id`, has workers still to
+    spawn: the next slice of them (the loop answers what waits in between)."""
+
+    reload_id: int
+    program: str
+    generation: int
+
+
+@dataclass(frozen=True)
 class ReadyTimeout:
     """Generation `generation` of `program`, started by the reload whose id is `reload_id`, has waited
     its `ready_timeout`."""
@@ -166,7 +176,7 @@ class Scrape:
     answered: asyncio.Future[tuple[int, str, bytes]]
 
 
-Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout
+Event = (SignalReceived | WorkerExited | WorkerOutput | NotifyReceived | ControlRequest | ReadyTimeout | SpawnDue
          | StopDue | GracefulTimeout | ManageWorkers | SwitchDue | UpgradeChecked | WatchdogDue
          | ReadinessCheck | WorkerReadyTimeout | RecycleCheck | ChildrenChanged | FilesCheck | Scrape
          | RollDue | TemplateWoke | LeaveDue)

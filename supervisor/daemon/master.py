@@ -207,6 +207,8 @@ class Master:
                     self.worker_ready(*found)
             case ev.ReadyTimeout():
                 self.reloads.timed_out(event.reload_id, event.program, event.generation)
+            case ev.SpawnDue():
+                self.reloads.spawn_due(event.reload_id, event.program, event.generation)
             case ev.WorkerExited():
                 if w := self.watcher.find(event.worker):
                     self.worker_exited(w)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,15 @@ from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
 
+SPAWN_SLICE = 0.01  # seconds of spawning a reload does in one step of the loop, then it answers what waits
+# Workers of a generation starting (spawned, not ready yet) at a time: enough to keep every core busy
+# with interpreters starting, few enough that the master keeps a share of the CPU.
+STARTING_AT_ONCE = 4 * (os.cpu_count() or 1)
+
+
+def starting(gen: Generation) -> int:
+    return sum(w.state is WorkerState.STARTING and w.alive for w in gen.workers)
+
 
 class Reloads:
     def __init__(self, host: Host, first_id: int = 1) -> None:
@@ -64,6 +74,8 @@ class Reloads:
         self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the slot
         self.ids = itertools.count(first_id)
         self.last: dict[str, Any] | None = None  # the last reload, start or startup that ended: for `status`
+        self.spawning: set[tuple[str, int]] = set()  # generations of the reload with workers still to spawn
+        self.due: set[tuple[str, int]] = set()  # of them, those with a SpawnDue on its way
 
     @property
     def busy(self) -> bool:
@@ -72,8 +84,14 @@ class Reloads:
     # -- what the master tells it --------------------------------------------------------------------
 
     def worker_ready(self) -> None:
-        if self.current is not None:
-            self.apply(self.current.worker_ready())
+        if (reload := self.current) is not None:
+            for program, number in sorted(self.spawning - self.due):  # room for the next ones
+                if (gen := reload.generation(program, number)) is not None:
+                    try:
+                        self.spawn_more(reload, gen)
+                    except (OSError, SupervisorError) as exc:
+                        return self.roll_back(f"{program}: generation {number}: {exc}")
+            self.apply(reload.worker_ready())
 
     def worker_failed(self, gen: Generation, w: Worker) -> None:
         """A worker of a generation it starts ended before it was ready."""
@@ -98,10 +116,13 @@ class Reloads:
     # -- begin, then apply what the reload decides -------------------------------------------------
 
     def begin(self, kind: ReloadKind, config: Config, reply: Reply, bundles: dict[str, tls.Bundle] | None,
-              plan: ReloadPlan | None = None) -> None:
+              plan: ReloadPlan | None = None, asked: float | None = None) -> None:
         host = self.host
         plan = plan or plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True))
         self.current = reload = Reload(next(self.ids), kind, config, plan, reply, bundles or {})
+        self.spawning, self.due = set(), set()
+        if asked is not None:
+            reload.marks["asked"] = asked
         # Listeners a previous master left in the fd store are shut once, at the Commit, in one step.
         reload.together = {a.program for a in host.inherited.of([p.name for p in plan.start])}
         # New connections keep going to the serving workers while the new ones start (an interpreter
@@ -127,28 +148,65 @@ class Reloads:
                     assert old is not None
                     reload.rolls[program.name] = Roll.of(old, gen)
                     continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
-                gen.start(host.spawner)
+                self.spawning.add((program.name, gen.number))
+                self.spawn_more(reload, gen)
             except (OSError, SupervisorError) as exc:
                 return self.roll_back(f"{program.name}: generation {gen.number}: {exc}")
-            finally:
-                for w in gen.workers:
-                    workers.watch(host, w, gen)
             timeout = ev.ReadyTimeout(reload.id, program.name, gen.number)
             reload.timers.append(host.later(program.ready_timeout, timeout))
+        if not self.spawning:
+            reload.marks["spawned"] = time.monotonic()
+        self.apply(reload.worker_ready())
+
+    def spawn_more(self, reload: Reload, gen: Generation) -> None:
+        """Spawn more of `gen`'s workers: for SPAWN_SLICE of the loop's time at most (64 spawned workers
+        take ~100 ms of it: `status` must not wait for all), and while fewer than STARTING_AT_ONCE of
+        them are starting (64 interpreters starting at once on 2 cores leave the master 1/65 of the
+        CPU; each one ready makes room for the next). What is left goes on after the loop's turn
+        (SpawnDue) or at the next READY=1. Each worker is watched as soon as it exists; a spawn that
+        fails raises (the reload rolls back)."""
+        key = (gen.program.name, gen.number)
+        deadline, done, busy = time.monotonic() + SPAWN_SLICE, False, starting(gen)
+        try:
+            while not done and time.monotonic() < deadline and busy < STARTING_AT_ONCE:
+                done = gen.start(self.host.spawner, limit=1)
+                busy += 1
+        finally:
+            for w in gen.workers:
+                workers.watch(self.host, w, gen)
+        if done:
+            self.spawning.discard(key)
+            if not self.spawning:
+                reload.marks["spawned"] = time.monotonic()
+        elif busy < STARTING_AT_ONCE and key not in self.due:  # the slice is used up
+            self.due.add(key)
+            self.host.later(0, ev.SpawnDue(reload.id, *key))
+
+    def spawn_due(self, reload_id: int, program: str, number: int) -> None:
+        """The next slice of a starting generation's workers. A timer of 0 s, not a post: the loop reads
+        its sockets (a `status`) before it, where a posted event would come first."""
+        self.due.discard((program, number))
+        reload = self.current
+        if reload is None or reload.id != reload_id or (gen := reload.generation(program, number)) is None:
+            return  # rolled back meanwhile
+        try:
+            self.spawn_more(reload, gen)
+        except (OSError, SupervisorError) as exc:
+            return self.roll_back(f"{program}: generation {number}: {exc}")
         self.apply(reload.worker_ready())
 
     def reload(self, request: requests.Reload, reply: Reply,
                move_metrics: Callable[[Metrics | None], str | None]) -> None:
         """`reload [PROGRAM...]`, SIGHUP, `watch:`: the config read and checked again (a ConfigError or
         ControlError changes nothing), then the new generations begin."""
-        host = self.host
+        host, asked = self.host, time.monotonic()
         host.systemd.reloading()  # before anything can fail: each RELOADING=1 gets its READY=1
         config, bundles = load_new_config(host.config, reply, request.programs)
         plan = plan_reload(config, names(host.programs, running=True), names(host.programs, by_hand=True),
                            request.programs)
         if moved := move_metrics(config.metrics):
             reply.progress(moved)
-        self.begin(ReloadKind.RELOAD, config, reply, bundles, plan)
+        self.begin(ReloadKind.RELOAD, config, reply, bundles, plan, asked)
 
     def start(self, request: requests.Start | requests.Restart, reply: Reply) -> None:
         """`start` (a program not running, or FATAL) or `restart` (a running one, with the settings it runs):
@@ -223,6 +281,7 @@ class Reloads:
                 return self.roll_back(str(exc))
         self.current = None
         reload.cancel_timers()
+        reload.marks["ready"] = time.monotonic()
         before = migrate.counters()
         old_gens: list[Generation | None] = []
         for gen in reload.generations:
@@ -288,6 +347,7 @@ class Reloads:
         if reload.kind is ReloadKind.RELOAD:
             host.tally.reloaded("done", time.monotonic() - reload.started)
         host.systemd.ready(status.describe(host.programs))
+        workers.spares(host)  # after the answer: the next generations' templates import meanwhile
         self.next_request()
 
     def roll_back(self, reason: str) -> None:
@@ -318,6 +378,7 @@ class Reloads:
             host.startup_failed()
         elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it
             host.systemd.ready(f"{status.describe(host.programs)}; last {reload.label} failed: {reason}")
+        workers.spares(host)  # a spare it adopted went with the rolled-back generation
         self.next_request()
 
     def serve(self, gen: Generation) -> None:

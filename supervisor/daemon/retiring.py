@@ -58,6 +58,7 @@ def stop_program(host: Host, name: str, reply: Reply) -> None:
     reply.progress(f"{name}: stopping generation {gen.number} ({plural(len(gen.live_workers), 'worker')})")
     host.stop_waiters.add(gen, reply)
     retire(host, gen)
+    workers.spare(host, name)
 
 
 def stop_all(host: Host) -> None:
@@ -71,3 +72,4 @@ def stop_all(host: Host) -> None:
             forget_if_finished(host, gen)
         elif gen:
             retire(host, gen)
+    workers.spares(host)  # stopping: none left

@@ -22,7 +22,7 @@ from supervisor.model.generation import Generation, GenerationState
 from supervisor.model.program import running, serving
 from supervisor.model.restart import Fatal, Restart
 from supervisor.model.slot import SPAWN_RETRY
-from supervisor.process.preload import Answer, Forked
+from supervisor.process.preload import SPARE, Answer, Forked
 from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
@@ -231,9 +231,30 @@ def template_woke(host: Host, event: ev.TemplateWoke) -> None:
     if event.what == "message":
         forked(host, host.templates.read(t))
     elif event.what == "exited":
-        forked(host, host.templates.ended(t) or [])
+        answers = host.templates.ended(t)
+        forked(host, answers or [])
+        if answers is not None and t.generation == SPARE and t.ready_ms is not None:
+            spare(host, t.program)  # a spare that died idle is replaced (one whose imports failed is not)
     else:
         host.templates.output(t)
+
+
+def spare(host: Host, name: str) -> None:
+    """The program's next generation gets a spare template (`preload_spare`) started with the serving
+    generation's settings, or loses the one it has (stopped, FATAL, shutting down)."""
+    if host.templates is None:
+        return
+    record = host.programs.get(name)
+    gen = record.serving if record is not None and record.fatal is None and not host.stopping else None
+    wanted = gen.program if gen is not None and gen.program.preload and gen.program.preload_spare else None
+    host.templates.keep_spare(name, wanted)
+
+
+def spares(host: Host) -> None:
+    """After a reload, start, stop or shutdown: every program's spare as `spare` says."""
+    if host.templates is not None:
+        for name in sorted(set(host.programs) | {t.program for t in host.templates.running.values()}):
+            spare(host, name)
 
 
 def leave(host: Host, gen: Generation, leaving: list[Worker]) -> None:

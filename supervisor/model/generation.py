@@ -117,10 +117,16 @@ class Generation:
     def finished(self) -> bool:
         return not self.live_workers
 
-    def start(self, spawner: Spawner) -> None:
-        """Open every listener and spawn every worker; on error raise (the reload rolls back what started)."""
-        for index in range(self.program.workers):
+    def start(self, spawner: Spawner, limit: int | None = None) -> bool:
+        """Open the listeners and spawn the workers of the slots still empty, `limit` of them at most (all
+        by default; the others wait in empty slots); True once every slot has its worker. On error raise
+        (the reload rolls back what started)."""
+        empty = [i for i in range(self.program.workers) if i not in self.slots or self.slots[i].worker is None]
+        for index in empty[:limit]:
             self.slots[index] = Slot(index, self.spawn(spawner, index))
+        for index in empty[limit:] if limit is not None else ():
+            self.slots.setdefault(index, Slot(index))
+        return limit is None or len(empty) <= limit
 
     def spawn(self, spawner: Spawner, index: int) -> Worker:
         """The one way a worker of this generation starts: on fresh listeners that join the groups, or

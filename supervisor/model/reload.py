@@ -104,6 +104,9 @@ class Reload:
     # generations start, so that a rollback has nothing in the new listeners to lose; one per group.
     held: list[Listener] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # When its steps ended (monotonic): "asked" (the request came, before the config was read),
+    # "spawned" (every new worker asked for), "ready" (the Commit), for the report's `phases`.
+    marks: dict[str, float] = field(default_factory=dict)
     served: list[Generation] = field(default_factory=list)  # startup: those that serve already (Serve)
     together: set[str] = field(default_factory=set)  # startup: programs that serve only at the Commit
 
@@ -163,10 +166,12 @@ class Reload:
                dropped: int) -> tuple[str, dict[str, Any]]:
         """The final answer of a reload that committed: a line for people, data for --json. `drain`: how
         the old listeners ended (drain.Way); `dropped`: what they still held when shut without migration."""
-        elapsed = round((time.monotonic() - self.started) * 1000)
+        now = time.monotonic()
+        elapsed = round((now - self.started) * 1000)
         generations = {g.program.name: g.number for g in [*self.served, *self.generations]}
+        phases = self.phases(now)
         log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
-                 generations=generations, way=drain.way.value, drain_ms=drain.ms, dropped=dropped)
+                 generations=generations, way=drain.way.value, drain_ms=drain.ms, dropped=dropped, phases=phases)
         summary = f"{self.label} done in {elapsed} ms: {plural(shut, 'old listener')} closed, "
         if not retired and not shut:  # a start, or a reload of programs that were not running
             summary = f"{self.label} done in {elapsed} ms: " + ", ".join(
@@ -184,7 +189,16 @@ class Reload:
             summary += f"{plural(dropped, 'connection')} reset (migrate: off and the sysctl at 0)"
         return summary, {"generations": generations, "retired": {g.program.name: g.number for g in retired},
                          "listeners_closed": shut, "migrated": migrated, "queued": queued, "ms": elapsed,
-                         "way": drain.way.value, "drain_ms": drain.ms, "dropped": dropped}
+                         "way": drain.way.value, "drain_ms": drain.ms, "dropped": dropped, "phases": phases}
+
+    def phases(self, now: float) -> dict[str, float]:
+        """Where its time went, in ms: `config` (read and checked, before `ms` starts), `spawn` (the new
+        workers asked for), `ready` (until the last was ready), `switch` (old listeners shut, the answer)."""
+        marks = {"started": self.started, **self.marks, "done": now}
+        steps = (("config", "asked", "started"), ("spawn", "started", "spawned"), ("ready", "spawned", "ready"),
+                 ("switch", "ready", "done"))
+        return {name: round((marks[end] - marks[begin]) * 1000, 1) for name, begin, end in steps
+                if begin in marks and end in marks}
 
     def cancel_timers(self) -> None:
         for timer in self.timers:

@@ -87,6 +87,12 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     memory = {r["mode"]: r for r in results if r["scenario"] == "memory"}
     assert sorted(memory) == ["all-at-once", "preload", "rolling"]
     assert all(r["peak_pss_mib"] >= r["steady_pss_mib"] > 0 for r in memory.values()), memory
+    latency = [r for r in results if r["scenario"] == "reload_latency"]
+    assert sorted((r["system"], r["mode"]) for r in latency) == [
+        ("nginx", "-s reload"), ("supervisor", "preload"), ("supervisor", "spare"), ("supervisor", "spawned")]
+    assert all(r["ctl_ms"] > 0 for r in latency), latency
+    assert all(r["daemon_ms"] > 0 and set(r["phases"]) == {"config", "spawn", "ready", "switch"}
+               for r in latency if r["system"] == "supervisor"), latency
     throughput = next(r for r in results if r["scenario"] == "throughput")
     assert throughput["direct_conn_per_s"] > 0 and throughput["supervised_conn_per_s"] > 0
 
@@ -100,8 +106,9 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
                                               *(r["system"] for r in upgrades.values())))
-    assert "ratio" in table and "ratio status / bare" in table
-    assert "`reload` over the daemon's figure, 2 workers" in table and "| preload | 2 |" in table
+    assert "ratio" in table and "ratio status / bare" in table and "| preload | 2 |" in table
+    assert "`reload` over the daemon's figure, 2 workers" in table
+    assert "Against the goals" in table and "`nginx -s reload`" in table
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -244,8 +244,9 @@ def test_a_preload_template_that_floods_at_import_is_held_to_its_programs_budget
     """A preloaded module writes 100,000 lines while imported: `template_stderr` events within the
     program's `log_limit`, the rest counted; the workers forked after it serve."""
     (tmp_path / "chatty.py").write_text("import sys\nfor i in range(100000):\n    print(f'import line {i}')\n")
+    # One template's 100,000 lines: no spare importing (and printing) the same once the program serves.
     settings = program([PYTHON, "-m", "supervisor.demo"], preload=["chatty"], cwd=str(tmp_path),
-                       log_limit={"lines": 100, "burst": 1})
+                       log_limit={"lines": 100, "burst": 1}, preload_spare=False)
     started = time.monotonic()
     with supervisor(tmp_path, {"web": settings}) as sup:
         dropped = wait_for("the count of what was dropped", lambda: sup.events("worker_output_dropped"))

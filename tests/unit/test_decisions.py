@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
+import pytest
+
 from supervisor import __version__
-from supervisor.daemon import status
+from supervisor.config.schema import Program
+from supervisor.daemon import reloads, status
 from supervisor.daemon.events import SignalReceived
 from supervisor.model.generation import GenerationState
 from supervisor.model.program import ProgramRuntime, ProgramState
 from supervisor.model.restart import STABLE_AFTER
 from supervisor.model.slot import RECYCLE_RETRY
-from supervisor.process.worker import WorkerState
+from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
-from tests.unit.fakes import Scenario, program
+from supervisor.system.listeners import Listener
+from tests.unit.fakes import FakeSpawner, Scenario, program
 
 
 def scenario(tmp_path: Path, **settings: object) -> Scenario:
@@ -382,3 +387,68 @@ class TestRecords:
             assert str(exc) == "program web: stopped -> fatal is not a transition"
         else:
             raise AssertionError("a stopped program cannot go FATAL")
+
+
+class SlowSpawner(FakeSpawner):
+    """Each spawn takes real time, as a posix_spawn of an interpreter does."""
+
+    def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker:
+        time.sleep(0.004)
+        return super().spawn(program, generation, index, shared)
+
+
+class TestSlicedSpawn:
+    """A generation's workers are spawned SPAWN_SLICE at a time: what waits in the queue is answered in between."""
+
+    def slow(self, tmp_path: Path, workers: int) -> Scenario:
+        """Two workers serving; the next reload starts `workers`, each spawn taking real time."""
+        s = scenario(tmp_path)
+        s.write({"web": program(workers=workers)})
+        slow = SlowSpawner(s.clock)
+        slow.pids = s.spawner.pids
+        s.spawner = s.master._spawner = slow
+        return s
+
+    def test_status_is_answered_between_slices_and_the_reload_commits_once_all_are_ready(
+            self, tmp_path: Path) -> None:
+        s = self.slow(tmp_path, workers=12)
+        reply = s.ask(requests.Reload())
+        first = len(s.spawner.spawned)
+        assert 1 <= first < 12 and reply.answer is None
+        assert s.master.reloads.current is not None
+        [gen] = s.master.reloads.current.generations
+        assert len(gen.slots) == 12 and not gen.all_ready()  # the rest wait in empty slots
+        s.ready(*s.starting())
+        assert reply.answer is None  # those spawned are ready, but not all are spawned
+        for _ in range(12):
+            if reply.answer is not None:
+                break
+            assert s.ask(requests.Status()).ok  # answered between two slices
+            s.advance(0)
+            s.ready(*s.starting())
+        assert len(s.spawner.spawned) == 12 and reply.ok and s.record().serving is gen and len(gen.live_workers) == 12
+
+    def test_no_more_than_starting_at_once_workers_start_at_a_time(self, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(reloads, "STARTING_AT_ONCE", 3)
+        s = scenario(tmp_path)
+        s.write({"web": program(workers=8)})
+        reply = s.ask(requests.Reload())
+        s.advance(0)
+        assert len(s.starting()) == 3
+        s.ready(s.starting()[0])  # one ready: room for one more
+        s.advance(0)
+        assert len(s.starting()) == 3
+        while s.starting():
+            s.ready(*s.starting())
+            s.advance(0)
+        assert reply.ok and len(s.serving()) == 8
+
+    def test_a_rollback_stops_the_spawning(self, tmp_path: Path) -> None:
+        s = self.slow(tmp_path, workers=12)
+        reply = s.ask(requests.Reload())
+        s.exit(s.starting()[0])
+        assert reply.ok is False and s.state() == "serving"
+        spawned = len(s.spawner.spawned)
+        s.advance(1)
+        assert len(s.spawner.spawned) == spawned < 12
