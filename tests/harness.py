@@ -310,8 +310,10 @@ def watching_status(sup: Supervisor, interval: float = 0.1) -> Iterator[StatusWa
 
 
 @contextlib.contextmanager
-def supervisor(folder: Path, programs: dict[str, dict[str, Any]], migrate: str = "require") -> Iterator[Supervisor]:
+def supervisor(folder: Path, programs: dict[str, dict[str, Any]], migrate: str = "require",
+               new_session: bool = False) -> Iterator[Supervisor]:
     sup = Supervisor(folder, programs, migrate)
+    sup.new_session = new_session
     try:
         yield sup.start()
     finally:

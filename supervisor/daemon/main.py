@@ -23,7 +23,7 @@ from supervisor.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from supervisor.model import preflight
 from supervisor.process import reexec
 from supervisor.protocol import framing
-from supervisor.system import fdstore, limits, logs
+from supervisor.system import fdstore, limits, logs, priority
 
 if TYPE_CHECKING:
     from supervisor.daemon.master import Master
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"supervisord: --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    log.info("master_priority", result=priority.raise_master())
     state_fd = os.environ.pop(reexec.STATE_ENV, None)  # set by the master this process was until its exec
     if state_fd is not None:
         return uvloop.run(_adopt(int(state_fd)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def test_a_64_worker_reload_never_leaves_status_unanswered(tmp_path: Path, name: str) -> None:
     """`status` every 100 ms through the reload of 64 workers, spawned (a posix_spawn each, which the
     master does a slice at a time) or forked from the spare template: p95 within 100 ms, the master never
-    on a CPU for 50 ms while one waits (StatusWatch.check); 64 connections in flight, none fails."""
+    on a CPU for 50 ms while one waits (StatusWatch.check); 64 connections in flight, none fails.
+    supervisord leads its own session, as systemd starts it (system/priority.py)."""
     settings = program(workers=WORKERS, ready_timeout=60, stop_delay=0.1, graceful_timeout=5, **SETTINGS[name])
-    with supervisor(tmp_path, {"web": settings}) as sup:
+    with supervisor(tmp_path, {"web": settings}, new_session=True) as sup:
         with watching_status(sup) as watch, Clients("127.0.0.1:8000", seconds=60) as load:
             result = sup.reload()
             tally = load.finish()
@@ -34,3 +36,26 @@ def test_a_64_worker_reload_never_leaves_status_unanswered(tmp_path: Path, name:
         assert len(sup.workers()) >= WORKERS, summary
         if name == "preload":
             assert sup.events("template_spare_used"), summary
+
+
+def autogroup_nice(pid: int) -> int:
+    """The nice value of the autogroup (the session's scheduling group) of `pid`."""
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.parametrize("leader", [True, False])
+def test_the_master_weighs_more_than_each_worker_only_in_a_session_of_its_own(tmp_path: Path, leader: bool) -> None:
+    """A supervisord that leads its session sets that session's autogroup to nice -10; its workers'
+    sessions keep 0. One started inside another's session (a terminal's, this test runner's) leaves it."""
+    if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+        pytest.skip("this kernel schedules without autogroup")  # no CI machine of ours: it has autogroup
+    runner = autogroup_nice(os.getpid())
+    with supervisor(tmp_path, {"web": program(workers=2)}, new_session=leader) as sup:
+        assert sup.proc is not None
+        [event] = sup.events("master_priority")
+        workers = [w["pid"] for w in sup.workers()]
+        if leader:
+            assert event["result"] == "session autogroup at nice -10" and autogroup_nice(sup.proc.pid) == -10
+        else:
+            assert event["result"].startswith("not a session leader") and autogroup_nice(sup.proc.pid) == runner
+        assert [autogroup_nice(pid) for pid in workers] == [0, 0]
