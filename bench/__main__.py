@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import peers, report
 from bench.scenario import KEEPALIVE, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
 
@@ -23,7 +24,7 @@ QUICK_UPGRADES = ("supervisor upgrade", "supervisor restart (TERM + start)")  # 
 QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")  # the contract, and without it
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 PARTS = ("reload", "keepalive", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput", "footprint",
-         "preload")
+         "preload", "peers")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,9 +76,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preload-reloads", type=int, default=5, help="preload part: reloads per row")
     parser.add_argument("--memory-workers", type=int, default=4, help="preload part: workers of the memory rows")
     parser.add_argument("--memory-model", type=int, default=64, help="preload part: MiB each worker loads")
+    parser.add_argument("--peers-systems", default=",".join(peers.PEERS), help="peers part: from "
+                        + ", ".join(peers.PEERS))
+    parser.add_argument("--peers-loads", default=",".join(peers.LOADS), help="peers part: from "
+                        + ", ".join(peers.LOADS))
+    parser.add_argument("--peers-runs", type=int, default=3, help="peers part: runs per system and load")
+    parser.add_argument("--peers-reloads", type=int, default=10, help="peers part: reloads per run")
+    parser.add_argument("--peers-quiet", type=float, default=5.0,
+                        help="peers part: seconds of load without a reload before the first one")
+    parser.add_argument("--peers-clients", type=int, default=2, help="peers part: load processes")
+    parser.add_argument("--peers-concurrency", type=int, default=128,
+                        help="peers part: new connections in flight per load process")
+    parser.add_argument("--peers-keepalive-concurrency", type=int, default=32,
+                        help="peers part: kept connections per load process")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])  # in the tables
     if args.quick:
         args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
@@ -88,12 +103,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.upgrade_runs, args.upgrades, args.upgrade_systems = 1, 2, ",".join(QUICK_UPGRADES)
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
         args.keepalive_systems = ",".join(QUICK_KEEPALIVE)
+        args.peers_runs, args.peers_reloads, args.peers_quiet = 1, 2, 0.5  # and peers.QUICK's systems
     unknown = (set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
                | set(args.keepalive_systems.split(",")) - set(KEEPALIVE)
                | set(args.upgrade_systems.split(",")) - set(UPGRADES)
-               | set(args.restart_systems.split(",")) - set(RESTARTS))
+               | set(args.restart_systems.split(",")) - set(RESTARTS)
+               | set(args.peers_systems.split(",")) - set(peers.PEERS))
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if set(args.peers_loads.split(",")) - set(peers.LOADS):
+        parser.error(f"--peers-loads: from {', '.join(peers.LOADS)}")
     return args
 
 
@@ -142,6 +161,8 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "seconds": args.throughput_seconds, **load})
     if "footprint" in parts:
         out.append({"scenario": "footprint", "rounds": args.footprint_rounds, "runs": args.footprint_runs})
+    if "peers" in parts:  # every system under both loads, a quiet window then reloads, run by run in turn
+        out += peers.specs(args)
     return out
 
 

@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from bench import preload
+from bench import peers, preload
 from bench.scenario import BASELINE_ROUND, CPU_WINDOW, RESTART_SETTLE, summary
 from tests.load import KINDS
 
@@ -29,6 +29,8 @@ def describe(spec: dict[str, Any]) -> str:
         return f"preload: {spec['workers']} workers, {'forked from a template' if spec['preload'] else 'spawned'}"
     if spec["scenario"] == "memory":
         return f"memory: {spec['mode']}, {spec['workers']} workers"
+    if spec["scenario"] == "peers":
+        return f"peers: {spec['system']}, {spec['load']}, run {spec['run']}"
     return f"throughput: {spec['workers']} workers"
 
 
@@ -121,6 +123,7 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for r in ok:
         if r["scenario"] == "footprint":
             out.append(footprint_table(r))
+    out.append(peers.tables(ok, table, args.command))
     for r in results:
         if "error" in r:
             out.append(f"\nFAILED {describe(r)}: {r['error']}\n")
