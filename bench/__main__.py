@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmark scenarios, each in a private network namespace; print and save.
 
-Needs root (for `unshare -n`), nginx from Debian's packages and gunicorn (`make bench` sets up both).
+Needs root (for `unshare -n`), nginx from Debian's packages, gunicorn and Granian (`make bench` sets them up).
 Writes OUT/results.jsonl (one JSON object per scenario), OUT/table.md and OUT/failures.png.
 """
 
