@@ -536,7 +536,7 @@ def peers_run(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         reloading = (reloads[0]["at"], time.monotonic()) if reloads else (quiet[1], quiet[1])
         time.sleep(spec["warmup"])
         tally = load.finish()
-    ends = [r["at"] for r in reloads[1:]] + [reloading[1]]
+    ends = [r["at"] for r in reloads[1:]] + [float("inf")]  # a failure counts against the reload it followed
     for r, end in zip(reloads, ends, strict=True):
         r["failed"] = sum(1 for at, _kind, _detail in tally.failures if r["at"] <= at < end)
         fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
