@@ -133,7 +133,9 @@ def tables(results: list[dict[str, Any]], table: Callable[[list[str], list[list[
                          f"{p['reloading_p50']:g} / {p['reloading_p99']:g}" if p["reloading_p99"] is not None
                          else "-"])
         if rows:
-            out.append(f"{load}:\n\n")
+            load_of = next(r for r in mine if r["load"] == load)
+            out.append(f"{load} ({load_of['clients']} x {load_of['concurrency']} in flight, a reload every "
+                       f"{load_of['interval']:g} s or as soon as the last one is done):\n\n")
             out.append(table(["system", "tcp_migrate_req", "runs", "failed per reload (max)", "failed quiet",
                               "command", "new serving", "old gone", "answers/s quiet", "answers/s reloading",
                               "p50 / p99 quiet", "p50 / p99 reloading"], rows))

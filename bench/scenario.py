@@ -546,7 +546,8 @@ def peers_run(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {
         "scenario": "peers", "system": spec["system"], "load": spec["load"], "run": spec["run"],
         "workers": spec["workers"], "backlog": spec["backlog"], "clients": spec["clients"],
-        "concurrency": spec["concurrency"], "tcp_migrate_req": migrate, "reloads": len(reloads),
+        "concurrency": spec["concurrency"], "interval": spec["interval"], "tcp_migrate_req": migrate,
+        "reloads": len(reloads),
         "requests": tally.ok + len(tally.failures), "failed": {kind: failed.get(kind, 0) for kind in KINDS},
         "failed_quiet": sum(1 for at, _kind, _detail in tally.failures if quiet[0] <= at < quiet[1]),
         "failed_per_reload": [r["failed"] for r in reloads],
