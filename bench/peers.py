@@ -83,6 +83,7 @@ def pooled(results: list[dict[str, Any]], system: str, load: str) -> dict[str, A
             "failed_per_reload": med([sum(r["failed_per_reload"]) / max(1, r["reloads"]) for r in runs]),
             "failed_max": max(max(r["failed_per_reload"], default=0) for r in runs),
             "failed_quiet": sum(r["failed_quiet"] for r in runs),
+            "not_done": sum(r.get("not_done", 0) for r in runs), "reloads": sum(r["reloads"] for r in runs),
             **{key: med([r["reload_ms"][key] for r in runs]) for key in ("command_ms", "new_serving_ms", "closed_ms")},
             **{f"{when}_{key}": med([r[when][key] for r in runs])
                for when in ("quiet", "reloading") for key in ("per_s", "p50", "p99")}}
@@ -127,7 +128,8 @@ def tables(results: list[dict[str, Any]], table: Callable[[list[str], list[list[
             if p is None:
                 continue
             rows.append([system, PEERS[system][2], p["runs"], f"{p['failed_per_reload']:g} ({p['failed_max']})",
-                         p["failed_quiet"], p["command_ms"], p["new_serving_ms"], p["closed_ms"],
+                         p["failed_quiet"], f"{p['not_done']}/{p['reloads']}", p["command_ms"], p["new_serving_ms"],
+                         p["closed_ms"],
                          p["quiet_per_s"], p["reloading_per_s"], f"{p['quiet_p50']:g} / {p['quiet_p99']:g}"
                          if p["quiet_p99"] is not None else "-",
                          f"{p['reloading_p50']:g} / {p['reloading_p99']:g}" if p["reloading_p99"] is not None
@@ -137,7 +139,8 @@ def tables(results: list[dict[str, Any]], table: Callable[[list[str], list[list[
             out.append(f"{load} ({load_of['clients']} x {load_of['concurrency']} in flight, a reload every "
                        f"{load_of['interval']:g} s or as soon as the last one is done):\n\n")
             out.append(table(["system", "tcp_migrate_req", "runs", "failed per reload (max)", "failed quiet",
-                              "command", "new serving", "old gone", "answers/s quiet", "answers/s reloading",
+                              "reloads given up", "command", "new serving", "old gone", "answers/s quiet",
+                              "answers/s reloading",
                               "p50 / p99 quiet", "p50 / p99 reloading"], rows))
             out.append("\n")
     out.append("Headline: ours / the peer's (ratio), medians; the last row is the goal for our figure:\n\n")

@@ -87,6 +87,7 @@ BASELINE_ROUND = 2.5  # seconds a round of the baseline lasts: about what an upg
 CPU_WINDOW = 0.4  # seconds after a reload returned over which the old workers' CPU is measured (< stop_delay)
 
 STALL_AFTER = 0.5  # seconds stalled workers stay stopped after the reload command returned
+GIVEN_UP = 20.0  # peers part: seconds after which a reload whose old workers still listen counts as not done
 
 
 class Sampler:
@@ -529,9 +530,12 @@ def peers_run(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
             started = time.monotonic()
             reported = server.reload()
             returned = time.monotonic()
-            closed = wait_closed(server.port, old)
-            reloads.append({"at": started, "old": old, "command_ms": ms(returned - started),
-                            "closed_ms": ms(closed - started), **reported})
+            try:  # a peer may give its reload up and keep the old workers (uvicorn: a new one not ready in 5 s)
+                closed: float | None = wait_closed(server.port, old, timeout=GIVEN_UP)
+            except TimeoutError:
+                closed = None
+            reloads.append({"at": started, "old": old, "command_ms": ms(returned - started), "done": closed is not None,
+                            "closed_ms": ms(closed - started) if closed is not None else None, **reported})
             time.sleep(max(0.0, started + spec["interval"] - time.monotonic()))
         reloading = (reloads[0]["at"], time.monotonic()) if reloads else (quiet[1], quiet[1])
         time.sleep(spec["warmup"])
@@ -551,6 +555,7 @@ def peers_run(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         "requests": tally.ok + len(tally.failures), "failed": {kind: failed.get(kind, 0) for kind in KINDS},
         "failed_quiet": sum(1 for at, _kind, _detail in tally.failures if quiet[0] <= at < quiet[1]),
         "failed_per_reload": [r["failed"] for r in reloads],
+        "not_done": sum(1 for r in reloads if not r["done"]),
         "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally.failures})[:5],
         "quiet": window(latencies, *quiet), "reloading": window(latencies, *reloading),
         "reload_ms": {key: peers.median([r[key] for r in reloads if r.get(key) is not None])
