@@ -92,7 +92,8 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     for r in compared:  # every answer timed, in the quiet window or the reloading one; the new workers answered
         assert r["reloads"] == len(r["per_reload"]) == 2 and set(r["failed"]) == set(KINDS), r
         assert r["quiet"]["n"] > 0 and r["reloading"]["n"] > 0 and r["reloading"]["p99"] >= r["reloading"]["p50"] > 0, r
-        assert all(one["new_serving_ms"] is not None for one in r["per_reload"]), r
+        # a reload the peer gave up (uvicorn: a new worker not ready within its 5 s, on a loaded machine) has none
+        assert all(one["new_serving_ms"] is not None for one in r["per_reload"] if one["done"]), r
 
     table = (tmp_path / "table.md").read_text()
     assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
