@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmark scenarios, each in a private network namespace; print and save.
 
-Needs root (for `unshare -n`), nginx from Debian's packages and gunicorn (`make bench` sets up both).
+Needs root (for `unshare -n`), nginx from Debian's packages, gunicorn and Granian (`make bench` sets them up).
 Writes OUT/results.jsonl (one JSON object per scenario), OUT/table.md and OUT/failures.png.
 """
 
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import peers, report
 from bench.latency import MODES
 from bench.scenario import KEEPALIVE, LAYOUTS, RESTARTS, STOP_DELAYS, SYSTEMS, UPGRADES
 from bench.systems import ROOT
@@ -25,7 +26,7 @@ QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop"
 QUICK_QUEUES = ("demo per-worker", "demo shared")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
 PARTS = ("reload", "keepalive", "accept_queue", "stop_delay", "upgrade", "restart-fdstore", "scaling", "throughput",
-         "footprint", "preload", "latency")
+         "footprint", "preload", "latency", "peers")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,9 +92,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-reloads", type=int, default=9, help="latency part: reloads per row")
     parser.add_argument("--latency-ctl", type=int, default=5,
                         help="latency part: of those, how many more through `supervisorctl reload`")
+    parser.add_argument("--peers-systems", default=",".join(peers.PEERS), help="peers part: from "
+                        + ", ".join(peers.PEERS))
+    parser.add_argument("--peers-loads", default=",".join(peers.LOADS), help="peers part: from "
+                        + ", ".join(peers.LOADS))
+    parser.add_argument("--peers-runs", type=int, default=3, help="peers part: runs per system and load")
+    parser.add_argument("--peers-reloads", type=int, default=10, help="peers part: reloads per run")
+    parser.add_argument("--peers-quiet", type=float, default=5.0,
+                        help="peers part: seconds of load without a reload before the first one")
+    parser.add_argument("--peers-clients", type=int, default=2, help="peers part: load processes")
+    parser.add_argument("--peers-concurrency", type=int, default=128,
+                        help="peers part: new connections in flight per load process")
+    parser.add_argument("--peers-keepalive-concurrency", type=int, default=32,
+                        help="peers part: kept connections per load process")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per part, to check that the benchmark works (figures mean little)")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])  # in the tables
     if args.quick:
         args.reloads, args.interval, args.concurrency, args.clients = 2, 0.5, 32, 1
         args.scaling_workers, args.scaling_addresses, args.scaling_reloads = "1,2", "2", 2
@@ -107,13 +122,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.restart_runs, args.restarts, args.restart_systems = 1, 1, ",".join(QUICK_RESTARTS)
         args.keepalive_systems = ",".join(QUICK_KEEPALIVE)
         args.queue_runs, args.queue_reloads, args.queue_systems = 1, 2, ",".join(QUICK_QUEUES)
+        args.peers_runs, args.peers_reloads, args.peers_quiet = 1, 2, 0.5  # and peers.QUICK's systems
     unknown = (set(args.systems.split(",")) - set(SYSTEMS) | set(args.delay_systems.split(",")) - set(STOP_DELAYS)
                | set(args.keepalive_systems.split(",")) - set(KEEPALIVE)
                | set(args.queue_systems.split(",")) - set(LAYOUTS)
                | set(args.upgrade_systems.split(",")) - set(UPGRADES)
-               | set(args.restart_systems.split(",")) - set(RESTARTS))
+               | set(args.restart_systems.split(",")) - set(RESTARTS)
+               | set(args.peers_systems.split(",")) - set(peers.PEERS))
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if set(args.peers_loads.split(",")) - set(peers.LOADS):
+        parser.error(f"--peers-loads: from {', '.join(peers.LOADS)}")
     return args
 
 
@@ -176,6 +195,8 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         out.append({"scenario": "footprint", "rounds": args.footprint_rounds, "runs": args.footprint_runs,
                     "reload_workers": [int(n) for n in args.footprint_reload_workers.split(",")],
                     "reloads": args.footprint_reloads})
+    if "peers" in parts:  # every system under both loads, a quiet window then reloads, run by run in turn
+        out += peers.specs(args)
     return out
 
 

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench import latency, preload
+from bench import latency, peers, preload
 from bench.scenario import BASELINE_ROUND, CPU_WINDOW, RESTART_SETTLE, summary
 from tests.load import KINDS
 
@@ -35,6 +35,8 @@ def describe(spec: dict[str, Any]) -> str:
         return f"memory: {spec['mode']}, {spec['workers']} workers"
     if spec["scenario"] == "reload_latency":
         return f"latency: {spec['system']}, {spec['workers']} workers, {spec.get('mode', '-s reload')}"
+    if spec["scenario"] == "peers":
+        return f"peers: {spec['system']}, {spec['load']}, run {spec['run']}"
     return f"throughput: {spec['workers']} workers"
 
 
@@ -131,6 +133,7 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for r in ok:
         if r["scenario"] == "footprint":
             out.append(footprint_table(r))
+    out.append(peers.tables(ok, table, args.command))
     for r in results:
         if "error" in r:
             out.append(f"\nFAILED {describe(r)}: {r['error']}\n")

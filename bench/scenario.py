@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from bench import kernel, latency, preload, systems
+from bench import kernel, latency, peers, preload, systems
 from bench.footprint import footprint
 from tests import harness
 from tests.harness import wait_for
@@ -93,6 +93,7 @@ BASELINE_ROUND = 2.5  # seconds a round of the baseline lasts: about what an upg
 CPU_WINDOW = 0.4  # seconds after a reload returned over which the old workers' CPU is measured (< stop_delay)
 
 STALL_AFTER = 0.5  # seconds stalled workers stay stopped after the reload command returned
+GIVEN_UP = 20.0  # peers part: seconds after which a reload whose old workers still listen counts as not done
 
 
 class Sampler:
@@ -525,6 +526,66 @@ def restart_under_load(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     }
 
 
+def peers_run(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The peers part (bench/peers.py): one run of one system under one kind of load, a quiet window and then
+    the reloads; each answer's latency from the load, split by window."""
+    cls, settings, migrate = peers.PEERS[spec["system"]]
+    kernel.set_migrate(migrate)
+    server = cls(folder, workers=spec["workers"], backlog=spec["backlog"], **settings)
+    most = 2 * spec["warmup"] + spec["quiet"] + spec["reloads"] * (spec["interval"] + 60)  # a bound, not the plan
+    with running(server), Clients(server.address, spec["clients"], spec["concurrency"], seconds=most,
+                                  timeout=spec["timeout"], keep_alive=spec["load"] == "keep-alive",
+                                  latency=True) as load:
+        time.sleep(spec["warmup"])
+        quiet = (time.monotonic(), time.monotonic() + spec["quiet"])
+        time.sleep(spec["quiet"])
+        reloads: list[dict[str, Any]] = []
+        for _ in range(spec["reloads"]):
+            old = kernel.listening_pids(server.port, server.worker_pids())
+            started = time.monotonic()
+            reported = server.reload()
+            returned = time.monotonic()
+            try:  # a peer may give its reload up and keep the old workers (uvicorn: a new one not ready in 5 s)
+                closed: float | None = wait_closed(server.port, old, timeout=GIVEN_UP)
+            except TimeoutError:
+                closed = None
+            reloads.append({"at": started, "old": old, "command_ms": ms(returned - started), "done": closed is not None,
+                            "closed_ms": ms(closed - started) if closed is not None else None, **reported})
+            time.sleep(max(0.0, started + spec["interval"] - time.monotonic()))
+        reloading = (reloads[0]["at"], time.monotonic()) if reloads else (quiet[1], quiet[1])
+        time.sleep(spec["warmup"])
+        tally = load.finish()
+    ends = [r["at"] for r in reloads[1:]] + [float("inf")]  # a failure counts against the reload it followed
+    for r, end in zip(reloads, ends, strict=True):
+        r["failed"] = sum(1 for at, _kind, _detail in tally.failures if r["at"] <= at < end)
+        fresh = [first for pid, (first, _last, _n) in tally.pids.items() if pid not in r["old"] and first >= r["at"]]
+        r["new_serving_ms"] = ms(min(fresh) - r["at"]) if fresh else None
+    failed = Counter(kind for _t, kind, _d in tally.failures)
+    latencies = tally.latencies or []
+    return {
+        "scenario": "peers", "system": spec["system"], "load": spec["load"], "run": spec["run"],
+        "workers": spec["workers"], "backlog": spec["backlog"], "clients": spec["clients"],
+        "concurrency": spec["concurrency"], "interval": spec["interval"], "tcp_migrate_req": migrate,
+        "reloads": len(reloads),
+        "requests": tally.ok + len(tally.failures), "failed": {kind: failed.get(kind, 0) for kind in KINDS},
+        "failed_quiet": sum(1 for at, _kind, _detail in tally.failures if quiet[0] <= at < quiet[1]),
+        "failed_per_reload": [r["failed"] for r in reloads],
+        "not_done": sum(1 for r in reloads if not r["done"]),
+        "failure_examples": sorted({f"{kind}: {detail}" for _t, kind, detail in tally.failures})[:5],
+        "quiet": window(latencies, *quiet), "reloading": window(latencies, *reloading),
+        "reload_ms": {key: peers.median([r[key] for r in reloads if r.get(key) is not None])
+                      for key in ("command_ms", "new_serving_ms", "closed_ms")},
+        "per_reload": [{k: v for k, v in r.items() if k not in ("at", "old")} for r in reloads],
+    }
+
+
+def window(latencies: list[tuple[float, float]], start: float, end: float) -> dict[str, float | None]:
+    """The answers that came between `start` and `end`: per second, and their p50/p99 in ms."""
+    took = [t for at, t in latencies if start <= at < end]
+    return {"per_s": round(len(took) / (end - start)) if end > start else None,
+            "p50": percentile(took, 50), "p99": percentile(took, 99), "n": len(took)}
+
+
 def store_holds(manager: ServiceManager, names: list[str]) -> bool:
     return manager.stored() == names
 
@@ -552,7 +613,7 @@ SCENARIOS = {"restart": restart_under_load, "upgrade": upgrade_under_load,
              "stop_delay": stop_delay, "reload": reload_under_load, "accept_queue": accept_queue,
              "keepalive": keepalive, "scaling": scaling,
              "throughput": throughput, "footprint": footprint, "preload_reload": preload.preload_reload,
-             "memory": preload.memory, "reload_latency": latency.reload_latency}
+             "memory": preload.memory, "reload_latency": latency.reload_latency, "peers": peers_run}
 
 
 def main(argv: list[str]) -> int:

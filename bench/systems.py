@@ -205,13 +205,56 @@ http {{
 
 @dataclass
 class Gunicorn(Server):
-    """gunicorn from PyPI, sync workers, `--reuse-port`, reloaded with SIGHUP to its master."""
+    """gunicorn from PyPI, sync workers, reloaded with SIGHUP to its master: with `--reuse-port` (each worker
+    a listener of its own) or without (its default: one listener the master binds and every worker inherits)."""
+
+    reuse_port: bool = True
 
     label = "gunicorn"
 
     def command(self) -> list[str]:
-        return [str(BIN / "gunicorn"), "--reuse-port", "--workers", str(self.workers), "--bind", self.address,
-                "--backlog", str(self.backlog), "--graceful-timeout", "10", "--chdir", str(ROOT), "tests.apps.wsgi:app"]
+        return [str(BIN / "gunicorn"), *(["--reuse-port"] if self.reuse_port else []), "--workers", str(self.workers),
+                "--bind", self.address, "--backlog", str(self.backlog), "--graceful-timeout", "10",
+                "--no-control-socket", "--chdir", str(ROOT), "tests.apps.wsgi:app"]
+
+    def reload(self) -> dict[str, Any]:
+        os.kill(self.master_pid, signal.SIGHUP)
+        return {}
+
+
+@dataclass
+class Uvicorn(Server):
+    """uvicorn's own process manager, `uvicorn --workers N`: its master binds one listener every worker inherits
+    (one shared accept queue); SIGHUP replaces the workers one after the other, each new one ready before the old
+    one gets SIGTERM."""
+
+    label = "uvicorn"
+
+    def command(self) -> list[str]:
+        return [PYTHON, "-m", "uvicorn", "--workers", str(self.workers), "--host", HOST, "--port", str(self.port),
+                "--backlog", str(self.backlog), "--no-access-log", "tests.apps.asgi:app"]
+
+    def reload(self) -> dict[str, Any]:
+        os.kill(self.master_pid, signal.SIGHUP)
+        return {}
+
+
+@dataclass
+class Granian(Server):
+    """Granian (a Rust HTTP server for Python apps) from PyPI, `granian --workers N`: on Linux each worker binds
+    a SO_REUSEPORT listener of its own; SIGHUP replaces the workers one after the other (start a new one, wait
+    `--respawn-interval` s, stop the old one), so what the old one's queue holds survives only by migration
+    (net.ipv4.tcp_migrate_req). The interval is 0.5 s here instead of Granian's default 3.5 s, so that a
+    reload of 2 workers fits in the benchmark's second between reloads."""
+
+    respawn_interval: float = 0.5
+
+    label = "granian"
+
+    def command(self) -> list[str]:
+        return [str(BIN / "granian"), "--interface", "asgi", "--host", HOST, "--port", str(self.port), "--workers",
+                str(self.workers), "--backlog", str(max(128, self.backlog)), "--no-access-log", "--respawn-interval",
+                str(self.respawn_interval), "--working-dir", str(ROOT), "tests.apps.asgi:app"]
 
     def reload(self) -> dict[str, Any]:
         os.kill(self.master_pid, signal.SIGHUP)

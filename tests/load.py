@@ -28,6 +28,9 @@ whole answer; 0.1 ms buckets), the server certificates seen (TLS), and every fai
 CLOCK_MONOTONIC, comparable between processes. Several of these processes make a load that one core
 alone could not.
 
+With `latency=True` (`--latency`) the tally also keeps, per answer, when it came and how many ms after its
+request was sent (for a new connection, after connect() began): the benchmark's p50/p99.
+
 Failure kinds: refused (ECONNREFUSED), reset (ECONNRESET, EPIPE), timeout (no complete answer within
 --timeout), bad (an answer that is not `200` with a JSON body naming a pid, or none at all).
 """
@@ -75,15 +78,18 @@ class Tally:
     generations: dict[int, int] = field(default_factory=dict)  # generation -> answers
     certs: dict[str, list[float]] = field(default_factory=dict)  # TLS: sha256 -> [first, last connect, count]
     failures: list[tuple[float, str, str]] = field(default_factory=list)  # (time, kind, detail)
+    latencies: list[tuple[float, float]] | None = None  # with `latency`: (answered at, ms from the request)
     started: float = 0.0
     ended: float = 0.0
     latency: dict[int, int] = field(default_factory=dict)  # tenths of a millisecond -> answers that took that long
 
-    def answer(self, answer: Answer, at: float, took: float | None = None) -> None:
+    def answer(self, answer: Answer, at: float, sent: float | None = None) -> None:
         self.ok += 1
-        if took is not None:
-            bucket = int(took * 10_000)
+        if sent is not None:
+            bucket = int((at - sent) * 10_000)
             self.latency[bucket] = self.latency.get(bucket, 0) + 1
+            if self.latencies is not None:
+                self.latencies.append((round(at, 4), round(1000 * (at - sent), 2)))
         seen = self.pids.setdefault(answer.pid, [at, at, 0])
         seen[1] = at
         seen[2] += 1
@@ -132,7 +138,8 @@ class Tally:
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "pids": self.pids, "generations": self.generations, "certs": self.certs,
-                "failures": self.failures, "started": self.started, "ended": self.ended, "latency": self.latency}
+                "failures": self.failures, "started": self.started, "ended": self.ended, "latency": self.latency,
+                "latencies": self.latencies}
 
     @classmethod
     def merged(cls, tallies: list[dict[str, Any]]) -> Tally:
@@ -140,6 +147,8 @@ class Tally:
         out = cls(ok=sum(t["ok"] for t in tallies), started=min(t["started"] for t in tallies),
                   ended=max(t["ended"] for t in tallies),
                   failures=sorted((at, kind, detail) for t in tallies for at, kind, detail in t["failures"]))
+        if any(t.get("latencies") is not None for t in tallies):
+            out.latencies = sorted((at, took) for t in tallies for at, took in t.get("latencies") or [])
         for tally in tallies:
             for key, mine in (("pids", out.pids), ("certs", out.certs)):
                 for name, (first, last, count) in tally[key].items():
@@ -163,6 +172,7 @@ class Mode:
     http10: bool = False  # keep-alive mode: HTTP/1.0 requests with `Connection: keep-alive`
     httpx: bool = False  # the requests through httpx.AsyncClient's connection pool instead
     pause: float = 0.0  # keep-alive mode: seconds each client waits after an answer before its next request
+    latency: bool = False  # keep each answer's time from its request (connect() on a new connection) in the tally
 
     def request(self) -> bytes:
         if not self.keep_alive:
@@ -173,9 +183,11 @@ class Mode:
         return f"{self.method} / {version}\r\nHost: bench\r\n{connection}{length}\r\n".encode() + body
 
     def arguments(self) -> list[str]:
+        latency = ["--latency"] if self.latency else []
         if not self.keep_alive:
-            return []
-        return ["--keep-alive", "--method", self.method, "--body", str(self.body), "--pipeline", str(self.pipeline),
+            return latency
+        return [*latency, "--keep-alive", "--method", self.method, "--body", str(self.body),
+                "--pipeline", str(self.pipeline),
                 *(["--http10"] if self.http10 else []), *(["--httpx"] if self.httpx else []),
                 *(["--pause", str(self.pause)] if self.pause else [])]
 
@@ -190,8 +202,8 @@ class Clients:
     def __init__(self, connect: str, clients: int = 1, concurrency: int = 64, seconds: float = 60.0,
                  timeout: float = 5.0, tls_ca: str | None = None, *, keep_alive: bool = False, method: str = "GET",
                  body: int = 64, pipeline: int = 1, http10: bool = False, httpx: bool = False,
-                 pause: float = 0.0) -> None:
-        mode = Mode(keep_alive or httpx, method, body, pipeline, http10, httpx, pause)
+                 pause: float = 0.0, latency: bool = False) -> None:
+        mode = Mode(keep_alive or httpx, method, body, pipeline, http10, httpx, pause, latency)
         command = [sys.executable, "-m", "tests.load", "--connect", connect, "--concurrency", str(concurrency),
                    "--seconds", str(seconds), "--timeout", str(timeout), *(["--tls-ca", tls_ca] if tls_ca else []),
                    *mode.arguments()]
@@ -355,8 +367,7 @@ class KeptConnection:
                 while answered < self.pipeline:
                     answer = await read_answer(self.reader)
                     answered += 1
-                    now = time.monotonic()
-                    self.tally.answer(answer, now, now - sent)
+                    self.tally.answer(answer, time.monotonic(), sent)
                     if answer.close:
                         if answered < self.pipeline:
                             raise BadAnswer(f"{self.pipeline - answered} pipelined requests unanswered: "
@@ -385,19 +396,18 @@ async def run(connect: str, concurrency: int, seconds: float, timeout: float, tl
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    tally = Tally(started=time.monotonic())
+    tally = Tally(started=time.monotonic(), latencies=[] if mode.latency else None)
     deadline = tally.started + seconds
 
     async def client() -> None:
         while not stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
+            sent = time.monotonic()
             try:
                 answer = await one(loop, family, address, timeout, tally, tls)
             except (OSError, BadAnswer, TimeoutError) as exc:
                 tally.fail(exc)
             else:
-                now = time.monotonic()
-                tally.answer(answer, now, now - started)
+                tally.answer(answer, time.monotonic(), sent)
 
     async def kept() -> None:
         connection = KeptConnection(family, address, timeout, tally, tls, mode)
@@ -456,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http10", action="store_true", help="with --keep-alive: HTTP/1.0, Connection: keep-alive")
     parser.add_argument("--httpx", action="store_true", help="the requests through httpx.AsyncClient's pool")
     parser.add_argument("--pause", type=float, default=0.0, help="with --keep-alive: seconds between requests")
+    parser.add_argument("--latency", action="store_true",
+                        help="report each answer's time and ms from its request (or connect()) in `latencies`")
     args = parser.parse_args(argv)
     mode = Mode(args.keep_alive or args.httpx, args.method, args.body, args.pipeline, args.http10, args.httpx,
-                args.pause)
+                args.pause, args.latency)
     tally = uvloop.run(run(args.connect, args.concurrency, args.seconds, args.timeout, args.tls_ca, mode))
     json.dump(tally.as_json(), sys.stdout)
     return 0

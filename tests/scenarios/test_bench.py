@@ -24,6 +24,8 @@ QUICK_DELAYS = ("uvicorn stop_delay=0", "uvicorn stop_delay=0.5")
 QUICK_KEEPALIVE = ("supervisor + demo", "supervisor + demo --close-idle-at-stop")
 QUICK_QUEUES = ("demo per-worker", "demo shared")
 QUICK_RESTARTS = ("supervisor SIGKILL + start with fd store", "supervisor SIGTERM + start with fd store")
+QUICK_PEERS = (("supervisor + uvicorn runner", "keep-alive"), ("uvicorn --workers HUP", "keep-alive"),
+               ("granian --workers HUP migrate=1", "new connections"), ("gunicorn HUP", "new connections"))
 
 
 def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
@@ -103,12 +105,22 @@ def test_quick_benchmark_run_reports_every_system(tmp_path: Path) -> None:
     reload = footprint["reload_over_daemon_ms"]["2"]
     assert reload["n"] == 2 and reload["daemon_p50"] > 0, footprint
 
+    compared = [r for r in results if r["scenario"] == "peers"]
+    assert sorted((r["system"], r["load"]) for r in compared) == sorted(QUICK_PEERS)
+    for r in compared:  # every answer timed, in the quiet window or the reloading one; the new workers answered
+        assert r["reloads"] == len(r["per_reload"]) == 2 and set(r["failed"]) == set(KINDS), r
+        assert r["quiet"]["n"] > 0 and r["reloading"]["n"] > 0 and r["reloading"]["p99"] >= r["reloading"]["p50"] > 0, r
+        # a reload the peer gave up (uvicorn: a new worker not ready within its 5 s, on a loaded machine) has none
+        assert all(one["new_serving_ms"] is not None for one in r["per_reload"] if one["done"]), r
+
     table = (tmp_path / "table.md").read_text()
     assert all(system in table for system in (*SYSTEMS, *QUICK_DELAYS, *QUICK_RESTARTS,
                                               *(r["system"] for r in upgrades.values())))
     assert "ratio" in table and "ratio status / bare" in table and "| preload | 2 |" in table
     assert "`reload` over the daemon's figure, 2 workers" in table
     assert "Against the goals" in table and "`nginx -s reload`" in table
+    assert "| supervisor + uvicorn runner | uvicorn --workers HUP |" in table, "the headline's keep-alive row"
+    assert "python -m bench --quick --out" in table, "the command that produced the figures"
     assert (tmp_path / "failures.png").read_bytes().startswith(b"\x89PNG")
 
 

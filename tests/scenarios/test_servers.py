@@ -8,6 +8,8 @@ graceful stop at the end must leave no process behind (gunicorn's workers are it
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
+from supervisor.config.schema import Program
 from tests.harness import BIN, DEMO, PYTHON, Supervisor, program, running, supervisor, wait_for
 from tests.load import Clients, Tally
 
@@ -134,3 +138,36 @@ def test_reloads_under_load_fail_no_connection(tmp_path: Path, name: str) -> Non
     silent = [pid for pid, pids in answering.items() if not any(tally.pids.get(p, [0, 0])[1] > last_reload
                                                                 for p in pids)]
     assert not silent, f"workers of the last generation never answered: {silent}"
+
+
+def recipes() -> dict[str, dict[str, Any]]:
+    """The `programs:` entries of docs/servers.md's recipes, made runnable here: the app is the tests' (WSGI for
+    gunicorn's sync workers), the servers this venv's, one worker each (a listener's backlog is per listener)."""
+    text = (ROOT / "docs" / "servers.md").read_text()
+    section = text[text.index("### Recipes"):text.index("### Measured")]
+    found: dict[str, dict[str, Any]] = {}
+    for block in re.findall(r"^```yaml\n(.*?)^```", section, re.S | re.M):
+        for name, settings in yaml.safe_load(block)["programs"].items():
+            command = settings["command"]
+            wsgi = command[0] == "gunicorn" and "--worker-class" not in command
+            app = "tests.apps.wsgi:app" if wsgi else "tests.apps.asgi:app"
+            settings["command"] = [PYTHON if word == "python" else str(BIN / word) if i == 0 else
+                                   app if word == "app:app" else word for i, word in enumerate(command)]
+            found[name] = {**settings, "workers": 1, "cwd": str(ROOT), "ready_timeout": 60}
+    return found
+
+
+def test_every_recipe_keeps_the_programs_backlog(tmp_path: Path) -> None:
+    """A server that calls listen() again on fd 3 sets its own backlog (stock hypercorn: 100): every recipe in
+    docs/servers.md must leave each listener with the program's backlog, as the kernel reports it (Send-Q)."""
+    programs = recipes()
+    assert {"asgi-uvicorn", "asgi-hypercorn", "wsgi-gunicorn", "stock-uvicorn", "stock-hypercorn"} <= set(programs)
+    with supervisor(tmp_path, programs) as sup, no_orphans(sup):
+        listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+    backlogs: dict[str, set[int]] = {}
+    for line in listening.splitlines():  # State Recv-Q Send-Q Local:Port Peer:Port; Send-Q: the backlog
+        fields = line.split()
+        backlogs.setdefault(fields[3], set()).add(int(fields[2]))
+    expected = {settings["listen"]: {settings.get("backlog", Program.backlog)}
+                for settings in programs.values()}
+    assert {address: backlogs.get(address) for address in expected} == expected
