@@ -154,7 +154,7 @@ class Program:
     strategy: Strategy = Strategy.ALL_AT_ONCE
     batch: int = 1  # workers replaced at a time by a rolling reload
     preload: tuple[str, ...] = ()  # modules a per-generation template imports; workers fork from it
-    accept_queue: AcceptQueue = AcceptQueue.PER_WORKER
+    accept_queue: AcceptQueue = AcceptQueue.SHARED  # docs/benchmarks.md: the lower p99 with and without reloads
     preload_spare: bool = True  # with preload: the next generation's template is started ahead, idle
     share_listen: bool = False  # another process's listener on a listen address is refused unless set
     stdout: OutputMode = OutputMode.LOG

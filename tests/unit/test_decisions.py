@@ -301,7 +301,7 @@ class TestSlots:
         assert len(s.starting()) == 2
 
     def test_a_recycle_replacement_that_fails_then_one_that_works(self, tmp_path: Path) -> None:
-        s = scenario(tmp_path, max_age=100)
+        s = scenario(tmp_path, max_age=100, accept_queue="per-worker")
         s.advance(101)
         s.recycle_check()
         replacements = s.starting()
@@ -321,7 +321,7 @@ class TestSlots:
         assert old.state is WorkerState.RETIRING and all(x.shut for x in old.listeners)
 
     def test_scale_up_and_down(self, tmp_path: Path) -> None:
-        s = scenario(tmp_path)
+        s = scenario(tmp_path, accept_queue="per-worker")
         reply = s.ask(requests.Scale("web", 4))
         assert reply.ok and [w.index for w in s.starting()] == [2, 3]
         s.ready(*s.starting())
@@ -334,7 +334,7 @@ class TestSlots:
 
     def test_scale_down_at_once_lets_the_starting_workers_become_ready_then_leave(self, tmp_path: Path) -> None:
         """`scale web 4` then `scale web 1`: a worker is never handed a listener already shut."""
-        s = scenario(tmp_path)
+        s = scenario(tmp_path, accept_queue="per-worker")
         s.ask(requests.Scale("web", 4))
         fresh = s.starting()
         down = s.ask(requests.Scale("web", 1))

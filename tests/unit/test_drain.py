@@ -62,7 +62,7 @@ def test_the_way_follows_the_mode_and_the_sysctl(mode: MigrateMode, enabled: boo
 def test_a_scale_down_drains_then_stops_and_an_upgrade_waits_for_it(tmp_path: Path) -> None:
     """`migrate: drain`: the worker scaled away keeps its listener open and gets no stop signal until
     its queue (empty here) has been quiet for the grace; an upgrade asked meanwhile is refused."""
-    s = Scenario(tmp_path, {"web": program(workers=2, stop_delay=0)}, migrate="drain")
+    s = Scenario(tmp_path, {"web": program(workers=2, stop_delay=0, accept_queue="per-worker")}, migrate="drain")
     assert s.start().ok
     leaving = s.serving()[1]
     assert s.ask(requests.Scale("web", 1)).ok

@@ -44,7 +44,7 @@ def roll_batch(s: Scenario) -> list[Worker]:
 
 class TestRolling:
     def test_a_reload_replaces_one_worker_at_a_time_never_more_than_n_plus_one(self, tmp_path: Path) -> None:
-        s = rolling(tmp_path)
+        s = rolling(tmp_path, accept_queue="per-worker")
         old = s.serving()
         reply = s.ask(requests.Reload())
         peak = len(alive(s))
@@ -62,7 +62,7 @@ class TestRolling:
 
     def test_an_old_worker_is_shut_before_its_stop_signal_and_the_next_batch_waits_for_its_exit(
             self, tmp_path: Path) -> None:
-        s = rolling(tmp_path)
+        s = rolling(tmp_path, accept_queue="per-worker")
         old = {w.index: w for w in s.serving()}
         s.ask(requests.Reload())
         s.ready(*s.starting())
