@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"supervisord: --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    log.info("master_priority", result=priority.raise_master())
     state_fd = os.environ.pop(reexec.STATE_ENV, None)  # set by the master this process was until its exec
     if state_fd is not None:
         return uvloop.run(_adopt(int(state_fd)))
@@ -111,6 +110,7 @@ async def _serve(cfg: schema.Config) -> int:
         for problem in report.problems:
             log.error("preflight_failed", problem=problem)
         return EXIT_USAGE
+    log.info("master_priority", result=priority.raise_master())  # kept across an upgrade's exec
     return await Master(cfg).run(report.bundles)
 
 
