@@ -591,9 +591,10 @@ def store_holds(manager: ServiceManager, names: list[str]) -> bool:
 
 
 def serving_listeners(sup: harness.Supervisor) -> list[str]:
-    """The fd-store names of the serving workers' listeners (`program.generation.worker.n`; one address: n is 0)."""
-    return sorted(f"{p['name']}.{w['generation']}.{w['worker']}.0" for p in sup.status()["programs"]
-                  for w in p["workers"] if w["state"] == "ready")
+    """The fd-store names of the serving listeners (`program.generation.worker.n`, or with one shared queue
+    `program.generation.shared.n`; one address: n is 0)."""
+    return sorted({f"{p['name']}.{w['generation']}.{'shared' if p['accept_queue'] == 'shared' else w['worker']}.0"
+                   for p in sup.status()["programs"] for w in p["workers"] if w["state"] == "ready"})
 
 
 def alive(pid: int) -> bool:

@@ -68,6 +68,7 @@ def program_facts(record: ProgramRuntime, starting: list[Generation], listen: li
         "name": record.name,
         "state": record.state.value,
         "listen": [str(a) for a in record.serving.program.listen] if record.serving else listen,
+        "accept_queue": record.serving.program.accept_queue.value if record.serving else None,
         "restarts": record.restarts,
         "generations": [{"generation": g.number, "state": g.state.value, "uptime": round(now - g.started, 1)}
                         for g in gens],
