@@ -84,7 +84,8 @@ def test_metrics_follow_reloads_crashes_and_scale_under_load(tmp_path: Path) -> 
     write_cert(ca, certs)
     not_after = trustme_not_after(certs / "cert.pem")
     sup = with_metrics(Supervisor(tmp_path, {
-        "web": program(workers=3, stop_delay=0.2),
+        # per-worker queues: a crashed worker's queue migrates to its siblings, which the metric counts
+        "web": program(workers=3, stop_delay=0.2, accept_queue="per-worker"),
         "secure": tls_program(certs, workers=1, listen=["127.0.0.1:8443"]),
     }))
     try:
