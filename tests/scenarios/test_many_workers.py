@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from supervisor.system import priority
 from tests.harness import program, supervisor, watching_status
 from tests.load import Clients
 
@@ -19,6 +22,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+@contextlib.contextmanager
+def watcher_weighs_as_the_master() -> Iterator[None]:
+    """This test process (the status watcher, the load) gets its session the master's CPU weight for
+    the block: what the watch measures is then the master's answer, not this process's own wait for
+    a CPU among 64 interpreters starting (measured: p95 129-215 ms of which the master ran 28-43 ms
+    and waited 4-43 ms)."""
+    before = autogroup_nice(os.getpid())
+    Path("/proc/self/autogroup").write_text(str(priority.NICE))
+    try:
+        yield
+    finally:
+        Path("/proc/self/autogroup").write_text(str(before))
+
+
 @pytest.mark.parametrize("name", SETTINGS)
 def test_a_64_worker_reload_never_leaves_status_unanswered(tmp_path: Path, name: str) -> None:
     """`status` every 100 ms through the reload of 64 workers, spawned (a posix_spawn each, which the
@@ -26,7 +43,7 @@ def test_a_64_worker_reload_never_leaves_status_unanswered(tmp_path: Path, name:
     on a CPU for 50 ms while one waits (StatusWatch.check); 64 connections in flight, none fails.
     supervisord leads its own session, as systemd starts it (system/priority.py)."""
     settings = program(workers=WORKERS, ready_timeout=60, stop_delay=0.1, graceful_timeout=5, **SETTINGS[name])
-    with supervisor(tmp_path, {"web": settings}, new_session=True) as sup:
+    with supervisor(tmp_path, {"web": settings}, new_session=True) as sup, watcher_weighs_as_the_master():
         with watching_status(sup) as watch, Clients("127.0.0.1:8000", seconds=60) as load:
             result = sup.reload()
             tally = load.finish()
@@ -45,7 +62,7 @@ def autogroup_nice(pid: int) -> int:
 
 @pytest.mark.parametrize("leader", [True, False])
 def test_the_master_weighs_more_than_each_worker_only_in_a_session_of_its_own(tmp_path: Path, leader: bool) -> None:
-    """A supervisord that leads its session sets that session's autogroup to nice -10; its workers'
+    """A supervisord that leads its session sets that session's autogroup to nice -20; its workers'
     sessions keep 0. One started inside another's session (a terminal's, this test runner's) leaves it."""
     if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
         pytest.skip("this kernel schedules without autogroup")  # no CI machine of ours: it has autogroup
@@ -55,7 +72,8 @@ def test_the_master_weighs_more_than_each_worker_only_in_a_session_of_its_own(tm
         [event] = sup.events("master_priority")
         workers = [w["pid"] for w in sup.workers()]
         if leader:
-            assert event["result"] == "session autogroup at nice -10" and autogroup_nice(sup.proc.pid) == -10
+            assert event["result"] == f"session autogroup at nice {priority.NICE}"
+            assert autogroup_nice(sup.proc.pid) == priority.NICE
         else:
             assert event["result"].startswith("not a session leader") and autogroup_nice(sup.proc.pid) == runner
         assert [autogroup_nice(pid) for pid in workers] == [0, 0]

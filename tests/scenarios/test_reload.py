@@ -100,9 +100,11 @@ def test_reload_under_load_fails_no_connection(tmp_path: Path, accept_queue: str
     assert reloads + 1 in served
 
 
-def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Tally:
-    """Before each reload one old worker freezes (a long GC, a CPU-bound request): its queue fills."""
-    with supervisor(tmp_path, {"web": program(graceful_timeout=1)}, migrate=migrate) as sup, \
+def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str, accept_queue: str) -> Tally:
+    """Before each reload one old worker freezes (a long GC, a CPU-bound request): its queue fills (with
+    one shared queue its sibling accepts what waits there)."""
+    settings = program(graceful_timeout=1, accept_queue=accept_queue)
+    with supervisor(tmp_path, {"web": settings}, migrate=migrate) as sup, \
             Clients("127.0.0.1:8000", concurrency=16) as load:
         time.sleep(0.3)  # the clients import
         for _ in range(8):
@@ -116,10 +118,11 @@ def reload_with_a_busy_old_worker(tmp_path: Path, migrate: str) -> Tally:
         return load.finish()
 
 
-@pytest.mark.parametrize(("migrate", "loses"), [("require", False), ("off", True)])
-def test_busy_old_worker_under_load(tmp_path: Path, migrate: str, loses: bool) -> None:
+@pytest.mark.parametrize(("migrate", "accept_queue", "loses"), [
+    ("require", "per-worker", False), ("off", "per-worker", True), ("require", "shared", False)])
+def test_busy_old_worker_under_load(tmp_path: Path, migrate: str, accept_queue: str, loses: bool) -> None:
     """With migration the frozen worker's queue moves to the new generation; without, it is reset."""
-    tally = reload_with_a_busy_old_worker(tmp_path, migrate)
+    tally = reload_with_a_busy_old_worker(tmp_path, migrate, accept_queue)
     assert tally.connections > 500
     if loses:
         assert tally.failed()["reset"] >= 8, tally.describe()  # at least one per reload

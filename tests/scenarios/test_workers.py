@@ -335,7 +335,8 @@ def test_a_restarted_worker_that_is_never_ready_is_killed_and_retried(tmp_path: 
     listener shut (its queue moves to worker 0), restarted after 0.1, 0.2, 0.4 s, then FATAL at
     crash_limit; worker 0 serves throughout and no connection fails."""
     hang = [PYTHON, str(APPS / "ready_then.py"), "hang-on-restart", str(tmp_path)]
-    with supervisor(tmp_path, {"web": program(hang, ready_timeout=1, crash_limit=4)}) as sup:
+    # per-worker: the never-ready worker has a queue of its own, which its kill migrates
+    with supervisor(tmp_path, {"web": program(hang, ready_timeout=1, crash_limit=4, accept_queue="per-worker")}) as sup:
         before = migrate.counters()
         kill_worker(sup, 1)  # before the load: what a killed worker had accepted is lost, not the point here
         with Clients("127.0.0.1:8000", concurrency=16) as load:
