@@ -24,6 +24,14 @@ def rolling(**settings: Any) -> dict[str, Any]:
     return program(workers=4, strategy="rolling", stop_delay=0.2, graceful_timeout=2, **settings)
 
 
+def is_template(pid: int) -> bool:
+    """A live process running supervisor/process/preload_child.py (a template, or a worker it forked)."""
+    try:
+        return b"preload_child.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Sampler:
     """Records the master's live children every few milliseconds while it runs."""
 
@@ -53,8 +61,12 @@ class Sampler:
 
     @property
     def peak(self) -> int:
-        """The most worker processes alive at once (a preload template is a child, not a worker)."""
+        """The most worker processes alive at once (a preload template is a child, not a worker; a
+        template just started, such as the next spare, may not be in the log yet: a live process of the
+        template's command that the master does not list as a worker is one too)."""
         templates = {e["pid"] for e in self.sup.events("template_started")}
+        workers = {w["pid"] for w in self.sup.workers()}
+        templates |= {pid for pid in set().union(*self.samples) - workers if is_template(pid)}
         return max(len(sample - templates) for sample in self.samples)
 
     def __enter__(self) -> Sampler:
