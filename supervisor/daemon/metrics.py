@@ -34,7 +34,7 @@ from supervisor.daemon.tally import BUCKETS, RESULTS, WAYS
 from supervisor.errors import ControlError, SupervisorError
 from supervisor.model.program import ProgramState
 from supervisor.process.worker import WorkerState
-from supervisor.system import migrate
+from supervisor.system import migrate, procstat
 
 log = structlog.get_logger()
 
@@ -230,19 +230,8 @@ def _queues(listeners: Iterable[Any]) -> dict[str, int]:
 
 def _usage(pids: Iterable[int]) -> tuple[int, float]:
     """Resident bytes and CPU seconds of these processes, summed (those gone meanwhile count 0)."""
-    import psutil
-
-    memory, seconds = 0, 0.0
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                memory += proc.memory_info().rss
-                times = proc.cpu_times()
-                seconds += times.user + times.system
-        except psutil.Error:
-            pass
-    return memory, seconds
+    used = [u for u in map(procstat.usage, pids) if u is not None]
+    return sum(u.rss for u in used), sum(u.cpu for u in used)
 
 
 class _Families:

@@ -17,6 +17,7 @@ from supervisor.model.program import ProgramRuntime
 from supervisor.model.roll import Roll
 from supervisor.process.worker import Worker
 from supervisor.protocol.words import plural
+from supervisor.system import procstat
 
 
 def snapshot(master: Facts, only: str = "") -> dict[str, Any]:
@@ -88,15 +89,8 @@ def worker_facts(w: Worker, gen: Generation, now: float) -> dict[str, Any]:
         "uptime": round(now - w.started, 1), "restarts": slot.restarts if slot else None, "rss": None,
         "cpu": None, "last_exit": slot.last_exit if slot and w is slot.worker else None,
     }
-    if w.alive and w.forked:
-        try:
-            proc = psutil.Process(w.pid)
-            with proc.oneshot():
-                facts["rss"] = proc.memory_info().rss
-                cpu = proc.cpu_times()
-                facts["cpu"] = round(cpu.user + cpu.system, 2)
-        except psutil.Error:
-            pass
+    if w.alive and w.forked and (used := procstat.usage(w.pid)) is not None:
+        facts["rss"], facts["cpu"] = used.rss, round(used.cpu, 2)
     return facts
 
 

@@ -21,7 +21,7 @@ import structlog
 
 from supervisor.config.schema import OutputMode, Program
 from supervisor.errors import SpawnError
-from supervisor.system import accounts, listeners, readiness
+from supervisor.system import accounts, listeners, procstat, readiness
 from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
@@ -304,12 +304,8 @@ class Worker:
 
     def rss(self) -> int | None:
         """Resident memory in bytes, None once it is gone."""
-        if not self.forked:
-            return None
-        try:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            return None
+        used = procstat.usage(self.pid) if self.forked else None
+        return used.rss if used else None
 
     def to_json(self) -> dict[str, Any]:
         """Plain data; the process and its fds are referenced by pid and fd number."""

@@ -96,3 +96,29 @@ class TestMigrate:
         assert present.read_text() == "0\n"
         assert migrate.enable(MigrateMode.REQUIRE, str(present)).enabled is True
         assert present.read_text().strip() == "1"
+
+
+class TestProcstat:
+    def test_a_process_whose_name_holds_a_parenthesis_and_spaces(self, tmp_path: Path) -> None:
+        """The fields are counted after the last ")" of /proc/PID/stat: a command name such as "a) 1 2"
+        shifts nothing. The figures agree with psutil's (the memory within a few pages)."""
+        import shutil
+        import subprocess
+        import time
+
+        import psutil
+
+        from supervisor.system import procstat
+
+        odd = tmp_path / "a) 1 2 3"
+        shutil.copy("/bin/sleep", odd)
+        with subprocess.Popen([str(odd), "10"]) as child:
+            try:
+                time.sleep(0.3)  # past its exec and start: its memory settled
+                used = procstat.usage(child.pid)
+                rss = psutil.Process(child.pid).memory_info().rss
+                assert used is not None and abs(used.rss - rss) <= 4 * procstat.PAGE
+                assert 0 <= used.cpu < 5
+            finally:
+                child.kill()
+        assert procstat.usage(child.pid) is None  # reaped: gone
