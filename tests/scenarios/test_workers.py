@@ -88,6 +88,26 @@ def test_a_program_that_keeps_crashing_is_fatal_and_its_siblings_serve(tmp_path:
         assert sup.status()["programs"][0]["state"] == "serving"
 
 
+@pytest.mark.parametrize("accept_queue", ["per-worker", "shared"])
+def test_a_fatal_program_with_no_worker_left_refuses_connections_at_once(tmp_path: Path, accept_queue: str) -> None:
+    """Its only worker keeps crashing: once FATAL nothing is left listening (the shared listener is shut
+    too, not left to queue connections nobody accepts), so a client is refused at once instead of
+    waiting; a reload brings it back."""
+    crasher = [PYTHON, str(APPS / "ready_then.py"), "crash-worker-0"]
+    settings = program(crasher, workers=1, crash_limit=2, crash_window=60, accept_queue=accept_queue)
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        wait_for("FATAL", lambda: sup.status()["programs"][0]["state"] == "fatal", timeout=20)
+        wait_for("no worker", lambda: not sup.workers())
+        assert listening_inodes() == []
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            request(timeout=5)
+        assert time.monotonic() - started < 1
+        sup.write({"web": program(workers=1, accept_queue=accept_queue)})
+        assert sup.ctl("reload").returncode == 0
+        assert request()[0] == 200
+
+
 def kill_worker(sup: Supervisor, index: int) -> None:
     """SIGKILL worker `index` of the newest generation (right after a reload, the old one's may still exit)."""
     newest = max((w for w in sup.workers() if w["worker"] == index), key=lambda w: w["generation"])
