@@ -54,8 +54,12 @@ class ServiceManager:
                 self.messages.append(fields)
                 name = fields.get("FDNAME", "")
                 if fields.get("FDSTORE") == "1" and name:
-                    self.store.setdefault(name, []).extend(fds)
-                    fds = []
+                    # A socket the store holds already (under any name) is not kept twice: systemd
+                    # closes such a copy (its fd store documentation: the store deduplicates).
+                    held = {_identity(fd) for fds_of in self.store.values() for fd in fds_of}
+                    kept = [fd for fd in fds if _identity(fd) not in held]
+                    self.store.setdefault(name, []).extend(kept)
+                    fds = [fd for fd in fds if fd not in kept]
                 elif fields.get("FDSTOREREMOVE") == "1":
                     fds += self.store.pop(name, [])
             for fd in fds:  # not kept: closed, as systemd does
@@ -102,3 +106,9 @@ class ServiceManager:
                 for fd in fds:
                     os.close(fd)
             self.store.clear()
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """What makes two fds the same open socket: its inode."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino

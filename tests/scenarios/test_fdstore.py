@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Supervisor, program, running, wait_for
+from tests.harness import Supervisor, listening_inodes, program, request, running, wait_for
 from tests.load import Clients
 from tests.servicemanager import ServiceManager
 
@@ -62,6 +62,34 @@ def test_a_crash_or_a_restart_under_load_loses_no_connection(tmp_path: Path, how
         wait_for("the old workers to exit", lambda: not [pid for pid in old_workers if running(pid)], timeout=15)
         adopted = sup.events("fdstore_adopted")[-1]
         assert sorted(adopted["listeners"]) == stored
+    finally:
+        sup.kill()
+        manager.close()
+
+
+def test_the_only_worker_replaced_then_a_master_crash_keeps_one_shared_listener(tmp_path: Path) -> None:
+    """`accept_queue: shared`, one worker, SIGKILLed: its replacement is watched with no sibling, and
+    the generation's listener goes to the store again, which keeps it once (as systemd does); the same
+    kernel socket listens all along. A master SIGKILL then hands that one listener back, and the next
+    master serves."""
+    manager, sup = service(tmp_path, workers=1)
+    try:
+        manager.start(sup)
+        listening = listening_inodes()
+        [worker] = sup.workers()
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_for("the replacement", lambda: [w["restarts"] for w in sup.workers() if w["state"] == "ready"] == [1])
+        sends = [m for m in manager.messages if m.get("FDSTORE") == "1" and m.get("FDNAME") == "web.1.shared.0"]
+        assert len(sends) == 2 and len(manager.store["web.1.shared.0"]) == 1
+        assert listening_inodes() == listening
+        assert sup.proc is not None
+        sup.proc.kill()
+        sup.proc.wait(timeout=30)
+        manager.start(sup)
+        assert sorted(sup.events("fdstore_adopted")[-1]["listeners"]) == ["web.1.shared.0"]
+        assert request()[0] == 200
+        wait_for("the store to hold the serving listener only",
+                 lambda: manager.stored() == serving_listeners(sup, shared=True) == ["web.2.shared.0"], timeout=10)
     finally:
         sup.kill()
         manager.close()
