@@ -6,16 +6,19 @@ the same two commands. pip lets both into one environment without a word: the on
 RECORD lists the shared paths). That is detected from the files pip leaves beside the package, the
 `*.dist-info/RECORD` lists, before the commands import what may be gone. The quick look (two folder
 listings and one RECORD) costs a fraction of a millisecond, which `supervisorctl` can afford on every
-start and importlib.metadata (its import alone: ~30 ms) could not.
+start and importlib.metadata (its import alone: ~30 ms) could not. Paths are plain strings here
+(os.path, not pathlib) and argparse is imported only for `--version`: either one's import, with
+what it brings (`re`, `enum`, `urllib.parse`), cost supervisorctl more than the look itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start)
+if TYPE_CHECKING:
+    import argparse
 
 DISTRIBUTION = "reuseport-supervisor"
 PACKAGE = "supervisor"
@@ -34,25 +37,27 @@ def version() -> str:
         return __version__
 
 
-class PrintVersion(argparse.Action):
+def add_version_option(parser: argparse.ArgumentParser) -> None:
     """`--version`: prints "reuseport-supervisor X.Y.Z"; the version is read only when asked for."""
+    import argparse
 
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+    class PrintVersion(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: object, option_string: str | None = None) -> None:
+            print(f"{DISTRIBUTION} {version()}")
+            parser.exit()
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
-        print(f"{DISTRIBUTION} {version()}")
-        parser.exit()
+    parser.add_argument("--version", nargs=0, action=PrintVersion, help="print the version and exit")
 
 
-def problem(site: Path | None = None) -> str | None:
+def problem(site: str | os.PathLike[str] | None = None) -> str | None:
     """Why the `supervisor` package here is not this distribution's alone, in one line; None if it is
     (or if nothing says: a source tree, an editable install).
 
     The quick look, at every start: the package folder's entries against this distribution's RECORD.
     Only when they differ are the other distributions' RECORDs read, to name the one responsible."""
-    site = site if site is not None else Path(__file__).resolve().parent.parent
+    site = os.fspath(site) if site is not None else os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    package = os.path.join(site, PACKAGE)
     try:
         folders = [entry for entry in os.scandir(site) if entry.name.endswith(".dist-info") and entry.is_dir()]
     except OSError:
@@ -61,16 +66,16 @@ def problem(site: Path | None = None) -> str | None:
     if len(ours) != 1:
         return None  # not installed from a wheel here (or pip's own record is unreadable): nothing to compare
     me = _name(ours[0].name)
-    mine = _package_files(Path(ours[0].path))
+    mine = _package_files(ours[0].path)
     expected = {path.split("/")[1] for path in mine} - {"__pycache__"}  # Python writes that one itself too
     try:
-        present = {entry.name for entry in os.scandir(site / PACKAGE)} - {"__pycache__"}
+        present = {entry.name for entry in os.scandir(package)} - {"__pycache__"}
     except OSError:
         present = set()
     foreign = sorted(present - expected)
     if foreign:
         for entry in folders:
-            theirs = _package_files(Path(entry.path)) if entry is not ours[0] else []
+            theirs = _package_files(entry.path) if entry is not ours[0] else []
             if theirs:
                 both = sorted(set(theirs) & set(mine)) or theirs
                 return (f"{_name(entry.name)} is installed in {site} too: it writes {_files(theirs)} into the "
@@ -78,7 +83,7 @@ def problem(site: Path | None = None) -> str | None:
                         f"environment (the one installed last owns the shared files and the commands, "
                         f"uninstalling either deletes the other's): uninstall both, then install {DISTRIBUTION} "
                         f"alone, in an environment of its own")
-        return (f"{site / PACKAGE} holds {_files(foreign)} that {me} did not install ({PACKAGE}/{foreign[0]} among "
+        return (f"{package} holds {_files(foreign)} that {me} did not install ({PACKAGE}/{foreign[0]} among "
                 f"them): install {DISTRIBUTION} alone, in an environment of its own")
     missing = [path for path in mine if path.split("/")[1] in expected - present]
     if missing:
@@ -97,11 +102,12 @@ def refuse_if_mixed(command: str) -> bool:
     return True
 
 
-def _package_files(dist_info: Path) -> list[str]:
+def _package_files(dist_info: str) -> list[str]:
     """The paths under `supervisor/` that a dist-info's RECORD lists (relative to the site folder; the
     first CSV field). Most RECORDs have none: a substring search skips them without parsing."""
     try:
-        text = (dist_info / "RECORD").read_text(encoding="utf-8", errors="replace")
+        with open(os.path.join(dist_info, "RECORD"), encoding="utf-8", errors="replace") as f:
+            text = f.read()
     except OSError:
         return []
     if f"{PACKAGE}/" not in text:

@@ -15,7 +15,6 @@ there.
 from __future__ import annotations
 
 import os
-import re
 
 from supervisor.config import files, unixpath
 from supervisor.errors import ConfigError
@@ -25,15 +24,18 @@ DEFAULT_SOCKET = "./supervisor.sock"
 # (yamlfile.compose); a file that may have more goes there.
 MAX_EVENTS = 20_000
 
+# The shapes below are read with str methods and character sets, not `re`: its import (with `enum`)
+# was a third of supervisorctl's start.
 # A plain key: what every key of the schema, program name and environment variable looks like.
-_KEY = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.\-]*):(?: +(.*))?")
+_KEY_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_KEY_REST = _KEY_FIRST | frozenset(".-")
 # A plain scalar, one line: no indicator first (but "-x", as in `- -m`), nothing that ends it or
 # starts a comment, an anchor or a flow collection inside, not ending with ':'.
 # A ':' inside a block's plain scalar is fine unless a space or the end follows (checked apart).
-_PLAIN = re.compile(r"(?:[A-Za-z0-9_./~+=$();<^]|-(?=[^ ]))[^#'\"\[\]{}&*!|>%@`\\]*")
+_PLAIN_FIRST = _KEY_FIRST | frozenset("./~+=$();<^")
+_NOT_PLAIN = frozenset("#'\"[]{}&*!|>%@`\\")
 # In a flow list or mapping, a ':' only where neither a space, a comma nor a bracket follows (`app:app`).
-_PLAIN_IN_FLOW = re.compile(r"(?:[A-Za-z0-9_./~+=$();<^]|-(?=[^ ]))(?:[^#:,?'\"\[\]{}&*!|>%@`\\]|:(?=[^ ]))*")
-_QUOTED = re.compile(r"\"[^\"\\]*\"|'[^']*'")
+_NOT_PLAIN_IN_FLOW = _NOT_PLAIN | frozenset(",?")
 
 
 class _Unsure(Exception):
@@ -64,7 +66,7 @@ def resolve(config_file: str, socket_path: str) -> str:
 def scan(text: str) -> tuple[str | None, int]:
     """`control.socket` of a config in the part of YAML read here, and its line (None, 0: not set).
     _Unsure where the file leaves that part."""
-    if not text.isascii() or re.search(r"[^\n\x20-\x7e]", text):
+    if not text.isascii() or not text.replace("\n", "").isprintable():
         raise _Unsure  # tabs, CR, control characters, anything pyyaml's reader may refuse or fold
     stack: list[tuple[int, str, tuple[str, ...]]] = []  # open blocks: indent, "map" or "seq", keys above
     opener: tuple[int, tuple[str, ...]] | None = None  # the last key with nothing after it: indent, its path
@@ -97,10 +99,10 @@ def scan(text: str) -> tuple[str | None, int]:
         if item:
             events += 1 + _value(content[1:].strip(" "))
             continue
-        match = _KEY.fullmatch(content)
-        if match is None:
+        keyed = _key(content)
+        if keyed is None:
             raise _Unsure
-        key, rest = match.group(1), _uncomment(match.group(2) or "")
+        key, rest = keyed[0], _uncomment(keyed[1])
         path = (*keys, key)
         if rest:
             events += 1 + _value(rest)
@@ -133,15 +135,49 @@ def _value(text: str) -> int:
         for item in items:
             if text[0] == "{":
                 key, colon, item = item.partition(": ")
-                if not colon or not _KEY.fullmatch(key + ":"):
+                if not colon or _key(key + ":") is None:
                     raise _Unsure
                 item = item.strip(" ")
-            if not (_QUOTED.fullmatch(item) or (_PLAIN_IN_FLOW.fullmatch(item) and not item.endswith((" ", ":")))):
+            if not (_quoted(item) or (_plain(item, flow=True) and not item.endswith((" ", ":")))):
                 raise _Unsure
         return 2 + len(items) * (2 if text[0] == "{" else 1)
-    if not (_QUOTED.fullmatch(text) or (_PLAIN.fullmatch(text) and ": " not in text and not text.endswith(":"))):
+    if not (_quoted(text) or (_plain(text) and ": " not in text and not text.endswith(":"))):
         raise _Unsure
     return 1
+
+
+def _key(content: str) -> tuple[str, str] | None:
+    """A line `KEY:` or `KEY: VALUE` with a plain key: the key and the value (after its spaces); None
+    for any other line."""
+    key, colon, after = content.partition(":")
+    if not colon or not key or key[0] not in _KEY_FIRST or not _KEY_REST.issuperset(key):
+        return None
+    if after and after[0] != " ":
+        return None
+    return key, after.lstrip(" ")
+
+
+def _plain(text: str, flow: bool = False) -> bool:
+    """A plain scalar of one line, in a block (`flow` False) or inside a flow list or mapping."""
+    if not text or not (text[0] in _PLAIN_FIRST or (text[0] == "-" and text[1:2] not in ("", " "))):
+        return False
+    refused = _NOT_PLAIN_IN_FLOW if flow else _NOT_PLAIN
+    for at in range(1, len(text)):
+        ch = text[at]
+        if flow and ch == ":":
+            if text[at + 1:at + 2] in ("", " "):
+                return False
+        elif ch in refused:
+            return False
+    return True
+
+
+def _quoted(text: str) -> bool:
+    """A single-quoted scalar without a quote inside, or a double-quoted one without a quote or a backslash."""
+    if len(text) < 2 or text[0] not in "'\"" or text[-1] != text[0]:
+        return False
+    inner = text[1:-1]
+    return text[0] not in inner and (text[0] == "'" or "\\" not in inner)
 
 
 def _uncomment(text: str) -> str:

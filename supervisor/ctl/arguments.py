@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("-c", "--config", help=f"the daemon's YAML file, to find its control socket (default: "
                                               f"${ENV}, else {DEFAULT_PATH})")
     where.add_argument("-s", "--socket", help="the control socket itself")
-    parser.add_argument("--version", action=install.PrintVersion)
+    install.add_version_option(parser)
     parser.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                         help="how long to wait for the answer (default 600); then exit 3")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

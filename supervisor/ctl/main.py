@@ -2,13 +2,12 @@
 
 Exit status (a contract): 0 done; 1 the daemon refused or rolled back the request (the reason is
 printed); 2 bad command line or unreadable config (or an installation shared with another distribution);
-3 no daemon answers on the control socket.
+3 no daemon answers on the control socket; 141 the output's pipe was closed (as a shell reports SIGPIPE).
 """
 
 from __future__ import annotations
 
 import _socket
-import json
 import math
 import os
 import sys
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
 # The plain forms quick_args reads: each command with how many PROGRAM words it takes (fewest, most; None: any).
 QUICK_COMMANDS = {"status": (0, 1), "reload": (0, None), "start": (1, 1), "restart": (1, 1), "stop": (1, 1),
                   "shutdown": (0, 0), "upgrade": (0, 0), "version": (0, 0)}
+EXIT_SIGPIPE = 128 + 13  # what a shell reports for a command that a closed pipe ended (SIGPIPE)
 QUICK_OPTIONS = {"-c": "config", "--config": "config", "-s": "socket", "--socket": "socket", "--timeout": "timeout"}
 
 
@@ -142,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from supervisor.ctl import table
 
-        print(json.dumps(final["data"], indent=2) if args.json else table.render(final["data"]))
+        if args.json:
+            import json
+
+            print(json.dumps(final["data"], indent=2))
+        else:
+            print(table.render(final["data"]))
     elif args.command == "version":
         print(f"supervisord (reuseport-supervisor) {final['data']['version']}")
     elif args.command != "tail":
@@ -208,12 +213,12 @@ def run() -> NoReturn:
     its output flushed. The teardown (every module freed) was about 8 ms of CPU, a fifth of the
     command; right after a reload, with the old workers stopping on every core, it stretched the
     command's end by hundreds of milliseconds after the answer had arrived."""
-    code = main()
     try:
+        code = main()
         sys.stdout.flush()
         sys.stderr.flush()
-    except OSError:  # a closed pipe: the usual teardown says so
-        sys.exit(code)
+    except BrokenPipeError:  # `supervisorctl status | head`: the reader is gone, nothing is left to say
+        os._exit(EXIT_SIGPIPE)
     os._exit(code)
 
 

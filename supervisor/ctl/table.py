@@ -10,12 +10,11 @@ Imported by every `supervisorctl status`: keep its start fast (no typing, no psu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from supervisor.protocol.words import plural
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (supervisorctl's start: bench footprint)
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
 # The words of the STATE column, for programs and workers alike.

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["console", "json"], help="default: console on a TTY, else json")
     parser.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it")
-    parser.add_argument("--version", action=install.PrintVersion)
+    install.add_version_option(parser)
     parser.add_argument(reexec.CHECK_OPTION, metavar="FORMAT", help=argparse.SUPPRESS)  # `supervisorctl upgrade`
     args = parser.parse_args(argv)
     try:

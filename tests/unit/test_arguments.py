@@ -68,3 +68,25 @@ def test_whatever_it_reads_argparse_reads_alike(capsys: pytest.CaptureFixture[st
             assert vars(quick) == argparse_reads(argv, capsys), argv
             read += 1
     assert read > 100
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--version"], 141), (["help"], 0)])
+def test_a_reader_that_left_gets_no_traceback(argv: list[str], code: int) -> None:
+    """`supervisorctl ... | head`: output to a pipe nobody reads any more ends the command quietly, with
+    the status a shell gives a command that SIGPIPE ended (argparse's own help drops what it cannot
+    write, and exits 0)."""
+    import os
+    import subprocess
+    import sys
+
+    from supervisor.ctl.main import EXIT_SIGPIPE
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run([sys.executable, "-m", "supervisor.ctl", *argv], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (code, "")
+    assert EXIT_SIGPIPE == 141

@@ -43,3 +43,54 @@ class TestParseRequest:
         """Each kind of bad request has its own one-line error."""
         with pytest.raises(ControlError, match=message.replace("(", r"\(")):
             requests.parse_request(line)
+
+
+class TestFraming:
+    """framing reads and writes JSON with `_json`'s scanner and encoder (no `re` for supervisorctl):
+    what json.loads and json.dumps would, byte for byte."""
+
+    MESSAGES = [
+        {"ok": True, "message": "reload done in 84 ms: 2 old listeners closed, 3 connections migrated"},
+        {"ok": False, "error": "web: généré \u2028 \"quoted\" \\ back\tslash \U0001F600", "data": None},
+        {"progress": "x" * 5000, "n": [1, -2, 3.5, 1e-07, 12345678901234567890, 0.1 + 0.2], "e": {}, "l": []},
+        {"data": {"programs": [{"name": "web", "workers": [{"pid": 1, "rss": 12345678, "cpu": 0.25,
+                                                              "state": "ready", "leaving": False}] * 64}]}},
+    ]
+
+    @pytest.mark.parametrize("message", MESSAGES)
+    def test_the_same_bytes_as_json(self, message: dict[str, object]) -> None:
+        import json
+
+        from supervisor.protocol import framing
+
+        assert framing._C is not None  # this Python has it: the fast path is the one tested
+        line = framing.encode(message)
+        assert line == json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        assert framing.decode(line) == json.loads(line) == message
+        assert framing.decode(b" \t" + json.dumps(message, indent=2).encode() + b"\r\n ") == message
+
+    @pytest.mark.parametrize(("line", "message"), [
+        (b"", "expecting a value at char 0"),
+        (b"   ", "expecting a value at char 3"),
+        (b'{"a": 1} x', "extra data after the value"),
+        (b'{"a": 1,}', "malformed message: Expecting property name"),
+        (b'{"a": "\x01"}', "malformed message: Invalid control character"),
+        (b"\xc3\x28", "malformed message: 'utf-8' codec"),
+        (b'"text"', "expected a JSON object"),
+    ])
+    def test_what_json_refuses_is_a_control_error(self, line: bytes, message: str) -> None:
+        from supervisor.protocol import framing
+
+        with pytest.raises(ControlError, match=message):
+            framing.decode(line)
+
+    def test_limits_stay_python_errors_for_the_daemon_to_word(self) -> None:
+        from supervisor.protocol import framing
+
+        with pytest.raises(ValueError, match="digits") as info:
+            framing.decode(b'{"n": ' + b"9" * 5000 + b"}")
+        assert type(info.value) is ValueError
+        with pytest.raises(RecursionError):
+            framing.decode(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            framing.encode({"a": object()})
