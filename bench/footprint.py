@@ -5,6 +5,12 @@ command that produced it.
 
 The package's modules are compiled first (`compileall`), as `pip install` does: a source tree run under
 PYTHONDONTWRITEBYTECODE compiles every module at every start, which costs both time and memory.
+
+Every command measured here runs from `installed()`, a venv that reaches the package and its
+dependencies by plain path entries, as a `pip install` of the wheel does, and not from the development
+venv: its editable install puts setuptools' import hook into every interpreter's start (the hook's
+own import brings pathlib and re), which made `python -c pass` 40 ms against 13 ms here and hid what
+supervisorctl's imports cost behind a slow bare start.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import os
 import re
 import statistics
 import subprocess
+import sysconfig
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -35,17 +43,42 @@ FLOOR = ("import asyncio, argparse, psutil, structlog, uvloop, yaml\n"
          "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) * 1024)")
 
 
+def installed(folder: Path) -> Path:
+    """A venv with this package and its dependencies on plain path entries (a .pth: the repository,
+    then the development venv's site-packages, whose own .pth files are not run), and the two commands
+    as pip writes them for a wheel; its bin folder. No network: the benchmark runs in a namespace of
+    its own."""
+    venv = folder / "venv"
+    subprocess.run([harness.PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "reuseport_supervisor.pth").write_text(f"{ROOT}\n{sysconfig.get_path('purelib')}\n")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, entry in scripts.items():
+        module, function = entry.split(":")
+        script = venv / "bin" / name
+        script.write_text(f"#!{python}\nimport sys\nfrom {module} import {function}\n"
+                          f"if __name__ == '__main__':\n    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n"
+                          f"    sys.exit({function}())\n")
+        script.chmod(0o755)
+    return venv / "bin"
+
+
 def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     subprocess.run([harness.PYTHON, "-m", "compileall", "-q", str(ROOT / "supervisor")], check=True,
                    stdout=subprocess.DEVNULL)
+    bin_ = installed(folder)
     rss: dict[str, list[float]] = {"plain": [], "tls": [], "metrics": [], "floor": []}
     for run in range(spec["rounds"]):
         for mode in rss:
-            rss[mode].append(floor_rss() if mode == "floor" else master_rss(folder / f"{mode}-{run}", mode))
+            rss[mode].append(floor_rss(bin_) if mode == "floor" else master_rss(folder / f"{mode}-{run}", mode, bin_))
     (folder / "ctl").mkdir()
-    sup = harness.Supervisor(folder / "ctl", {"web": harness.program(workers=1)}).start()
-    ctl = str(harness.BIN / "supervisorctl")
-    commands = {"python -c pass": [harness.PYTHON, "-c", "pass"],
+    sup = harness.Supervisor(folder / "ctl", {"web": harness.program(workers=1)})
+    sup.bin = bin_
+    sup.start()
+    ctl = str(bin_ / "supervisorctl")
+    commands = {"python -c pass": [str(bin_ / "python"), "-c", "pass"],
                 "supervisorctl status": [ctl, "-c", str(sup.config), "status"],
                 "supervisorctl -s SOCKET status": [ctl, "-s", str(sup.socket), "status"]}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
@@ -60,11 +93,14 @@ def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                  for i, kind in enumerate(("wall", "cpu")) for stat, fn in (("min", min), ("p50", statistics.median))}
           for name, runs in times.items()}
     bare = ms["python -c pass"]
-    reload = {str(n): reload_overhead(folder / f"reload-{n}", n, spec["reloads"]) for n in spec["reload_workers"]}
+    reload = {str(n): reload_overhead(folder / f"reload-{n}", n, spec["reloads"], bin_)
+              for n in spec["reload_workers"]}
     return {"scenario": "footprint", "rounds": spec["rounds"], "runs": spec["runs"], "goals": GOALS,
             "commands": {"master": "supervisord -c CONFIG (one demo worker; RSS of the master, "
                                    f"{SETTLE:g} s after it serves)",
-                         "floor": f"{harness.PYTHON} -c {FLOOR!r}",
+                         "floor": f"{bin_ / 'python'} -c {FLOOR!r}",
+                         "install": "a venv with the package on a plain path entry, as a wheel install has it "
+                                    "(bench/footprint.py installed())",
                          **{name: " ".join(command) for name, command in commands.items()},
                          "reload": f"{ctl} -c CONFIG reload (wall time) against its 'done in N ms'"},
             "master_rss_mib": {mode: round(statistics.median(v) / 2**20, 1) for mode, v in rss.items()},
@@ -75,7 +111,7 @@ def footprint(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                                       for key in bare}}
 
 
-def master_rss(folder: Path, mode: str) -> float:
+def master_rss(folder: Path, mode: str, bin_: Path) -> float:
     """The resident bytes of a master serving one demo worker: `plain`; `tls` (with a certificate);
     `metrics` (with the metrics endpoint, scraped once: prometheus_client loaded)."""
     folder.mkdir(parents=True)
@@ -86,6 +122,7 @@ def master_rss(folder: Path, mode: str) -> float:
         leaf.private_key_pem.write_to_path(str(folder / "key.pem"))
         settings["tls"] = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem")}
     sup = harness.Supervisor(folder, {"web": harness.program(**settings)})
+    sup.bin = bin_
     if mode == "metrics":
         doc = yaml.safe_load(sup.config.read_text())
         sup.config.write_text(yaml.safe_dump({**doc, "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"}}))
@@ -100,19 +137,21 @@ def master_rss(folder: Path, mode: str) -> float:
         sup.kill()
 
 
-def floor_rss() -> float:
+def floor_rss(bin_: Path) -> float:
     """The resident bytes of an interpreter that imported the master's dependencies and ran a loop."""
-    out = subprocess.run([harness.PYTHON, "-c", FLOOR], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([str(bin_ / "python"), "-c", FLOOR], capture_output=True, text=True, check=True).stdout
     return float(out.split()[-1])
 
 
-def reload_overhead(folder: Path, workers: int, reloads: int) -> dict[str, Any]:
+def reload_overhead(folder: Path, workers: int, reloads: int, bin_: Path) -> dict[str, Any]:
     """`supervisorctl -c CONFIG reload` of `workers` demo workers: its wall time, the daemon's own figure
     ("done in N ms", from the request taken to the old listeners closed) and the difference, which is
     what the command adds (its start, the config read and checked, the answer's way back)."""
     folder.mkdir(parents=True)
-    sup = harness.Supervisor(folder, {"web": harness.program(workers=workers)}).start(timeout=120)
-    ctl = [str(harness.BIN / "supervisorctl"), "-c", str(sup.config), "reload"]
+    sup = harness.Supervisor(folder, {"web": harness.program(workers=workers)})
+    sup.bin = bin_
+    sup.start(timeout=120)
+    ctl = [str(bin_ / "supervisorctl"), "-c", str(sup.config), "reload"]
     over, walls, daemons = [], [], []
     try:
         for _ in range(reloads):

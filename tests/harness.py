@@ -88,6 +88,7 @@ class Supervisor:
         self.new_session = False  # start supervisord in a session of its own (killpg reaches its whole tree)
         self.prefix: list[str] = []  # run before supervisord's command line (a service manager's trampoline)
         self.pass_fds: tuple[int, ...] = ()  # fds supervisord inherits (a service manager's LISTEN_FDS)
+        self.bin = BIN  # where supervisord and supervisorctl are (bench/footprint.py: an installed copy)
         self.top: dict[str, Any] = {}  # more top-level keys of the config (watch:)
         self.write(programs, migrate)
 
@@ -96,10 +97,10 @@ class Supervisor:
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def start(self, wait: bool = True, timeout: float = 20) -> Supervisor:
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **self.env}
+        env = {**os.environ, "PATH": f"{self.bin}:{os.environ.get('PATH', '')}", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, str(BIN / "supervisord"), "-c", str(self.config), "--log-format", "json"],
+                [*self.prefix, str(self.bin / "supervisord"), "-c", str(self.config), "--log-format", "json"],
                 stdout=log, stderr=log, env=env, start_new_session=self.new_session, pass_fds=self.pass_fds)
         if wait:
             wait_for("every program serving", self.serving, timeout=timeout)
@@ -151,12 +152,12 @@ class Supervisor:
         return final
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
+        return subprocess.run([str(self.bin / "supervisorctl"), "-c", str(self.config), *args],
                               capture_output=True, text=True, timeout=timeout)
 
     def ctl_async(self, *args: str) -> subprocess.Popen[str]:
         """supervisorctl running in the background (a request that waits); `.wait()` gives its exit status."""
-        return subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(self.config), *args],
+        return subprocess.Popen([str(self.bin / "supervisorctl"), "-c", str(self.config), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def reload(self) -> subprocess.CompletedProcess[str]:
