@@ -49,6 +49,7 @@ def installed(folder: Path) -> Path:
     as pip writes them for a wheel; its bin folder. No network: the benchmark runs in a namespace of
     its own."""
     venv = folder / "venv"
+    folder.mkdir(parents=True, exist_ok=True)
     subprocess.run([harness.PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
