@@ -24,7 +24,7 @@ EPILOG = """commands:
                       programs and their workers in one table (state, generation, pid, uptime, RSS,
                       CPU, restarts, listen addresses), the last reload, the migration mode; PROGRAM:
                       that program only
-  reload [PROGRAM ...]
+  reload [PROGRAM ...] [--json]
                       read the config file again and start new generations (of the named programs
                       only, if any; the others keep theirs), wait until ready, close the old listeners
   restart PROGRAM     replace a running program's workers by a new generation with the settings
@@ -67,9 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         "(docs/status.md).")
     status.add_argument("program", nargs="?", default="", metavar="PROGRAM", help="only this program")
     status.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
-    sub.add_parser("reload").add_argument("programs", nargs="*", metavar="PROGRAM")
-    sub.add_parser("start").add_argument("program")
-    sub.add_parser("restart").add_argument("program")
+    answer_as_json = ("the final answer as JSON (generations, listeners closed, connections migrated, phases "
+                      "in ms); progress lines go to stderr")
+    reload = sub.add_parser("reload")
+    reload.add_argument("programs", nargs="*", metavar="PROGRAM")
+    for name in ("start", "restart"):
+        sub.add_parser(name).add_argument("program")
+    for command in (reload, sub.choices["start"], sub.choices["restart"]):
+        command.add_argument("--json", action="store_true", help=answer_as_json)
     sub.add_parser("stop").add_argument("program")
     scale = sub.add_parser("scale")
     scale.add_argument("program")

@@ -67,8 +67,10 @@ def quick_args(argv: list[str]) -> SimpleNamespace | None:
         if not 0 < found["timeout"] < math.inf:
             return None
     found["command"] = command
+    if command in ("status", "reload", "start", "restart"):
+        found["json"] = False  # the plain form: --json goes to argparse
     if command == "status":
-        found.update(program=words[0] if words else "", json=False)
+        found["program"] = words[0] if words else ""
     elif command == "reload":
         found["programs"] = words
     elif fewest:
@@ -108,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         final = None
         # tail -f waits for lines as long as the user wants: --timeout bounds only the connect.
+        as_json = getattr(args, "json", False)
         for message in exchange(path, request, args.timeout, forever=args.command == "tail" and args.follow):
             if "progress" in message:
-                print(message["progress"], flush=True)
+                print(message["progress"], flush=True, file=sys.stderr if as_json else sys.stdout)
             elif "line" in message:
                 print(message["line"], flush=True)
             else:
@@ -139,15 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if not final.get("ok"):
         print(f"supervisorctl: {args.command} failed: {final.get('error')}", file=sys.stderr)
         return EXIT_FAILED
-    if args.command == "status":
+    if as_json:
+        import json
+
+        print(json.dumps(final.get("data"), indent=2))
+    elif args.command == "status":
         from supervisor.ctl import table
 
-        if args.json:
-            import json
-
-            print(json.dumps(final["data"], indent=2))
-        else:
-            print(table.render(final["data"]))
+        print(table.render(final["data"]))
     elif args.command == "version":
         print(f"supervisord (reuseport-supervisor) {final['data']['version']}")
     elif args.command != "tail":

@@ -1,4 +1,4 @@
-"""Operating one program: `reload PROGRAM` leaves the others alone; `tail [-n N] [-f] PROGRAM`."""
+"""Operating one program: `reload PROGRAM` leaves the others alone; `reload --json`; `tail [-n N] [-f] PROGRAM`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import trustme
 
 from supervisor.daemon import output
 from supervisor.protocol import framing
-from tests.harness import BIN, Supervisor, program, wait_for
+from tests.harness import BIN, Supervisor, program, supervisor, wait_for
 from tests.load import Clients
 from tests.scenarios.test_tls import tls_program, write_cert
 
@@ -48,6 +48,25 @@ def test_reload_of_one_program_leaves_the_other_alone_under_load(tmp_path: Path)
         wait_for("api's old workers gone, one new left", lambda: len(sup.workers("api")) == 1)
     finally:
         sup.kill()
+
+
+def test_reload_and_restart_answer_as_json_with_their_phases(tmp_path: Path) -> None:
+    """`--json`: stdout is the answer's data alone (generations, listeners closed, phases in ms), the
+    progress lines go to stderr; a refused one is the usual one line on stderr, exit 1."""
+    import json
+
+    with supervisor(tmp_path, {"web": program()}) as sup:
+        reloaded = sup.ctl("reload", "--json")
+        assert reloaded.returncode == 0, reloaded.stderr
+        data = json.loads(reloaded.stdout)
+        assert data["generations"] == {"web": 2} and data["listeners_closed"] == 1, data
+        assert set(data["phases"]) == {"config", "spawn", "ready", "switch"} and data["ms"] > 0
+        assert "web: generation 2 starting 2 workers" in reloaded.stderr
+        restarted = sup.ctl("restart", "web", "--json")
+        assert json.loads(restarted.stdout)["generations"] == {"web": 3}, restarted
+        refused = sup.ctl("restart", "nope", "--json")
+        assert (refused.returncode, refused.stdout) == (1, ""), refused
+        assert "no program named 'nope'" in refused.stderr
 
 
 def test_tail_shows_the_last_lines_and_follows_new_ones(tmp_path: Path) -> None:

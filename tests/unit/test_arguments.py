@@ -33,9 +33,9 @@ def argparse_reads(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[
                                   "command": "status", "program": "", "json": False}),
     (["-s", "/run/s.sock", "--timeout", "5", "reload", "web", "api"],
      {"config": None, "socket": "/run/s.sock", "version": None, "timeout": 5.0, "command": "reload",
-      "programs": ["web", "api"]}),
+      "programs": ["web", "api"], "json": False}),
     (["restart", "web"], {"config": None, "socket": None, "version": None, "timeout": 600.0, "command": "restart",
-                          "program": "web"}),
+                          "program": "web", "json": False}),
     (["--config", "status", "shutdown"], {"config": "status", "socket": None, "version": None, "timeout": 600.0,
                                           "command": "shutdown"}),
 ])
@@ -45,9 +45,10 @@ def test_the_plain_forms_are_read_without_argparse(argv: list[str], expected: di
     assert quick is not None and vars(quick) == expected == argparse_reads(argv, capsys)
 
 
-@pytest.mark.parametrize("argv", [["status", "--json"], ["-c", "x.yaml", "-s", "s.sock", "status"], ["help"],
-                                  ["--timeout", "0", "status"], ["start"], ["stop", "a", "b"], ["-c", "-x", "status"],
-                                  ["tail", "web"], ["status", "-c", "x.yaml"], ["-c", "a", "-c", "b", "status"]])
+@pytest.mark.parametrize("argv", [
+    ["status", "--json"], ["reload", "--json"], ["-c", "x.yaml", "-s", "s.sock", "status"], ["help"],
+    ["--timeout", "0", "status"], ["start"], ["stop", "a", "b"], ["-c", "-x", "status"], ["tail", "web"],
+    ["status", "-c", "x.yaml"], ["-c", "a", "-c", "b", "status"]])
 def test_anything_else_goes_to_argparse(argv: list[str]) -> None:
     assert quick_args(argv) is None
 
