@@ -444,6 +444,15 @@ class TestSlicedSpawn:
             s.advance(0)
         assert reply.ok and len(s.serving()) == 8
 
+    def test_workers_forked_from_a_template_start_more_at_a_time(self) -> None:
+        """No interpreter and no imports to a forked worker's start: four times the spawned limit."""
+        from supervisor.config.schema import Program
+
+        spawned = Program(name="web", command=("python", "-m", "app"), listen=())
+        forked = Program(name="web", command=("python", "-m", "app"), listen=(), preload=("app",))
+        assert reloads.at_once(spawned) == reloads.STARTING_AT_ONCE
+        assert reloads.at_once(forked) == reloads.FORKED_AT_ONCE == 4 * reloads.STARTING_AT_ONCE
+
     def test_a_rollback_stops_the_spawning(self, tmp_path: Path) -> None:
         s = self.slow(tmp_path, workers=12)
         reply = s.ask(requests.Reload())
