@@ -45,10 +45,20 @@ class GenerationState(enum.Enum):
     ROLLED_BACK = "rolled_back"
 
 
+def shared_backlog(program: Program) -> int:
+    """The backlog of a generation's shared listener: the program's `backlog` for each of its workers,
+    the room that one queue per worker would give them together (the kernel caps it at
+    net.core.somaxconn). With `backlog` alone, making `shared` the default would have cut the room
+    for waiting connections by the number of workers: 2 x 128 in flight against 2 slow workers
+    (gunicorn sync, uvicorn) overflowed one queue of 128, and the SYNs dropped came back after 1 s
+    and 3 s, or timed out (python -m bench --only peers)."""
+    return program.backlog * program.workers
+
+
 class Spawner(Protocol):
     """What starts a worker: `worker.Spawner` for real, a fake in the unit tests."""
 
-    def listen(self, program: Program) -> list[Listener]: ...
+    def listen(self, program: Program, backlog: int | None = None) -> list[Listener]: ...
 
     def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker: ...
 
@@ -134,7 +144,7 @@ class Generation:
         if self.program.accept_queue is not AcceptQueue.SHARED:
             return spawner.spawn(self.program, self.number, index)
         if not self.shared:
-            self.shared = spawner.listen(self.program)
+            self.shared = spawner.listen(self.program, shared_backlog(self.program))
             for listener in self.shared:
                 listener.shared = True
         if any(listener.shut for listener in self.shared):

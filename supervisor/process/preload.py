@@ -117,8 +117,8 @@ class Templates:
         self.newest: dict[str, int] = {}  # the last generation number each program started a template for
         self.ids = itertools.count(1)
 
-    def listen(self, program: Program) -> list[Listener]:
-        return self.spawner.listen(program)
+    def listen(self, program: Program, backlog: int | None = None) -> list[Listener]:
+        return self.spawner.listen(program, backlog)
 
     def spawn(self, program: Program, generation: int, index: int, shared: list[Listener] | None = None) -> Worker:
         if not program.preload:

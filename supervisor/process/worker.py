@@ -339,12 +339,13 @@ class Spawner:
         self.notify_socket = notify_socket
         self.groups = groups
 
-    def listen(self, program: Program) -> list[Listener]:
-        """One fresh listener per listen address of the program, each a new member of its group."""
+    def listen(self, program: Program, backlog: int | None = None) -> list[Listener]:
+        """One fresh listener per listen address of the program, each a new member of its group, with the
+        program's backlog or `backlog` (a generation's shared listener: generation.shared_backlog)."""
         socks: list[Listener] = []
         try:
             for n, listen in enumerate(program.listen):
-                socks.append(self.groups.open(listen, f"{program.name}.{n}", program.backlog))
+                socks.append(self.groups.open(listen, f"{program.name}.{n}", backlog or program.backlog))
         except BaseException:
             for sock in socks:
                 listeners.close(sock)
@@ -454,11 +455,23 @@ def tls_command(program: Program) -> tuple[str, ...]:
                  for arg in program.command)
 
 
+def backlog_of(program: Program, socks: list[Listener]) -> int:
+    """The backlog a worker's listeners have, which a server that calls listen() again must keep: a
+    shared listener's as the kernel holds it (generation.shared_backlog, capped by somaxconn)."""
+    shared = next((sock for sock in socks if sock.shared), None)
+    if shared is None:
+        return program.backlog
+    try:
+        return listeners.tcp_queue(shared.sock)[1]
+    except OSError:  # shut meanwhile: the spawn fails on it anyway
+        return program.backlog
+
+
 def socket_env(program: Program, generation: int, index: int, socks: list[Listener]) -> dict[str, str]:
     """What tells a worker its listeners (fds 3..) and who it is; set per worker."""
     return {"LISTEN_FDS": str(len(socks)), "LISTEN_FDNAMES": ":".join(s.name for s in socks),
             "SUPERVISOR_PROGRAM": program.name, "SUPERVISOR_GENERATION": str(generation),
-            "SUPERVISOR_WORKER": str(index), "SUPERVISOR_BACKLOG": str(program.backlog),
+            "SUPERVISOR_WORKER": str(index), "SUPERVISOR_BACKLOG": str(backlog_of(program, socks)),
             "SUPERVISOR_GRACEFUL_TIMEOUT": f"{program.graceful_timeout:g}"}
 
 

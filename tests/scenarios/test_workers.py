@@ -108,6 +108,20 @@ def test_a_fatal_program_with_no_worker_left_refuses_connections_at_once(tmp_pat
         assert request()[0] == 200
 
 
+def test_a_shared_listener_has_room_for_every_worker(tmp_path: Path) -> None:
+    """`backlog` is each worker's room: one queue per worker gets it on each listener, one shared queue
+    gets it times the workers, and the workers are told the backlog they find (SUPERVISOR_BACKLOG)."""
+    programs = {"web": program(workers=3, backlog=100),
+                "api": program(workers=3, backlog=100, accept_queue="per-worker", listen=["127.0.0.1:8001"])}
+    with supervisor(tmp_path, programs) as sup:
+        listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+        backlogs = sorted((line.split()[3], int(line.split()[2])) for line in listening.splitlines())
+        assert backlogs == [("127.0.0.1:8000", 300), *[("127.0.0.1:8001", 100)] * 3], backlogs
+        told = {name: Path(f"/proc/{sup.workers(name)[0]['pid']}/environ").read_bytes().split(b"\0")
+                for name in programs}
+        assert b"SUPERVISOR_BACKLOG=300" in told["web"] and b"SUPERVISOR_BACKLOG=100" in told["api"]
+
+
 def kill_worker(sup: Supervisor, index: int) -> None:
     """SIGKILL worker `index` of the newest generation (right after a reload, the old one's may still exit)."""
     newest = max((w for w in sup.workers() if w["worker"] == index), key=lambda w: w["generation"])

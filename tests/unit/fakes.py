@@ -69,7 +69,7 @@ class FakeSpawner:
         self.spawned: list[FakeWorker] = []
         self.fail_next = 0  # how many of the next spawns fail as an exec would
 
-    def listen(self, program: Program) -> list[Listener]:
+    def listen(self, program: Program, backlog: int | None = None) -> list[Listener]:
         return [Listener(listen, f"{program.name}.{n}", socket.socket(listen.family, socket.SOCK_STREAM))
                 for n, listen in enumerate(program.listen)]
 
