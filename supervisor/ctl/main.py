@@ -221,6 +221,8 @@ def run() -> NoReturn:
         sys.stderr.flush()
     except BrokenPipeError:  # `supervisorctl status | head`: the reader is gone, nothing is left to say
         os._exit(EXIT_SIGPIPE)
+    except OSError:  # another failed write (a full disk): the usual teardown says so
+        sys.exit(EXIT_FAILED)
     os._exit(code)
 
 

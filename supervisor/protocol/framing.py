@@ -33,15 +33,20 @@ def _unserializable(value: object) -> object:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _c_codec() -> tuple[Callable[[str, int], tuple[Any, int]], Callable[[Any, int], Any]] | None:
-    """The scanner and the encoder of `_json`, or None where this Python has none it can make."""
+def _c_codec() -> tuple[Callable[[str, int], tuple[Any, int]], Callable[[], Callable[[Any, int], Any]]] | None:
+    """The scanner of `_json`, and a maker of its encoder; None where this Python has none it can make."""
     try:
         import _json
 
+        def encoder() -> Callable[[Any, int], Any]:
+            # As json.dumps(separators=(",", ":")): circular references checked (in a dict of its own for
+            # each message, as json.dumps does: one left over from a failed encode would see a cycle in
+            # a later object that took a freed one's id), ASCII out, NaN allowed.
+            return _json.make_encoder({}, _unserializable, _json.encode_basestring_ascii, None, ":", ",",
+                                      False, False, True)
+
         scanner = _json.make_scanner(_Settings())  # type: ignore[arg-type]  # typeshed: the context's type is the scanner's
-        # As json.dumps(separators=(",", ":")): circular references checked, ASCII out, NaN allowed.
-        encoder = _json.make_encoder({}, _unserializable, _json.encode_basestring_ascii, None, ":", ",",
-                                     False, False, True)
+        encoder()
     except (ImportError, AttributeError, TypeError):
         return None
     return scanner, encoder
@@ -55,7 +60,7 @@ def encode(message: dict[str, Any]) -> bytes:
         import json
 
         return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-    return "".join(_C[1](message, 0)).encode() + b"\n"
+    return "".join(_C[1]()(message, 0)).encode() + b"\n"
 
 
 def decode(line: bytes) -> dict[str, Any]:

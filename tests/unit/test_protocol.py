@@ -94,3 +94,17 @@ class TestFraming:
             framing.decode(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
         with pytest.raises(TypeError, match="not JSON serializable"):
             framing.encode({"a": object()})
+
+    def test_a_failed_encode_leaves_nothing_behind(self) -> None:
+        """Each message is encoded with its own record of the containers it is in: after a failure deep
+        inside one, later messages (whose containers may take the freed ones' ids) encode."""
+        from supervisor.protocol import framing
+
+        for _ in range(200):
+            with pytest.raises(TypeError):
+                framing.encode({"a": [{"b": [object()]}]})
+            assert framing.encode({"a": [{"b": [1]}]}) == b'{"a":[{"b":[1]}]}\n'
+        cycle: dict[str, object] = {}
+        cycle["self"] = cycle
+        with pytest.raises(ValueError, match="Circular reference"):
+            framing.encode(cycle)
