@@ -217,12 +217,15 @@ def run() -> NoReturn:
     command's end by hundreds of milliseconds after the answer had arrived."""
     try:
         code = main()
-        sys.stdout.flush()
-        sys.stderr.flush()
     except BrokenPipeError:  # `supervisorctl status | head`: the reader is gone, nothing is left to say
         os._exit(EXIT_SIGPIPE)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        os._exit(EXIT_SIGPIPE)
     except OSError:  # another failed write (a full disk): the usual teardown says so
-        sys.exit(EXIT_FAILED)
+        sys.exit(code)
     os._exit(code)
 
 
