@@ -2,8 +2,9 @@
 
 `status` asks this for every worker, the metrics scrape and the `max_rss` check too. psutil's
 `Process` reads three files and builds an object for each process: 8.6-8.9 ms of CPU for 95
-processes against 3.3-3.8 ms here (measured side by side, twice); a `status` of 128 workers cost
-the master's loop 25-44 ms with psutil. The worker is the master's child and not yet reaped while it
+processes against 3.3-3.8 ms here (measured side by side, twice, on a busy machine). A `status` of
+128 workers costs the master 10.8 ms of CPU with this, against 17.0 ms with psutil (quiet machine,
+medians of 5 rounds of 40 requests; docs/benchmarks.md). The worker is the master's child and not yet reaped while it
 is alive, so its pid cannot name another process meanwhile.
 """
 
@@ -33,7 +34,7 @@ def usage(pid: int) -> Usage | None:
             stat = f.read()
         with open(f"/proc/{pid}/statm", "rb") as f:
             resident = int(f.read().split()[1])
-    except (OSError, IndexError, ValueError):  # gone between the two reads: statm reads empty
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return Usage(resident * PAGE, (int(fields[UTIME]) + int(fields[STIME])) / TICKS)
+    except (OSError, IndexError, ValueError):  # gone meanwhile: a read comes back empty or fails
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return Usage(resident * PAGE, (int(fields[UTIME]) + int(fields[STIME])) / TICKS)
