@@ -155,6 +155,13 @@ def wait_closed(port: int, old: set[int], timeout: float = 60.0) -> float:
     return time.monotonic()
 
 
+def wait_gone(pids: set[int], timeout: float) -> None:
+    """Until none of `pids` runs any more, or `timeout` s (a worker kept past it is the report's to show)."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -553,6 +560,8 @@ def peers_run(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
                             "closed_ms": ms(closed - started) if closed is not None else None, **reported})
             time.sleep(max(0.0, started + spec["interval"] - time.monotonic()))
         reloading = (reloads[0]["at"], time.monotonic()) if reloads else (quiet[1], quiet[1])
+        if reloads and reloads[-1]["done"]:  # kept connections move to the new workers as the old ones stop
+            wait_gone(reloads[-1]["old"], timeout=GIVEN_UP)
         time.sleep(spec["warmup"])
         tally = load.finish()
     ends = [r["at"] for r in reloads[1:]] + [float("inf")]  # a failure counts against the reload it followed
