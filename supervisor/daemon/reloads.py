@@ -4,7 +4,8 @@ A reload, a `start` or the startup (model/reload.py) begins here, takes the mast
 ready, one exited, a timer) and comes back as a decision that is applied here, in the master's loop:
 1. begin: the new generations start (a rolling program's first batch waits for `NextBatch`);
 2. `Commit`: the new generations serve; new connections go to them at once (the steering program),
-   and the old listeners are shut `SWITCH_DRAIN` later, all in one step (`finish_switch`);
+   and the old listeners are shut once no handshake is in flight on them (at most `SWITCH_DRAIN`
+   later), all in one step (`finish_switch`);
 3. `RollBack(reason)`: the new generations' listeners are shut (their queues move back to the old
    ones, which never stopped) and their workers stopped.
 Requests that arrive meanwhile wait in line (`waiting`) and go back on the master's queue, in order,
@@ -79,7 +80,7 @@ class Reloads:
     def __init__(self, host: Host, first_id: int = 1) -> None:
         self.host = host
         self.current: Reload | None = None
-        self.switch: Switch | None = None  # a committed reload whose old listeners wait SWITCH_DRAIN
+        self.switch: Switch | None = None  # a committed reload whose old listeners wait to be shut
         self.waiting: collections.deque[ev.ControlRequest] = collections.deque()  # behind the slot
         self.ids = itertools.count(first_id)
         self.last: dict[str, Any] | None = None  # the last reload, start or startup that ended: for `status`
@@ -266,8 +267,9 @@ class Reloads:
             return  # rolled back meanwhile
         roll, dropped = reload.rolls[program], 0
         if roll.drain is not None:
-            queued = sum(listener.queued() for listener in roll.leaving_listeners())
-            step = roll.drain.next(self.host.clock.time(), queued)
+            leaving = roll.leaving_listeners()
+            queued = sum(listener.queued() for listener in leaving)
+            step = roll.drain.next(self.host.clock.time(), queued, lambda: listeners.handshaking(leaving))
             if not isinstance(step, Shut):
                 self.host.later(step.seconds, ev.RollDue(reload_id, program))
                 return
@@ -279,8 +281,8 @@ class Reloads:
 
     def commit(self) -> None:
         """Every new worker is ready: the new generations serve; new connections go to them at once and the
-        old listeners are shut when the drain says so (finish_switch: SWITCH_DRAIN later with migration,
-        once their queues are empty without), all of them in one step."""
+        old listeners are shut when the drain says so (finish_switch: with migration at once if no handshake
+        is in flight on them, else SWITCH_DRAIN later; once their queues are empty without), all in one step."""
         host, reload = self.host, self.current
         assert reload is not None
         if reload.config.migrate != host.config.migrate:
@@ -303,7 +305,8 @@ class Reloads:
         fresh = [listener for g in reload.generations for listener in g.every_listener()]
         # Step one of the switch: every new connection to the new generations (listeners.steer_to), so
         # that no handshake is completing on an old listener when it is shut (system/steer.py: the kernel
-        # resets such a connection instead of migrating it); step two, after SWITCH_DRAIN, shuts them.
+        # resets such a connection instead of migrating it); step two shuts them once none is in flight
+        # (system/handshakes.py), at most SWITCH_DRAIN later.
         # Without migration the old workers go on accepting until their queues are empty (drain.py).
         programs = [g.program.name for g in reload.generations]
         steered = listeners.steer_to(fresh) if retired or host.inherited.of(programs) else []
@@ -311,10 +314,10 @@ class Reloads:
                       max((g.program.drain_timeout for g in retired), default=0.0))
         self.switch = Switch(reload, retired, fresh, steered, before, sum(old.queued() for old in retired), drain)
         still = any(not listener.shut for g in retired for listener in g.every_listener())
-        if steered or (still and drain.way is Way.DRAINED):
+        if drain.way is Way.DRAINED and (steered or still):
             host.later(SWITCH_DRAIN, ev.SwitchDue())
-        else:
-            self.finish_switch(force=True)
+        else:  # steered: at once when no handshake is in flight on the old listeners, else SWITCH_DRAIN later
+            self.finish_switch(force=not steered)
 
     def finish_switch(self, force: bool = False) -> None:
         """Step two, once the drain says so: shut every old listener (steered away, one group at a
@@ -325,7 +328,7 @@ class Reloads:
         old = [listener for g in switch.retired for listener in g.every_listener()]
         old += [a.listener for a in host.inherited.of(programs)]  # a dead master's, if any
         queued = sum(listener.queued() for listener in old if not listener.shut)
-        step = switch.drain.next(host.clock.time(), queued)
+        step = switch.drain.next(host.clock.time(), queued, lambda: listeners.handshaking(old))
         if not isinstance(step, Shut):
             if not force:
                 host.later(step.seconds, ev.SwitchDue())

@@ -1,8 +1,9 @@
 """A rolling reload (`strategy: rolling`, model/roll.py) as the master applies it, batch by batch.
 
 Each step: the batch's new workers start (`start_batch`); once they are ready, new connections are
-steered away from the batch's old listeners (`steer`) and `SWITCH_DRAIN` later those are shut and
-their workers stopped (`switch`); a roll that fails puts the replaced slots back (`put_back`).
+steered away from the batch's old listeners (`steer`); once no handshake is in flight on them (at
+most `SWITCH_DRAIN` later) those are shut and their workers stopped (`switch`); a roll that fails puts
+the replaced slots back (`put_back`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def steer(host: Host, reload: Reload, roll: Roll) -> None:
     roll.steered = listeners.steer_to(roll.staying_listeners()) if leaving else []
     roll.drain = Drain(way(host.migration.drains, host.migration.enabled), host.clock.time(),
                        roll.old.program.drain_timeout)
-    wait = roll.steered or (leaving and roll.drain.way is Way.DRAINED)
-    host.later(SWITCH_DRAIN if wait else 0.0, ev.RollDue(reload.id, roll.new.program.name))
+    # Drained: the queues are first looked at SWITCH_DRAIN later. Otherwise the batch's old listeners are
+    # shut at once, or SWITCH_DRAIN later if a handshake may be in flight on them (roll_due asks).
+    drained = (roll.steered or leaving) and roll.drain.way is Way.DRAINED
+    host.later(SWITCH_DRAIN if drained else 0.0, ev.RollDue(reload.id, roll.new.program.name))
 
 
 def switch(host: Host, reload: Reload, roll: Roll, dropped: int) -> None:

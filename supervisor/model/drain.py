@@ -1,7 +1,8 @@
 """When retiring listeners may be shut: the three ways a reload ends an old listener.
 
 New connections are first steered to the listeners that stay (system/steer.py). Then:
-- **migrated**: with `net.ipv4.tcp_migrate_req=1` the old listeners are shut `SWITCH_DRAIN` later;
+- **migrated**: with `net.ipv4.tcp_migrate_req=1` the old listeners are shut `SWITCH_DRAIN` later,
+  or at once when the kernel holds no handshake in flight on their ports (system/handshakes.py);
   the kernel moves whatever still waits in them to the listeners that stay.
 - **drained**: without the sysctl (`migrate: drain`, or `prefer` where it cannot be set) a shut
   would reset whatever waits. The old workers, not told to stop yet, keep accepting; the listeners
@@ -9,12 +10,13 @@ New connections are first steered to the listeners that stay (system/steer.py). 
   the old listener had answered before the steering completes within a round trip and lands in its
   queue: the grace covers round trips up to that long). `drain_timeout` bounds it: a worker that
   stopped accepting cannot hold a reload; what its queue still held is counted as dropped.
-- **reset**: `migrate: off` with the sysctl at 0: shut after `SWITCH_DRAIN`, what waits is reset.
+- **reset**: `migrate: off` with the sysctl at 0: shut as when migrated, what waits is reset.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from supervisor.model.generation import Generation
@@ -54,10 +56,12 @@ class Drain:
     waiting: int = 0  # drained: the most connections seen queued in the old listeners
     ended: float | None = None
 
-    def next(self, now: float, queued: int) -> Wait | Shut:
-        """What to do `now`, with `queued` connections waiting in the retiring listeners."""
+    def next(self, now: float, queued: int, in_flight: Callable[[], bool] = lambda: True) -> Wait | Shut:
+        """What to do `now`, with `queued` connections waiting in the retiring listeners. `in_flight`:
+        whether a handshake may still be completing on them (asked only when it decides: a shut
+        before `SWITCH_DRAIN` is safe when none is)."""
         if self.way is not Way.DRAINED:
-            if now - self.started >= SWITCH_DRAIN - SLACK:
+            if now - self.started >= SWITCH_DRAIN - SLACK or not in_flight():
                 return self._end(now, 0)
             return Wait(self.started + SWITCH_DRAIN - now)
         self.waiting = max(self.waiting, queued)

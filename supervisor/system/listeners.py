@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config.schema import Listen, parse_listen
-from supervisor.system import steer
+from supervisor.system import handshakes, steer
 
 
 @dataclass(eq=False)
@@ -188,6 +188,12 @@ def unsteer(steered: list[Listener]) -> None:
             steer.detach(listener.sock)
         except OSError:
             pass
+
+
+def handshaking(old: Iterable[Listener]) -> bool:
+    """Whether a handshake may be in flight on the ports of the `old` listeners not shut yet (a steered
+    switch waits for those: model/drain.py)."""
+    return handshakes.pending({listener.listen.port for listener in old if not listener.shut})
 
 
 def _by_address(listeners: list[Listener]) -> dict[str, list[Listener]]:

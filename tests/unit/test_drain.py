@@ -23,6 +23,32 @@ def test_without_draining_the_shut_follows_the_steering(kind: Way) -> None:
     assert drain.ms == round(SWITCH_DRAIN * 1000)
 
 
+@pytest.mark.parametrize("kind", [Way.MIGRATED, Way.RESET])
+def test_without_a_handshake_in_flight_the_shut_is_at_once(kind: Way) -> None:
+    asked: list[float] = []
+
+    def none_in_flight() -> bool:
+        asked.append(1)
+        return False
+
+    drain = Drain(kind, started=100.0)
+    assert drain.next(100.0, queued=50, in_flight=none_in_flight) == Shut(0)
+    assert asked and drain.ms == 0
+
+
+def test_a_handshake_in_flight_keeps_the_wait_and_is_not_asked_again_once_it_is_over() -> None:
+    drain = Drain(Way.MIGRATED, started=100.0)
+    wait = drain.next(100.0, queued=0, in_flight=lambda: True)
+    assert isinstance(wait, Wait) and wait.seconds == pytest.approx(SWITCH_DRAIN)
+    assert drain.next(100.0 + SWITCH_DRAIN, queued=0, in_flight=lambda: pytest.fail("asked after the wait")) == Shut(0)
+
+
+def test_draining_never_asks_about_handshakes() -> None:
+    """Without migration the queues decide: a handshake completing lands in one, and the grace sees it."""
+    drain = Drain(Way.DRAINED, started=100.0, timeout=10.0)
+    assert drain.next(100.0, queued=0, in_flight=lambda: pytest.fail("asked")) == Wait(DRAIN_POLL)
+
+
 def test_draining_shuts_once_the_queues_stayed_empty_for_the_grace() -> None:
     drain = Drain(Way.DRAINED, started=100.0, timeout=10.0)
     assert drain.next(100.0, queued=30) == Wait(DRAIN_POLL)
