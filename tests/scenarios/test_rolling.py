@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness import DEMO, Supervisor, program, request, supervisor, wait_for
+from tests.harness import DEMO, Supervisor, program, request, running, supervisor, wait_for
 from tests.load import Clients
 
 pytestmark = pytest.mark.usefixtures("netns")
@@ -64,10 +65,22 @@ class Sampler:
         """The most worker processes alive at once (a preload template is a child, not a worker; a
         template just started, such as the next spare, may not be in the log yet: a live process of the
         template's command that the master does not list as a worker is one too)."""
-        templates = {e["pid"] for e in self.sup.events("template_started")}
+        seen: set[int] = set().union(*self.samples)
         workers = {w["pid"] for w in self.sup.workers()}
-        templates |= {pid for pid in set().union(*self.samples) - workers if is_template(pid)}
-        return max(len(sample - templates) for sample in self.samples)
+
+        def templates() -> set[int]:
+            logged = {e["pid"] for e in self.sup.events("template_started")}
+            return logged | {pid for pid in seen - workers if is_template(pid)}
+
+        def unknown() -> set[int]:
+            return {pid for pid in seen - workers - templates() if running(pid)}
+
+        # The next spare starts right after the answer: sampled before its spawn chain ran the template's
+        # command, it may still be on its way there now. Give live ones a moment to show what they are.
+        with contextlib.suppress(AssertionError):
+            wait_for("the live children to show what they are", lambda: not unknown(), timeout=5)
+        known = templates()
+        return max(len(sample - known) for sample in self.samples)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
