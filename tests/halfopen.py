@@ -55,10 +55,11 @@ class Peer:
     def __init__(self) -> None:
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", DEVICE.encode(), IFF_TUN | IFF_NO_PI))
-        for command in (["ip", "addr", "add", f"{LOCAL}/24", "dev", DEVICE], ["ip", "link", "set", DEVICE, "up"],
-                        ["sysctl", "-qw", f"net.ipv4.conf.{DEVICE}.route_localnet=1"],
-                        ["sysctl", "-qw", f"net.ipv4.conf.{DEVICE}.rp_filter=0"]):
+        for command in (["ip", "addr", "add", f"{LOCAL}/24", "dev", DEVICE], ["ip", "link", "set", DEVICE, "up"]):
             subprocess.run(command, check=True)
+        for setting, value in (("route_localnet", "1"), ("rp_filter", "0")):
+            with open(f"/proc/sys/net/ipv4/conf/{DEVICE}/{setting}", "w") as f:
+                f.write(value)
         self.next_port = 40000
 
     def close(self) -> None:
