@@ -8,11 +8,9 @@ printed); 2 bad command line or unreadable config (or an installation shared wit
 from __future__ import annotations
 
 import _socket
-import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 # Only what a command needs: the framing (not the requests' dataclasses); argparse (arguments.py) only
 # for a command line quick_args does not read; the table (status, without psutil) only for status;
@@ -35,9 +33,18 @@ QUICK_COMMANDS = {"status": (0, 1), "reload": (0, None), "start": (1, 1), "resta
                   "shutdown": (0, 0), "upgrade": (0, 0), "version": (0, 0)}
 EXIT_SIGPIPE = 128 + 13  # what a shell reports for a command that a closed pipe ended (SIGPIPE)
 QUICK_OPTIONS = {"-c": "config", "--config": "config", "-s": "socket", "--socket": "socket", "--timeout": "timeout"}
+INFINITY = float("inf")  # math.inf, without math's import (a shared library: supervisorctl's start)
 
 
-def quick_args(argv: list[str]) -> SimpleNamespace | None:
+class Args:
+    """A command line read by quick_args, as argparse.Namespace holds one (types.SimpleNamespace would cost
+    supervisorctl's start the `types` module)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def quick_args(argv: list[str]) -> Args | None:
     """The command line in its plain forms, `[-c FILE | -s SOCKET] [--timeout SECONDS] COMMAND
     [PROGRAM...]`, read without argparse: what arguments.parse_args gives for it. None for anything
     else (help, --json, tail, scale, an option after the command, a word that starts with '-', an
@@ -64,7 +71,7 @@ def quick_args(argv: list[str]) -> SimpleNamespace | None:
             found["timeout"] = float(found["timeout"])
         except ValueError:
             return None
-        if not 0 < found["timeout"] < math.inf:
+        if not 0 < found["timeout"] < INFINITY:
             return None
     found["command"] = command
     if command in ("status", "reload", "start", "restart"):
@@ -75,7 +82,7 @@ def quick_args(argv: list[str]) -> SimpleNamespace | None:
         found["programs"] = words
     elif fewest:
         found["program"] = words[0]
-    return SimpleNamespace(**found)
+    return Args(**found)
 
 
 def main(argv: list[str] | None = None) -> int:

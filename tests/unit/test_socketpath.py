@@ -152,3 +152,18 @@ def test_supervisorctl_reads_a_plain_config_without_pyyaml(tmp_path: Path) -> No
     for config, expected in ((plain, "3 False False"), (flow, "3 True False")):
         run = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=60)
         assert run.stdout.strip() == expected, run.stderr
+
+
+def test_supervisorctl_plain_status_imports_nothing_heavy(tmp_path: Path) -> None:
+    """Its start is most of what `status` costs (docs/benchmarks.md, footprint): on the plain path it
+    imports none of these. Run with -S, so that no .pth file (an editable install's import hook) has
+    imported them before it."""
+    plain = tmp_path / "example.yaml"
+    plain.write_text((ROOT / "config" / "example.yaml").read_text())
+    heavy = ["re", "enum", "pathlib", "argparse", "json", "types", "math", "typing", "contextlib",
+             "dataclasses", "yaml", "shutil", "socket", "selectors"]
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from supervisor.ctl.main import main; "
+             f"code = main(['-c', sys.argv[1], 'status']); "
+             f"print(code, [m for m in {heavy!r} if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-S", "-c", probe, str(plain)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "3 []", (run.stdout, run.stderr)
