@@ -39,7 +39,7 @@ TIMEOUT = 0.05  # seconds a dump may take before it counts as "some" (the master
 
 def pending(ports: Iterable[int]) -> bool:
     """Whether the kernel may hold a handshake in flight to any of `ports` (TCP, IPv4 or IPv6, any
-    local address of this network namespace): False only when its dumps listed none."""
+    local address of this network namespace): False only when the kernel's dump listed none."""
     wanted = set(ports)
     if not wanted:
         return False
