@@ -42,7 +42,7 @@ from supervisor.servers.activation import (
     notify,
     stderr,
 )
-from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unread, unsent
+from supervisor.servers.stopping import IDLE_CLOSE, ShutWatch, finish_within, unread, unsent
 
 MAX_DELAY = 60.0
 STOP_GRACE = 5.0  # seconds a TLS handshake in progress at the stop has to finish
@@ -125,6 +125,7 @@ class Demo:
         self.close_idle_at_stop = close_idle_at_stop  # the stop before the keep-alive contract (comparisons)
         self.loop = asyncio.get_running_loop()
         self.servers: list[asyncio.Server] = []
+        self.shut_watch = ShutWatch(self.loop)
         self.connections: set[Connection] = set()
         self.stopping = False
         self.done = self.loop.create_future()
@@ -137,6 +138,7 @@ class Demo:
         self.stopping = True
         # First stop accepting: the supervisor has shut our listeners down already (their queues moved
         # to the new generation), and a shut-down listener polls HUP forever: the loop would spin.
+        self.shut_watch.release()
         for server in self.servers:
             server.close()
         waiting = sum(connection.stop() for connection in list(self.connections))
@@ -356,8 +358,10 @@ async def start_server(demo: Demo, name: str, sock: socket.socket) -> asyncio.Se
     """Serve one listener: the one place that builds a server."""
     answer = json.dumps({**demo.identity, "pid": os.getpid(), "listener": name}).encode()
     backlog = kept_backlog(sock, demo.backlog)  # read before create_server() calls listen() again
-    return await demo.loop.create_server(lambda: Connection(demo, answer), sock=sock, backlog=backlog,
-                                         ssl=demo.tls)
+    server = await demo.loop.create_server(lambda: Connection(demo, answer), sock=sock, backlog=backlog,
+                                           ssl=demo.tls)
+    demo.shut_watch.add(server)  # from the shut to the stop signal (stop_delay), no spinning
+    return server
 
 
 async def serve(listeners: list[Listener], identity: dict[str, int], backlog: int | None,

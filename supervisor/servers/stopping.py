@@ -20,6 +20,10 @@ that said `Connection: close`. So a stopping worker:
   after the stop signal, before supervisord's `graceful_timeout` kills it.
 
 supervisord tells each worker its program's `graceful_timeout` in SUPERVISOR_GRACEFUL_TIMEOUT.
+
+Before the stop signal, the shut itself: supervisord shuts a retiring worker's listeners `stop_delay`
+before it signals the worker, and an event loop that still watches a shut listener spins on it
+(`ShutWatch`).
 """
 
 from __future__ import annotations
@@ -76,3 +80,38 @@ def unsent(transport: asyncio.BaseTransport) -> int:
         except OSError:
             pass
     return queued
+
+
+
+class ShutWatch:
+    """Closes a server (it stops accepting; its connections go on) the moment supervisord shuts its listener.
+
+    A listener shut from outside polls POLLOUT|POLLHUP for ever, and a loop still watching it spins,
+    uvloop at about 0.8 CPU, until the stop signal comes `stop_delay` later (docs/kernel.md §5): 64
+    retiring workers took both cores of the test machine for that long. A listening socket is never
+    writable otherwise, so a writer callback on a duplicate of its fd (the loop watches the original
+    already, for reading) fires exactly at the shut. `release()` at the stop: the duplicates go, so a
+    stopping worker holds no listener.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.watches: dict[int, asyncio.AbstractServer] = {}  # duplicate fd -> the server of its listener
+
+    def add(self, server: asyncio.AbstractServer) -> None:
+        for sock in getattr(server, "sockets", None) or ():
+            watch = os.dup(sock.fileno())
+            self.watches[watch] = server
+            self.loop.add_writer(watch, self._shut, watch)
+
+    def release(self) -> None:
+        for watch in list(self.watches):
+            self._drop(watch)
+
+    def _shut(self, watch: int) -> None:
+        self._drop(watch).close()
+
+    def _drop(self, watch: int) -> asyncio.AbstractServer:
+        self.loop.remove_writer(watch)
+        os.close(watch)
+        return self.watches.pop(watch)

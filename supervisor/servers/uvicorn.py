@@ -34,7 +34,7 @@ from uvicorn.main import main as uvicorn_command
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from supervisor.servers.activation import StartError, backlog_override, inherited_listeners, kept_backlog, notify
-from supervisor.servers.stopping import IDLE_CLOSE, finish_within, unread, unsent
+from supervisor.servers.stopping import IDLE_CLOSE, ShutWatch, finish_within, unread, unsent
 
 PROG = "python -m supervisor.servers.uvicorn"
 LINGER = 2.0  # seconds a closing connection reads on after its FIN, for the client to close its side
@@ -157,12 +157,23 @@ class StoppingH11Protocol(H11Protocol):
 
 
 class NotifyingServer(uvicorn.Server):
-    """uvicorn's server that tells supervisord it serves, once every listener is served."""
+    """uvicorn's server that tells supervisord it serves, once every listener is served, and stops watching
+    a listener supervisord shut."""
+
+    shut_watch: ShutWatch | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
+        self.shut_watch = ShutWatch(asyncio.get_running_loop())  # from the shut to the stop signal: no spinning
+        for server in self.servers:
+            self.shut_watch.add(server)
         if self.started and not self.should_exit:
             notify(f"READY=1\nSTATUS=uvicorn serving {len(sockets or [])} listeners")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.shut_watch is not None:
+            self.shut_watch.release()
+        await super().shutdown(sockets=sockets)
 
 
 def config(argv: list[str]) -> tuple[uvicorn.Config, list[socket.socket]]:

@@ -204,6 +204,29 @@ def test_stop_after_an_outside_shutdown_does_not_spin(tmp_path: Path) -> None:
         assert demo.wait() == 0
 
 
+def test_an_outside_shutdown_alone_does_not_spin_and_kept_connections_go_on(tmp_path: Path) -> None:
+    """supervisord shuts a retiring worker's listener `stop_delay` before its stop signal: meanwhile the
+    worker stops watching it (stopping.close_when_shut) and serves the connections it has, as before.
+
+    Without it, uvloop spins on the dead listener at ~0.8 CPU-s/s until the signal (docs/kernel.md §5)."""
+    with make_listener() as listener, running_demo(tmp_path, listener=listener) as demo:
+        demo.wait_ready()
+        with connect_accepted(listener) as kept:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert read_response(kept)[1]["connection"] == "keep-alive"
+            listener.shutdown(socket.SHUT_RDWR)
+            wait_for("the demo to close its listener", lambda: not demo.holds(listener))
+            started, cpu = time.monotonic(), demo.cpu_seconds()
+            time.sleep(1.0)
+            elapsed, used = time.monotonic() - started, demo.cpu_seconds() - cpu
+            assert used < 0.1 * elapsed, f"{used:.2f} CPU-s in {elapsed:.2f} s"
+            kept.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")  # not stopping: served as ever
+            status, headers, _ = read_response(kept)
+            assert (status, headers["connection"]) == (200, "keep-alive")
+        demo.signal(signal.SIGTERM)
+        assert demo.wait() == 0
+
+
 def test_stop_answers_kept_and_accepted_connections_and_closes_quiet_ones(tmp_path: Path) -> None:
     """The stop contract: a kept connection's next request, and one accepted but not asked yet, get an answer
     that says `Connection: close`; a connection that stays quiet is closed IDLE_CLOSE s after its last byte."""

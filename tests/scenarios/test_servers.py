@@ -171,3 +171,28 @@ def test_every_recipe_keeps_the_programs_backlog(tmp_path: Path) -> None:
     expected = {settings["listen"]: {settings.get("backlog", Program.backlog)}
                 for settings in programs.values()}
     assert {address: backlogs.get(address) for address in expected} == expected
+
+
+def cpu_seconds(pid: int) -> float:
+    """Time the process's main thread has run on a CPU (/proc/PID/schedstat, ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+@pytest.mark.parametrize("name", ["demo", "uvicorn"])
+def test_old_workers_do_not_spin_between_the_shut_and_their_stop_signal(tmp_path: Path, name: str) -> None:
+    """During `stop_delay` a retiring worker's listeners are shut and it has no stop signal yet: the runners
+    stop watching the dead listeners at once (stopping.close_when_shut). uvloop would spin on them at about
+    0.8 CPU (docs/kernel.md §5)."""
+    server = SERVERS[name]
+    settings = program(server.command, **{**server.settings, "stop_delay": 3.0})
+    if server.cwd:
+        settings["cwd"] = str(server.cwd)
+    with supervisor(tmp_path, {"web": settings}) as sup:
+        old = [w["pid"] for w in sup.workers()]
+        sup.reload()
+        assert all(running(pid) for pid in old)  # the stop signal is 3 s away
+        before, started = {pid: cpu_seconds(pid) for pid in old}, time.monotonic()
+        time.sleep(1.0)
+        used, elapsed = {pid: cpu_seconds(pid) - before[pid] for pid in old}, time.monotonic() - started
+        assert all(running(pid) for pid in old)
+    assert max(used.values()) < 0.1 * elapsed, f"CPU-s in {elapsed:.2f} s: {used}"
