@@ -82,7 +82,6 @@ def unsent(transport: asyncio.BaseTransport) -> int:
     return queued
 
 
-
 class ShutWatch:
     """Closes a server (it stops accepting; its connections go on) the moment supervisord shuts its listener.
 

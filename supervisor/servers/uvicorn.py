@@ -165,7 +165,7 @@ class NotifyingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         self.shut_watch = ShutWatch(asyncio.get_running_loop())  # from the shut to the stop signal: no spinning
-        for server in self.servers:
+        for server in getattr(self, "servers", []):  # none when the app's lifespan startup failed
             self.shut_watch.add(server)
         if self.started and not self.should_exit:
             notify(f"READY=1\nSTATUS=uvicorn serving {len(sockets or [])} listeners")
