@@ -156,7 +156,8 @@ class Reloads:
             try:
                 if rolling:
                     assert old is not None
-                    reload.rolls[program.name] = Roll.of(old, gen)
+                    leaving = [w for g in record.retiring for w in g.workers]  # a reload just before
+                    reload.rolls[program.name] = Roll.of(old, gen, leaving)
                     continue  # its batches start as the reload's decisions say (NextBatch), each timed on its own
                 self.spawning.add((program.name, gen.number))
                 self.spawn_more(reload, gen)

@@ -7,7 +7,9 @@ Each step, as a whole reload does it but for a few slots:
 3. steer new connections away from the old workers of those slots, then (model/drain.py) shut their
    listeners (the kernel migrates their queues to the rest of the group) and stop them;
 4. once those old workers have exited (their stop signal `stop_delay` after the shut, SIGKILL
-   `graceful_timeout` later), the next batch: never more than N+batch worker processes.
+   `graceful_timeout` later), the next batch: never more than N+batch worker processes. The first
+   batch, likewise, waits for the workers of earlier generations still on their way out (a reload
+   right after another).
 Once every slot is replaced the reload commits as usual: the new generation serves.
 
 Until then the old generation is the program's serving one, with its config: crash restarts of its
@@ -51,9 +53,12 @@ class Roll:
     drain: Drain | None = None  # the batch's switch: when its old listeners may be shut
 
     @classmethod
-    def of(cls, old: Generation, new: Generation) -> Roll:
+    def of(cls, old: Generation, new: Generation, leaving: list[Worker] | None = None) -> Roll:
+        """`leaving`: workers of earlier generations still on their way out (a roll that ended just before):
+        the first batch waits for them as each later batch waits for the one before."""
         indexes = sorted(set(old.slots) | set(range(new.program.workers)))
-        return cls(old, new, new.program.batch, indexes, old_size=len(old.slots))
+        return cls(old, new, new.program.batch, indexes, old_size=len(old.slots),
+                   stopping=[w for w in leaving or [] if w.alive])
 
     @property
     def total(self) -> int:

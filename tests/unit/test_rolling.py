@@ -79,6 +79,30 @@ class TestRolling:
         s.exit(old[0], 0)
         assert [w.index for w in s.starting()] == [1]
 
+    def test_a_roll_right_after_another_waits_for_the_last_old_worker_before_its_first_batch(
+            self, tmp_path: Path) -> None:
+        """The first reload's last old worker is still on its way out when the second reload begins: its
+        first batch would make N+batch+1 processes."""
+        s = rolling(tmp_path, workers=2)
+        first = s.ask(requests.Reload())
+        s.ready(*s.starting())
+        s.advance(0.02)
+        s.advance(0.5)
+        exit_stopped(s)
+        s.ready(*s.starting())
+        s.advance(0.02)
+        s.advance(0.5)  # the last old worker has its stop signal, and has not exited yet
+        assert first.ok, first.answer
+        last = [w for w in alive(s) if w.signals]
+        assert len(last) == 1
+        second = s.ask(requests.Reload())
+        assert s.starting() == []  # 2 serving + 1 leaving: a new worker now would make 4
+        s.exit(last[0], 0)
+        assert [w.index for w in s.starting()] == [0]
+        roll_batch(s)
+        roll_batch(s)
+        assert second.ok, second.answer
+
     def test_batch_replaces_k_workers_at_a_time(self, tmp_path: Path) -> None:
         s = rolling(tmp_path, batch=2)
         reply = s.ask(requests.Reload())
