@@ -2,6 +2,6 @@
 
 import sys
 
-from supervisor.daemon.main import main
+from supervisor.daemon.entry import main
 
 sys.exit(main())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ from supervisor.config import unixpath
 from supervisor.config.schema import Control
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.events import Event, NotifyReceived
+from supervisor.system import openssl
 from supervisor.system.readiness import NotifySocket
 
 log = structlog.get_logger()
@@ -95,7 +95,7 @@ def runtime_folder(control_socket: str) -> str:
     in an address: where that folder is too deep for it, in /tmp. Not an abstract socket: any local
     user can send to one, and a flood filling its queue would make the workers' READY=1 fail.
     """
-    digest = hashlib.sha256(os.path.abspath(control_socket).encode()).hexdigest()[:16]
+    digest = openssl.sha256(os.path.abspath(control_socket).encode())[:16]
     name = f"supervisord.{digest}"
     base = os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir()
     if not unixpath.fits(os.path.join(base, name, NOTIFY_SOCKET)):

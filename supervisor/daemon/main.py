@@ -15,7 +15,6 @@ import sys
 from typing import TYPE_CHECKING
 
 import structlog
-import uvloop
 
 from supervisor import install
 from supervisor.config import locate, schema
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     state_fd = os.environ.pop(reexec.STATE_ENV, None)  # set by the master this process was until its exec
     if state_fd is not None:
-        return uvloop.run(_adopt(int(state_fd)))
+        return asyncio.run(_adopt(int(state_fd)))
     try:
         cfg = schema.load(args.config)
     except ConfigError as exc:
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"supervisord: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return uvloop.run(_serve(cfg))
+    return asyncio.run(_serve(cfg))
 
 
 def _check_upgrade(state_format: str, config_path: str) -> int:

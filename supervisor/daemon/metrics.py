@@ -53,6 +53,10 @@ MAX_KNOWN = 256  # addresses remembered for having sent a whole request (the mos
 # timeout. The loop accepts (and closes the excess) far faster than a burst of this size arrives. Given to
 # start_server too, which calls listen() again (with 100 unless told).
 BACKLOG = 1024
+# How many connections asyncio's server takes from the queue in one callback: its `backlog`, which it also
+# gives listen(), so the kernel's backlog is set again after (_start). All 1,024 at once kept the master's
+# loop busy for 0.3 s under a neighbour's flood (tests/scenarios/test_attacks.py).
+ACCEPT_BATCH = 16
 REQUEST_TIMEOUT = 5.0  # seconds the master has to answer, and a client to read the answer
 MAX_HEAD = 8192  # bytes of a request head
 TEXT = "text/plain; charset=utf-8"
@@ -267,8 +271,7 @@ class MetricsServer:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
         self.settings = settings
         if settings is not None:
-            self.server = await asyncio.start_server(self._handle, sock=bind(settings), limit=MAX_HEAD,
-                                                     backlog=BACKLOG)
+            self.server = await self._start(bind(settings))
             log.info("metrics_listening", address=str(settings.listen))
 
     def move(self, settings: Metrics | None) -> str | None:
@@ -286,10 +289,15 @@ class MetricsServer:
         if sock is not None:
             loop = asyncio.get_running_loop()
             # The socket listens already: connections wait in its queue until the server takes them.
-            task = loop.create_task(asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD, backlog=BACKLOG))
+            task = loop.create_task(self._start(sock))
             self.starting = task, sock
             task.add_done_callback(self._started)
         return f"metrics: now on {settings.listen}" if settings else "metrics: off"
+
+    async def _start(self, sock: socket.socket) -> asyncio.Server:
+        server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD, backlog=ACCEPT_BATCH)
+        sock.listen(BACKLOG)  # start_server listened with ACCEPT_BATCH
+        return server
 
     def _started(self, task: asyncio.Task[asyncio.Server]) -> None:
         if task.cancelled():  # closed (moved again, or stopping) before it started

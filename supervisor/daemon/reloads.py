@@ -52,7 +52,7 @@ from supervisor.process.worker import Worker, WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Replies, Reply
 from supervisor.protocol.words import plural
-from supervisor.system import listeners, migrate
+from supervisor.system import listeners, memory, migrate
 from supervisor.system.listeners import Listener
 
 log = structlog.get_logger()
@@ -359,9 +359,10 @@ class Reloads:
         if old:
             host.tally.retired(switch.drain.way.value, dropped, switch.drain.ms / 1000)
         if reload.kind is ReloadKind.RELOAD:
-            host.tally.reloaded("done", time.monotonic() - reload.started)
+            host.tally.reloaded("done", time.monotonic() - reload.since)
         host.systemd.ready(status.describe(host.programs))
         workers.spares(host)  # after the answer: the next generations' templates import meanwhile
+        memory.release()  # what the start, or the config read, freed
         self.next_request()
 
     def roll_back(self, reason: str) -> None:
@@ -387,7 +388,7 @@ class Reloads:
                             + "".join(f"; {said}" for said in put_back))
         if reload.kind is not ReloadKind.STARTUP:
             self.last = {"at": time.time(), "what": reload.label, "result": "rolled back", "reason": reason,
-                         "ms": round((time.monotonic() - reload.started) * 1000)}
+                         "ms": round((time.monotonic() - reload.since) * 1000)}
         if reload.kind is ReloadKind.STARTUP:
             host.startup_failed()
         elif not host.stopping:  # a shutdown rolled it back: STOPPING=1 was sent, READY=1 would undo it

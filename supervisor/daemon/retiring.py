@@ -15,7 +15,7 @@ from supervisor.model.generation import Generation, GenerationState
 from supervisor.model.program import running
 from supervisor.protocol.reply import Reply
 from supervisor.protocol.words import plural
-from supervisor.system import fdstore
+from supervisor.system import fdstore, memory
 
 log = structlog.get_logger()
 
@@ -49,6 +49,7 @@ def forget_if_finished(host: Host, gen: Generation) -> None:
     host.programs[gen.program.name].generation_finished(gen)
     log.info("generation_finished", program=gen.program.name, gen=gen.number, state=gen.state.value)
     host.stop_waiters.finished(gen)
+    memory.release()  # its records
 
 
 def stop_program(host: Host, name: str, reply: Reply) -> None:

@@ -111,6 +111,11 @@ class Reload:
     together: set[str] = field(default_factory=set)  # startup: programs that serve only at the Commit
 
     @property
+    def since(self) -> float:
+        """When its time counts from: the request came (before the config was read), else its start."""
+        return self.marks.get("asked", self.started)
+
+    @property
     def label(self) -> str:
         """For replies and logs: "reload", "start web" or "restart web"."""
         if self.kind in (ReloadKind.START, ReloadKind.RESTART):
@@ -167,7 +172,7 @@ class Reload:
         """The final answer of a reload that committed: a line for people, data for --json. `drain`: how
         the old listeners ended (drain.Way); `dropped`: what they still held when shut without migration."""
         now = time.monotonic()
-        elapsed = round((now - self.started) * 1000)
+        elapsed = round((now - self.since) * 1000)
         generations = {g.program.name: g.number for g in [*self.served, *self.generations]}
         phases = self.phases(now)
         log.info("reload_done", ms=elapsed, listeners_closed=shut, migrated=migrated, queued=queued,
@@ -192,7 +197,7 @@ class Reload:
                          "way": drain.way.value, "drain_ms": drain.ms, "dropped": dropped, "phases": phases}
 
     def phases(self, now: float) -> dict[str, float]:
-        """Where its time went, in ms: `config` (read and checked, before `ms` starts), `spawn` (the new
+        """Where its time went, in ms: `config` (read and checked: the first part of `ms`), `spawn` (the new
         workers asked for), `ready` (until the last was ready), `switch` (old listeners shut, the answer)."""
         marks = {"started": self.started, **self.marks, "done": now}
         steps = (("config", "asked", "started"), ("spawn", "started", "spawned"), ("ready", "spawned", "ready"),

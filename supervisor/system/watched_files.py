@@ -13,12 +13,12 @@ the stat cannot hang it), and only up to MAX_HASHED bytes; a larger file is comp
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterable
 
 from supervisor.config import files
+from supervisor.system import openssl
 
 INTERVAL = 1.0  # seconds between two looks
 MAX_WAIT = 5  # looks a reload waits for files that keep changing before it starts anyway
@@ -83,6 +83,6 @@ def content_of(path: str, info: os.stat_result | None) -> Fingerprint:
     if info is None or not stat.S_ISREG(info.st_mode) or info.st_size > MAX_HASHED:
         return fingerprint(info)
     try:
-        return ("sha256", hashlib.sha256(files.read(path, MAX_HASHED)).hexdigest())
+        return ("sha256", openssl.sha256(files.read(path, MAX_HASHED)))
     except files.Refused as exc:
         return ("unreadable", str(exc))

@@ -142,6 +142,28 @@ def trustme_not_after(cert: Path) -> float:
     return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
 
 
+def openssl_mapped(pid: int) -> set[str]:
+    """OpenSSL's libraries in the memory map of process `pid`."""
+    return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "libssl" in line or "libcrypto" in line}
+
+
+def test_the_master_runs_without_openssl_and_still_scrapes(tmp_path: Path) -> None:
+    """supervisord speaks no TLS: a master without a `tls:` program maps neither libssl nor libcrypto
+    (system/openssl.py), and reloads so. The first scrape imports prometheus_client, which imports ssl:
+    that import still works."""
+    sup = with_metrics(Supervisor(tmp_path, {"web": program(workers=1)})).start()
+    try:
+        assert sup.proc is not None
+        assert openssl_mapped(sup.proc.pid) == set()
+        assert get("/healthz") == (200, "ok\n")
+        assert "reload done" in sup.reload().stdout
+        assert openssl_mapped(sup.proc.pid) == set()
+        assert value(scrape(), "supervisor_program_fatal", program="web") == 0
+    finally:
+        sup.kill()
+
+
 def test_readyz_follows_fatal_stop_and_start(tmp_path: Path) -> None:
     """503 while a program is FATAL or stopping, with the reason; 200 once it serves again (or is stopped)."""
     sup = with_metrics(Supervisor(tmp_path, {

@@ -80,7 +80,7 @@ def test_the_wheel_and_the_sdist_hold_the_package_and_its_commands(release: Rele
     assert not [n for n in names if n.startswith("tests/")]
     entry_points = zipfile.ZipFile(release.wheel).read(
         f"reuseport_supervisor-{__version__}.dist-info/entry_points.txt").decode()
-    assert "supervisord = supervisor.daemon.main:main" in entry_points
+    assert "supervisord = supervisor.daemon.entry:main" in entry_points
     assert "supervisorctl = supervisor.ctl.main:run" in entry_points
     with tarfile.open(release.sdist) as sdist:
         members = sdist.getnames()

@@ -113,6 +113,16 @@ class TestReload:
         s.advance(5)  # graceful_timeout after the signal: the stubborn are killed
         assert all([sig for _, sig, _ in w.signals] == ["SIGTERM", "SIGKILL"] for w in old)
 
+    def test_done_in_counts_from_the_request_so_the_phases_add_up_to_it(self, tmp_path: Path) -> None:
+        """"done in N ms" (`ms`) includes the config's read and check: a slow one (3,000 env entries) too."""
+        s = scenario(tmp_path, env={f"VAR_{n}": "x" * 40 for n in range(3000)})
+        s.serving()
+        reply = s.ask(requests.Reload())
+        s.ready(*s.starting())
+        data = reply.answer["data"]  # type: ignore[index]
+        assert data["phases"]["config"] >= 5, data["phases"]
+        assert abs(sum(data["phases"].values()) - data["ms"]) <= 1, data
+
     def test_stop_delay_zero_sends_the_signal_in_the_same_step(self, tmp_path: Path) -> None:
         s = scenario(tmp_path, stop_delay=0)
         old = s.serving()
