@@ -37,9 +37,11 @@ METRICS_PORT = 9150
 SETTLE = 1.0  # seconds a started master runs before its RSS is read (the first status, imports done)
 GOALS = {"master_rss_mib": 25.0, "status_to_bare": 2.0, "reload_over_daemon_ms": 20.0}
 # The floor under the master's RSS: the interpreter with the dependencies the master cannot do without
-# imported and an event loop run, nothing of this package.
-FLOOR = ("import asyncio, argparse, psutil, structlog, uvloop, yaml\n"
-         f"uvloop.run(asyncio.sleep({SETTLE}))\n"
+# imported as it imports them (asyncio and structlog without ssl: supervisor/system/openssl.py) and an
+# event loop run, nothing of this package.
+FLOOR = ("import sys\nsys.modules['ssl'] = None\nimport asyncio, structlog\ndel sys.modules['ssl']\n"
+         "import argparse, psutil, yaml\n"
+         f"asyncio.run(asyncio.sleep({SETTLE}))\n"
          "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) * 1024)")
 
 

@@ -46,7 +46,8 @@ class Roll:
     old_size: int  # the old generation's slots when the roll began, to put back on a failure
     step: list[int] = field(default_factory=list)  # the indexes of the batch in progress
     replaced: list[int] = field(default_factory=list)  # indexes whose old worker has been retired
-    switching: bool = False  # the batch is ready; its old listeners are shut after SWITCH_DRAIN
+    switching: bool = False  # the batch is ready; its old listeners are shut once no handshake is in flight on
+    # them, at most SWITCH_DRAIN later (drain.Drain)
     steered: list[Listener] = field(default_factory=list)
     stopping: list[Worker] = field(default_factory=list)  # the last batch's old workers, until they exit
     timer: Timer | None = None  # the batch's ready timeout
