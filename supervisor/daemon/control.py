@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import structlog
 
+from supervisor.daemon import accepting
 from supervisor.daemon.events import ControlRequest, Event
 from supervisor.errors import ControlError
 from supervisor.protocol import requests
@@ -28,6 +29,7 @@ from supervisor.system import unixsocket
 log = structlog.get_logger()
 
 REQUEST_TIMEOUT = 10  # seconds a client has to send its request line
+BACKLOG = 64  # connections waiting in the control socket's queue
 MAX_CONNECTIONS = 32  # connections of root and the daemon's user open at once; more are refused
 MAX_FOLLOWERS = 64  # `tail -f` followers at once, counted apart: they never take a request's place
 MAX_REFUSING = 64  # refused connections given REFUSAL_GRACE to send before they are closed
@@ -59,7 +61,7 @@ class ControlServer:
                 sock = _listening_unix_socket(self.path, self.mode)
             except OSError as exc:  # the one line of startup_failed: which socket, and why
                 raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
-        self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=requests.MAX_LINE)
+        self.server = await accepting.serve(self._handle, sock, requests.MAX_LINE, BACKLOG)
 
     def fileno(self) -> int:
         assert self.server is not None
@@ -224,7 +226,7 @@ def _listening_unix_socket(path: str, mode: int) -> socket.socket:
             pass
         with unixsocket.address(staging) as where:
             sock.bind(where)
-        sock.listen(64)
+        sock.listen(BACKLOG)
         os.chmod(staging, mode)
         os.rename(staging, path)
     except OSError:

@@ -28,6 +28,7 @@ import structlog
 
 from supervisor import __version__
 from supervisor.config.schema import Metrics
+from supervisor.daemon import accepting
 from supervisor.daemon.events import Event, Scrape
 from supervisor.daemon.facts import Facts
 from supervisor.daemon.tally import BUCKETS, RESULTS, WAYS
@@ -51,12 +52,8 @@ MAX_KNOWN = 256  # addresses remembered for having sent a whole request (the mos
 # The listen backlog: a burst of connections (a neighbour's flood) that fills the accept queue makes the
 # kernel drop the next SYNs, a probe's too, and its client retries after 1 s: the kubelet's default probe
 # timeout. The loop accepts (and closes the excess) far faster than a burst of this size arrives. Given to
-# start_server too, which calls listen() again (with 100 unless told).
+# asyncio's server too, which calls listen() again (daemon/accepting.py).
 BACKLOG = 1024
-# How many connections asyncio's server takes from the queue in one callback: its `backlog`, which it also
-# gives listen(), so the kernel's backlog is set again after (_start). All 1,024 at once kept the master's
-# loop busy for 0.3 s under a neighbour's flood (tests/scenarios/test_attacks.py).
-ACCEPT_BATCH = 16
 REQUEST_TIMEOUT = 5.0  # seconds the master has to answer, and a client to read the answer
 MAX_HEAD = 8192  # bytes of a request head
 TEXT = "text/plain; charset=utf-8"
@@ -271,7 +268,7 @@ class MetricsServer:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
         self.settings = settings
         if settings is not None:
-            self.server = await self._start(bind(settings))
+            self.server = await accepting.serve(self._handle, bind(settings), MAX_HEAD, BACKLOG)
             log.info("metrics_listening", address=str(settings.listen))
 
     def move(self, settings: Metrics | None) -> str | None:
@@ -289,15 +286,10 @@ class MetricsServer:
         if sock is not None:
             loop = asyncio.get_running_loop()
             # The socket listens already: connections wait in its queue until the server takes them.
-            task = loop.create_task(self._start(sock))
+            task = loop.create_task(accepting.serve(self._handle, sock, MAX_HEAD, BACKLOG))
             self.starting = task, sock
             task.add_done_callback(self._started)
         return f"metrics: now on {settings.listen}" if settings else "metrics: off"
-
-    async def _start(self, sock: socket.socket) -> asyncio.Server:
-        server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD, backlog=ACCEPT_BATCH)
-        sock.listen(BACKLOG)  # start_server listened with ACCEPT_BATCH
-        return server
 
     def _started(self, task: asyncio.Task[asyncio.Server]) -> None:
         if task.cancelled():  # closed (moved again, or stopping) before it started
