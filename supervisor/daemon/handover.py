@@ -38,7 +38,7 @@ from supervisor.process import reexec
 from supervisor.process.worker import WorkerState
 from supervisor.protocol import requests
 from supervisor.protocol.reply import Reply
-from supervisor.system import migrate
+from supervisor.system import memory, migrate
 
 log = structlog.get_logger()
 
@@ -219,6 +219,8 @@ async def adopt(master: Handing, state: dict[str, Any]) -> None:
     log.info("upgraded", text=text)
     reply.finish(True, text, {"from": state["version"], "to": __version__})
     master.systemd.ready(status.describe(master.programs))
+    memory.freeze()
+    memory.release()
     for request, reply in waiting:
         master.post(ev.ControlRequest(request, reply))
 

@@ -256,9 +256,7 @@ class MetricsServer:
     def __init__(self, post: Callable[[Event], None]) -> None:
         self.post = post
         self.settings: Metrics | None = None
-        self.server: asyncio.Server | None = None
-        # The server of the last move while it starts, and its socket (closed here if it never starts).
-        self.starting: tuple[asyncio.Task[asyncio.Server], socket.socket] | None = None
+        self.server: accepting.Acceptor[_Client] | None = None
         self.clients = 0
         self.peers: dict[str, int] = {}  # open connections by peer address
         self.waiting: dict[int, _Client] = {}  # those still without a request head, oldest first
@@ -268,7 +266,7 @@ class MetricsServer:
         """At start: listen on `settings.listen` (nothing when None); raises SupervisorError in one line."""
         self.settings = settings
         if settings is not None:
-            self.server = await accepting.serve(self._handle, bind(settings), MAX_HEAD, BACKLOG)
+            self.server = accepting.Acceptor(bind(settings), self._admit, self._handle)
             log.info("metrics_listening", address=str(settings.listen))
 
     def move(self, settings: Metrics | None) -> str | None:
@@ -284,49 +282,37 @@ class MetricsServer:
         self.close()
         self.settings = settings
         if sock is not None:
-            loop = asyncio.get_running_loop()
-            # The socket listens already: connections wait in its queue until the server takes them.
-            task = loop.create_task(accepting.serve(self._handle, sock, MAX_HEAD, BACKLOG))
-            self.starting = task, sock
-            task.add_done_callback(self._started)
+            self.server = accepting.Acceptor(sock, self._admit, self._handle)
         return f"metrics: now on {settings.listen}" if settings else "metrics: off"
 
-    def _started(self, task: asyncio.Task[asyncio.Server]) -> None:
-        if task.cancelled():  # closed (moved again, or stopping) before it started
-            return
-        if task.exception() is not None:
-            log.error("metrics_failed", error=str(task.exception()))
-        elif self.starting is None or task is not self.starting[0]:  # moved again meanwhile
-            task.result().close()
-        else:
-            self.server, self.starting = task.result(), None
-
     def close(self) -> None:
-        if self.starting is not None:
-            task, sock = self.starting
-            task.cancel()
-            sock.close()
-            self.starting = None
         if self.server is not None:
             self.server.close()
             self.server = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
+    def _admit(self, peername: Any) -> _Client | None:
+        """A new connection, before anything is read or made for it: its place, or None (closed unanswered)."""
         peer = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
         known = peer in self.known
         if self.peers.get(peer, 0) >= MAX_PER_PEER or (self.clients >= MAX_CLIENTS and not self._evict(known)):
-            writer.close()
-            return
-        client = _Client(peer, asyncio.get_running_loop().time(), writer, known)
+            return None
+        client = _Client(peer, asyncio.get_running_loop().time(), known)
         self.clients += 1
         self.peers[peer] = self.peers.get(peer, 0) + 1
+        self.waiting[id(client)] = client
+        return client
+
+    async def _handle(self, conn: socket.socket, client: _Client) -> None:
+        writer = None
         try:
-            self.waiting[id(client)] = client
+            reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEAD)
+            client.writer = writer
+            if not client.counted:  # its place was given to another meanwhile
+                return
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
             self.waiting.pop(id(client), None)
-            self.known[peer] = None
-            self.known.move_to_end(peer)
+            self.known[client.peer] = None
+            self.known.move_to_end(client.peer)
             while len(self.known) > MAX_KNOWN:
                 self.known.popitem(last=False)
             await self._serve(head, writer)
@@ -334,10 +320,13 @@ class MetricsServer:
             pass
         finally:
             self._free(client)
-            writer.close()
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
 
     def _evict(self, known: bool) -> bool:
-        """Every slot is taken: free the slot of the oldest client, from an address not known, still
+        """Every place is taken: free the place of the oldest client, from an address not known, still
         without a request head, if it has waited EVICT_AFTER or the new one is `known`. False when
         there is none (the new connection is closed)."""
         now = asyncio.get_running_loop().time()
@@ -345,7 +334,8 @@ class MetricsServer:
         if oldest is None or (not known and now - oldest.started < EVICT_AFTER):
             return False
         self._free(oldest)
-        oldest.writer.transport.abort()  # its read ends; its task finds its slot freed already
+        if oldest.writer is not None:  # its read ends; its task finds its place freed already
+            oldest.writer.transport.abort()
         return True
 
     def _free(self, client: _Client) -> None:
@@ -377,8 +367,8 @@ class _Client:
 
     peer: str
     started: float
-    writer: asyncio.StreamWriter
     known: bool  # from an address that has sent a whole request before
+    writer: asyncio.StreamWriter | None = None  # once its stream is made
     counted: bool = True
 
 

@@ -362,6 +362,8 @@ class Reloads:
             host.tally.reloaded("done", time.monotonic() - reload.since)
         host.systemd.ready(status.describe(host.programs))
         workers.spares(host)  # after the answer: the next generations' templates import meanwhile
+        if reload.kind is ReloadKind.STARTUP:
+            memory.freeze()
         memory.release()  # what the start, or the config read, freed
         self.next_request()
 
