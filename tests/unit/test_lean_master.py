@@ -55,3 +55,17 @@ def test_release_gives_the_free_heap_back() -> None:
               "memory.release()\n"
               "print(before - rss())")
     assert int(out) > 20_000, f"{out} KiB given back"
+
+
+def test_freeze_sets_what_exists_apart_and_later_cycles_are_still_collected() -> None:
+    out = run("import gc\n"
+              "from supervisor.system import memory\n"
+              "memory.freeze()\n"
+              "frozen = gc.get_freeze_count()\n"
+              "class Node:\n"
+              "    pass\n"
+              "a, b = Node(), Node()\n"
+              "a.other, b.other = b, a\n"
+              "del a, b\n"
+              "print(frozen > 1000, gc.collect() >= 2)")
+    assert out.strip() == "True True"
