@@ -51,8 +51,8 @@ EVICT_AFTER = 0.1
 MAX_KNOWN = 256  # addresses remembered for having sent a whole request (the most recent ones)
 # The listen backlog: a burst of connections (a neighbour's flood) that fills the accept queue makes the
 # kernel drop the next SYNs, a probe's too, and its client retries after 1 s: the kubelet's default probe
-# timeout. The loop accepts (and closes the excess) far faster than a burst of this size arrives. Given to
-# asyncio's server too, which calls listen() again (daemon/accepting.py).
+# timeout. The loop accepts (and closes the excess) far faster than a burst of this size arrives, 16 in each
+# of its turns (daemon/accepting.py).
 BACKLOG = 1024
 REQUEST_TIMEOUT = 5.0  # seconds the master has to answer, and a client to read the answer
 MAX_HEAD = 8192  # bytes of a request head

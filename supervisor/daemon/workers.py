@@ -117,7 +117,7 @@ def ready_timeout(host: Host, w: Worker) -> None:
 
 def manage(host: Host) -> None:
     """Reconcile, as gunicorn's arbiter does: each empty slot whose time has come gets a worker."""
-    # uvloop may run a timer a little before its time (loop.time() just short of the deadline):
+    # A loop may run a timer a little before its time (loop.time() just short of the deadline: uvloop does):
     # without this slack, a restart due "now" would wait for a wake-up that never comes.
     now = host.clock.time() + TIMER_SLACK
     for record, gen in serving(host.programs):

@@ -26,7 +26,7 @@ from supervisor.system.listeners import Listener
 SWITCH_DRAIN = 0.02  # seconds between steering new connections away from old listeners and shutting them
 DRAIN_POLL = 0.01  # seconds between looks at the queues of listeners being drained
 DRAIN_GRACE = 0.25  # seconds their queues must read empty, without a break, before they are shut
-SLACK = 0.001  # a timer may fire this early (uvloop, float sums): due all the same
+SLACK = 0.001  # a timer may fire this early (a loop's clock, float sums): due all the same
 
 
 class Way(enum.Enum):

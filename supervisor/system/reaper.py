@@ -33,8 +33,8 @@ _libc.signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 
 def child_signals() -> int:
     """SIGCHLD as a readable fd (signalfd) for the event loop, which must not run a Python handler for
-    it (uvloop keeps SIGCHLD for itself). SIGCHLD is blocked in this thread so that it queues on the fd;
-    posix_spawn gives workers an empty mask again."""
+    it (a loop may keep SIGCHLD for itself: uvloop does, and asyncio's child watchers may). SIGCHLD is
+    blocked in this thread so that it queues on the fd; posix_spawn gives workers an empty mask again."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     mask = (ctypes.c_uint64 * 16)()  # sigset_t: 1024 bits
     mask[0] = 1 << (signal.SIGCHLD - 1)
