@@ -68,7 +68,16 @@ class ControlServer:
         return int(self.server.sockets[0].fileno())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection: the peer's uid first (nothing is read from a stranger), then one request."""
+        """One connection, until it ends or the master stops: then it is closed here. A handler that
+        ended cancelled made Python 3.11's asyncio print a traceback at every `shutdown` (its stream
+        protocol asks the task for its exception, which a cancelled task raises)."""
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The peer's uid first (nothing is read from a stranger), then one request."""
         try:
             refusal = _refusal(writer.get_extra_info("socket"), self.connections)
         except OSError:
