@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -120,8 +121,9 @@ def test_make_run_says_what_it_does_with_the_sysctl_before_it_starts(release: Re
     then runs config/example.yaml's demo; the sysctl is 1 afterwards, as it said."""
     (release.venv / ".installed-run").touch()  # what running needs is installed: make only runs it
     assert _sysctl() == "0"
+    errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  # closed in the finally; why make ended other than 0
     make = subprocess.Popen(["make", "--no-print-directory", "-C", str(ROOT), "run", f"VENV={release.venv}"],
-                            env=release.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            env=release.env(), stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
         assert make.stdout is not None
         said = make.stdout.readline()
@@ -131,11 +133,16 @@ def test_make_run_says_what_it_does_with_the_sysctl_before_it_starts(release: Re
         assert _sysctl() == "1"
         done = release.run("supervisorctl", "-c", str(ROOT / "config" / "example.yaml"), "shutdown")
         assert done.returncode == 0, done
-        assert make.wait(timeout=20) == 0
+        if make.wait(timeout=20) != 0:
+            errors.seek(0)
+            rest = make.stdout.read()
+            raise AssertionError(f"make run exited {make.returncode}; its output: {rest[-3000:]}; "
+                                 f"its errors: {errors.read()[-3000:]}")
     finally:
         if make.poll() is None:
             make.kill()
             make.wait()
+        errors.close()
 
 
 def _sysctl() -> str:
